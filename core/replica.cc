@@ -1,0 +1,941 @@
+#include "core/replica.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "core/check.h"
+
+namespace synod {
+namespace {
+
+bool SameValue(const Value& a, const Value& b) {
+  std::string sa, sb;
+  SYNOD_CHECK(a.SerializeToString(&sa) && b.SerializeToString(&sb));
+  return sa == sb;
+}
+
+Value NoopValue() {
+  Value v;
+  v.set_noop(true);
+  return v;
+}
+
+bool IsRead(const ClientRequest& r) { return r.command().has_read_barrier(); }
+
+}  // namespace
+
+const char* RoleName(Role role) {
+  switch (role) {
+    case Role::kFollower:
+      return "follower";
+    case Role::kCandidate:
+      return "candidate";
+    case Role::kLeader:
+      return "leader";
+  }
+  return "unknown";
+}
+
+Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed)
+    : config_(std::move(config)), prng_(prng_seed), promises_(config_.replica_ids.size()) {
+  SYNOD_CHECK(config_.id != 0) << "replica ids start at 1";
+  SYNOD_CHECK(IsPeer(config_.id)) << "replica " << config_.id << " is not in its own group";
+  SYNOD_CHECK(std::set<uint32_t>(config_.replica_ids.begin(), config_.replica_ids.end()).size() ==
+              config_.replica_ids.size())
+      << "duplicate replica ids";
+  SYNOD_CHECK(config_.lease_duration_ticks < config_.election_timeout_ticks)
+      << "a lease must end before a follower may start an election";
+  SYNOD_CHECK(config_.clock_drift_bound_ticks >= 0 &&
+              config_.clock_drift_bound_ticks < config_.lease_duration_ticks);
+  SYNOD_CHECK(config_.heartbeat_interval_ticks > 0 && config_.retry_ticks > 0);
+  SYNOD_CHECK(config_.max_inflight_slots > 0 && config_.max_batch_requests > 0);
+
+  hard_ = std::move(persisted.hard_state);
+  snapshot_meta_ = persisted.snapshot_meta;
+  snapshot_data_ = std::move(persisted.snapshot_data);
+  SYNOD_CHECK_EQ(snapshot_data_.size(), snapshot_meta_.size_bytes());
+  first_index_ = snapshot_meta_.index() + 1;
+  commit_index_ = snapshot_meta_.index();
+  for (LogEntry& e : persisted.entries) {
+    if (e.slot() < first_index_) continue;  // compaction may not have reached storage yet
+    SYNOD_CHECK(!BallotLess(hard_.promised(), e.ballot()))
+        << "accepted ballot above the durable promise at slot " << e.slot();
+    uint64_t slot = e.slot();
+    SYNOD_CHECK(log_.emplace(slot, std::move(e)).second) << "two entries for slot " << slot;
+  }
+  applied_index_ = handed_out_index_ = persisted.applied_index;
+  SYNOD_CHECK_GE(applied_index_, snapshot_meta_.index());
+  // What the state machine applied is chosen, even if the (unsynced) chosen marks of those
+  // entries were lost in a crash.
+  commit_index_ = std::max(commit_index_, applied_index_);
+  AdvanceCommitIndex();
+  next_slot_ = LastSlot() + 1;
+  // A lease this replica granted before a restart may still run: promise nobody new for a
+  // whole lease duration.
+  lease_granted_until_tick_ = config_.lease_duration_ticks;
+  election_deadline_ticks_ = RandomElectionTimeout();
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers.
+
+bool Replica::IsPeer(uint32_t id) const {
+  return std::find(config_.replica_ids.begin(), config_.replica_ids.end(), id) !=
+         config_.replica_ids.end();
+}
+
+uint64_t Replica::LastSlot() const {
+  uint64_t last = log_.empty() ? 0 : log_.rbegin()->first;
+  return std::max(last, snapshot_meta_.index());
+}
+
+uint64_t Replica::RandomElectionTimeout() {
+  // Randomized back-off so dueling proposers settle; the range is derived from the raw
+  // 64-bit output (std distributions differ between standard libraries).
+  uint64_t base = static_cast<uint64_t>(config_.election_timeout_ticks);
+  return base + prng_() % (base + 1);
+}
+
+Message Replica::NewMessage(uint32_t to) const {
+  Message m;
+  m.set_from(config_.id);
+  m.set_to(to);
+  *m.mutable_ballot() = role_ == Role::kFollower ? hard_.promised() : ballot_;
+  m.set_commit_index(commit_index_);
+  return m;
+}
+
+void Replica::Send(Message m) {
+  SYNOD_CHECK(m.to() != config_.id && IsPeer(m.to()));
+  pending_.messages.push_back(std::move(m));
+}
+
+void Replica::PersistHardState(bool must_sync) {
+  pending_.hard_state = hard_;
+  pending_.must_sync |= must_sync;
+}
+
+void Replica::PersistEntry(uint64_t slot, bool must_sync) {
+  auto it = log_.find(slot);
+  SYNOD_CHECK(it != log_.end());
+  pending_.entries.push_back(it->second);
+  pending_.must_sync |= must_sync;
+}
+
+void Replica::Reply(const ClientRequest& request, ErrorCode code, const std::string& message,
+                    uint64_t read_revision) {
+  ForwardReply reply;
+  reply.set_client_id(request.client_id());
+  reply.set_sequence(request.sequence());
+  reply.set_code(code);
+  reply.set_message(message);
+  reply.set_read_revision(read_revision);
+  uint32_t origin = request.origin_replica();
+  if (origin == 0 || origin == config_.id || !IsPeer(origin)) {
+    pending_.replies.push_back(std::move(reply));
+    return;
+  }
+  Message m = NewMessage(origin);
+  *m.mutable_forward_reply() = std::move(reply);
+  Send(std::move(m));
+}
+
+// ---------------------------------------------------------------------------------------
+// Role transitions.
+
+void Replica::BecomeFollower(uint32_t leader_id) {
+  if (role_ == Role::kLeader) {
+    // Reads that were waiting for this leader's confirmation go to the next leader.
+    std::deque<QueuedRequest> requeue;
+    for (PendingRead& r : waiting_reads_) requeue.push_back({std::move(r.request), now_ticks_});
+    for (auto& [context, r] : reads_by_context_) {
+      requeue.push_back({std::move(r.request), now_ticks_});
+    }
+    waiting_reads_.clear();
+    reads_by_context_.clear();
+    for (QueuedRequest& q : queue_) requeue.push_back(std::move(q));
+    queue_ = std::move(requeue);
+    inflight_.clear();
+    read_context_sent_tick_.clear();
+    acked_context_.clear();
+    lease_expires_tick_ = 0;
+  }
+  role_ = Role::kFollower;
+  leader_id_ = leader_id;
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  if (leader_id_ != 0) ForwardQueued();
+}
+
+void Replica::StartElection() {
+  SYNOD_CHECK(now_ticks_ >= lease_granted_until_tick_ || lease_ballot_.replica_id() == config_.id)
+      << "election while a lease granted to another proposer may still run";
+  role_ = Role::kCandidate;
+  leader_id_ = 0;
+  uint64_t round = std::max(hard_.max_round_used(), hard_.promised().round()) + 1;
+  ballot_ = MakeBallot(round, config_.id);
+  // The round is durable before any message carries it, so it is never reused.
+  hard_.set_max_round_used(round);
+  *hard_.mutable_promised() = ballot_;
+  PersistHardState(/*must_sync=*/true);
+
+  promises_ = VoteSet(config_.replica_ids.size());
+  promises_.Add(config_.id);
+  promised_entries_.clear();
+  for (auto it = log_.upper_bound(commit_index_); it != log_.end(); ++it) {
+    promised_entries_.emplace(it->first, it->second);
+  }
+  promised_chosen_floor_ = commit_index_;
+  promised_floor_peer_ = config_.id;
+  promised_last_slot_ = LastSlot();
+  prepare_retry_ticks_ = 0;
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer == config_.id) continue;
+    Message m = NewMessage(peer);
+    m.mutable_prepare()->set_from_slot(commit_index_ + 1);
+    Send(std::move(m));
+  }
+  if (promises_.HasQuorum()) BecomeLeader();
+}
+
+void Replica::BecomeLeader() {
+  SYNOD_CHECK(role_ == Role::kCandidate && promises_.HasQuorum());
+  SYNOD_CHECK(BallotEqual(hard_.promised(), ballot_));
+  role_ = Role::kLeader;
+  leader_id_ = config_.id;
+  inflight_.clear();
+  match_index_.clear();
+  acked_context_.clear();
+  read_context_sent_tick_.clear();
+  quorum_acked_context_ = read_context_;
+  lease_expires_tick_ = 0;
+  last_quorum_contact_tick_ = now_ticks_;
+
+  // Values some promiser knows to be chosen are learned, not proposed again.
+  for (auto& [slot, entry] : promised_entries_) {
+    if (entry.chosen()) LearnChosen(slot, entry.value());
+  }
+  // Every slot up to the highest commit index reported is chosen; those this replica lacks
+  // come by catch-up. Above it, re-propose the highest-ballot value of every slot, and
+  // fill the gaps with no-ops.
+  uint64_t floor = std::max(commit_index_, promised_chosen_floor_);
+  uint64_t last = std::max({promised_last_slot_, floor, LastSlot()});
+  for (uint64_t slot = floor + 1; slot <= last; ++slot) {
+    auto known = log_.find(slot);
+    if (known != log_.end() && known->second.chosen()) continue;
+    auto p = promised_entries_.find(slot);
+    ProposeSlot(slot, p != promised_entries_.end() ? p->second.value() : NoopValue());
+  }
+  promised_entries_.clear();
+  next_slot_ = last + 1;
+  // Reads are linearizable only once everything that may have been chosen before this
+  // ballot is chosen here too.
+  read_floor_ = last;
+  if (floor > commit_index_) MaybeRequestCatchup(promised_floor_peer_, floor);
+  BroadcastHeartbeat(/*new_read_round=*/true);
+  MaybeProposeBatches();
+}
+
+// ---------------------------------------------------------------------------------------
+// Tick.
+
+void Replica::Tick() {
+  ++now_ticks_;
+  switch (role_) {
+    case Role::kLeader:
+      TickLeader();
+      break;
+    case Role::kCandidate:
+      TickCandidate();
+      break;
+    case Role::kFollower:
+      TickFollower();
+      break;
+  }
+  if (catchup_retry_ticks_ > 0 && --catchup_retry_ticks_ == 0 &&
+      catchup_wanted_until_ > commit_index_) {
+    uint32_t peer = leader_id_ != 0 && leader_id_ != config_.id ? leader_id_ : catchup_peer_;
+    MaybeRequestCatchup(peer, catchup_wanted_until_);
+  }
+  // Requests that found no leader in time are refused; the client may retry.
+  while (!queue_.empty() &&
+         now_ticks_ - queue_.front().arrived_tick > config_.request_timeout_ticks) {
+    Reply(queue_.front().request, UNAVAILABLE, "no leader reachable", 0);
+    queue_.pop_front();
+  }
+  for (auto it = forwarded_reads_.begin(); it != forwarded_reads_.end();) {
+    if (now_ticks_ - it->second.arrived_tick > config_.request_timeout_ticks) {
+      Reply(it->second.request, UNAVAILABLE, "the leader did not confirm the read", 0);
+      it = forwarded_reads_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Replica::TickFollower() {
+  if (now_ticks_ >= election_deadline_ticks_ && now_ticks_ >= lease_granted_until_tick_) {
+    StartElection();
+  }
+}
+
+void Replica::TickCandidate() {
+  if (now_ticks_ >= election_deadline_ticks_) {
+    StartElection();  // a higher round, after a randomized back-off
+    return;
+  }
+  if (++prepare_retry_ticks_ < config_.retry_ticks) return;
+  prepare_retry_ticks_ = 0;
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer == config_.id || promises_.Has(peer)) continue;
+    Message m = NewMessage(peer);
+    m.mutable_prepare()->set_from_slot(commit_index_ + 1);
+    Send(std::move(m));
+  }
+}
+
+void Replica::TickLeader() {
+  if (now_ticks_ - last_quorum_contact_tick_ > config_.election_timeout_ticks) {
+    // Cut off from a majority: stop acting as leader so clients are refused promptly.
+    BecomeFollower(0);
+    return;
+  }
+  if (++heartbeat_elapsed_ticks_ >= config_.heartbeat_interval_ticks) {
+    BroadcastHeartbeat(/*new_read_round=*/true);
+  }
+  for (auto& [slot, inflight] : inflight_) {
+    if (++inflight.ticks_since_sent < config_.retry_ticks) continue;
+    inflight.ticks_since_sent = 0;
+    for (uint32_t peer : config_.replica_ids) {
+      if (peer != config_.id && !inflight.votes.Has(peer)) SendAccept(peer, slot);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Step.
+
+void Replica::Step(const Message& m) {
+  if (m.to() != config_.id || m.from() == config_.id || !IsPeer(m.from())) return;
+  last_heard_tick_[m.from()] = now_ticks_;
+  switch (m.body_case()) {
+    case Message::kPrepare:
+      StepPrepare(m);
+      break;
+    case Message::kPromise:
+      StepPromise(m);
+      break;
+    case Message::kAccept:
+      StepAccept(m);
+      break;
+    case Message::kAccepted:
+      StepAccepted(m);
+      break;
+    case Message::kNack:
+      StepNack(m);
+      break;
+    case Message::kHeartbeat:
+      StepHeartbeat(m);
+      break;
+    case Message::kHeartbeatAck:
+      StepHeartbeatAck(m);
+      break;
+    case Message::kCatchupRequest:
+      StepCatchupRequest(m);
+      break;
+    case Message::kCatchupResponse:
+      StepCatchupResponse(m);
+      break;
+    case Message::kSnapshotChunk:
+      StepSnapshotChunk(m);
+      break;
+    case Message::kSnapshotAck:
+      StepSnapshotAck(m);
+      break;
+    case Message::kForwardRequest:
+      StepForwardRequest(m);
+      break;
+    case Message::kForwardReply:
+      StepForwardReply(m);
+      break;
+    case Message::BODY_NOT_SET:
+      return;
+  }
+  if (m.commit_index() > commit_index_) MaybeRequestCatchup(m.from(), m.commit_index());
+}
+
+// Acceptor ------------------------------------------------------------------------------
+
+bool Replica::MayPromise(const Ballot& ballot, uint32_t from) const {
+  if (BallotLess(ballot, hard_.promised())) return false;
+  // While a lease granted to another proposer runs, its holder may be serving reads
+  // without a round trip: no one else may be promised until it ends.
+  if (now_ticks_ < lease_granted_until_tick_ && lease_ballot_.replica_id() != from) return false;
+  return true;
+}
+
+void Replica::RaisePromise(const Ballot& ballot) {
+  if (!BallotLess(hard_.promised(), ballot)) return;
+  *hard_.mutable_promised() = ballot;
+  PersistHardState(/*must_sync=*/true);
+}
+
+void Replica::AcceptEntry(uint64_t slot, const Ballot& ballot, const Value& value) {
+  SYNOD_CHECK(!BallotLess(ballot, hard_.promised())) << "accept below the promise";
+  if (slot < first_index_) return;  // compacted: chosen long ago
+  LogEntry& e = log_[slot];
+  if (e.chosen()) {
+    SYNOD_CHECK(SameValue(e.value(), value))
+        << "a different value proposed for chosen slot " << slot;
+    return;
+  }
+  e.set_slot(slot);
+  *e.mutable_ballot() = ballot;
+  *e.mutable_value() = value;
+  PersistEntry(slot, /*must_sync=*/true);
+}
+
+void Replica::StepPrepare(const Message& m) {
+  if (!MayPromise(m.ballot(), m.from())) {
+    Message nack = NewMessage(m.from());
+    nack.mutable_nack();
+    Send(std::move(nack));
+    return;
+  }
+  bool higher = BallotLess(hard_.promised(), m.ballot());
+  RaisePromise(m.ballot());
+  if (higher && role_ != Role::kFollower) BecomeFollower(0);
+  if (higher) {
+    leader_id_ = 0;
+    election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  }
+  Message reply = NewMessage(m.from());
+  Promise* p = reply.mutable_promise();
+  uint64_t from_slot = std::max(m.prepare().from_slot(), first_index_);
+  p->set_from_slot(from_slot);
+  for (auto it = log_.lower_bound(from_slot); it != log_.end(); ++it) {
+    *p->add_entries() = it->second;
+  }
+  p->set_snapshot_index(snapshot_meta_.index());
+  p->set_last_slot(LastSlot());
+  Send(std::move(reply));
+}
+
+void Replica::StepAccept(const Message& m) {
+  if (BallotLess(m.ballot(), hard_.promised())) {
+    Message nack = NewMessage(m.from());
+    nack.mutable_nack()->set_slot(m.accept().entries_size() > 0 ? m.accept().entries(0).slot() : 0);
+    Send(std::move(nack));
+    return;
+  }
+  RaisePromise(m.ballot());
+  if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  lease_ballot_ = m.ballot();
+  lease_granted_until_tick_ = now_ticks_ + config_.lease_duration_ticks;
+
+  Message reply = NewMessage(m.from());
+  Accepted* accepted = reply.mutable_accepted();
+  for (const LogEntry& e : m.accept().entries()) {
+    if (e.slot() < first_index_) continue;  // compacted: the proposer learns it by catch-up
+    AcceptEntry(e.slot(), m.ballot(), e.value());
+    accepted->add_slots(e.slot());
+  }
+  LearnFromLeader(m);
+  Send(std::move(reply));
+}
+
+void Replica::StepHeartbeat(const Message& m) {
+  if (BallotLess(m.ballot(), hard_.promised())) {
+    Message nack = NewMessage(m.from());
+    nack.mutable_nack();
+    Send(std::move(nack));
+    return;
+  }
+  RaisePromise(m.ballot());
+  if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  lease_ballot_ = m.ballot();
+  lease_granted_until_tick_ = now_ticks_ + config_.lease_duration_ticks;
+  LearnFromLeader(m);
+  Message ack = NewMessage(m.from());
+  ack.mutable_heartbeat_ack()->set_read_context(m.heartbeat().read_context());
+  Send(std::move(ack));
+}
+
+// Learner -------------------------------------------------------------------------------
+
+void Replica::LearnChosen(uint64_t slot, const Value& value) {
+  if (slot < first_index_) return;
+  LogEntry& e = log_[slot];
+  if (e.chosen()) {
+    SYNOD_CHECK(SameValue(e.value(), value)) << "two values chosen for slot " << slot;
+    return;
+  }
+  e.set_slot(slot);
+  *e.mutable_value() = value;
+  e.set_chosen(true);
+  inflight_.erase(slot);
+  // Not synced on its own: a chosen value lost in a crash is learned again from peers.
+  PersistEntry(slot, /*must_sync=*/false);
+  AdvanceCommitIndex();
+}
+
+void Replica::AdvanceCommitIndex() {
+  uint64_t before = commit_index_;
+  for (auto it = log_.find(commit_index_ + 1); it != log_.end() && it->second.chosen();
+       it = log_.find(commit_index_ + 1)) {
+    ++commit_index_;
+  }
+  if (commit_index_ > before && role_ == Role::kLeader) commit_announce_ = true;
+  SYNOD_CHECK_LE(applied_index_, commit_index_);
+}
+
+void Replica::LearnFromLeader(const Message& m) {
+  // A leader proposes one value per slot in its ballot, so an entry accepted at the
+  // leader's ballot below its commit index holds the chosen value.
+  uint64_t until = std::min(m.commit_index(), LastSlot());
+  for (uint64_t slot = commit_index_ + 1; slot <= until; ++slot) {
+    auto it = log_.find(slot);
+    if (it == log_.end() || it->second.chosen()) continue;
+    if (BallotEqual(it->second.ballot(), m.ballot())) {
+      Value value = it->second.value();
+      LearnChosen(slot, value);
+    }
+  }
+}
+
+void Replica::MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit) {
+  if (peer_commit <= commit_index_ || peer == config_.id || !IsPeer(peer)) return;
+  catchup_wanted_until_ = std::max(catchup_wanted_until_, peer_commit);
+  if (catchup_retry_ticks_ > 0) return;  // one request outstanding at a time
+  catchup_peer_ = peer;
+  catchup_retry_ticks_ = config_.retry_ticks;
+  Message m = NewMessage(peer);
+  m.mutable_catchup_request()->set_from_slot(commit_index_ + 1);
+  m.mutable_catchup_request()->set_to_slot(
+      std::min<uint64_t>(peer_commit, commit_index_ + config_.max_catchup_entries));
+  Send(std::move(m));
+}
+
+void Replica::StepCatchupRequest(const Message& m) {
+  const CatchupRequest& req = m.catchup_request();
+  Message reply = NewMessage(m.from());
+  CatchupResponse* resp = reply.mutable_catchup_response();
+  if (req.from_slot() < first_index_) {
+    resp->set_needs_snapshot(true);
+    Send(std::move(reply));
+    SendSnapshotChunk(m.from(), 0);
+    return;
+  }
+  size_t bytes = 0;
+  uint64_t until = std::min(req.to_slot(), commit_index_);
+  for (uint64_t slot = req.from_slot(); slot <= until; ++slot) {
+    auto it = log_.find(slot);
+    // A chosen mark lost in a crash (it is not synced) leaves a hole this replica cannot
+    // serve; the requester asks again, usually of the leader.
+    if (it == log_.end() || !it->second.chosen()) break;
+    const LogEntry& e = it->second;
+    bytes += e.ByteSizeLong();
+    if (resp->entries_size() > 0 &&
+        (bytes > config_.max_catchup_bytes ||
+         static_cast<size_t>(resp->entries_size()) >= config_.max_catchup_entries)) {
+      break;
+    }
+    *resp->add_entries() = e;
+  }
+  Send(std::move(reply));
+}
+
+void Replica::StepCatchupResponse(const Message& m) {
+  for (const LogEntry& e : m.catchup_response().entries()) LearnChosen(e.slot(), e.value());
+  if (m.catchup_response().needs_snapshot()) {
+    catchup_retry_ticks_ = config_.retry_ticks * 4;  // the snapshot stream takes a while
+    return;
+  }
+  catchup_retry_ticks_ = 0;
+  if (catchup_wanted_until_ > commit_index_) MaybeRequestCatchup(m.from(), catchup_wanted_until_);
+}
+
+void Replica::SendSnapshotChunk(uint32_t peer, uint64_t offset) {
+  if (snapshot_meta_.index() == 0) return;
+  Message m = NewMessage(peer);
+  SnapshotChunk* chunk = m.mutable_snapshot_chunk();
+  *chunk->mutable_meta() = snapshot_meta_;
+  offset = std::min<uint64_t>(offset, snapshot_data_.size());
+  chunk->set_offset(offset);
+  chunk->set_data(snapshot_data_.substr(offset, config_.snapshot_chunk_bytes));
+  chunk->set_last(offset + chunk->data().size() >= snapshot_data_.size());
+  Send(std::move(m));
+}
+
+void Replica::StepSnapshotChunk(const Message& m) {
+  const SnapshotChunk& chunk = m.snapshot_chunk();
+  const SnapshotMeta& meta = chunk.meta();
+  if (meta.index() <= commit_index_) return;  // nothing in it this replica lacks
+  catchup_retry_ticks_ = config_.retry_ticks * 4;
+  auto ack = [&](uint64_t next_offset) {
+    Message a = NewMessage(m.from());
+    a.mutable_snapshot_ack()->set_index(meta.index());
+    a.mutable_snapshot_ack()->set_next_offset(next_offset);
+    Send(std::move(a));
+  };
+  if (!incoming_snapshot_meta_ || incoming_snapshot_meta_->index() != meta.index()) {
+    if (chunk.offset() != 0) return ack(0);
+    incoming_snapshot_meta_ = meta;
+    incoming_snapshot_data_.clear();
+  }
+  if (chunk.offset() != incoming_snapshot_data_.size()) return ack(incoming_snapshot_data_.size());
+  incoming_snapshot_data_ += chunk.data();
+  SYNOD_CHECK_LE(incoming_snapshot_data_.size(), meta.size_bytes());
+  if (!chunk.last()) return ack(incoming_snapshot_data_.size());
+  SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
+  ack(incoming_snapshot_data_.size());
+
+  // Install: everything up to meta.index is chosen and summarized by the snapshot.
+  log_.erase(log_.begin(), log_.upper_bound(meta.index()));
+  first_index_ = meta.index() + 1;
+  snapshot_meta_ = meta;
+  snapshot_data_ = std::move(incoming_snapshot_data_);
+  incoming_snapshot_meta_.reset();
+  incoming_snapshot_data_.clear();
+  commit_index_ = meta.index();
+  handed_out_index_ = meta.index();
+  AdvanceCommitIndex();
+  pending_.snapshot = SnapshotToInstall{meta, snapshot_data_};
+  pending_.compacted_through = meta.index();
+  pending_.must_sync = true;
+  if (catchup_wanted_until_ <= commit_index_) catchup_retry_ticks_ = 0;
+}
+
+void Replica::StepSnapshotAck(const Message& m) {
+  const SnapshotAck& ack = m.snapshot_ack();
+  if (ack.index() != snapshot_meta_.index()) return SendSnapshotChunk(m.from(), 0);
+  if (ack.next_offset() < snapshot_data_.size()) SendSnapshotChunk(m.from(), ack.next_offset());
+}
+
+// Proposer ------------------------------------------------------------------------------
+
+void Replica::StepPromise(const Message& m) {
+  if (role_ != Role::kCandidate || !BallotEqual(m.ballot(), ballot_)) return;
+  if (!promises_.Add(m.from())) return;  // duplicate
+  const Promise& p = m.promise();
+  for (const LogEntry& e : p.entries()) {
+    auto [it, inserted] = promised_entries_.emplace(e.slot(), e);
+    if (inserted || it->second.chosen()) continue;
+    if (e.chosen() || BallotLess(it->second.ballot(), e.ballot())) it->second = e;
+  }
+  if (m.commit_index() > promised_chosen_floor_) {
+    promised_chosen_floor_ = m.commit_index();
+    promised_floor_peer_ = m.from();
+  }
+  promised_last_slot_ = std::max(promised_last_slot_, p.last_slot());
+  if (promises_.HasQuorum()) BecomeLeader();
+}
+
+void Replica::StepNack(const Message& m) {
+  if (role_ == Role::kFollower) return;
+  // A nack below our ballot comes from an acceptor bound by a lease: keep trying.
+  if (!BallotLess(ballot_, m.ballot())) return;
+  hard_.set_max_round_used(std::max(hard_.max_round_used(), m.ballot().round()));
+  PersistHardState(/*must_sync=*/false);
+  BecomeFollower(0);
+}
+
+void Replica::ProposeSlot(uint64_t slot, Value value) {
+  SYNOD_CHECK(role_ == Role::kLeader);
+  SYNOD_CHECK_GT(slot, commit_index_);
+  AcceptEntry(slot, ballot_, value);
+  auto [it, inserted] = inflight_.emplace(slot, Inflight(config_.replica_ids.size()));
+  SYNOD_CHECK(inserted) << "slot " << slot << " proposed twice in one ballot";
+  it->second.votes.Add(config_.id);
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer != config_.id) SendAccept(peer, slot);
+  }
+  if (it->second.votes.HasQuorum()) LearnChosen(slot, log_.at(slot).value());
+}
+
+void Replica::SendAccept(uint32_t peer, uint64_t slot) {
+  Message m = NewMessage(peer);
+  LogEntry* e = m.mutable_accept()->add_entries();
+  e->set_slot(slot);
+  *e->mutable_value() = log_.at(slot).value();
+  Send(std::move(m));
+}
+
+void Replica::MaybeProposeBatches() {
+  if (role_ != Role::kLeader) return;
+  while (!queue_.empty() && inflight_.size() < config_.max_inflight_slots) {
+    Value batch;
+    size_t bytes = 0;
+    while (!queue_.empty() &&
+           static_cast<size_t>(batch.requests_size()) < config_.max_batch_requests) {
+      ClientRequest& r = queue_.front().request;
+      if (IsRead(r)) {
+        ClientRequest read = std::move(r);
+        queue_.pop_front();
+        HandleReadBarrier(std::move(read));
+        continue;
+      }
+      size_t size = r.ByteSizeLong();
+      if (batch.requests_size() > 0 && bytes + size > config_.max_batch_bytes) break;
+      bytes += size;
+      *batch.add_requests() = std::move(r);
+      queue_.pop_front();
+    }
+    if (batch.requests_size() == 0) continue;
+    ProposeSlot(next_slot_++, std::move(batch));
+  }
+}
+
+void Replica::StepAccepted(const Message& m) {
+  if (role_ != Role::kLeader || !BallotEqual(m.ballot(), ballot_)) return;
+  for (uint64_t slot : m.accepted().slots()) {
+    uint64_t& match = match_index_[m.from()];
+    match = std::max(match, slot);
+    auto it = inflight_.find(slot);
+    if (it == inflight_.end()) continue;
+    it->second.votes.Add(m.from());
+    if (it->second.votes.HasQuorum()) LearnChosen(slot, log_.at(slot).value());
+  }
+  ServeReads();
+  MaybeProposeBatches();
+}
+
+void Replica::BroadcastHeartbeat(bool new_read_round) {
+  SYNOD_CHECK(role_ == Role::kLeader);
+  heartbeat_elapsed_ticks_ = 0;
+  commit_announce_ = false;
+  if (new_read_round) {
+    ++read_context_;
+    read_context_sent_tick_[read_context_] = now_ticks_;
+    read_round_wanted_ = false;
+  }
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer == config_.id) continue;
+    Message m = NewMessage(peer);
+    m.mutable_heartbeat()->set_read_context(read_context_);
+    Send(std::move(m));
+  }
+  if (config_.replica_ids.size() == 1) {
+    quorum_acked_context_ = read_context_;
+    lease_expires_tick_ =
+        now_ticks_ + config_.lease_duration_ticks - config_.clock_drift_bound_ticks;
+    last_quorum_contact_tick_ = now_ticks_;
+    ServeReads();
+  }
+}
+
+void Replica::StepHeartbeatAck(const Message& m) {
+  if (role_ != Role::kLeader || !BallotEqual(m.ballot(), ballot_)) return;
+  uint64_t& acked = acked_context_[m.from()];
+  acked = std::max(acked, m.heartbeat_ack().read_context());
+  std::vector<uint64_t> contexts;
+  for (uint32_t peer : config_.replica_ids) {
+    contexts.push_back(peer == config_.id ? read_context_ : acked_context_[peer]);
+  }
+  uint64_t quorum_context = QuorumMin(std::move(contexts));
+  if (quorum_context <= quorum_acked_context_) return;
+  quorum_acked_context_ = quorum_context;
+  last_quorum_contact_tick_ = now_ticks_;
+  auto sent = read_context_sent_tick_.find(quorum_context);
+  if (sent != read_context_sent_tick_.end()) {
+    // Each acknowledging follower started its lease when the heartbeat arrived, which was
+    // no earlier than it was sent.
+    lease_expires_tick_ =
+        std::max(lease_expires_tick_,
+                 sent->second + config_.lease_duration_ticks - config_.clock_drift_bound_ticks);
+  }
+  read_context_sent_tick_.erase(read_context_sent_tick_.begin(),
+                                read_context_sent_tick_.upper_bound(quorum_context));
+  ServeReads();
+}
+
+bool Replica::ReadSafe() const { return role_ == Role::kLeader && commit_index_ >= read_floor_; }
+
+bool Replica::LeaseValid() const {
+  return role_ == Role::kLeader && now_ticks_ < lease_expires_tick_;
+}
+
+void Replica::HandleReadBarrier(ClientRequest request) {
+  SYNOD_CHECK(role_ == Role::kLeader);
+  Consistency level = request.command().read_barrier().consistency();
+  if (level == LEASE) {
+    if (ReadSafe() && LeaseValid()) return Reply(request, OK, "", commit_index_);
+    return Reply(request, UNAVAILABLE, "the leader does not hold a valid lease", 0);
+  }
+  if (waiting_reads_.size() + reads_by_context_.size() >= config_.max_pending_reads) {
+    return Reply(request, RESOURCE_EXHAUSTED, "too many reads waiting", 0);
+  }
+  waiting_reads_.push_back({std::move(request), 0});
+  ServeReads();
+}
+
+void Replica::ServeReads() {
+  if (role_ != Role::kLeader) return;
+  if (ReadSafe() && !waiting_reads_.empty()) {
+    // The read index is taken now; the read is valid once a quorum confirms, in a
+    // heartbeat round started after this point, that this replica is still the leader.
+    for (PendingRead& r : waiting_reads_) {
+      r.read_index = commit_index_;
+      reads_by_context_.emplace(read_context_ + 1, std::move(r));
+    }
+    waiting_reads_.clear();
+    read_round_wanted_ = true;
+    if (config_.replica_ids.size() == 1) BroadcastHeartbeat(/*new_read_round=*/true);
+  }
+  auto end = reads_by_context_.upper_bound(quorum_acked_context_);
+  for (auto it = reads_by_context_.begin(); it != end; ++it) {
+    Reply(it->second.request, OK, "", it->second.read_index);
+  }
+  reads_by_context_.erase(reads_by_context_.begin(), end);
+}
+
+// Client requests -----------------------------------------------------------------------
+
+void Replica::Propose(ClientRequest request) {
+  if (request.origin_replica() == 0) request.set_origin_replica(config_.id);
+  if (IsRead(request)) {
+    Consistency level = request.command().read_barrier().consistency();
+    if (level == LOCAL) return Reply(request, OK, "", applied_index_);
+    if (level != LINEARIZABLE && level != LEASE) {
+      return Reply(request, INVALID_ARGUMENT, "unknown read consistency", 0);
+    }
+    if (role_ == Role::kLeader) return HandleReadBarrier(std::move(request));
+  }
+  QueueRequest(std::move(request));
+}
+
+void Replica::QueueRequest(ClientRequest request) {
+  if (queue_.size() >= config_.max_pending_requests) {
+    return Reply(request, RESOURCE_EXHAUSTED, "too many requests queued", 0);
+  }
+  queue_.push_back({std::move(request), now_ticks_});
+  if (role_ == Role::kLeader) {
+    MaybeProposeBatches();
+  } else if (role_ == Role::kFollower && leader_id_ != 0) {
+    ForwardQueued();
+  }
+}
+
+void Replica::ForwardQueued() {
+  SYNOD_CHECK(role_ == Role::kFollower && leader_id_ != 0 && leader_id_ != config_.id);
+  while (!queue_.empty()) {
+    Message m = NewMessage(leader_id_);
+    ForwardRequest* fwd = m.mutable_forward_request();
+    size_t bytes = 0;
+    while (!queue_.empty()) {
+      ClientRequest& r = queue_.front().request;
+      size_t size = r.ByteSizeLong();
+      if (fwd->requests_size() > 0 && bytes + size > config_.max_batch_bytes) break;
+      bytes += size;
+      if (IsRead(r) && r.origin_replica() == config_.id) {
+        forwarded_reads_[{r.client_id(), r.sequence()}] = queue_.front();
+      }
+      *fwd->add_requests() = std::move(r);
+      queue_.pop_front();
+    }
+    Send(std::move(m));
+  }
+}
+
+void Replica::StepForwardRequest(const Message& m) {
+  for (const ClientRequest& r : m.forward_request().requests()) {
+    if (role_ == Role::kLeader && IsRead(r)) {
+      HandleReadBarrier(r);
+    } else if (role_ == Role::kFollower && (leader_id_ == 0 || leader_id_ == m.from())) {
+      Reply(r, UNAVAILABLE, "not the leader", 0);
+    } else {
+      QueueRequest(r);
+    }
+  }
+}
+
+void Replica::StepForwardReply(const Message& m) {
+  const ForwardReply& reply = m.forward_reply();
+  forwarded_reads_.erase({reply.client_id(), reply.sequence()});
+  pending_.replies.push_back(reply);
+}
+
+// ---------------------------------------------------------------------------------------
+// Ready / Advance.
+
+bool Replica::HasReady() const {
+  return !pending_.empty() || handed_out_index_ < commit_index_ ||
+         (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_));
+}
+
+Ready Replica::GetReady() {
+  SYNOD_CHECK(!awaiting_advance_) << "GetReady before the previous Ready was advanced";
+  if (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_)) {
+    BroadcastHeartbeat(/*new_read_round=*/read_round_wanted_);
+  }
+  uint64_t until = std::min<uint64_t>(commit_index_, handed_out_index_ + config_.max_apply_entries);
+  for (uint64_t slot = handed_out_index_ + 1; slot <= until; ++slot) {
+    const LogEntry& e = log_.at(slot);
+    SYNOD_CHECK(e.chosen());
+    pending_.committed.push_back({slot, e.value()});
+  }
+  handed_out_index_ = std::max(handed_out_index_, until);
+  Ready ready = std::move(pending_);
+  pending_ = Ready();
+  awaiting_advance_ = true;
+  return ready;
+}
+
+void Replica::Advance(const Ready& ready) {
+  SYNOD_CHECK(awaiting_advance_);
+  awaiting_advance_ = false;
+  if (ready.snapshot) applied_index_ = std::max(applied_index_, ready.snapshot->meta.index());
+  if (!ready.committed.empty()) {
+    SYNOD_CHECK_EQ(ready.committed.front().slot, applied_index_ + 1);
+    applied_index_ = ready.committed.back().slot;
+  }
+  SYNOD_CHECK_LE(applied_index_, commit_index_);
+}
+
+void Replica::Compact(uint64_t index, std::string snapshot_data) {
+  SYNOD_CHECK_LE(index, applied_index_) << "snapshot of state not yet applied";
+  if (index <= snapshot_meta_.index()) return;
+  log_.erase(log_.begin(), log_.upper_bound(index));
+  first_index_ = index + 1;
+  snapshot_meta_.set_index(index);
+  snapshot_meta_.set_size_bytes(snapshot_data.size());
+  snapshot_data_ = std::move(snapshot_data);
+  pending_.compacted_through = index;
+}
+
+// ---------------------------------------------------------------------------------------
+// Introspection.
+
+ReplicaStatus Replica::Status() const {
+  ReplicaStatus s;
+  s.role = role_;
+  s.leader_id = leader_id_;
+  s.ballot = hard_.promised();
+  s.commit_index = commit_index_;
+  s.applied_index = applied_index_;
+  s.first_log_index = first_index_;
+  s.snapshot_index = snapshot_meta_.index();
+  s.lease_valid = LeaseValid();
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer == config_.id) continue;
+    auto it = last_heard_tick_.find(peer);
+    s.peer_last_heard_ticks[peer] = it == last_heard_tick_.end() ? -1 : now_ticks_ - it->second;
+    if (role_ == Role::kLeader) {
+      auto m = match_index_.find(peer);
+      s.peer_match_index[peer] = m == match_index_.end() ? 0 : m->second;
+    }
+  }
+  s.pending_requests = queue_.size();
+  s.inflight_slots = inflight_.size();
+  return s;
+}
+
+const Value* Replica::ChosenValue(uint64_t slot) const {
+  auto it = log_.find(slot);
+  if (it == log_.end() || !it->second.chosen()) return nullptr;
+  return &it->second.value();
+}
+
+}  // namespace synod

@@ -1,0 +1,304 @@
+#ifndef SYNOD_CORE_REPLICA_H_
+#define SYNOD_CORE_REPLICA_H_
+
+// A Multi-Paxos replica with no I/O: proposer, acceptor and learner in one value the host
+// owns. Time arrives as Tick(), messages as Step(), client requests as Propose(), and
+// everything the host must do comes out of Ready(). See docs/consensus.md.
+//
+// The host loop, in this order for each Ready:
+//   1. persist ready.hard_state / ready.entries / ready.snapshot (fsync when must_sync);
+//   2. send ready.messages;
+//   3. install ready.snapshot (if any) into the state machine, then apply
+//      ready.committed in order, answering clients whose requests it applied;
+//   4. deliver ready.replies (read barriers and refusals) to waiting clients;
+//   5. Advance(ready).
+// A promise or an accept reaches the network only after it is durable, because messages
+// are sent only after the persist step of the same Ready.
+//
+// Not thread-safe: one thread drives a Replica at a time.
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/quorum.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+
+struct ReplicaConfig {
+  uint32_t id = 0;
+  std::vector<uint32_t> replica_ids;  // every replica of the group, this one included
+
+  // A follower that hears nothing from a leader for this many ticks (plus a random extra
+  // of up to as many again) starts an election.
+  int election_timeout_ticks = 10;
+  int heartbeat_interval_ticks = 2;
+  // Unanswered prepares, accepts and catch-up requests are sent again after this long.
+  int retry_ticks = 3;
+  // A follower that acknowledged the leader at its tick t promises no other proposer until
+  // t + lease_duration_ticks (its own clock). REQUIRES: < election_timeout_ticks.
+  int lease_duration_ticks = 8;
+  // The most the clocks of two replicas may drift apart over one lease duration, in ticks.
+  // The leader counts its lease as lease_duration_ticks - clock_drift_bound_ticks from the
+  // moment it sent the heartbeat a quorum acknowledged. See docs/consensus.md, "Leases".
+  int clock_drift_bound_ticks = 1;
+  // A request waiting for a leader is refused (UNAVAILABLE) after this long.
+  int request_timeout_ticks = 40;
+
+  size_t max_batch_requests = 256;     // client requests per log entry
+  size_t max_batch_bytes = 1 << 20;    // encoded bytes of client requests per log entry
+  size_t max_inflight_slots = 32;      // slots proposed and not yet chosen
+  size_t max_pending_requests = 8192;  // requests queued at the leader or awaiting one
+  size_t max_pending_reads = 8192;
+  size_t max_catchup_entries = 64;     // entries per catch-up response
+  size_t max_catchup_bytes = 4 << 20;  // bytes per catch-up response
+  size_t max_apply_entries = 256;      // committed entries per Ready
+  size_t snapshot_chunk_bytes = 256 << 10;
+};
+
+// What the replica kept in durable storage, handed back at restart.
+struct PersistedState {
+  HardState hard_state;
+  std::vector<LogEntry> entries;  // any order; at most one per slot
+  SnapshotMeta snapshot_meta;     // index 0: no snapshot
+  std::string snapshot_data;
+  uint64_t applied_index = 0;  // the state machine's revision (>= snapshot_meta.index)
+};
+
+struct CommittedEntry {
+  uint64_t slot = 0;
+  Value value;
+};
+
+struct SnapshotToInstall {
+  SnapshotMeta meta;
+  std::string data;
+};
+
+struct Ready {
+  std::optional<HardState> hard_state;  // set when it changed
+  std::vector<LogEntry> entries;        // to write, replacing any entry at the same slot
+  bool must_sync = false;               // an fsync is required before sending messages
+  uint64_t compacted_through = 0;       // entries up to here may be deleted from storage
+  std::optional<SnapshotToInstall> snapshot;
+  std::vector<Message> messages;
+  std::vector<CommittedEntry> committed;
+  std::vector<ForwardReply> replies;  // answers to read barriers and refused requests
+
+  bool empty() const {
+    return !hard_state && entries.empty() && compacted_through == 0 && !snapshot &&
+           messages.empty() && committed.empty() && replies.empty();
+  }
+};
+
+enum class Role { kFollower, kCandidate, kLeader };
+const char* RoleName(Role role);
+
+// Figures the host reports in status and metrics.
+struct ReplicaStatus {
+  Role role = Role::kFollower;
+  uint32_t leader_id = 0;  // 0: unknown
+  Ballot ballot;           // the highest ballot this replica has promised
+  uint64_t commit_index = 0;
+  uint64_t applied_index = 0;
+  uint64_t first_log_index = 0;
+  uint64_t snapshot_index = 0;
+  bool lease_valid = false;
+  // Per peer, ticks since the last message from it (-1: never heard).
+  std::map<uint32_t, int64_t> peer_last_heard_ticks;
+  // Per peer, as known to the leader: the highest slot it is known to have accepted.
+  std::map<uint32_t, uint64_t> peer_match_index;
+  size_t pending_requests = 0;
+  size_t inflight_slots = 0;
+};
+
+class Replica {
+ public:
+  // REQUIRES: config.id is in config.replica_ids; persisted is what this replica durably
+  // stored before (empty for a new replica). `prng_seed` drives the election back-off.
+  Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed);
+
+  Replica(const Replica&) = delete;
+  Replica& operator=(const Replica&) = delete;
+
+  // One logical tick.
+  void Tick();
+  // A message from a peer. Messages for another replica or with a bad body are ignored.
+  void Step(const Message& message);
+  // A client request: a write (queued, batched and proposed by the leader, forwarded by a
+  // follower), or a read barrier (answered in Ready::replies with the revision at which
+  // the read is valid). The answer to a write is the applied result; a refusal (no leader
+  // within request_timeout_ticks, queue full) comes back in Ready::replies.
+  void Propose(ClientRequest request);
+
+  bool HasReady() const;
+  // Everything the host must do now. REQUIRES: the previous Ready was Advance()d.
+  Ready GetReady();
+  // The host has done everything in `ready`.
+  void Advance(const Ready& ready);
+
+  // The host made a snapshot of the state machine at `index` (its revision). Log entries up
+  // to `index` are dropped and the snapshot is served to replicas that fall behind it.
+  // REQUIRES: index <= applied index.
+  void Compact(uint64_t index, std::string snapshot_data);
+
+  ReplicaStatus Status() const;
+  uint32_t id() const { return config_.id; }
+  Role role() const { return role_; }
+  uint64_t commit_index() const { return commit_index_; }
+  // The chosen value of `slot`, if this replica holds it (tests and checkers).
+  const Value* ChosenValue(uint64_t slot) const;
+
+ private:
+  struct Inflight {
+    explicit Inflight(size_t cluster_size) : votes(cluster_size) {}
+    VoteSet votes;
+    int ticks_since_sent = 0;
+  };
+  struct PendingRead {
+    ClientRequest request;
+    uint64_t read_index = 0;
+  };
+  struct QueuedRequest {
+    ClientRequest request;
+    int64_t arrived_tick = 0;
+  };
+
+  // Role transitions.
+  void BecomeFollower(uint32_t leader_id);
+  void StartElection();
+  void BecomeLeader();
+
+  // Step, by message and role.
+  void StepPrepare(const Message& m);
+  void StepPromise(const Message& m);
+  void StepAccept(const Message& m);
+  void StepAccepted(const Message& m);
+  void StepNack(const Message& m);
+  void StepHeartbeat(const Message& m);
+  void StepHeartbeatAck(const Message& m);
+  void StepCatchupRequest(const Message& m);
+  void StepCatchupResponse(const Message& m);
+  void StepSnapshotChunk(const Message& m);
+  void StepSnapshotAck(const Message& m);
+  void StepForwardRequest(const Message& m);
+  void StepForwardReply(const Message& m);
+
+  void TickLeader();
+  void TickCandidate();
+  void TickFollower();
+
+  // Acceptor.
+  bool MayPromise(const Ballot& ballot, uint32_t from) const;
+  void RaisePromise(const Ballot& ballot);
+  void AcceptEntry(uint64_t slot, const Ballot& ballot, const Value& value);
+
+  // Learner.
+  void LearnChosen(uint64_t slot, const Value& value);
+  void LearnFromLeader(const Message& m);
+  void AdvanceCommitIndex();
+  void MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit);
+
+  // Proposer.
+  void ProposeSlot(uint64_t slot, Value value);
+  void SendAccept(uint32_t peer, uint64_t slot);
+  void MaybeProposeBatches();
+  void BroadcastHeartbeat(bool new_read_round);
+  bool ReadSafe() const;
+  bool LeaseValid() const;
+  void ServeReads();
+  void FailPending(ErrorCode code, const std::string& message);
+
+  // Client requests.
+  void QueueRequest(ClientRequest request);
+  void ForwardQueued();
+  void HandleReadBarrier(ClientRequest request);
+  void Reply(const ClientRequest& request, ErrorCode code, const std::string& message,
+             uint64_t read_revision);
+
+  void SendSnapshotChunk(uint32_t peer, uint64_t offset);
+  Message NewMessage(uint32_t to) const;
+  void Send(Message m);
+  void PersistHardState(bool must_sync);
+  void PersistEntry(uint64_t slot, bool must_sync);
+  uint64_t LastSlot() const;
+  uint64_t RandomElectionTimeout();
+  bool IsPeer(uint32_t id) const;
+
+  const ReplicaConfig config_;
+  std::mt19937_64 prng_;
+
+  // Acceptor state (durable).
+  HardState hard_;
+  std::map<uint64_t, LogEntry> log_;  // slots >= first_index_
+  uint64_t first_index_ = 1;          // log_ holds no slot below this
+  SnapshotMeta snapshot_meta_;
+  std::string snapshot_data_;
+
+  // Learner state.
+  uint64_t commit_index_ = 0;      // every slot <= this is chosen and held (or snapshotted)
+  uint64_t applied_index_ = 0;     // confirmed applied by the host (Advance)
+  uint64_t handed_out_index_ = 0;  // committed entries given to the host so far
+  uint64_t catchup_wanted_until_ = 0;
+  int catchup_retry_ticks_ = 0;  // > 0 while a catch-up request is outstanding
+  uint32_t catchup_peer_ = 0;
+  // Snapshot being received: meta and bytes so far.
+  std::optional<SnapshotMeta> incoming_snapshot_meta_;
+  std::string incoming_snapshot_data_;
+
+  // Role state.
+  Role role_ = Role::kFollower;
+  uint32_t leader_id_ = 0;
+  Ballot ballot_;  // the ballot this replica proposes with (candidate, leader)
+  int64_t now_ticks_ = 0;
+  int64_t election_deadline_ticks_ = 0;
+  int64_t last_leader_contact_tick_ = 0;
+  // Lease granted by this acceptor: promise nobody but lease_ballot_ before this tick.
+  Ballot lease_ballot_;
+  int64_t lease_granted_until_tick_ = 0;
+  std::map<uint32_t, int64_t> last_heard_tick_;
+
+  // Candidate.
+  VoteSet promises_;
+  std::map<uint64_t, LogEntry> promised_entries_;  // highest-ballot entry per slot
+  uint64_t promised_chosen_floor_ = 0;
+  uint32_t promised_floor_peer_ = 0;
+  uint64_t promised_last_slot_ = 0;
+  int prepare_retry_ticks_ = 0;
+
+  // Leader.
+  uint64_t next_slot_ = 1;
+  uint64_t read_floor_ = 0;  // reads are safe once commit_index_ reaches this
+  std::map<uint64_t, Inflight> inflight_;
+  std::map<uint32_t, uint64_t> match_index_;
+  int heartbeat_elapsed_ticks_ = 0;
+  uint64_t read_context_ = 0;                           // last heartbeat round started
+  std::map<uint64_t, int64_t> read_context_sent_tick_;  // round -> tick it was sent
+  std::map<uint32_t, uint64_t> acked_context_;          // peer -> highest round acked
+  uint64_t quorum_acked_context_ = 0;
+  int64_t lease_expires_tick_ = 0;
+  int64_t last_quorum_contact_tick_ = 0;
+
+  // Client requests.
+  std::deque<QueuedRequest> queue_;         // leader: to propose; follower: to forward
+  std::vector<PendingRead> waiting_reads_;  // leader: reads waiting for ReadSafe()
+  std::multimap<uint64_t, PendingRead> reads_by_context_;  // leader: awaiting quorum ack
+  // Follower: reads of this replica's clients forwarded to the leader, by (client, sequence).
+  std::map<std::pair<uint64_t, uint64_t>, QueuedRequest> forwarded_reads_;
+
+  Ready pending_;
+  bool commit_announce_ = false;    // leader: the commit index advanced since it was sent
+  bool read_round_wanted_ = false;  // leader: reads wait for a new heartbeat round
+  bool awaiting_advance_ = false;
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_REPLICA_H_

@@ -1,0 +1,215 @@
+#include "core/testing/cluster.h"
+
+#include <utility>
+
+#include "core/check.h"
+#include "core/stable_hash.h"
+
+namespace synod::testing {
+namespace {
+
+uint64_t Chance(std::mt19937_64& prng) { return prng() % 1000; }
+
+std::string Encode(const Value& v) {
+  std::string s;
+  SYNOD_CHECK(v.SerializeToString(&s));
+  return s;
+}
+
+std::string EncodeApp(uint64_t index, uint64_t hash) {
+  std::string s(16, '\0');
+  for (int i = 0; i < 8; ++i) {
+    s[i] = static_cast<char>(index >> (8 * i));
+    s[8 + i] = static_cast<char>(hash >> (8 * i));
+  }
+  return s;
+}
+
+std::pair<uint64_t, uint64_t> DecodeApp(const std::string& s) {
+  SYNOD_CHECK_EQ(s.size(), 16u);
+  uint64_t index = 0, hash = 0;
+  for (int i = 0; i < 8; ++i) {
+    index |= static_cast<uint64_t>(static_cast<unsigned char>(s[i])) << (8 * i);
+    hash |= static_cast<uint64_t>(static_cast<unsigned char>(s[8 + i])) << (8 * i);
+  }
+  return {index, hash};
+}
+
+}  // namespace
+
+Cluster::Cluster(size_t size, uint64_t seed, ReplicaConfig base)
+    : base_(std::move(base)), prng_(seed) {
+  for (uint32_t id = 1; id <= size; ++id) ids_.push_back(id);
+  for (uint32_t id : ids_) {
+    Node& n = nodes_[id];
+    n.replica = std::make_unique<Replica>(ConfigFor(id), PersistedState(), prng_());
+  }
+}
+
+ReplicaConfig Cluster::ConfigFor(uint32_t id) const {
+  ReplicaConfig c = base_;
+  c.id = id;
+  c.replica_ids = ids_;
+  return c;
+}
+
+PersistedState Cluster::Persisted(const Durable& d) const {
+  PersistedState p;
+  p.hard_state = d.hard;
+  for (const auto& [slot, e] : d.log) p.entries.push_back(e);
+  p.snapshot_meta = d.snapshot_meta;
+  p.snapshot_data = d.snapshot_data;
+  p.applied_index = d.app_index;
+  return p;
+}
+
+void Cluster::Crash(uint32_t id) {
+  Node& n = nodes_.at(id);
+  n.replica.reset();
+  n.unsynced = n.synced;
+  n.app_index = n.synced.app_index;
+  n.app_hash = n.synced.app_hash;
+}
+
+void Cluster::Restart(uint32_t id) {
+  Node& n = nodes_.at(id);
+  SYNOD_CHECK(n.replica == nullptr);
+  n.replica = std::make_unique<Replica>(ConfigFor(id), Persisted(n.synced), prng_());
+  n.last_compacted = n.synced.snapshot_meta.index();
+  ++n.restarts;
+}
+
+void Cluster::Write(uint32_t id, uint64_t client_id, uint64_t sequence,
+                    const std::string& payload) {
+  Replica* r = replica(id);
+  if (r == nullptr) return;
+  ClientRequest req;
+  req.set_client_id(client_id);
+  req.set_sequence(sequence);
+  Statement* st = req.mutable_command()->mutable_execute()->add_statements();
+  st->set_sql(payload);
+  r->Propose(std::move(req));
+  Drain(id);
+}
+
+void Cluster::Read(uint32_t id, uint64_t client_id, uint64_t sequence, Consistency consistency) {
+  Replica* r = replica(id);
+  if (r == nullptr) return;
+  ClientRequest req;
+  req.set_client_id(client_id);
+  req.set_sequence(sequence);
+  req.mutable_command()->mutable_read_barrier()->set_consistency(consistency);
+  r->Propose(std::move(req));
+  Drain(id);
+}
+
+uint32_t Cluster::Leader() const {
+  for (const auto& [id, n] : nodes_) {
+    if (n.replica && n.replica->role() == Role::kLeader) return id;
+  }
+  return 0;
+}
+
+void Cluster::Record(uint32_t id, uint64_t slot, const Value& value) {
+  std::string encoded = Encode(value);
+  auto [it, inserted] = chosen_.emplace(slot, encoded);
+  if (!inserted && it->second != encoded && !violation_) {
+    violation_ = "replica " + std::to_string(id) + " committed a different value at slot " +
+                 std::to_string(slot);
+  }
+}
+
+void Cluster::Drain(uint32_t id) {
+  Node& n = nodes_.at(id);
+  while (n.replica && n.replica->HasReady()) {
+    Ready ready = n.replica->GetReady();
+    // 1. Persist: writes land in the unsynced image; a sync makes them durable.
+    if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
+    for (const LogEntry& e : ready.entries) n.unsynced.log[e.slot()] = e;
+    if (ready.snapshot) {
+      n.unsynced.snapshot_meta = ready.snapshot->meta;
+      n.unsynced.snapshot_data = ready.snapshot->data;
+    }
+    if (ready.compacted_through > 0) {
+      auto& log = n.unsynced.log;
+      log.erase(log.begin(), log.upper_bound(ready.compacted_through));
+    }
+    if (ready.must_sync) n.synced = n.unsynced;
+    // 2. Send.
+    for (const Message& m : ready.messages) {
+      if (Chance(prng_) < faults_.drop_per_mille) continue;
+      network_.push_back(m);
+      if (Chance(prng_) < faults_.duplicate_per_mille) network_.push_back(m);
+    }
+    // 3. Install the snapshot, then apply.
+    if (ready.snapshot) {
+      auto [index, hash] = DecodeApp(ready.snapshot->data);
+      SYNOD_CHECK_EQ(index, ready.snapshot->meta.index());
+      n.app_index = index;
+      n.app_hash = hash;
+    }
+    for (const CommittedEntry& c : ready.committed) {
+      SYNOD_CHECK_EQ(c.slot, n.app_index + 1);
+      Record(id, c.slot, c.value);
+      StableHash h;
+      h.AddU64(n.app_hash);
+      h.AddField(Encode(c.value));
+      n.app_index = c.slot;
+      n.app_hash = h.value();
+      for (const ClientRequest& r : c.value.requests()) {
+        if (r.origin_replica() == id) applied_writes_[{r.client_id(), r.sequence()}] = c.slot;
+      }
+    }
+    // The applied state is durable on its own (as the server's SQLite commits are); the
+    // log's unsynced writes are not.
+    n.synced.app_index = n.unsynced.app_index = n.app_index;
+    n.synced.app_hash = n.unsynced.app_hash = n.app_hash;
+    for (const ForwardReply& reply : ready.replies) {
+      replies_[{reply.client_id(), reply.sequence()}] = reply;
+    }
+    n.replica->Advance(ready);
+    if (keep_ready_log_) n.ready_log.push_back(std::move(ready));
+    if (compact_every_ > 0 && n.app_index >= n.last_compacted + compact_every_) {
+      std::string data = EncodeApp(n.app_index, n.app_hash);
+      n.synced.snapshot_meta.set_index(n.app_index);
+      n.synced.snapshot_meta.set_size_bytes(data.size());
+      n.synced.snapshot_data = data;
+      n.unsynced.snapshot_meta = n.synced.snapshot_meta;
+      n.unsynced.snapshot_data = data;
+      n.replica->Compact(n.app_index, data);
+      n.last_compacted = n.app_index;
+    }
+  }
+}
+
+void Cluster::Deliver(const Message& m) {
+  Node& n = nodes_.at(m.to());
+  if (!n.replica) return;
+  n.replica->Step(m);
+  Drain(m.to());
+}
+
+void Cluster::Step() {
+  for (uint32_t id : ids_) {
+    if (!nodes_.at(id).replica) continue;
+    nodes_.at(id).replica->Tick();
+    Drain(id);
+  }
+  std::vector<Message> batch = std::move(network_);
+  network_.clear();
+  // Fisher-Yates with the raw 64-bit output, so the order is the same on every platform.
+  for (size_t i = batch.size(); i > 1; --i) std::swap(batch[i - 1], batch[prng_() % i]);
+  for (Message& m : batch) {
+    if (Chance(prng_) < faults_.delay_per_mille) {
+      network_.push_back(std::move(m));
+      continue;
+    }
+    Deliver(m);
+  }
+}
+
+void Cluster::RunTicks(int ticks) {
+  for (int i = 0; i < ticks; ++i) Step();
+}
+
+}  // namespace synod::testing

@@ -1,0 +1,113 @@
+#ifndef SYNOD_CORE_TESTING_CLUSTER_H_
+#define SYNOD_CORE_TESTING_CLUSTER_H_
+
+// An in-process cluster of Replicas for the core's own tests: a test network that drops,
+// duplicates and reorders under a seeded schedule, storage with an fsync boundary, and
+// crash/restart that keeps only what was synced. The state machine is a stand-in (a hash
+// of applied values) so the tests see the consensus alone. The full simulator is sim/.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/replica.h"
+
+namespace synod::testing {
+
+struct NetworkFaults {
+  uint32_t drop_per_mille = 0;
+  uint32_t duplicate_per_mille = 0;
+  uint32_t delay_per_mille = 0;  // held back one more tick (again and again: a heavy tail)
+};
+
+class Cluster {
+ public:
+  Cluster(size_t size, uint64_t seed, ReplicaConfig base = ReplicaConfig());
+
+  // Advances one tick: every live replica ticks, then every message sent before this tick
+  // is delivered in a random order (or held back, by the delay fault), and Ready drained.
+  void Step();
+  void RunTicks(int ticks);
+
+  // Crashes replica `id`: its in-memory state and unsynced writes are lost.
+  void Crash(uint32_t id);
+  void Restart(uint32_t id);
+  bool IsUp(uint32_t id) const { return nodes_.at(id).replica != nullptr; }
+
+  // Submits a write of `payload` at replica `id`; returns its (client_id, sequence).
+  void Write(uint32_t id, uint64_t client_id, uint64_t sequence, const std::string& payload);
+  void Read(uint32_t id, uint64_t client_id, uint64_t sequence, Consistency consistency);
+
+  void set_faults(NetworkFaults faults) { faults_ = faults; }
+  // Takes a snapshot at the applied index of every replica that has applied at least
+  // `every` entries since its last one.
+  void set_compact_every(uint64_t every) { compact_every_ = every; }
+
+  Replica* replica(uint32_t id) { return nodes_.at(id).replica.get(); }
+  uint32_t Leader() const;  // a live replica that believes it leads (0: none)
+  uint64_t Applied(uint32_t id) const { return nodes_.at(id).app_index; }
+  uint64_t AppHash(uint32_t id) const { return nodes_.at(id).app_hash; }
+
+  // Everything ever reported as chosen (committed to the host), by slot, with the first
+  // value seen; the safety check compares every later report against it.
+  const std::map<uint64_t, std::string>& chosen() const { return chosen_; }
+  // Set on the first disagreement: a description of it.
+  const std::optional<std::string>& violation() const { return violation_; }
+
+  // Replies delivered to clients: (client, sequence) -> reply.
+  const std::map<std::pair<uint64_t, uint64_t>, ForwardReply>& replies() const { return replies_; }
+  // Writes applied, by (client, sequence) -> slot, as seen at their origin replica.
+  const std::map<std::pair<uint64_t, uint64_t>, uint64_t>& applied_writes() const {
+    return applied_writes_;
+  }
+  // All Readys drained, for tests that look at the host contract.
+  const std::vector<Ready>& ready_log(uint32_t id) const { return nodes_.at(id).ready_log; }
+  void set_keep_ready_log(bool keep) { keep_ready_log_ = keep; }
+
+ private:
+  struct Durable {
+    HardState hard;
+    std::map<uint64_t, LogEntry> log;
+    SnapshotMeta snapshot_meta;
+    std::string snapshot_data;
+    uint64_t app_index = 0;
+    uint64_t app_hash = 0;
+  };
+  struct Node {
+    std::unique_ptr<Replica> replica;
+    Durable synced;
+    Durable unsynced;  // synced plus writes not yet fsynced
+    uint64_t app_index = 0;
+    uint64_t app_hash = 0;
+    uint64_t last_compacted = 0;
+    std::vector<Ready> ready_log;
+    int restarts = 0;
+  };
+
+  void Drain(uint32_t id);
+  void Deliver(const Message& m);
+  PersistedState Persisted(const Durable& d) const;
+  ReplicaConfig ConfigFor(uint32_t id) const;
+  void Record(uint32_t id, uint64_t slot, const Value& value);
+
+  ReplicaConfig base_;
+  std::vector<uint32_t> ids_;
+  std::map<uint32_t, Node> nodes_;
+  std::vector<Message> network_;
+  std::mt19937_64 prng_;
+  NetworkFaults faults_;
+  uint64_t compact_every_ = 0;
+  bool keep_ready_log_ = false;
+  std::map<uint64_t, std::string> chosen_;
+  std::optional<std::string> violation_;
+  std::map<std::pair<uint64_t, uint64_t>, ForwardReply> replies_;
+  std::map<std::pair<uint64_t, uint64_t>, uint64_t> applied_writes_;
+};
+
+}  // namespace synod::testing
+
+#endif  // SYNOD_CORE_TESTING_CLUSTER_H_
