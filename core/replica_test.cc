@@ -376,6 +376,27 @@ TEST(Cluster, DuelingProposersSettleOnOneLeader) {
   }
 }
 
+TEST(Cluster, AValueAcceptedByAMajoritySurvivesTheLeaderCrashingBeforeItIsLearned) {
+  testing::Cluster c(3, 21);
+  uint32_t leader = ElectLeader(c);
+  ASSERT_NE(leader, 0u);
+  c.RunTicks(5);
+  leader = c.Leader();
+  ASSERT_NE(leader, 0u);
+  c.Write(leader, 1, 1, "precious");
+  c.Crash(leader);  // its accepts are already on the wire
+  c.RunTicks(100);
+  ASSERT_FALSE(c.violation()) << *c.violation();
+  ASSERT_NE(c.Leader(), 0u);
+  bool found = false;
+  for (const auto& [slot, encoded] : c.chosen()) {
+    found |= encoded.find("precious") != std::string::npos;
+  }
+  EXPECT_TRUE(found) << "the chosen value was lost";
+  uint32_t survivor = leader % 3 + 1;
+  EXPECT_GE(c.Applied(survivor), 1u);
+}
+
 TEST(Cluster, FollowerForwardsWritesAndEveryReplicaAppliesThem) {
   testing::Cluster c(3, 7);
   uint32_t leader = ElectLeader(c);

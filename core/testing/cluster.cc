@@ -110,13 +110,25 @@ uint32_t Cluster::Leader() const {
   return 0;
 }
 
-void Cluster::Record(uint32_t id, uint64_t slot, const Value& value) {
-  std::string encoded = Encode(value);
+void Cluster::Record(uint32_t id, uint64_t slot, const std::string& encoded) {
   auto [it, inserted] = chosen_.emplace(slot, encoded);
   if (!inserted && it->second != encoded && !violation_) {
-    violation_ = "replica " + std::to_string(id) + " committed a different value at slot " +
-                 std::to_string(slot);
+    violation_ = "two values chosen at slot " + std::to_string(slot) + " (seen at replica " +
+                 std::to_string(id) + ")";
   }
+}
+
+void Cluster::RecordAcceptance(uint32_t id, const LogEntry& e) {
+  if (e.chosen()) return;  // a learned value, not an acceptance
+  auto key = std::make_tuple(e.slot(), e.ballot().round(), e.ballot().replica_id());
+  std::string encoded = Encode(e.value());
+  auto& [value, acceptors] = acceptances_[key];
+  if (acceptors.empty()) value = encoded;
+  if (value != encoded && !violation_) {
+    violation_ = "two values proposed at slot " + std::to_string(e.slot()) + " in one ballot";
+  }
+  acceptors.insert(id);
+  if (acceptors.size() == ids_.size() / 2 + 1) Record(id, e.slot(), value);
 }
 
 void Cluster::Drain(uint32_t id) {
@@ -126,6 +138,9 @@ void Cluster::Drain(uint32_t id) {
     // 1. Persist: writes land in the unsynced image; a sync makes them durable.
     if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
     for (const LogEntry& e : ready.entries) n.unsynced.log[e.slot()] = e;
+    if (ready.must_sync) {
+      for (const LogEntry& e : ready.entries) RecordAcceptance(id, e);
+    }
     if (ready.snapshot) {
       n.unsynced.snapshot_meta = ready.snapshot->meta;
       n.unsynced.snapshot_data = ready.snapshot->data;
@@ -150,7 +165,7 @@ void Cluster::Drain(uint32_t id) {
     }
     for (const CommittedEntry& c : ready.committed) {
       SYNOD_CHECK_EQ(c.slot, n.app_index + 1);
-      Record(id, c.slot, c.value);
+      Record(id, c.slot, Encode(c.value));
       StableHash h;
       h.AddU64(n.app_hash);
       h.AddField(Encode(c.value));

@@ -11,7 +11,9 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/replica.h"
@@ -52,8 +54,9 @@ class Cluster {
   uint64_t Applied(uint32_t id) const { return nodes_.at(id).app_index; }
   uint64_t AppHash(uint32_t id) const { return nodes_.at(id).app_hash; }
 
-  // Everything ever reported as chosen (committed to the host), by slot, with the first
-  // value seen; the safety check compares every later report against it.
+  // Every value known chosen, by slot: reported committed to a host, or accepted by a
+  // majority at one ballot (the definition of chosen, seen from outside the replicas). The
+  // first value seen is kept; the safety check compares every later one against it.
   const std::map<uint64_t, std::string>& chosen() const { return chosen_; }
   // Set on the first disagreement: a description of it.
   const std::optional<std::string>& violation() const { return violation_; }
@@ -92,7 +95,8 @@ class Cluster {
   void Deliver(const Message& m);
   PersistedState Persisted(const Durable& d) const;
   ReplicaConfig ConfigFor(uint32_t id) const;
-  void Record(uint32_t id, uint64_t slot, const Value& value);
+  void Record(uint32_t id, uint64_t slot, const std::string& encoded);
+  void RecordAcceptance(uint32_t id, const LogEntry& e);
 
   ReplicaConfig base_;
   std::vector<uint32_t> ids_;
@@ -103,6 +107,9 @@ class Cluster {
   uint64_t compact_every_ = 0;
   bool keep_ready_log_ = false;
   std::map<uint64_t, std::string> chosen_;
+  // (slot, ballot round, ballot replica) -> value and the acceptors that accepted it.
+  std::map<std::tuple<uint64_t, uint64_t, uint32_t>, std::pair<std::string, std::set<uint32_t>>>
+      acceptances_;
   std::optional<std::string> violation_;
   std::map<std::pair<uint64_t, uint64_t>, ForwardReply> replies_;
   std::map<std::pair<uint64_t, uint64_t>, uint64_t> applied_writes_;
