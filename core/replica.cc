@@ -45,7 +45,9 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
       << "duplicate replica ids";
   SYNOD_CHECK(config_.lease_duration_ticks < config_.election_timeout_ticks)
       << "a lease must end before a follower may start an election";
-  SYNOD_CHECK(config_.clock_drift_bound_ticks >= 0 &&
+  // At least one tick: a follower starts its lease at the tick count it has when the
+  // heartbeat arrives, up to a tick after the leader sent it, even with perfect clocks.
+  SYNOD_CHECK(config_.clock_drift_bound_ticks >= 1 &&
               config_.clock_drift_bound_ticks < config_.lease_duration_ticks);
   SYNOD_CHECK(config_.heartbeat_interval_ticks > 0 && config_.retry_ticks > 0);
   SYNOD_CHECK(config_.max_inflight_slots > 0 && config_.max_batch_requests > 0);
@@ -58,8 +60,10 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   commit_index_ = snapshot_meta_.index();
   for (LogEntry& e : persisted.entries) {
     if (e.slot() < first_index_) continue;  // compaction may not have reached storage yet
-    SYNOD_CHECK(!BallotLess(hard_.promised(), e.ballot()))
-        << "accepted ballot above the durable promise at slot " << e.slot();
+    // An accept and the promise it raised are written in one Ready; if a crash kept the
+    // entry but not the hard state, the entry was never acknowledged, and the acceptor
+    // simply behaves as having promised its ballot.
+    if (BallotLess(hard_.promised(), e.ballot())) *hard_.mutable_promised() = e.ballot();
     uint64_t slot = e.slot();
     SYNOD_CHECK(log_.emplace(slot, std::move(e)).second) << "two entries for slot " << slot;
   }
@@ -130,6 +134,7 @@ void Replica::Reply(const ClientRequest& request, ErrorCode code, const std::str
   reply.set_code(code);
   reply.set_message(message);
   reply.set_read_revision(read_revision);
+  reply.set_read_barrier(IsRead(request));
   uint32_t origin = request.origin_replica();
   if (origin == 0 || origin == config_.id || !IsPeer(origin)) {
     pending_.replies.push_back(std::move(reply));
@@ -147,9 +152,9 @@ void Replica::BecomeFollower(uint32_t leader_id) {
   if (role_ == Role::kLeader) {
     // Reads that were waiting for this leader's confirmation go to the next leader.
     std::deque<QueuedRequest> requeue;
-    for (PendingRead& r : waiting_reads_) requeue.push_back({std::move(r.request), now_ticks_});
+    for (PendingRead& r : waiting_reads_) requeue.push_back({std::move(r.request), r.arrived_tick});
     for (auto& [context, r] : reads_by_context_) {
-      requeue.push_back({std::move(r.request), now_ticks_});
+      requeue.push_back({std::move(r.request), r.arrived_tick});
     }
     waiting_reads_.clear();
     reads_by_context_.clear();
@@ -201,6 +206,10 @@ void Replica::StartElection() {
 void Replica::BecomeLeader() {
   SYNOD_CHECK(role_ == Role::kCandidate && promises_.HasQuorum());
   SYNOD_CHECK(BallotEqual(hard_.promised(), ballot_));
+  // Values some promiser knows to be chosen are learned, not proposed again.
+  for (auto& [slot, entry] : promised_entries_) {
+    if (entry.chosen()) LearnChosen(slot, entry.value());
+  }
   role_ = Role::kLeader;
   leader_id_ = config_.id;
   inflight_.clear();
@@ -211,10 +220,6 @@ void Replica::BecomeLeader() {
   lease_expires_tick_ = 0;
   last_quorum_contact_tick_ = now_ticks_;
 
-  // Values some promiser knows to be chosen are learned, not proposed again.
-  for (auto& [slot, entry] : promised_entries_) {
-    if (entry.chosen()) LearnChosen(slot, entry.value());
-  }
   // Every slot up to the highest commit index reported is chosen; those this replica lacks
   // come by catch-up. Above it, re-propose the highest-ballot value of every slot, and
   // fill the gaps with no-ops.
@@ -254,19 +259,56 @@ void Replica::Tick() {
   }
   if (catchup_retry_ticks_ > 0 && --catchup_retry_ticks_ == 0 &&
       catchup_wanted_until_ > commit_index_) {
-    uint32_t peer = leader_id_ != 0 && leader_id_ != config_.id ? leader_id_ : catchup_peer_;
+    // Unanswered, or answered with nothing: ask the next peer in turn, so that one peer
+    // that cannot serve (dead, or lost its chosen marks) does not stall this replica.
+    auto it = std::find(config_.replica_ids.begin(), config_.replica_ids.end(), catchup_peer_);
+    uint32_t peer = config_.id;
+    for (size_t i = 0; i < config_.replica_ids.size() && peer == config_.id; ++i) {
+      if (it == config_.replica_ids.end() || ++it == config_.replica_ids.end()) {
+        it = config_.replica_ids.begin();
+      }
+      peer = *it;
+    }
     MaybeRequestCatchup(peer, catchup_wanted_until_);
   }
-  // Requests that found no leader in time are refused; the client may retry.
-  while (!queue_.empty() &&
-         now_ticks_ - queue_.front().arrived_tick > config_.request_timeout_ticks) {
-    Reply(queue_.front().request, UNAVAILABLE, "no leader reachable", 0);
-    queue_.pop_front();
-  }
+  ExpireRequests();
   for (auto it = forwarded_reads_.begin(); it != forwarded_reads_.end();) {
     if (now_ticks_ - it->second.arrived_tick > config_.request_timeout_ticks) {
       Reply(it->second.request, UNAVAILABLE, "the leader did not confirm the read", 0);
       it = forwarded_reads_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Replica::ExpireRequests() {
+  auto expired = [&](int64_t arrived_tick) {
+    return now_ticks_ - arrived_tick > config_.request_timeout_ticks;
+  };
+  // Requests that found no leader in time are refused; the client may retry.
+  std::deque<QueuedRequest> kept;
+  for (QueuedRequest& q : queue_) {
+    if (expired(q.arrived_tick)) {
+      Reply(q.request, UNAVAILABLE, "no leader reachable", 0);
+    } else {
+      kept.push_back(std::move(q));
+    }
+  }
+  queue_ = std::move(kept);
+  std::vector<PendingRead> waiting;
+  for (PendingRead& r : waiting_reads_) {
+    if (expired(r.arrived_tick)) {
+      Reply(r.request, UNAVAILABLE, "the leader could not confirm the read in time", 0);
+    } else {
+      waiting.push_back(std::move(r));
+    }
+  }
+  waiting_reads_ = std::move(waiting);
+  for (auto it = reads_by_context_.begin(); it != reads_by_context_.end();) {
+    if (expired(it->second.arrived_tick)) {
+      Reply(it->second.request, UNAVAILABLE, "the leader could not confirm the read in time", 0);
+      it = reads_by_context_.erase(it);
     } else {
       ++it;
     }
@@ -467,17 +509,33 @@ void Replica::StepHeartbeat(const Message& m) {
 
 void Replica::LearnChosen(uint64_t slot, const Value& value) {
   if (slot < first_index_) return;
-  LogEntry& e = log_[slot];
-  if (e.chosen()) {
-    SYNOD_CHECK(SameValue(e.value(), value)) << "two values chosen for slot " << slot;
+  auto existing = log_.find(slot);
+  if (existing != log_.end() && existing->second.chosen()) {
+    SYNOD_CHECK(SameValue(existing->second.value(), value))
+        << "two values chosen for slot " << slot;
     return;
   }
+  if (role_ == Role::kLeader) {
+    bool proposed_here = existing != log_.end() && BallotEqual(existing->second.ballot(), ballot_);
+    bool superseded =
+        proposed_here ? !SameValue(existing->second.value(), value) : slot >= next_slot_;
+    // Another leader chose this slot: a value other than ours where we proposed, or a slot
+    // we have not reached. Followers hold our proposal at our ballot, and would take it
+    // for chosen if we announced a commit index covering this slot: stop leading first.
+    if (superseded) BecomeFollower(0);
+  }
+  LogEntry& e = log_[slot];
   e.set_slot(slot);
-  *e.mutable_value() = value;
+  if (!e.has_value() || !SameValue(e.value(), value)) {
+    *e.mutable_value() = value;
+    e.clear_ballot();  // the ballot no longer describes this value
+  }
   e.set_chosen(true);
   inflight_.erase(slot);
-  // Not synced on its own: a chosen value lost in a crash is learned again from peers.
+  // Not synced on its own: a chosen value lost in a crash is learned again from peers. It
+  // is synced before the host applies it (GetReady), so "applied" implies a durable mark.
   PersistEntry(slot, /*must_sync=*/false);
+  unsynced_chosen_ = true;
   AdvanceCommitIndex();
 }
 
@@ -553,6 +611,7 @@ void Replica::StepCatchupResponse(const Message& m) {
     catchup_retry_ticks_ = config_.retry_ticks * 4;  // the snapshot stream takes a while
     return;
   }
+  if (m.catchup_response().entries_size() == 0) return;  // retried elsewhere on the timer
   catchup_retry_ticks_ = 0;
   if (catchup_wanted_until_ > commit_index_) MaybeRequestCatchup(m.from(), catchup_wanted_until_);
 }
@@ -580,17 +639,33 @@ void Replica::StepSnapshotChunk(const Message& m) {
     a.mutable_snapshot_ack()->set_next_offset(next_offset);
     Send(std::move(a));
   };
-  if (!incoming_snapshot_meta_ || incoming_snapshot_meta_->index() != meta.index()) {
+  // Two replicas' snapshots at one index need not be byte-identical, so a transfer comes
+  // from one sender. Another sender takes over only once the transfer has stalled; until
+  // then its chunks go unanswered, which stops its (ack-driven) stream.
+  bool same_transfer = incoming_snapshot_meta_ && incoming_snapshot_from_ == m.from() &&
+                       incoming_snapshot_meta_->index() == meta.index() &&
+                       incoming_snapshot_meta_->size_bytes() == meta.size_bytes();
+  if (!same_transfer) {
+    bool stalled = now_ticks_ - incoming_snapshot_tick_ > 2 * config_.retry_ticks;
+    if (incoming_snapshot_meta_ && incoming_snapshot_from_ != m.from() && !stalled) return;
     if (chunk.offset() != 0) return ack(0);
     incoming_snapshot_meta_ = meta;
+    incoming_snapshot_from_ = m.from();
     incoming_snapshot_data_.clear();
   }
+  incoming_snapshot_tick_ = now_ticks_;
   if (chunk.offset() != incoming_snapshot_data_.size()) return ack(incoming_snapshot_data_.size());
   incoming_snapshot_data_ += chunk.data();
-  SYNOD_CHECK_LE(incoming_snapshot_data_.size(), meta.size_bytes());
-  if (!chunk.last()) return ack(incoming_snapshot_data_.size());
-  SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
+  bool complete = incoming_snapshot_data_.size() == meta.size_bytes();
+  if (incoming_snapshot_data_.size() > meta.size_bytes() || chunk.last() != complete) {
+    incoming_snapshot_meta_.reset();  // a malformed transfer: start again
+    incoming_snapshot_data_.clear();
+    return ack(0);
+  }
+  if (!complete) return ack(incoming_snapshot_data_.size());
   ack(incoming_snapshot_data_.size());
+  // A leader that lags behind a snapshot has been superseded (see LearnChosen).
+  if (role_ == Role::kLeader) BecomeFollower(0);
 
   // Install: everything up to meta.index is chosen and summarized by the snapshot.
   log_.erase(log_.begin(), log_.upper_bound(meta.index()));
@@ -767,7 +842,7 @@ void Replica::HandleReadBarrier(ClientRequest request) {
   if (waiting_reads_.size() + reads_by_context_.size() >= config_.max_pending_reads) {
     return Reply(request, RESOURCE_EXHAUSTED, "too many reads waiting", 0);
   }
-  waiting_reads_.push_back({std::move(request), 0});
+  waiting_reads_.push_back({std::move(request), 0, now_ticks_});
   ServeReads();
 }
 
@@ -853,7 +928,10 @@ void Replica::StepForwardRequest(const Message& m) {
 
 void Replica::StepForwardReply(const Message& m) {
   const ForwardReply& reply = m.forward_reply();
-  forwarded_reads_.erase({reply.client_id(), reply.sequence()});
+  // A read answered already (refused on timeout, or a duplicate) is not answered twice.
+  if (reply.read_barrier() && forwarded_reads_.erase({reply.client_id(), reply.sequence()}) == 0) {
+    return;
+  }
   pending_.replies.push_back(reply);
 }
 
@@ -877,6 +955,9 @@ Ready Replica::GetReady() {
     pending_.committed.push_back({slot, e.value()});
   }
   handed_out_index_ = std::max(handed_out_index_, until);
+  // After a restart every applied slot counts as chosen, and must be servable to peers.
+  if (!pending_.committed.empty() && unsynced_chosen_) pending_.must_sync = true;
+  if (pending_.must_sync) unsynced_chosen_ = false;
   Ready ready = std::move(pending_);
   pending_ = Ready();
   awaiting_advance_ = true;

@@ -45,7 +45,8 @@ struct ReplicaConfig {
   // A follower that acknowledged the leader at its tick t promises no other proposer until
   // t + lease_duration_ticks (its own clock). REQUIRES: < election_timeout_ticks.
   int lease_duration_ticks = 8;
-  // The most the clocks of two replicas may drift apart over one lease duration, in ticks.
+  // The most the clocks of two replicas may drift apart over one lease duration, in ticks,
+  // plus one for tick rounding (so at least 1).
   // The leader counts its lease as lease_duration_ticks - clock_drift_bound_ticks from the
   // moment it sent the heartbeat a quorum acknowledged. See docs/consensus.md, "Leases".
   int clock_drift_bound_ticks = 1;
@@ -165,6 +166,7 @@ class Replica {
   struct PendingRead {
     ClientRequest request;
     uint64_t read_index = 0;
+    int64_t arrived_tick = 0;
   };
   struct QueuedRequest {
     ClientRequest request;
@@ -194,6 +196,7 @@ class Replica {
   void TickLeader();
   void TickCandidate();
   void TickFollower();
+  void ExpireRequests();
 
   // Acceptor.
   bool MayPromise(const Ballot& ballot, uint32_t from) const;
@@ -246,11 +249,14 @@ class Replica {
   uint64_t commit_index_ = 0;      // every slot <= this is chosen and held (or snapshotted)
   uint64_t applied_index_ = 0;     // confirmed applied by the host (Advance)
   uint64_t handed_out_index_ = 0;  // committed entries given to the host so far
+  bool unsynced_chosen_ = false;   // a chosen mark was written without an fsync since
   uint64_t catchup_wanted_until_ = 0;
   int catchup_retry_ticks_ = 0;  // > 0 while a catch-up request is outstanding
   uint32_t catchup_peer_ = 0;
   // Snapshot being received: meta and bytes so far.
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
+  uint32_t incoming_snapshot_from_ = 0;
+  int64_t incoming_snapshot_tick_ = 0;  // when its last chunk arrived
   std::string incoming_snapshot_data_;
 
   // Role state.

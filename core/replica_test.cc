@@ -260,6 +260,40 @@ TEST(Proposer, LeaderStepsDownWhenItHearsAHigherBallot) {
   EXPECT_EQ(r.role(), Role::kFollower);
 }
 
+TEST(Proposer, ALeaderThatLearnsAnotherValueChosenWhereItProposedStopsLeading) {
+  // Replica 1 leads at b1 and proposes v at slot 1; meanwhile a higher ballot chose w there.
+  // If it kept leading and announced commit 1, a follower holding v at b1 would take v for
+  // chosen.
+  Replica r(ConfigFor(1, 5), PersistedState(), 1);
+  std::vector<Message> prepares = TickUntilPrepare(r);
+  Ballot b1 = prepares[0].ballot();
+  for (uint32_t from : {2u, 3u}) {
+    Message p = From(from, 1, b1);
+    p.mutable_promise();
+    r.Step(p);
+  }
+  ASSERT_EQ(r.role(), Role::kLeader);
+  Drain(r);
+  ClientRequest write;
+  write.set_client_id(1);
+  write.set_sequence(1);
+  write.mutable_command()->mutable_execute()->add_statements()->set_sql("v");
+  r.Propose(write);
+  Drain(r);
+  Message catchup = From(4, 1, MakeBallot(b1.round() + 1, 4), /*commit=*/1);
+  LogEntry chosen = Entry(1, MakeBallot(b1.round() + 1, 4), Payload("w"));
+  chosen.set_chosen(true);
+  *catchup.mutable_catchup_response()->add_entries() = chosen;
+  r.Step(catchup);
+  EXPECT_NE(r.role(), Role::kLeader);
+  for (const Message& m : Drain(r)) {
+    EXPECT_FALSE(BallotEqual(m.ballot(), b1) && m.commit_index() >= 1 && m.has_heartbeat())
+        << "announced a commit index covering a slot chosen at another ballot";
+  }
+  ASSERT_NE(r.ChosenValue(1), nullptr);
+  EXPECT_EQ(r.ChosenValue(1)->requests(0).command().execute().statements(0).sql(), "w");
+}
+
 TEST(Reads, LinearizableReadWaitsForAQuorumRoundAfterItArrived) {
   Replica r(ConfigFor(1), PersistedState(), 1);
   std::vector<Message> prepares = TickUntilPrepare(r);
