@@ -1,0 +1,146 @@
+#include "core/log_codec.h"
+
+#include <map>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+#include "core/stable_hash.h"
+
+namespace synod {
+namespace {
+
+constexpr size_t kFrameHeaderBytes = 12;
+
+uint64_t Checksum(std::string_view payload) {
+  StableHash h;
+  h.Add(payload);
+  return h.value();
+}
+
+void PutFixed(std::string* out, uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) out->push_back(static_cast<char>(v >> (8 * i)));
+}
+
+uint64_t GetFixed(std::string_view in, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i)
+    v |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
+  return v;
+}
+
+// Outcome of reading one frame at the front of `log`.
+enum class Frame { kValid, kTruncated, kBadChecksum };
+
+Frame ReadFrame(std::string_view log, std::string_view* payload, size_t* frame_bytes) {
+  if (log.size() < kFrameHeaderBytes) return Frame::kTruncated;
+  uint64_t length = GetFixed(log, 4);
+  if (log.size() - kFrameHeaderBytes < length) return Frame::kTruncated;
+  *payload = log.substr(kFrameHeaderBytes, length);
+  *frame_bytes = kFrameHeaderBytes + length;
+  return Checksum(*payload) == GetFixed(log.substr(4), 8) ? Frame::kValid : Frame::kBadChecksum;
+}
+
+}  // namespace
+
+std::string EncodeRecord(const StorageRecord& record) {
+  std::string payload;
+  SYNOD_CHECK(record.SerializeToString(&payload));
+  SYNOD_CHECK_LE(payload.size(), 0xffffffffu);
+  std::string out;
+  out.reserve(kFrameHeaderBytes + payload.size());
+  PutFixed(&out, payload.size(), 4);
+  PutFixed(&out, Checksum(payload), 8);
+  out += payload;
+  return out;
+}
+
+std::string EncodeReady(const Ready& ready) {
+  std::string out;
+  if (ready.hard_state) {
+    StorageRecord r;
+    *r.mutable_hard_state() = *ready.hard_state;
+    out += EncodeRecord(r);
+  }
+  if (ready.snapshot) {
+    StorageRecord r;
+    *r.mutable_snapshot() = ready.snapshot->meta;
+    r.set_snapshot_data(ready.snapshot->data);
+    out += EncodeRecord(r);
+  }
+  for (const LogEntry& e : ready.entries) {
+    StorageRecord r;
+    *r.mutable_entry() = e;
+    out += EncodeRecord(r);
+  }
+  if (ready.compacted_through > 0) {
+    StorageRecord r;
+    r.set_compacted_through(ready.compacted_through);
+    out += EncodeRecord(r);
+  }
+  return out;
+}
+
+std::string EncodeSyncMark(uint64_t records) {
+  StorageRecord r;
+  r.mutable_sync_mark()->set_records(records);
+  return EncodeRecord(r);
+}
+
+absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
+  RecoveredLog out;
+  std::map<uint64_t, LogEntry> entries;
+  uint64_t offset = 0;
+  while (offset < log.size()) {
+    std::string_view payload;
+    size_t frame_bytes = 0;
+    Frame frame = ReadFrame(log.substr(offset), &payload, &frame_bytes);
+    if (frame == Frame::kTruncated) {
+      out.torn_tail = true;
+      break;
+    }
+    StorageRecord record;
+    if (frame == Frame::kBadChecksum || !record.ParseFromArray(payload.data(), payload.size())) {
+      // Corruption unless nothing valid follows (then it is a torn last write).
+      std::string_view rest = log.substr(offset + frame_bytes);
+      std::string_view next_payload;
+      size_t next_bytes = 0;
+      if (!rest.empty() && ReadFrame(rest, &next_payload, &next_bytes) == Frame::kValid) {
+        return absl::DataLossError(absl::StrCat("log record ", out.records, " at byte ", offset,
+                                                " is corrupt and records follow it"));
+      }
+      out.torn_tail = true;
+      break;
+    }
+    switch (record.kind_case()) {
+      case StorageRecord::kHardState:
+        out.state.hard_state = record.hard_state();
+        break;
+      case StorageRecord::kEntry:
+        entries[record.entry().slot()] = record.entry();
+        break;
+      case StorageRecord::kSnapshot:
+        out.state.snapshot_meta = record.snapshot();
+        out.state.snapshot_data = record.snapshot_data();
+        if (out.state.snapshot_data.size() != out.state.snapshot_meta.size_bytes()) {
+          return absl::DataLossError(
+              absl::StrCat("snapshot record ", out.records, " does not match its declared size"));
+        }
+        entries.erase(entries.begin(), entries.upper_bound(record.snapshot().index()));
+        break;
+      case StorageRecord::kCompactedThrough:
+        entries.erase(entries.begin(), entries.upper_bound(record.compacted_through()));
+        break;
+      case StorageRecord::kSyncMark:
+      case StorageRecord::KIND_NOT_SET:
+        break;
+    }
+    offset += frame_bytes;
+    ++out.records;
+  }
+  out.valid_bytes = offset;
+  for (auto& [slot, e] : entries) out.state.entries.push_back(std::move(e));
+  return out;
+}
+
+}  // namespace synod

@@ -1,0 +1,50 @@
+#ifndef SYNOD_CORE_LOG_CODEC_H_
+#define SYNOD_CORE_LOG_CODEC_H_
+
+// The durable log's format, shared by the server's log store and the simulator's disk so
+// that both recover by the same rules. Pure functions: the caller does the I/O.
+//
+// A log is a sequence of records, each framed as
+//   [u32 payload length, little endian][u64 StableHash of the payload][payload]
+// where the payload is a serialized StorageRecord. After each fsync the host appends a
+// SyncMark record (itself written before the next fsync).
+//
+// Recovery rules (see docs/simulation.md, "Storage faults"):
+// - A record whose frame is cut short at the end of the log is a torn tail: a write the
+//   crash interrupted, never synced. It is dropped, and the host truncates it.
+// - A record whose checksum fails, followed by any valid record, is corruption: data that
+//   was durable and acknowledged is gone. The replica must not vote on what it lost, so
+//   recovery fails with DataLoss and the replica refuses to start.
+// - A bad checksum on the very last record is treated as a torn tail too.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "core/replica.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+
+// The records to append for `ready` (hard state, entries, snapshot, compaction), framed.
+std::string EncodeReady(const Ready& ready);
+
+// A framed SyncMark, to append after an fsync that made `records` records durable.
+std::string EncodeSyncMark(uint64_t records);
+
+std::string EncodeRecord(const StorageRecord& record);
+
+struct RecoveredLog {
+  PersistedState state;      // applied_index is left 0: the state machine knows its revision
+  uint64_t valid_bytes = 0;  // the log's valid prefix; the host truncates anything after it
+  uint64_t records = 0;
+  bool torn_tail = false;
+};
+
+// Replays a log. DataLoss when a record in the middle is corrupt (see above).
+absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log);
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_LOG_CODEC_H_
