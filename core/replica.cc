@@ -229,7 +229,11 @@ void Replica::BecomeLeader() {
     auto known = log_.find(slot);
     if (known != log_.end() && known->second.chosen()) continue;
     auto p = promised_entries_.find(slot);
-    ProposeSlot(slot, p != promised_entries_.end() ? p->second.value() : NoopValue());
+    Value value = p != promised_entries_.end() ? p->second.value() : NoopValue();
+#ifdef SYNOD_TESTING_BUGS
+    if (config_.bugs.skip_repropose) value = NoopValue();
+#endif
+    ProposeSlot(slot, std::move(value));
   }
   promised_entries_.clear();
   next_slot_ = last + 1;
@@ -817,9 +821,11 @@ void Replica::StepHeartbeatAck(const Message& m) {
   if (sent != read_context_sent_tick_.end()) {
     // Each acknowledging follower started its lease when the heartbeat arrived, which was
     // no earlier than it was sent.
-    lease_expires_tick_ =
-        std::max(lease_expires_tick_,
-                 sent->second + config_.lease_duration_ticks - config_.clock_drift_bound_ticks);
+    int64_t expires = sent->second + config_.lease_duration_ticks - config_.clock_drift_bound_ticks;
+#ifdef SYNOD_TESTING_BUGS
+    if (config_.bugs.lease_ignores_drift) expires = now_ticks_ + config_.lease_duration_ticks;
+#endif
+    lease_expires_tick_ = std::max(lease_expires_tick_, expires);
   }
   read_context_sent_tick_.erase(read_context_sent_tick_.begin(),
                                 read_context_sent_tick_.upper_bound(quorum_context));

@@ -62,6 +62,15 @@ struct ReplicaConfig {
   size_t max_catchup_bytes = 4 << 20;  // bytes per catch-up response
   size_t max_apply_entries = 256;      // committed entries per Ready
   size_t snapshot_chunk_bytes = 256 << 10;
+
+#ifdef SYNOD_TESTING_BUGS
+  // Known-wrong behaviours, for testing the simulator's checkers. Compiled only into the
+  // //core:*_with_bugs libraries that sim/ links; the server's build cannot turn them on.
+  struct Bugs {
+    bool skip_repropose = false;       // a new leader proposes no-ops instead of accepted values
+    bool lease_ignores_drift = false;  // the lease runs from the ack, without the drift bound
+  } bugs;
+#endif
 };
 
 // What the replica kept in durable storage, handed back at restart.

@@ -1,0 +1,570 @@
+#include "core/sqlite_util.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+
+namespace synod {
+namespace {
+
+// Debian's Abseil has its own string_view type (see TOOLCHAIN.md).
+absl::string_view ToAbsl(std::string_view text) { return {text.data(), text.size()}; }
+
+// Largest string or blob a statement may build. SQLite's default (1 GB) lets one statement
+// exhaust memory on some replicas and not others; a lower limit fails the same everywhere.
+constexpr int kMaxValueBytes = 64 << 20;
+
+// `sql` without its leading whitespace, empty statements (';') and comments.
+std::string_view SkipBlank(std::string_view sql) {
+  size_t i = 0;
+  while (i < sql.size()) {
+    if (absl::ascii_isspace(static_cast<unsigned char>(sql[i])) || sql[i] == ';') {
+      ++i;
+    } else if (sql.substr(i, 2) == "--") {
+      i = sql.find('\n', i);
+      if (i == std::string_view::npos) return {};
+    } else if (sql.substr(i, 2) == "/*") {
+      i = sql.find("*/", i + 2);
+      if (i == std::string_view::npos) return {};  // SQLite ends the comment at the end too
+      i += 2;
+    } else {
+      break;
+    }
+  }
+  return sql.substr(i);
+}
+
+std::string_view FirstWord(std::string_view sql) {
+  size_t end = 0;
+  while (end < sql.size() && absl::ascii_isalpha(static_cast<unsigned char>(sql[end]))) ++end;
+  return sql.substr(0, end);
+}
+
+// The length of the valid UTF-8 sequence at the start of `text`, or 0 if there is none.
+size_t Utf8SequenceBytes(std::string_view text) {
+  auto byte = [&text](size_t i) { return static_cast<unsigned char>(text[i]); };
+  auto continues = [&](size_t i, unsigned char low, unsigned char high) {
+    return i < text.size() && byte(i) >= low && byte(i) <= high;
+  };
+  unsigned char first = byte(0);
+  if (first < 0x80) return 1;
+  if (first >= 0xc2 && first <= 0xdf) return continues(1, 0x80, 0xbf) ? 2 : 0;
+  if (first >= 0xe0 && first <= 0xef) {
+    // No overlong forms (E0 80..9F) and no UTF-16 surrogates (ED A0..BF).
+    unsigned char low = first == 0xe0 ? 0xa0 : 0x80;
+    unsigned char high = first == 0xed ? 0x9f : 0xbf;
+    return continues(1, low, high) && continues(2, 0x80, 0xbf) ? 3 : 0;
+  }
+  if (first >= 0xf0 && first <= 0xf4) {
+    // No overlong forms (F0 80..8F) and nothing above U+10FFFF (F4 90..).
+    unsigned char low = first == 0xf0 ? 0x90 : 0x80;
+    unsigned char high = first == 0xf4 ? 0x8f : 0xbf;
+    return continues(1, low, high) && continues(2, 0x80, 0xbf) && continues(3, 0x80, 0xbf) ? 4 : 0;
+  }
+  return 0;
+}
+
+bool IsValidUtf8(std::string_view text) {
+  for (size_t i = 0, n = 0; i < text.size(); i += n) {
+    n = Utf8SequenceBytes(text.substr(i));
+    if (n == 0) return false;
+  }
+  return true;
+}
+
+bool IsReserved(const char* name) {
+  return name != nullptr && absl::StartsWithIgnoreCase(name, "_synod_");
+}
+
+bool IsOneOf(const char* name, std::initializer_list<const char*> names) {
+  return name != nullptr && std::any_of(names.begin(), names.end(), [name](const char* n) {
+           return absl::EqualsIgnoreCase(name, n);
+         });
+}
+
+// PRAGMAs replicate only if they read the schema or set a value stored in the database file.
+// Any other PRAGMA changes the connection (which a restarted replica would not have) or the
+// way data reaches the disk (which the server alone controls).
+std::optional<std::string> PragmaRejection(const char* pragma) {
+  if (IsOneOf(pragma, {"application_id", "foreign_key_check", "foreign_key_list", "freelist_count",
+                       "index_info", "index_list", "index_xinfo", "integrity_check", "page_count",
+                       "quick_check", "table_info", "table_list", "table_xinfo", "user_version"})) {
+    return std::nullopt;
+  }
+  if (IsOneOf(pragma, {"cache_spill", "checkpoint_fullfsync", "data_store_directory", "fullfsync",
+                       "journal_mode", "journal_size_limit", "locking_mode", "mmap_size",
+                       "synchronous", "temp_store", "temp_store_directory", "wal_autocheckpoint",
+                       "wal_checkpoint", "writable_schema"})) {
+    return absl::StrCat("PRAGMA ", pragma,
+                        " is not allowed: the server controls journaling and durability");
+  }
+  return absl::StrCat("PRAGMA ", pragma,
+                      " is not allowed: only PRAGMAs that read the schema or set user_version "
+                      "or application_id are replicated");
+}
+
+// Why the policy rejects an action SQLite asks to authorize, or nullopt if it allows it.
+std::optional<std::string> Rejection(int action, const char* arg1, const char* arg2) {
+  if (IsReserved(arg1) || IsReserved(arg2)) {
+    return "names starting with _synod_ belong to the server and cannot be used";
+  }
+  switch (action) {
+    case SQLITE_ATTACH:  // VACUUM INTO attaches its target too
+    case SQLITE_DETACH:
+      return "ATTACH, DETACH and VACUUM INTO are not allowed: a statement only sees its own "
+             "database";
+    case SQLITE_TRANSACTION:
+    case SQLITE_SAVEPOINT:
+      return "BEGIN, COMMIT, ROLLBACK and SAVEPOINT are not allowed: set Execute.transaction "
+             "to apply statements all or nothing";
+    case SQLITE_PRAGMA:  // also asked for pragma table-valued functions, at step time
+      return PragmaRejection(arg1);
+    case SQLITE_FUNCTION:
+      if (IsOneOf(arg2, {"total_changes"})) {
+        return "total_changes() is not allowed: it counts since the connection opened, which "
+               "differs between replicas";
+      }
+      return std::nullopt;
+    default:
+      return std::nullopt;
+  }
+}
+
+// Applies the policy and the step budget to what `db` prepares and steps while this lives
+// (one user statement), and remembers why it stopped one, so the error can say so.
+class StatementScope {
+ public:
+  explicit StatementScope(sqlite3* db) : db_(db) {
+    SYNOD_CHECK_EQ(sqlite3_set_authorizer(db_, &StatementScope::Authorize, this), SQLITE_OK);
+    sqlite3_progress_handler(db_, kVmStepsPerProgressCall, &StatementScope::Progress, this);
+  }
+  ~StatementScope() {
+    sqlite3_progress_handler(db_, 0, nullptr, nullptr);
+    sqlite3_set_authorizer(db_, nullptr, nullptr);
+  }
+  StatementScope(const StatementScope&) = delete;
+  StatementScope& operator=(const StatementScope&) = delete;
+
+  // The status for a failed prepare or step that returned `rc`.
+  absl::Status Error(int rc) const {
+    if (!rejection_.empty()) return absl::PermissionDeniedError(rejection_);
+    if (progress_calls_ > kMaxProgressCalls) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the statement ran for more than ", kMaxStatementVmSteps, " SQLite steps"));
+    }
+    // These depend only on the statement and the data, so every replica fails alike.
+    // Anything else (I/O, memory, locks, corruption) depends on the machine.
+    switch (rc & 0xff) {
+      case SQLITE_ERROR:
+      case SQLITE_CONSTRAINT:
+      case SQLITE_MISMATCH:
+      case SQLITE_TOOBIG:
+      case SQLITE_RANGE:
+        return absl::InvalidArgumentError(ValidUtf8(sqlite3_errmsg(db_)));
+      default:
+        return absl::InternalError(absl::StrCat("SQLite failed (", sqlite3_errstr(rc),
+                                                "): ", ValidUtf8(sqlite3_errmsg(db_))));
+    }
+  }
+
+ private:
+  static int Authorize(void* scope, int action, const char* arg1, const char* arg2,
+                       const char* /*database*/, const char* /*trigger*/) {
+    std::optional<std::string> rejection = Rejection(action, arg1, arg2);
+    if (!rejection.has_value()) return SQLITE_OK;
+    auto* self = static_cast<StatementScope*>(scope);
+    if (self->rejection_.empty()) self->rejection_ = std::move(*rejection);
+    return SQLITE_DENY;
+  }
+
+  // Called every kVmStepsPerProgressCall steps; a non-zero return interrupts the statement.
+  static int Progress(void* scope) {
+    return ++static_cast<StatementScope*>(scope)->progress_calls_ > kMaxProgressCalls;
+  }
+
+  static constexpr int kVmStepsPerProgressCall = 10000;
+  static constexpr int64_t kMaxProgressCalls = kMaxStatementVmSteps / kVmStepsPerProgressCall;
+
+  sqlite3* db_;
+  std::string rejection_;
+  int64_t progress_calls_ = 0;
+};
+
+// Prepares the single statement in `statement`, checking what the policy can check before
+// running it.
+absl::StatusOr<Stmt> PrepareUnderPolicy(sqlite3* db, const Statement& statement,
+                                        const StatementScope& scope) {
+  std::string_view sql = SkipBlank(statement.sql());
+  if (sql.empty()) return absl::PermissionDeniedError("empty SQL statement");
+  if (absl::EqualsIgnoreCase(ToAbsl(FirstWord(sql)), "VACUUM")) {
+    return absl::PermissionDeniedError(
+        "VACUUM is not allowed: it cannot run in a transaction, and VACUUM INTO writes files");
+  }
+  sqlite3_stmt* raw = nullptr;
+  const char* tail = nullptr;
+  int rc = sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()), 0, &raw, &tail);
+  Stmt stmt(raw);
+  if (rc != SQLITE_OK) return scope.Error(rc);
+  if (stmt == nullptr) return absl::PermissionDeniedError("empty SQL statement");
+  if (!SkipBlank(sql.substr(tail - sql.data())).empty()) {
+    return absl::PermissionDeniedError(
+        "a Statement holds one SQL statement; send several Statements instead");
+  }
+  int parameters = sqlite3_bind_parameter_count(stmt.get());
+  if (parameters != statement.params_size()) {
+    return absl::PermissionDeniedError(absl::StrCat("the statement has ", parameters,
+                                                    " parameters but ", statement.params_size(),
+                                                    " values were given"));
+  }
+  return stmt;
+}
+
+int Bind(sqlite3_stmt* stmt, int index, const SqlValue& value) {
+  switch (value.kind_case()) {
+    case SqlValue::kInteger:
+      return sqlite3_bind_int64(stmt, index, value.integer());
+    case SqlValue::kReal:
+      return sqlite3_bind_double(stmt, index, value.real());
+    case SqlValue::kText:
+      return sqlite3_bind_text64(stmt, index, value.text().data(), value.text().size(),
+                                 SQLITE_TRANSIENT, SQLITE_UTF8);
+    case SqlValue::kBlob:
+      // data() is never null, so an empty blob binds as a blob, not as NULL.
+      return sqlite3_bind_blob64(stmt, index, value.blob().data(), value.blob().size(),
+                                 SQLITE_TRANSIENT);
+    case SqlValue::kNull:
+    case SqlValue::KIND_NOT_SET:
+      return sqlite3_bind_null(stmt, index);
+  }
+  SYNOD_CHECK(false) << "unknown SqlValue kind " << value.kind_case();
+  return SQLITE_MISUSE;
+}
+
+SqlValue ColumnValue(sqlite3_stmt* stmt, int column) {
+  SqlValue value;
+  switch (sqlite3_column_type(stmt, column)) {
+    case SQLITE_INTEGER:
+      value.set_integer(sqlite3_column_int64(stmt, column));
+      break;
+    case SQLITE_FLOAT:
+      value.set_real(sqlite3_column_double(stmt, column));
+      break;
+    case SQLITE_TEXT: {
+      // A proto3 string must be valid UTF-8 (or the result would not parse again), and SQLite
+      // text need not be: such text comes back as the blob of its bytes.
+      std::string text = ColumnString(stmt, column);
+      if (IsValidUtf8(text)) {
+        value.set_text(std::move(text));
+      } else {
+        value.set_blob(std::move(text));
+      }
+      break;
+    }
+    case SQLITE_BLOB: {
+      const void* data = sqlite3_column_blob(stmt, column);
+      value.set_blob(data == nullptr ? std::string()
+                                     : std::string(static_cast<const char*>(data),
+                                                   sqlite3_column_bytes(stmt, column)));
+      break;
+    }
+    default:
+      value.set_null(true);
+  }
+  return value;
+}
+
+size_t ApproximateSizeBytes(const SqlValue& value) {
+  constexpr size_t kPerValueBytes = 16;
+  return kPerValueBytes + value.text().size() + value.blob().size();
+}
+
+int PageSize(sqlite3* db) {
+  Stmt stmt = MustPrepare(db, "PRAGMA page_size");
+  SYNOD_CHECK(MustStep(stmt.get()));
+  return sqlite3_column_int(stmt.get(), 0);
+}
+
+std::string QuoteIdentifier(std::string_view name) {
+  std::string quoted = "\"";
+  for (char c : name) {
+    quoted += c;
+    if (c == '"') quoted += '"';
+  }
+  return quoted + "\"";
+}
+
+void HashValue(sqlite3_stmt* stmt, int column, StableHash* hash) {
+  int type = sqlite3_column_type(stmt, column);
+  hash->AddU64(static_cast<uint64_t>(type));
+  switch (type) {
+    case SQLITE_INTEGER:
+      hash->AddU64(static_cast<uint64_t>(sqlite3_column_int64(stmt, column)));
+      break;
+    case SQLITE_FLOAT:
+      hash->AddU64(std::bit_cast<uint64_t>(sqlite3_column_double(stmt, column)));
+      break;
+    case SQLITE_TEXT:
+    case SQLITE_BLOB: {
+      const char* data = static_cast<const char*>(sqlite3_column_blob(stmt, column));
+      hash->AddField(std::string_view(data == nullptr ? "" : data,
+                                      static_cast<size_t>(sqlite3_column_bytes(stmt, column))));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// Every row of `table`, ordered by all of its columns (with the rowid first where it has
+// one), so that the order is a property of the rows alone. A table that cannot be read (say,
+// an uploaded one using a collation or function this server lacks) adds SQLite's error,
+// which is the same on every replica.
+void HashTable(sqlite3* db, const std::string& table, StableHash* hash) {
+  std::string from = absl::StrCat(" FROM ", QuoteIdentifier(table));
+  sqlite3_stmt* raw = nullptr;
+  std::string probe = absl::StrCat("SELECT _rowid_", from);
+  bool has_rowid = sqlite3_prepare_v2(db, probe.c_str(), -1, &raw, nullptr) == SQLITE_OK;
+  sqlite3_finalize(raw);
+  std::string sql = absl::StrCat("SELECT ", has_rowid ? "_rowid_, *" : "*", from);
+  raw = nullptr;
+  int columns = 0;
+  if (sqlite3_prepare_v2(db, sql.c_str(), -1, &raw, nullptr) == SQLITE_OK) {
+    columns = sqlite3_column_count(raw);
+  }
+  sqlite3_finalize(raw);
+  raw = nullptr;
+  absl::StrAppend(&sql, " ORDER BY 1");
+  for (int i = 2; i <= columns; ++i) absl::StrAppend(&sql, ", ", i);
+  int rc = sqlite3_prepare_v2(db, sql.c_str(), -1, &raw, nullptr);
+  Stmt rows(raw);
+  while (rc == SQLITE_OK && (rc = sqlite3_step(rows.get())) == SQLITE_ROW) {
+    hash->AddU64(0x524f57);  // a row marker: an empty table differs from a table of empty rows
+    for (int i = 0; i < columns; ++i) HashValue(rows.get(), i, hash);
+  }
+  if (rc != SQLITE_DONE) hash->AddField(sqlite3_errmsg(db));
+}
+
+}  // namespace
+
+std::string ValidUtf8(std::string_view text) {
+  std::string valid;
+  valid.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    size_t n = Utf8SequenceBytes(text.substr(i));
+    valid.append(n == 0 ? "\xef\xbf\xbd" : text.substr(i, n));  // U+FFFD for a bad byte
+    i += std::max<size_t>(n, 1);
+  }
+  return valid;
+}
+
+void CloseDb::operator()(sqlite3* db) const {
+  int rc = sqlite3_close(db);
+  SYNOD_CHECK_EQ(rc, SQLITE_OK) << "a statement is still open: " << sqlite3_errstr(rc);
+}
+
+void MustExec(sqlite3* db, const char* sql) {
+  char* error = nullptr;
+  int rc = sqlite3_exec(db, sql, nullptr, nullptr, &error);
+  SYNOD_CHECK_EQ(rc, SQLITE_OK) << sql << ": " << (error != nullptr ? error : "");
+}
+
+Stmt MustPrepare(sqlite3* db, std::string_view sql) {
+  sqlite3_stmt* raw = nullptr;
+  int rc = sqlite3_prepare_v2(db, sql.data(), static_cast<int>(sql.size()), &raw, nullptr);
+  SYNOD_CHECK_EQ(rc, SQLITE_OK) << sql << ": " << sqlite3_errmsg(db);
+  SYNOD_CHECK(raw != nullptr) << "no statement in: " << sql;
+  return Stmt(raw);
+}
+
+bool MustStep(sqlite3_stmt* stmt) {
+  int rc = sqlite3_step(stmt);
+  SYNOD_CHECK(rc == SQLITE_ROW || rc == SQLITE_DONE)
+      << sqlite3_sql(stmt) << ": " << sqlite3_errmsg(sqlite3_db_handle(stmt));
+  return rc == SQLITE_ROW;
+}
+
+void MustBindBlob(sqlite3_stmt* stmt, int index, std::string_view blob) {
+  SYNOD_CHECK_EQ(sqlite3_bind_blob64(stmt, index, blob.data(), blob.size(), SQLITE_TRANSIENT),
+                 SQLITE_OK);
+}
+
+void MustBindText(sqlite3_stmt* stmt, int index, std::string_view text) {
+  SYNOD_CHECK_EQ(
+      sqlite3_bind_text64(stmt, index, text.data(), text.size(), SQLITE_TRANSIENT, SQLITE_UTF8),
+      SQLITE_OK);
+}
+
+void MustBindInt64(sqlite3_stmt* stmt, int index, int64_t value) {
+  SYNOD_CHECK_EQ(sqlite3_bind_int64(stmt, index, value), SQLITE_OK);
+}
+
+std::string ColumnString(sqlite3_stmt* stmt, int column) {
+  const unsigned char* text = sqlite3_column_text(stmt, column);
+  if (text == nullptr) return "";
+  return std::string(reinterpret_cast<const char*>(text), sqlite3_column_bytes(stmt, column));
+}
+
+void ConfigureConnection(sqlite3* db) {
+  int enabled = 0;
+  SYNOD_CHECK_EQ(sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, 1, &enabled), SQLITE_OK);
+  SYNOD_CHECK_EQ(enabled, 1);
+  sqlite3_limit(db, SQLITE_LIMIT_LENGTH, kMaxValueBytes);
+  MustExec(db, "PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;");
+}
+
+Db OpenScratch() {
+  sqlite3* raw = nullptr;
+  int rc = sqlite3_open_v2(":memory:", &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+  Db db(raw);
+  SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open an in-memory database";
+  ConfigureConnection(db.get());
+  return db;
+}
+
+absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
+                                                 bool read_only) {
+  StatementScope scope(db);
+  absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
+  if (!prepared.ok()) return prepared.status();
+  sqlite3_stmt* stmt = prepared->get();
+  if (read_only && !sqlite3_stmt_readonly(stmt)) {
+    return absl::PermissionDeniedError("a query must be read-only; use Execute to write");
+  }
+  for (int i = 0; i < statement.params_size(); ++i) {
+    int rc = Bind(stmt, i + 1, statement.params(i));
+    if (rc != SQLITE_OK) return scope.Error(rc);
+  }
+  StatementResult result;
+  int columns = sqlite3_column_count(stmt);
+  for (int i = 0; i < columns; ++i) result.add_columns(ValidUtf8(sqlite3_column_name(stmt, i)));
+  int64_t changes_before = sqlite3_total_changes64(db);
+  size_t result_bytes = 0;
+  for (;;) {
+    int rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE) break;
+    if (rc != SQLITE_ROW) return scope.Error(rc);
+    Row* row = result.add_rows();
+    for (int i = 0; i < columns; ++i) {
+      *row->add_values() = ColumnValue(stmt, i);
+      result_bytes += ApproximateSizeBytes(row->values(i));
+    }
+    if (result_bytes > kMaxStatementResultBytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the result is larger than ", kMaxStatementResultBytes, " bytes"));
+    }
+  }
+  // sqlite3_changes() keeps the count of the last statement that changed rows, so it is
+  // read only if this one did (a SELECT or CREATE TABLE reports 0).
+  if (sqlite3_total_changes64(db) != changes_before) {
+    result.set_rows_affected(static_cast<uint64_t>(sqlite3_changes64(db)));
+    result.set_last_insert_id(sqlite3_last_insert_rowid(db));
+  }
+  return result;
+}
+
+absl::Status CheckStatementPolicy(sqlite3* db, const Statement& statement) {
+  StatementScope scope(db);
+  absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
+  if (prepared.ok() || absl::IsPermissionDenied(prepared.status())) return prepared.status();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Db> LoadImage(std::string_view image) {
+  constexpr std::string_view kMagic("SQLite format 3\0", 16);
+  constexpr size_t kHeaderBytes = 100;
+  if (image.size() < kHeaderBytes || image.substr(0, kMagic.size()) != kMagic) {
+    return absl::InvalidArgumentError("not an SQLite database: the SQLite header is missing");
+  }
+  // Backup (CopyDatabase) cannot change the page size of an in-memory or WAL destination.
+  // The header holds it big-endian at offset 16, with 1 meaning 65536.
+  int page_size =
+      static_cast<unsigned char>(image[16]) << 8 | static_cast<unsigned char>(image[17]);
+  if (page_size != kPageSizeBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the database uses ", page_size == 1 ? 65536 : page_size, "-byte pages; only ",
+        kPageSizeBytes, "-byte pages are supported (convert with PRAGMA page_size=", kPageSizeBytes,
+        "; VACUUM;)"));
+  }
+  for (size_t offset : {18, 19}) {
+    if (image[offset] != 1 && image[offset] != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported SQLite file format version ", static_cast<int>(image[offset])));
+    }
+  }
+  Db scratch = OpenScratch();
+  auto* copy = static_cast<unsigned char*>(sqlite3_malloc64(image.size()));
+  SYNOD_CHECK(copy != nullptr) << "out of memory for an image of " << image.size() << " bytes";
+  std::memcpy(copy, image.data(), image.size());
+  // Header bytes 18 and 19 are the file format versions for reading and writing: 1 means
+  // rollback journal, 2 WAL; anything higher would leave the database read-only.
+  for (size_t offset : {18, 19}) {
+    if (copy[offset] == 2) copy[offset] = 1;
+  }
+  int rc = sqlite3_deserialize(scratch.get(), "main", copy, image.size(), image.size(),
+                               SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE);
+  if (rc != SQLITE_OK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
+  }
+  sqlite3_stmt* raw = nullptr;
+  rc = sqlite3_prepare_v2(scratch.get(), "PRAGMA quick_check", -1, &raw, nullptr);
+  Stmt check(raw);
+  if (rc == SQLITE_OK) rc = sqlite3_step(check.get());
+  if (rc != SQLITE_ROW) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
+  }
+  std::string verdict = ColumnString(check.get(), 0);
+  if (verdict != "ok") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("corrupt SQLite database: ", ValidUtf8(verdict)));
+  }
+  return scratch;
+}
+
+void CopyDatabase(sqlite3* from, sqlite3* to) {
+  SYNOD_CHECK_EQ(PageSize(from), PageSize(to));
+  sqlite3_backup* backup = sqlite3_backup_init(to, "main", from, "main");
+  SYNOD_CHECK(backup != nullptr) << sqlite3_errmsg(to);
+  int rc = sqlite3_backup_step(backup, -1);
+  int finish_rc = sqlite3_backup_finish(backup);
+  SYNOD_CHECK_EQ(rc, SQLITE_DONE) << sqlite3_errstr(rc);
+  SYNOD_CHECK_EQ(finish_rc, SQLITE_OK) << sqlite3_errmsg(to);
+}
+
+std::string SerializeDatabase(sqlite3* db) {
+  sqlite3_int64 size_bytes = 0;
+  unsigned char* data = sqlite3_serialize(db, "main", &size_bytes, 0);
+  SYNOD_CHECK(data != nullptr) << "cannot serialize: " << sqlite3_errmsg(db);
+  std::string image(reinterpret_cast<const char*>(data), static_cast<size_t>(size_bytes));
+  sqlite3_free(data);
+  return image;
+}
+
+void HashDatabase(sqlite3* db, StableHash* hash) {
+  Stmt schema =
+      MustPrepare(db, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY 1, 2");
+  while (MustStep(schema.get())) {
+    for (int i = 0; i < 4; ++i) HashValue(schema.get(), i, hash);
+  }
+  // Virtual tables keep their rows in ordinary (shadow) tables, which are hashed instead.
+  Stmt tables = MustPrepare(db,
+                            "SELECT name FROM sqlite_schema WHERE type = 'table' AND sql NOT LIKE "
+                            "'CREATE VIRTUAL TABLE%' ORDER BY name");
+  while (MustStep(tables.get())) {
+    std::string table = ColumnString(tables.get(), 0);
+    hash->AddField(table);
+    HashTable(db, table, hash);
+  }
+}
+
+}  // namespace synod

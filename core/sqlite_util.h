@@ -1,0 +1,97 @@
+#ifndef SYNOD_CORE_SQLITE_UTIL_H_
+#define SYNOD_CORE_SQLITE_UTIL_H_
+
+// SQLite helpers for the apply state machine: handles that close themselves, internal SQL
+// that must succeed, user statements run under the replication policy, database images,
+// and a hash of a database's logical content.
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/stable_hash.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+
+struct CloseDb {
+  void operator()(sqlite3* db) const;
+};
+struct FinalizeStmt {
+  void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
+};
+using Db = std::unique_ptr<sqlite3, CloseDb>;
+using Stmt = std::unique_ptr<sqlite3_stmt, FinalizeStmt>;
+
+// Every database the state machine keeps uses this page size (SQLite's default), so that
+// images copy between databases whatever the journal mode of the destination.
+constexpr int kPageSizeBytes = 4096;
+
+// Largest result one statement may return, counted roughly (value bytes plus a per-value
+// overhead). Results are stored in the session table, so they must stay small.
+constexpr size_t kMaxStatementResultBytes = 4 << 20;
+
+// Most SQLite virtual machine steps one user statement may take (about a second of CPU).
+// The count is the same on every replica, so a runaway statement (an endless recursive CTE)
+// fails alike everywhere instead of stalling the log on every replica.
+constexpr int64_t kMaxStatementVmSteps = 100'000'000;
+
+// Internal SQL: the state machine's own statements on its own tables. Failing is a broken
+// invariant (or a failing disk), never a result, so these SYNOD_CHECK instead of returning.
+void MustExec(sqlite3* db, const char* sql);
+Stmt MustPrepare(sqlite3* db, std::string_view sql);
+// Steps `stmt`: true for a row, false when done.
+bool MustStep(sqlite3_stmt* stmt);
+void MustBindBlob(sqlite3_stmt* stmt, int index, std::string_view blob);
+void MustBindText(sqlite3_stmt* stmt, int index, std::string_view text);
+void MustBindInt64(sqlite3_stmt* stmt, int index, int64_t value);
+std::string ColumnString(sqlite3_stmt* stmt, int column);
+
+// `text` with every byte that is not part of valid UTF-8 replaced by U+FFFD, for messages:
+// proto3 string fields must hold valid UTF-8, and what SQLite reports need not be.
+std::string ValidUtf8(std::string_view text);
+
+// Sets up a handle for replicated use: defensive mode, foreign keys enforced, temporary
+// tables and sorts in memory. Every handle of the state machine gets the same settings, so
+// the same statement behaves the same on every replica and after a restart.
+void ConfigureConnection(sqlite3* db);
+
+// A private in-memory database (no VFS I/O), configured like the others.
+Db OpenScratch();
+
+// Runs one user statement under the replication policy (see sqlite_util.cc): errors are
+// InvalidArgument (SQLite rejected it), PermissionDenied (the policy rejected it),
+// ResourceExhausted (result too large, or too many steps) — all deterministic — or Internal
+// (the environment failed: I/O, memory; not the same on every replica). With `read_only`,
+// statements that could write are rejected.
+absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
+                                                 bool read_only);
+
+// Checks `statement` against the policy as far as possible without the real schema: `db` is
+// a scratch database holding the state machine's own tables. Returns PermissionDenied for a
+// statement the policy rejects, OK otherwise (SQL errors are left to apply time).
+absl::Status CheckStatementPolicy(sqlite3* db, const Statement& statement);
+
+// Loads a .sqlite3 file image into a scratch database, checking that it is one (header,
+// page size kPageSizeBytes, PRAGMA quick_check). A WAL-mode image is read in rollback mode:
+// an uploaded image has no -wal file beside it. InvalidArgument if it is not a valid image.
+absl::StatusOr<Db> LoadImage(std::string_view image);
+
+// Replaces the content of `to` with that of `from`. REQUIRES: same page size.
+void CopyDatabase(sqlite3* from, sqlite3* to);
+
+// The database file image of `db`'s main database.
+std::string SerializeDatabase(sqlite3* db);
+
+// Adds `db`'s logical content to `hash`: its schema and every row of every table, in an order
+// that depends only on the content (not on pages or on insertion history).
+void HashDatabase(sqlite3* db, StableHash* hash);
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_SQLITE_UTIL_H_

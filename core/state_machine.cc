@@ -1,0 +1,557 @@
+#include "core/state_machine.h"
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+#include "core/deterministic_sqlite.h"
+#include "core/sqlite_util.h"
+#include "core/stable_hash.h"
+#include "core/state_machine_impl.h"
+
+// How an entry is applied, and why it survives a crash at any point:
+//
+// Each request is applied, then committed on its own. A request that changes a user database
+// commits there first, together with that database's position (slot, request index) and the
+// request's result in its _synod_meta row. Then one transaction of the system database
+// commits the request's catalog, media or name changes, its session and its result in
+// _synod_entry_results. Once every request is applied, a last system transaction clears
+// _synod_entry_results and advances the revision.
+//
+// After a crash the entry is applied again from its first request: a request with a row in
+// _synod_entry_results is answered from it; a user database already at the request's
+// position answers from its _synod_meta row; a database file the catalog does not name (a
+// create whose system transaction was lost, or a drop whose file removal was) is removed by
+// Open(), so the create runs again.
+
+namespace synod {
+
+using state_machine_internal::CheckCommandFields;
+using state_machine_internal::Failure;
+using state_machine_internal::kSystemFileId;
+using state_machine_internal::kUserMetaSchema;
+using state_machine_internal::ParseResult;
+using state_machine_internal::PrepareUploadedImage;
+using state_machine_internal::Quote;
+using state_machine_internal::ToAbsl;
+
+namespace {
+
+// The request index that seeds random() in Query(); no request of an entry has it.
+constexpr uint64_t kQueryRequestIndex = std::numeric_limits<uint64_t>::max();
+
+// Unsigned 64-bit values (client ids, sequences, sizes) are stored as their int64 bit pattern.
+constexpr char kSystemSchema[] = R"sql(
+  CREATE TABLE IF NOT EXISTS _synod_revision(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    revision INTEGER NOT NULL,
+    now_unix_ms INTEGER NOT NULL);
+  INSERT OR IGNORE INTO _synod_revision VALUES (0, 0, 0);
+  CREATE TABLE IF NOT EXISTS _synod_catalog(
+    name TEXT PRIMARY KEY,
+    file_id TEXT NOT NULL UNIQUE) WITHOUT ROWID;
+  CREATE TABLE IF NOT EXISTS _synod_sessions(
+    client_id INTEGER PRIMARY KEY,
+    sequence INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    result BLOB NOT NULL);
+  CREATE INDEX IF NOT EXISTS _synod_sessions_by_age ON _synod_sessions(revision, client_id);
+  CREATE TABLE IF NOT EXISTS _synod_entry_results(
+    request_index INTEGER PRIMARY KEY,
+    result BLOB NOT NULL);
+  CREATE TABLE IF NOT EXISTS _synod_media(
+    database TEXT NOT NULL,
+    key TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (database, key)) WITHOUT ROWID;
+  CREATE TABLE IF NOT EXISTS _synod_names(
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    revision INTEGER NOT NULL) WITHOUT ROWID;
+)sql";
+
+// Snapshot framing: a magic string, then for each database its file id and image, each
+// length-prefixed (u64, little-endian), then a StableHash of everything before it.
+constexpr std::string_view kSnapshotMagic = "SYNODSS1";
+
+void AppendU64(std::string* out, uint64_t value) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>(value >> (8 * i)));
+}
+
+bool ReadU64(std::string_view* in, uint64_t* value) {
+  if (in->size() < 8) return false;
+  *value = 0;
+  for (int i = 0; i < 8; ++i) {
+    *value |= static_cast<uint64_t>(static_cast<unsigned char>((*in)[i])) << (8 * i);
+  }
+  in->remove_prefix(8);
+  return true;
+}
+
+bool ReadField(std::string_view* in, std::string_view* field) {
+  uint64_t size_bytes = 0;
+  if (!ReadU64(in, &size_bytes) || size_bytes > in->size()) return false;
+  *field = in->substr(0, size_bytes);
+  in->remove_prefix(size_bytes);
+  return true;
+}
+
+using SnapshotFrames = std::vector<std::pair<std::string_view, std::string_view>>;
+
+absl::StatusOr<SnapshotFrames> DecodeSnapshot(std::string_view snapshot) {
+  constexpr size_t kChecksumBytes = 8;
+  if (snapshot.size() < kSnapshotMagic.size() + kChecksumBytes ||
+      snapshot.substr(0, kSnapshotMagic.size()) != kSnapshotMagic) {
+    return absl::InvalidArgumentError("not a Synod snapshot");
+  }
+  std::string_view body = snapshot.substr(0, snapshot.size() - kChecksumBytes);
+  std::string_view trailer = snapshot.substr(body.size());
+  uint64_t checksum = 0;
+  ReadU64(&trailer, &checksum);
+  StableHash hash;
+  hash.Add(body);
+  if (hash.value() != checksum) return absl::InvalidArgumentError("snapshot checksum mismatch");
+  body.remove_prefix(kSnapshotMagic.size());
+  SnapshotFrames frames;
+  while (!body.empty()) {
+    std::string_view file_id;
+    std::string_view image;
+    if (!ReadField(&body, &file_id) || !ReadField(&body, &image)) {
+      return absl::InvalidArgumentError("truncated snapshot frame");
+    }
+    frames.emplace_back(file_id, image);
+  }
+  return frames;
+}
+
+// Whether `sql` runs on `db` and returns a row.
+bool ReturnsRow(sqlite3* db, const char* sql) {
+  sqlite3_stmt* raw = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return false;
+  Stmt stmt(raw);
+  return sqlite3_step(stmt.get()) == SQLITE_ROW;
+}
+
+// Checks that the images of a snapshot (by file id) form a state: a system database whose
+// catalog names exactly the other images, each a user database.
+absl::Status CheckSnapshotImages(const std::map<std::string, Db, std::less<>>& images) {
+  auto system = images.find(kSystemFileId);
+  if (system == images.end() ||
+      !ReturnsRow(system->second.get(), "SELECT revision FROM _synod_revision")) {
+    return absl::InvalidArgumentError("the snapshot has no system database");
+  }
+  std::set<std::string> user_images;
+  for (const auto& [file_id, image] : images) {
+    if (file_id == kSystemFileId) continue;
+    if (!ReturnsRow(image.get(), "SELECT revision FROM _synod_meta")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("snapshot database ", file_id, " has no _synod_meta row"));
+    }
+    user_images.insert(file_id);
+  }
+  std::set<std::string> catalogued;
+  sqlite3_stmt* raw = nullptr;
+  if (sqlite3_prepare_v2(system->second.get(), "SELECT file_id FROM _synod_catalog", -1, &raw,
+                         nullptr) != SQLITE_OK) {
+    return absl::InvalidArgumentError("the snapshot's system database has no catalog");
+  }
+  for (Stmt catalog(raw); sqlite3_step(catalog.get()) == SQLITE_ROW;) {
+    catalogued.insert(ColumnString(catalog.get(), 0));
+  }
+  if (catalogued != user_images) {
+    return absl::InvalidArgumentError("the snapshot's databases do not match its catalog");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<Db> StateMachine::Impl::OpenDatabase(std::string_view file_id) {
+  absl::StatusOr<sqlite3*> opened = opener->Open(file_id, vfs.name());
+  if (!opened.ok()) return opened.status();
+  Db db(*opened);
+  ConfigureConnection(db.get());
+  random.InstallOn(db.get());
+  Stmt page_size = MustPrepare(db.get(), "PRAGMA page_size");
+  SYNOD_CHECK(MustStep(page_size.get()));
+  if (sqlite3_column_int(page_size.get(), 0) != kPageSizeBytes) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "database ", ToAbsl(file_id), " does not use ", kPageSizeBytes, "-byte pages"));
+  }
+  return db;
+}
+
+// Reads the state from the system database and opens every database of its catalog.
+absl::Status StateMachine::Impl::Load() {
+  databases.clear();
+  Stmt stmt = MustPrepare(system.get(), "SELECT revision, now_unix_ms FROM _synod_revision");
+  SYNOD_CHECK(MustStep(stmt.get()));
+  revision = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0));
+  now_unix_ms = sqlite3_column_int64(stmt.get(), 1);
+  stmt = MustPrepare(system.get(), "SELECT count(*) FROM _synod_entry_results");
+  SYNOD_CHECK(MustStep(stmt.get()));
+  mid_entry = sqlite3_column_int64(stmt.get(), 0) > 0;
+
+  std::vector<std::string> files = opener->List();
+  std::set<std::string, std::less<>> existing(files.begin(), files.end());
+  std::set<std::string, std::less<>> catalogued;
+  stmt = MustPrepare(system.get(), "SELECT name, file_id FROM _synod_catalog");
+  while (MustStep(stmt.get())) {
+    std::string name = ColumnString(stmt.get(), 0);
+    Database db{.file_id = ColumnString(stmt.get(), 1)};
+    if (!existing.contains(db.file_id)) {
+      return absl::DataLossError(
+          absl::StrCat("database ", name, " is missing its file ", db.file_id));
+    }
+    absl::StatusOr<Db> handle = OpenDatabase(db.file_id);
+    if (!handle.ok()) return handle.status();
+    db.handle = std::move(*handle);
+    sqlite3_stmt* raw = nullptr;
+    sqlite3_prepare_v2(db.handle.get(), "SELECT revision, request_index FROM _synod_meta", -1, &raw,
+                       nullptr);
+    Stmt meta(raw);
+    if (meta == nullptr || sqlite3_step(meta.get()) != SQLITE_ROW) {
+      return absl::DataLossError(absl::StrCat("database ", name, " has no _synod_meta row"));
+    }
+    db.revision = static_cast<uint64_t>(sqlite3_column_int64(meta.get(), 0));
+    db.request_index = static_cast<uint64_t>(sqlite3_column_int64(meta.get(), 1));
+    SYNOD_CHECK_LE(db.revision, revision + 1) << name;
+    mid_entry = mid_entry || db.revision > revision;
+    catalogued.insert(db.file_id);
+    databases.emplace(std::move(name), std::move(db));
+  }
+  for (const std::string& file : files) {
+    if (file == kSystemFileId || catalogued.contains(file)) continue;
+    absl::Status removed = opener->Remove(file);  // see "after a crash" at the top
+    if (!removed.ok()) return removed;
+  }
+  stmt = MustPrepare(system.get(), "SELECT count(*) FROM _synod_sessions");
+  SYNOD_CHECK(MustStep(stmt.get()));
+  session_count = static_cast<size_t>(sqlite3_column_int64(stmt.get(), 0));
+  SYNOD_CHECK_LE(session_count, kMaxSessions);
+  return absl::OkStatus();
+}
+
+CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
+                                               const ClientRequest& request) {
+  now_unix_ms = request.timestamp_unix_ms();
+  if (std::optional<CommandResult> stored = EntryResult(index)) return *std::move(stored);
+  random.Reset(slot, index);
+  MustExec(system.get(), "BEGIN");
+  Outcome outcome = ApplyWithSession(slot, index, request);
+  Stmt stmt = MustPrepare(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
+  MustBindBlob(stmt.get(), 2, outcome.result.SerializeAsString());
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  stmt.reset();
+  MustExec(system.get(), "COMMIT");
+  if (!outcome.file_to_remove.empty()) {
+    absl::Status removed = opener->Remove(outcome.file_to_remove);
+    SYNOD_CHECK(removed.ok()) << removed;
+  }
+  return outcome.result;
+}
+
+StateMachine::Impl::Outcome StateMachine::Impl::ApplyWithSession(uint64_t slot, uint64_t index,
+                                                                 const ClientRequest& request) {
+  const uint64_t client_id = request.client_id();
+  if (client_id == 0) return RunCommand(slot, index, request.command());
+  std::optional<Session> session = LoadSession(client_id);
+  bool dedup = true;
+#ifdef SYNOD_TESTING_BUGS
+  dedup = !options.testing_no_session_dedup;
+#endif
+  if (dedup && session.has_value() && request.sequence() == session->sequence) {
+    return {.result = session->result};
+  }
+  if (session.has_value() ? request.sequence() < session->sequence : request.sequence() != 1) {
+    CommandResult expired =
+        Failure(SESSION_EXPIRED,
+                session.has_value()
+                    ? absl::StrCat("sequence ", request.sequence(), " of client ", client_id,
+                                   " is older than its last applied sequence ", session->sequence)
+                    : absl::StrCat("client ", client_id,
+                                   " has no session: a new client starts at sequence 1"));
+    expired.set_revision(slot);
+    return {.result = expired};
+  }
+  Outcome outcome = RunCommand(slot, index, request.command());
+  StoreSession(client_id, request.sequence(), slot, outcome.result, !session.has_value());
+  return outcome;
+}
+
+std::optional<StateMachine::Impl::Session> StateMachine::Impl::LoadSession(uint64_t client_id) {
+  Stmt stmt =
+      MustPrepare(system.get(), "SELECT sequence, result FROM _synod_sessions WHERE client_id = ?");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(client_id));
+  if (!MustStep(stmt.get())) return std::nullopt;
+  return Session{.sequence = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0)),
+                 .result = ParseResult(ColumnString(stmt.get(), 1))};
+}
+
+void StateMachine::Impl::StoreSession(uint64_t client_id, uint64_t sequence, uint64_t slot,
+                                      const CommandResult& result, bool is_new) {
+  if (is_new && session_count == kMaxSessions) {
+    MustExec(system.get(),
+             "DELETE FROM _synod_sessions WHERE client_id = (SELECT client_id FROM "
+             "_synod_sessions ORDER BY revision, client_id LIMIT 1)");
+    SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
+  } else if (is_new) {
+    ++session_count;
+  }
+  SYNOD_CHECK_LE(session_count, kMaxSessions);
+  Stmt stmt =
+      MustPrepare(system.get(), "INSERT OR REPLACE INTO _synod_sessions VALUES (?, ?, ?, ?)");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(client_id));
+  MustBindInt64(stmt.get(), 2, static_cast<int64_t>(sequence));
+  MustBindInt64(stmt.get(), 3, static_cast<int64_t>(slot));
+  MustBindBlob(stmt.get(), 4, result.SerializeAsString());
+  SYNOD_CHECK(!MustStep(stmt.get()));
+}
+
+std::optional<CommandResult> StateMachine::Impl::EntryResult(uint64_t index) {
+  Stmt stmt =
+      MustPrepare(system.get(), "SELECT result FROM _synod_entry_results WHERE request_index = ?");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
+  if (!MustStep(stmt.get())) return std::nullopt;
+  return ParseResult(ColumnString(stmt.get(), 0));
+}
+
+void StateMachine::Impl::FinishEntry(uint64_t slot) {
+  MustExec(system.get(), "BEGIN; DELETE FROM _synod_entry_results;");
+  Stmt stmt = MustPrepare(system.get(),
+                          "UPDATE _synod_revision SET revision = ?, now_unix_ms = ? WHERE id = 0");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(slot));
+  MustBindInt64(stmt.get(), 2, now_unix_ms);
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
+  stmt.reset();
+  MustExec(system.get(), "COMMIT");
+  revision = slot;
+  mid_entry = false;
+}
+
+absl::StatusOr<std::unique_ptr<StateMachine>> StateMachine::Open(DatabaseOpener* opener,
+                                                                 StateMachineOptions options) {
+  SYNOD_CHECK(opener != nullptr);
+  std::unique_ptr<StateMachine> machine(new StateMachine());
+  machine->impl_ = std::make_unique<Impl>(opener);
+  machine->impl_->options = options;
+  Impl& impl = *machine->impl_;
+  absl::StatusOr<Db> system = impl.OpenDatabase(kSystemFileId);
+  if (!system.ok()) return system.status();
+  impl.system = std::move(*system);
+  MustExec(impl.system.get(), "BEGIN");
+  MustExec(impl.system.get(), kSystemSchema);
+  MustExec(impl.system.get(), "COMMIT");
+  absl::Status loaded = impl.Load();
+  if (!loaded.ok()) return loaded;
+  return machine;
+}
+
+StateMachine::~StateMachine() = default;
+
+std::vector<AppliedRequest> StateMachine::Apply(uint64_t slot, const Value& value) {
+  SYNOD_CHECK_EQ(slot, impl_->revision + 1) << "entries apply in slot order";
+  SYNOD_CHECK(!value.noop() || value.requests().empty()) << "a no-op carries no requests";
+  std::vector<AppliedRequest> applied;
+  applied.reserve(value.requests_size());
+  for (int i = 0; i < value.requests_size(); ++i) {
+    const ClientRequest& request = value.requests(i);
+    applied.push_back({.client_id = request.client_id(),
+                       .sequence = request.sequence(),
+                       .origin_replica = request.origin_replica(),
+                       .result = impl_->ApplyRequest(slot, static_cast<uint64_t>(i), request)});
+  }
+  impl_->FinishEntry(slot);
+  return applied;
+}
+
+uint64_t StateMachine::revision() const { return impl_->revision; }
+
+absl::Status StateMachine::Validate(const Command& command) {
+  if (absl::Status fields = CheckCommandFields(command); !fields.ok()) return fields;
+  if (command.has_create_database() && !command.create_database().image().empty()) {
+    absl::StatusOr<Db> image = LoadImage(command.create_database().image());
+    absl::Status prepared = image.ok() ? PrepareUploadedImage(image->get()) : image.status();
+    if (!prepared.ok()) return prepared;
+  }
+  if (command.has_execute()) {
+    // The state machine's own table exists here, so statements naming it reach the policy.
+    Db scratch = OpenScratch();
+    MustExec(scratch.get(), kUserMetaSchema);
+    for (int i = 0; i < command.execute().statements_size(); ++i) {
+      absl::Status policy = CheckStatementPolicy(scratch.get(), command.execute().statements(i));
+      if (!policy.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("statement ", i + 1, ": ", policy.message()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StatementResult> StateMachine::Query(std::string_view database,
+                                                    const Statement& statement) {
+  auto it = impl_->databases.find(database);
+  if (it == impl_->databases.end()) {
+    return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
+  }
+  impl_->random.Reset(impl_->revision, kQueryRequestIndex);
+  absl::StatusOr<StatementResult> result =
+      RunUserStatement(it->second.handle.get(), statement, /*read_only=*/true);
+  if (absl::IsPermissionDenied(result.status())) {
+    return absl::InvalidArgumentError(result.status().message());
+  }
+  return result;
+}
+
+std::vector<std::pair<std::string, uint64_t>> StateMachine::ListDatabases() const {
+  std::vector<std::pair<std::string, uint64_t>> databases;
+  for (const auto& [name, db] : impl_->databases) databases.emplace_back(name, db.revision);
+  return databases;
+}
+
+absl::StatusOr<std::string> StateMachine::Backup(std::string_view database) {
+  auto it = impl_->databases.find(database);
+  if (it == impl_->databases.end()) {
+    return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
+  }
+  return SerializeDatabase(it->second.handle.get());
+}
+
+absl::StatusOr<PutMedia> StateMachine::GetMedia(std::string_view database, std::string_view key) {
+  Stmt stmt = MustPrepare(impl_->system.get(),
+                          "SELECT sha256, size_bytes, content_type FROM _synod_media "
+                          "WHERE database = ? AND key = ?");
+  MustBindText(stmt.get(), 1, database);
+  MustBindText(stmt.get(), 2, key);
+  if (!MustStep(stmt.get())) {
+    return absl::NotFoundError(
+        absl::StrCat("no media ", Quote(key), " in database ", Quote(database)));
+  }
+  synod::PutMedia media;
+  media.set_database(std::string(database));
+  media.set_key(std::string(key));
+  media.set_sha256(ColumnString(stmt.get(), 0));
+  media.set_size_bytes(static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 1)));
+  media.set_content_type(ColumnString(stmt.get(), 2));
+  return media;
+}
+
+absl::StatusOr<std::string> StateMachine::NameOwner(std::string_view name) {
+  Stmt stmt = MustPrepare(impl_->system.get(), "SELECT owner FROM _synod_names WHERE name = ?");
+  MustBindText(stmt.get(), 1, name);
+  if (!MustStep(stmt.get())) {
+    return absl::NotFoundError(absl::StrCat("name ", Quote(name), " is not registered"));
+  }
+  return ColumnString(stmt.get(), 0);
+}
+
+absl::StatusOr<std::string> StateMachine::Snapshot() {
+  if (impl_->mid_entry) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("slot ", impl_->revision + 1, " is half applied; apply it first"));
+  }
+  std::string snapshot(kSnapshotMagic);
+  auto append = [&snapshot](std::string_view file_id, sqlite3* db) {
+    std::string image = SerializeDatabase(db);
+    AppendU64(&snapshot, file_id.size());
+    snapshot.append(file_id);
+    AppendU64(&snapshot, image.size());
+    snapshot.append(image);
+  };
+  append(kSystemFileId, impl_->system.get());
+  for (const auto& [name, db] : impl_->databases) append(db.file_id, db.handle.get());
+  StableHash checksum;
+  checksum.Add(snapshot);
+  AppendU64(&snapshot, checksum.value());
+  return snapshot;
+}
+
+absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
+  absl::StatusOr<SnapshotFrames> frames = DecodeSnapshot(snapshot);
+  if (!frames.ok()) return frames.status();
+  // Check everything before changing anything.
+  std::map<std::string, Db, std::less<>> images;  // by file id
+  for (const auto& [file_id, bytes] : *frames) {
+    absl::StatusOr<Db> image = LoadImage(bytes);
+    if (!image.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("snapshot database ", ToAbsl(file_id), ": ", image.status().message()));
+    }
+    if (!images.emplace(std::string(file_id), std::move(*image)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("snapshot holds database ", ToAbsl(file_id), " twice"));
+    }
+  }
+  if (absl::Status checked = CheckSnapshotImages(images); !checked.ok()) return checked;
+
+  // Remove the system database first: a crash from here on leaves no catalog, so Open()
+  // starts from an empty state (removing every user file) rather than from a mixed one.
+  impl_->databases.clear();
+  impl_->system.reset();
+  absl::Status removed = impl_->opener->Remove(kSystemFileId);
+  SYNOD_CHECK(removed.ok()) << removed;
+  for (const std::string& file_id : impl_->opener->List()) {
+    removed = impl_->opener->Remove(file_id);
+    SYNOD_CHECK(removed.ok()) << removed;
+  }
+  for (auto& [file_id, image] : images) {
+    if (file_id == kSystemFileId) continue;
+    absl::StatusOr<Db> db = impl_->OpenDatabase(file_id);
+    SYNOD_CHECK(db.ok()) << db.status();
+    CopyDatabase(image.get(), db->get());
+  }
+  absl::StatusOr<Db> system_db = impl_->OpenDatabase(kSystemFileId);
+  SYNOD_CHECK(system_db.ok()) << system_db.status();
+  CopyDatabase(images.find(kSystemFileId)->second.get(), system_db->get());
+  impl_->system = std::move(*system_db);
+  absl::Status loaded = impl_->Load();
+  SYNOD_CHECK(loaded.ok()) << loaded;
+  return absl::OkStatus();
+}
+
+uint64_t StateMachine::StateHash() {
+  StableHash hash;
+  hash.AddField(kSystemFileId);
+  HashDatabase(impl_->system.get(), &hash);
+  for (const auto& [name, db] : impl_->databases) {
+    hash.AddField(name);
+    HashDatabase(db.handle.get(), &hash);
+  }
+  return hash.value();
+}
+
+bool IsValidDatabaseName(std::string_view name) {
+  constexpr size_t kMaxNameBytes = 64;
+  if (name.empty() || name.size() > kMaxNameBytes) return false;
+  for (char c : name) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string DatabaseFileId(std::string_view name) {
+  StableHash hash;
+  hash.Add(name);
+  constexpr char kHexDigits[] = "0123456789abcdef";
+  std::string file_id(16, '0');
+  for (int i = 0; i < 16; ++i) file_id[15 - i] = kHexDigits[(hash.value() >> (4 * i)) & 0xf];
+  return file_id;
+}
+
+}  // namespace synod

@@ -1,0 +1,197 @@
+#ifndef SYNOD_CORE_STATE_MACHINE_H_
+#define SYNOD_CORE_STATE_MACHINE_H_
+
+// The apply state machine: turns chosen log entries into changes of named SQLite databases,
+// deterministically, so that the same log yields the same databases on every replica.
+//
+// Contract:
+// - Apply(entry) must be called for every slot in order (slot = revision() + 1), including
+//   no-ops, or the state jumps forward with RestoreSnapshot.
+// - Each database stores the revision it has applied inside the same SQLite transaction as
+//   the change, so Open() after a crash resumes exactly where each database stopped.
+// - A failing statement, an unknown database or an unknown command is a *result* (an error
+//   CommandResult, identical on every replica), never an abort. What can differ between
+//   replicas (a failing disk, memory exhausted) stops the process with SYNOD_CHECK instead.
+// - Non-deterministic SQL (random(), randomblob(), 'now' in date/time functions,
+//   CURRENT_TIMESTAMP/DATE/TIME) is made deterministic from the entry: 'now' is the
+//   request's timestamp_unix_ms and random values derive from (slot, request index, call).
+//   PRAGMAs that change journaling or durability are rejected, as is any statement that
+//   touches the state machine's own tables (named _synod_*), ATTACH/DETACH, VACUUM and
+//   transaction statements (BEGIN, SAVEPOINT, ...: use Execute.transaction).
+// - Execute: one SQL statement per Statement, its parameters bound by position. With
+//   `transaction`, the statements apply all or nothing. Without it, each statement applies
+//   on its own, in order, and the first failing one stops the rest: the statements before it
+//   stay applied, and the error result lists their results. Either way a statement error is
+//   an INVALID_ARGUMENT result carrying SQLite's message.
+// - Limits, the same on every replica (core/sqlite_util.h): a statement runs at most
+//   kMaxStatementVmSteps SQLite steps and returns at most kMaxStatementResultBytes, or fails
+//   RESOURCE_EXHAUSTED; a string or blob value is at most 64 MiB; an uploaded image must use
+//   4096-byte pages. Foreign keys are enforced. TEXT that is not valid UTF-8 is returned as a
+//   blob of its bytes (proto3 strings must be UTF-8).
+// - Client sessions: a request whose (client_id, sequence) was already applied returns the
+//   stored result without applying again. See kMaxSessions.
+//
+// Not thread-safe: one thread drives a StateMachine at a time.
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+
+class TimeSourceVfs;
+
+// Where the state machine's SQLite databases live. The core never opens files itself: the
+// server passes an opener for files in its data directory, tests and the simulator pass
+// InMemoryDatabaseOpener.
+class DatabaseOpener {
+ public:
+  virtual ~DatabaseOpener() = default;
+  // Opens the database stored under `file_id` (a hash of its name, or "system"), creating
+  // it empty if absent, using the SQLite VFS named `vfs_name`. The caller owns the handle
+  // and closes it with sqlite3_close. Databases use SQLite's default page size (4096 bytes).
+  virtual absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) = 0;
+  // Deletes the database stored under `file_id` (nothing to do if absent).
+  // REQUIRES: no handle to it is open.
+  virtual absl::Status Remove(std::string_view file_id) = 0;
+  // The file ids that currently exist (for Open() after a restart).
+  virtual std::vector<std::string> List() = 0;
+};
+
+// Each Open() of a file id returns a handle to the same in-memory database until Remove(),
+// also across StateMachine instances (a "restart"). Every handle takes its current time from
+// the VFS named in the latest Open() call. REQUIRES: one StateMachine at a time uses an
+// opener, and every handle is closed before the opener is destroyed.
+class InMemoryDatabaseOpener : public DatabaseOpener {
+ public:
+  InMemoryDatabaseOpener();
+  ~InMemoryDatabaseOpener() override;
+  InMemoryDatabaseOpener(const InMemoryDatabaseOpener&) = delete;
+  InMemoryDatabaseOpener& operator=(const InMemoryDatabaseOpener&) = delete;
+
+  absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
+  absl::Status Remove(std::string_view file_id) override;
+  std::vector<std::string> List() override;
+
+ private:
+  absl::StatusOr<sqlite3*> OpenShared(std::string_view file_id);
+
+  // Shared-cache databases are shared only between connections of the same VFS object, and
+  // each StateMachine registers its own. So every handle uses this opener's VFS, which takes
+  // the time from the VFS named in the latest Open() call.
+  std::string time_vfs_name_;
+  std::unique_ptr<TimeSourceVfs> vfs_;
+  // One extra connection per database keeps a shared-cache in-memory database alive
+  // between Open() calls.
+  std::map<std::string, sqlite3*, std::less<>> keep_alive_;
+};
+
+// What applying one request produced, for the replica that answers the client.
+struct AppliedRequest {
+  uint64_t client_id = 0;
+  uint64_t sequence = 0;
+  uint32_t origin_replica = 0;
+  CommandResult result;
+};
+
+struct StateMachineOptions {
+#ifdef SYNOD_TESTING_BUGS
+  // A known-wrong behaviour for the simulator's checker tests, compiled only into
+  // //core:state_machine_with_bugs: a retried request is applied again.
+  bool testing_no_session_dedup = false;
+#endif
+};
+
+class StateMachine {
+ public:
+  // Sessions kept at most. A session holds a client's last applied sequence and its result;
+  // client_id 0 has no session (its requests are never de-duplicated). A client's first
+  // request has sequence 1 and opens its session; later ones have higher sequences. A
+  // request is answered SESSION_EXPIRED if its sequence is below its session's, or if its
+  // client has no session and the sequence is not 1: the session was evicted, so the request
+  // may already have been applied, and applying it again could apply it twice. When a new
+  // session would exceed the bound, the session whose last request has the lowest revision
+  // is evicted (ties broken by client_id).
+  static constexpr size_t kMaxSessions = 10000;
+
+  // Opens (or creates) the state stored through `opener`. REQUIRES: opener outlives this.
+  static absl::StatusOr<std::unique_ptr<StateMachine>> Open(DatabaseOpener* opener,
+                                                            StateMachineOptions options = {});
+  ~StateMachine();
+  StateMachine(const StateMachine&) = delete;
+  StateMachine& operator=(const StateMachine&) = delete;
+
+  // Applies the chosen entry at `slot`. REQUIRES: slot == revision() + 1.
+  // Returns one AppliedRequest per request in the entry (none for a no-op). A result's
+  // revision is `slot`, except for a retried request, which returns the stored result of
+  // the slot where it was applied.
+  std::vector<AppliedRequest> Apply(uint64_t slot, const Value& value);
+
+  // The log index of the last applied entry.
+  uint64_t revision() const;
+
+  // Checks a command before it is proposed: bad names, empty SQL, invalid images, statements
+  // that would be rejected at apply time anyway (journaling/durability PRAGMAs, _synod_*
+  // tables, ...) as far as that can be known without the database's schema. A command that
+  // passes may still fail at apply time (e.g. a constraint violation). InvalidArgument if not.
+  static absl::Status Validate(const Command& command);
+
+  // Runs a read-only query against the applied state (for query endpoints and reads).
+  // 'now' is the timestamp of the last applied request, and random() depends only on the
+  // revision. NotFound for an unknown database, InvalidArgument for a statement that fails or
+  // could write, ResourceExhausted past a limit, Internal if SQLite itself fails.
+  absl::StatusOr<StatementResult> Query(std::string_view database, const Statement& statement);
+
+  // Names of databases, sorted, with their applied revisions (the slot of the last request
+  // that changed each).
+  std::vector<std::pair<std::string, uint64_t>> ListDatabases() const;
+
+  // A consistent .sqlite3 image of `database` (NotFound if there is none). It includes the
+  // database's _synod_meta table, which CreateDatabase replaces when the image is uploaded.
+  absl::StatusOr<std::string> Backup(std::string_view database);
+
+  // The metadata stored by PutMedia for `key` of `database` (NotFound if none).
+  absl::StatusOr<PutMedia> GetMedia(std::string_view database, std::string_view key);
+
+  // The owner of a registered unique name (NotFound if it is not registered).
+  absl::StatusOr<std::string> NameOwner(std::string_view name);
+
+  // The whole state (every database and the session table) as one byte string, and back.
+  // Snapshot() is FailedPrecondition right after an Open() that found an entry half applied
+  // by a crash, until that entry is applied again. RestoreSnapshot checks the whole snapshot
+  // before changing anything (InvalidArgument if it is damaged), then replaces the whole
+  // state, removing the databases the snapshot does not have.
+  absl::StatusOr<std::string> Snapshot();
+  absl::Status RestoreSnapshot(std::string_view snapshot);
+
+  // A hash of the logical content of every database and the session table: equal on two
+  // replicas exactly when they hold the same state. Stable across processes.
+  uint64_t StateHash();
+
+ private:
+  StateMachine() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Is `name` a valid database name ([A-Za-z0-9_-]{1,64})?
+bool IsValidDatabaseName(std::string_view name);
+
+// The on-disk id of a database: a hash of its name, so that no name becomes a path. Two
+// names with the same hash get distinct ids through the catalog (a "-N" suffix).
+std::string DatabaseFileId(std::string_view name);
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_STATE_MACHINE_H_

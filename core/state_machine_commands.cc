@@ -1,0 +1,362 @@
+// What each command does. How the commands of an entry are applied and made to survive a
+// crash is in state_machine.cc.
+
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+#include "core/sqlite_util.h"
+#include "core/state_machine_impl.h"
+
+namespace synod {
+namespace state_machine_internal {
+namespace {
+
+constexpr size_t kMaxMediaKeyBytes = 1024;
+constexpr size_t kMaxContentTypeBytes = 255;
+constexpr size_t kMaxRegisteredNameBytes = 255;
+
+absl::Status CheckDatabaseName(std::string_view name) {
+  if (IsValidDatabaseName(name)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("invalid database name ", Quote(name),
+                                                 ": use 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"));
+}
+
+absl::Status CheckLength(std::string_view what, std::string_view value, size_t max_bytes) {
+  if (!value.empty() && value.size() <= max_bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(ToAbsl(what), " must have 1 to ", max_bytes, " bytes"));
+}
+
+absl::Status CheckSha256(std::string_view sha256) {
+  bool valid = sha256.size() == 64;
+  for (char c : sha256) valid = valid && absl::ascii_isxdigit(c) && !absl::ascii_isupper(c);
+  if (valid) return absl::OkStatus();
+  return absl::InvalidArgumentError("sha256 must be 64 lower-case hex digits");
+}
+
+}  // namespace
+
+CommandResult Failure(ErrorCode code, absl::string_view message) {
+  CommandResult result;
+  result.set_code(code);
+  result.set_message(std::string(message));
+  return result;
+}
+
+CommandResult ParseResult(std::string_view bytes) {
+  CommandResult result;
+  SYNOD_CHECK(result.ParseFromArray(bytes.data(), static_cast<int>(bytes.size())));
+  return result;
+}
+
+std::string Quote(std::string_view text) {
+  constexpr size_t kMaxQuotedBytes = 80;
+  return absl::StrCat("\"", absl::CHexEscape(ToAbsl(text.substr(0, kMaxQuotedBytes))),
+                      text.size() > kMaxQuotedBytes ? "...\"" : "\"");
+}
+
+absl::Status CheckCommandFields(const Command& command) {
+  std::vector<absl::Status> checks;
+  switch (command.kind_case()) {
+    case Command::kCreateDatabase:
+      return CheckDatabaseName(command.create_database().name());
+    case Command::kDropDatabase:
+      return CheckDatabaseName(command.drop_database().name());
+    case Command::kExecute:
+      if (command.execute().statements().empty()) {
+        return absl::InvalidArgumentError("execute needs at least one statement");
+      }
+      return CheckDatabaseName(command.execute().database());
+    case Command::kReadBarrier:
+      return absl::OkStatus();
+    case Command::kPutMedia: {
+      const PutMedia& put = command.put_media();
+      checks = {CheckDatabaseName(put.database()),
+                CheckLength("media key", put.key(), kMaxMediaKeyBytes), CheckSha256(put.sha256()),
+                CheckLength("content type", put.content_type(), kMaxContentTypeBytes)};
+      break;
+    }
+    case Command::kDeleteMedia:
+      checks = {CheckDatabaseName(command.delete_media().database()),
+                CheckLength("media key", command.delete_media().key(), kMaxMediaKeyBytes)};
+      break;
+    case Command::kRegisterName:
+      checks = {CheckLength("name", command.register_name().name(), kMaxRegisteredNameBytes),
+                CheckLength("owner", command.register_name().owner(), kMaxRegisteredNameBytes)};
+      break;
+    case Command::kReleaseName:
+      checks = {CheckLength("name", command.release_name().name(), kMaxRegisteredNameBytes),
+                CheckLength("owner", command.release_name().owner(), kMaxRegisteredNameBytes)};
+      break;
+    case Command::KIND_NOT_SET:
+      return absl::InvalidArgumentError("unknown or empty command");
+  }
+  for (const absl::Status& check : checks) {
+    if (!check.ok()) return check;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PrepareUploadedImage(sqlite3* image) {
+  char* error = nullptr;
+  if (sqlite3_exec(image, "DROP TABLE IF EXISTS _synod_meta", nullptr, nullptr, &error) !=
+      SQLITE_OK) {
+    absl::Status status = absl::InvalidArgumentError(
+        absl::StrCat("cannot replace the image's _synod_meta table: ", ValidUtf8(error)));
+    sqlite3_free(error);
+    return status;
+  }
+  Stmt reserved = MustPrepare(image,
+                              "SELECT name FROM sqlite_schema WHERE name LIKE '\\_synod\\_%' "
+                              "ESCAPE '\\' OR tbl_name LIKE '\\_synod\\_%' ESCAPE '\\' LIMIT 1");
+  if (MustStep(reserved.get())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the image contains ", ValidUtf8(ColumnString(reserved.get(), 0)),
+                     ": names starting with _synod_ belong to the server"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace state_machine_internal
+
+using state_machine_internal::CheckCommandFields;
+using state_machine_internal::Failure;
+using state_machine_internal::kUserMetaSchema;
+using state_machine_internal::ParseResult;
+using state_machine_internal::PrepareUploadedImage;
+using state_machine_internal::Quote;
+
+StateMachine::Impl::Outcome StateMachine::Impl::RunCommand(uint64_t slot, uint64_t index,
+                                                           const Command& command) {
+  Outcome outcome;
+  if (absl::Status fields = CheckCommandFields(command); !fields.ok()) {
+    outcome.result = Failure(INVALID_ARGUMENT, fields.message());
+  } else {
+    switch (command.kind_case()) {
+      case Command::kCreateDatabase:
+        outcome.result = CreateDatabase(slot, index, command.create_database());
+        break;
+      case Command::kDropDatabase:
+        outcome = DropDatabase(command.drop_database());
+        break;
+      case Command::kExecute:
+        outcome.result = Execute(slot, index, command.execute());
+        break;
+      case Command::kReadBarrier:
+        break;  // nothing to change: the result's revision is the answer
+      case Command::kPutMedia:
+        outcome.result = PutMedia(slot, command.put_media());
+        break;
+      case Command::kDeleteMedia:
+        outcome.result = DeleteMedia(command.delete_media());
+        break;
+      case Command::kRegisterName:
+        outcome.result = RegisterName(slot, command.register_name());
+        break;
+      case Command::kReleaseName:
+        outcome.result = ReleaseName(command.release_name());
+        break;
+      case Command::KIND_NOT_SET:
+        SYNOD_CHECK(false) << "CheckCommandFields accepted an empty command";
+    }
+  }
+  outcome.result.set_revision(slot);
+  return outcome;
+}
+
+std::string StateMachine::Impl::ChooseFileId(std::string_view name) {
+  const std::string hashed = DatabaseFileId(name);
+  std::string file_id = hashed;
+  Stmt in_use = MustPrepare(system.get(), "SELECT 1 FROM _synod_catalog WHERE file_id = ?");
+  for (size_t suffix = 1;; ++suffix) {
+    MustBindText(in_use.get(), 1, file_id);
+    if (!MustStep(in_use.get())) return file_id;
+    sqlite3_reset(in_use.get());
+    SYNOD_CHECK_LE(suffix, databases.size());  // each catalog entry blocks one suffix at most
+    file_id = absl::StrCat(hashed, "-", suffix);
+  }
+}
+
+CommandResult StateMachine::Impl::CreateDatabase(uint64_t slot, uint64_t index,
+                                                 const synod::CreateDatabase& create) {
+  if (databases.contains(create.name())) {
+    return Failure(ALREADY_EXISTS, absl::StrCat("database ", create.name(), " already exists"));
+  }
+  Db image;
+  if (!create.image().empty()) {
+    absl::StatusOr<Db> loaded = LoadImage(create.image());
+    absl::Status prepared = loaded.ok() ? PrepareUploadedImage(loaded->get()) : loaded.status();
+    if (!prepared.ok()) return Failure(INVALID_ARGUMENT, prepared.message());
+    image = std::move(*loaded);
+  }
+  Database db{.file_id = ChooseFileId(create.name()), .revision = slot, .request_index = index};
+  absl::StatusOr<Db> handle = OpenDatabase(db.file_id);
+  SYNOD_CHECK(handle.ok()) << handle.status();
+  db.handle = std::move(*handle);
+  Stmt objects = MustPrepare(db.handle.get(), "SELECT count(*) FROM sqlite_schema");
+  SYNOD_CHECK(MustStep(objects.get()));
+  SYNOD_CHECK_EQ(sqlite3_column_int64(objects.get(), 0), 0) << "file " << db.file_id << " in use";
+  objects.reset();
+  if (image != nullptr) CopyDatabase(image.get(), db.handle.get());
+
+  CommandResult result;  // OK; RunCommand sets the revision
+  MustExec(db.handle.get(), "BEGIN");
+  MustExec(db.handle.get(), kUserMetaSchema);
+  Stmt meta = MustPrepare(db.handle.get(), "INSERT INTO _synod_meta VALUES (0, ?, ?, ?)");
+  MustBindInt64(meta.get(), 1, static_cast<int64_t>(slot));
+  MustBindInt64(meta.get(), 2, static_cast<int64_t>(index));
+  MustBindBlob(meta.get(), 3, result.SerializeAsString());
+  SYNOD_CHECK(!MustStep(meta.get()));
+  meta.reset();
+  MustExec(db.handle.get(), "COMMIT");
+
+  Stmt catalog = MustPrepare(system.get(), "INSERT INTO _synod_catalog VALUES (?, ?)");
+  MustBindText(catalog.get(), 1, create.name());
+  MustBindText(catalog.get(), 2, db.file_id);
+  SYNOD_CHECK(!MustStep(catalog.get()));
+  databases.emplace(create.name(), std::move(db));
+  return result;
+}
+
+StateMachine::Impl::Outcome StateMachine::Impl::DropDatabase(const synod::DropDatabase& drop) {
+  auto it = databases.find(drop.name());
+  if (it == databases.end()) {
+    return {.result = Failure(NOT_FOUND, absl::StrCat("no database named ", drop.name()))};
+  }
+  for (const char* sql : {"DELETE FROM _synod_catalog WHERE name = ?",
+                          "DELETE FROM _synod_media WHERE database = ?"}) {
+    Stmt stmt = MustPrepare(system.get(), sql);
+    MustBindText(stmt.get(), 1, drop.name());
+    SYNOD_CHECK(!MustStep(stmt.get()));
+  }
+  Outcome outcome{.file_to_remove = it->second.file_id};
+  databases.erase(it);  // closes the handle, so the file can be removed after the commit
+  return outcome;
+}
+
+CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
+                                          const synod::Execute& execute) {
+  auto it = databases.find(execute.database());
+  if (it == databases.end()) {
+    return Failure(NOT_FOUND, absl::StrCat("no database named ", execute.database()));
+  }
+  Database& db = it->second;
+  sqlite3* handle = db.handle.get();
+  if (db.revision == slot && db.request_index == index) {  // applied before a crash
+    Stmt meta = MustPrepare(handle, "SELECT result FROM _synod_meta");
+    SYNOD_CHECK(MustStep(meta.get()));
+    return ParseResult(ColumnString(meta.get(), 0));
+  }
+  SYNOD_CHECK(db.revision < slot || (db.revision == slot && db.request_index < index));
+
+  // changes() and last_insert_rowid() start at 0 in every request, whatever the connection
+  // ran before (a restarted replica's connection ran nothing): a DELETE of no row resets
+  // changes().
+  sqlite3_set_last_insert_rowid(handle, 0);
+  MustExec(handle, "BEGIN; DELETE FROM _synod_meta WHERE 0;");
+  CommandResult result;
+  for (int i = 0; i < execute.statements_size(); ++i) {
+    if (!execute.transaction()) MustExec(handle, "SAVEPOINT synod_statement");
+    absl::StatusOr<StatementResult> statement =
+        RunUserStatement(handle, execute.statements(i), /*read_only=*/false);
+    if (statement.ok()) {
+      if (!execute.transaction()) MustExec(handle, "RELEASE synod_statement");
+      *result.add_results() = *std::move(statement);
+      continue;
+    }
+    SYNOD_CHECK(!absl::IsInternal(statement.status()))
+        << "a statement failed in a way that may differ between replicas: " << statement.status();
+    result.set_code(absl::IsResourceExhausted(statement.status()) ? RESOURCE_EXHAUSTED
+                                                                  : INVALID_ARGUMENT);
+    result.set_message(absl::StrCat("statement ", i + 1, ": ", statement.status().message()));
+    // Nothing of the request stays if it asked for a transaction, or if the statement ended
+    // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK)).
+    if (execute.transaction() || sqlite3_get_autocommit(handle)) {
+      if (!sqlite3_get_autocommit(handle)) MustExec(handle, "ROLLBACK");
+      result.clear_results();
+      return result;
+    }
+    MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
+    break;
+  }
+  Stmt meta = MustPrepare(
+      handle, "UPDATE _synod_meta SET revision = ?, request_index = ?, result = ? WHERE id = 0");
+  MustBindInt64(meta.get(), 1, static_cast<int64_t>(slot));
+  MustBindInt64(meta.get(), 2, static_cast<int64_t>(index));
+  MustBindBlob(meta.get(), 3, result.SerializeAsString());
+  SYNOD_CHECK(!MustStep(meta.get()));
+  SYNOD_CHECK_EQ(sqlite3_changes(handle), 1);
+  meta.reset();
+  MustExec(handle, "COMMIT");
+  db.revision = slot;
+  db.request_index = index;
+  return result;
+}
+
+CommandResult StateMachine::Impl::PutMedia(uint64_t slot, const synod::PutMedia& put) {
+  if (!databases.contains(put.database())) {
+    return Failure(NOT_FOUND, absl::StrCat("no database named ", put.database()));
+  }
+  Stmt stmt =
+      MustPrepare(system.get(), "INSERT OR REPLACE INTO _synod_media VALUES (?, ?, ?, ?, ?, ?)");
+  MustBindText(stmt.get(), 1, put.database());
+  MustBindText(stmt.get(), 2, put.key());
+  MustBindText(stmt.get(), 3, put.sha256());
+  MustBindInt64(stmt.get(), 4, static_cast<int64_t>(put.size_bytes()));
+  MustBindText(stmt.get(), 5, put.content_type());
+  MustBindInt64(stmt.get(), 6, static_cast<int64_t>(slot));
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  return CommandResult();
+}
+
+CommandResult StateMachine::Impl::DeleteMedia(const synod::DeleteMedia& del) {
+  Stmt stmt = MustPrepare(system.get(), "DELETE FROM _synod_media WHERE database = ? AND key = ?");
+  MustBindText(stmt.get(), 1, del.database());
+  MustBindText(stmt.get(), 2, del.key());
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  if (sqlite3_changes(system.get()) == 0) {
+    return Failure(NOT_FOUND,
+                   absl::StrCat("no media ", Quote(del.key()), " in database ", del.database()));
+  }
+  return CommandResult();
+}
+
+CommandResult StateMachine::Impl::RegisterName(uint64_t slot, const synod::RegisterName& reg) {
+  Stmt owner = MustPrepare(system.get(), "SELECT owner FROM _synod_names WHERE name = ?");
+  MustBindText(owner.get(), 1, reg.name());
+  if (MustStep(owner.get())) {
+    if (ColumnString(owner.get(), 0) == reg.owner()) return CommandResult();  // already its own
+    return Failure(ALREADY_EXISTS,
+                   absl::StrCat("name ", Quote(reg.name()), " is registered to another owner"));
+  }
+  Stmt insert = MustPrepare(system.get(), "INSERT INTO _synod_names VALUES (?, ?, ?)");
+  MustBindText(insert.get(), 1, reg.name());
+  MustBindText(insert.get(), 2, reg.owner());
+  MustBindInt64(insert.get(), 3, static_cast<int64_t>(slot));
+  SYNOD_CHECK(!MustStep(insert.get()));
+  return CommandResult();
+}
+
+CommandResult StateMachine::Impl::ReleaseName(const synod::ReleaseName& release) {
+  Stmt owner = MustPrepare(system.get(), "SELECT owner FROM _synod_names WHERE name = ?");
+  MustBindText(owner.get(), 1, release.name());
+  if (!MustStep(owner.get())) {
+    return Failure(NOT_FOUND, absl::StrCat("name ", Quote(release.name()), " is not registered"));
+  }
+  if (ColumnString(owner.get(), 0) != release.owner()) {
+    return Failure(FAILED_PRECONDITION,
+                   absl::StrCat("name ", Quote(release.name()), " is registered to another owner"));
+  }
+  Stmt del = MustPrepare(system.get(), "DELETE FROM _synod_names WHERE name = ?");
+  MustBindText(del.get(), 1, release.name());
+  SYNOD_CHECK(!MustStep(del.get()));
+  return CommandResult();
+}
+
+}  // namespace synod

@@ -1,0 +1,119 @@
+#ifndef SYNOD_CORE_STATE_MACHINE_IMPL_H_
+#define SYNOD_CORE_STATE_MACHINE_IMPL_H_
+
+// The inside of StateMachine, shared by its two source files: state_machine.cc (how entries
+// apply and survive a crash, sessions, snapshots) and state_machine_commands.cc (what each
+// command does). Nothing else includes this.
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core/deterministic_sqlite.h"
+#include "core/sqlite_util.h"
+#include "core/state_machine.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+namespace state_machine_internal {
+
+inline constexpr char kSystemFileId[] = "system";
+
+// Each user database's position and the result of the last request that changed it.
+inline constexpr char kUserMetaSchema[] = R"sql(
+  CREATE TABLE _synod_meta(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    revision INTEGER NOT NULL,
+    request_index INTEGER NOT NULL,
+    result BLOB NOT NULL);
+)sql";
+
+// Debian's Abseil has its own string_view type (see TOOLCHAIN.md).
+inline absl::string_view ToAbsl(std::string_view text) { return {text.data(), text.size()}; }
+
+// A result with an error `code`.
+CommandResult Failure(ErrorCode code, absl::string_view message);
+
+// Parses a result the state machine stored itself (a failure is a broken invariant).
+CommandResult ParseResult(std::string_view bytes);
+
+// A prefix of `text`, escaped, for an error message.
+std::string Quote(std::string_view text);
+
+// The checks that need no state, made both by Validate() and at apply time.
+absl::Status CheckCommandFields(const Command& command);
+
+// Readies an uploaded image to become a user database: its own _synod_meta (from a backup
+// of a Synod database) gives way to the new one, and no other _synod_ name may remain.
+absl::Status PrepareUploadedImage(sqlite3* image);
+
+}  // namespace state_machine_internal
+
+struct StateMachine::Impl {
+  struct Database {
+    std::string file_id{};
+    Db handle{};
+    // The position of the last request that changed it: a slot and the request's index.
+    uint64_t revision = 0;
+    uint64_t request_index = 0;
+  };
+  struct Session {
+    uint64_t sequence = 0;
+    CommandResult result;
+  };
+  // A command's result, and a dropped database's file to remove once the drop commits.
+  struct Outcome {
+    CommandResult result{};
+    std::string file_to_remove{};
+  };
+
+  StateMachineOptions options;
+
+  explicit Impl(DatabaseOpener* opener) : opener(opener), vfs([this] { return now_unix_ms; }) {}
+
+  absl::StatusOr<Db> OpenDatabase(std::string_view file_id);
+  absl::Status Load();
+  CommandResult ApplyRequest(uint64_t slot, uint64_t index, const ClientRequest& request);
+  Outcome ApplyWithSession(uint64_t slot, uint64_t index, const ClientRequest& request);
+  Outcome RunCommand(uint64_t slot, uint64_t index, const Command& command);
+  CommandResult CreateDatabase(uint64_t slot, uint64_t index, const synod::CreateDatabase& c);
+  Outcome DropDatabase(const synod::DropDatabase& drop);
+  CommandResult Execute(uint64_t slot, uint64_t index, const synod::Execute& execute);
+  CommandResult PutMedia(uint64_t slot, const synod::PutMedia& put);
+  CommandResult DeleteMedia(const synod::DeleteMedia& del);
+  CommandResult RegisterName(uint64_t slot, const synod::RegisterName& reg);
+  CommandResult ReleaseName(const synod::ReleaseName& release);
+  std::string ChooseFileId(std::string_view name);
+  std::optional<Session> LoadSession(uint64_t client_id);
+  void StoreSession(uint64_t client_id, uint64_t sequence, uint64_t slot,
+                    const CommandResult& result, bool is_new);
+  std::optional<CommandResult> EntryResult(uint64_t index);
+  void FinishEntry(uint64_t slot);
+
+  DatabaseOpener* const opener;
+  // 'now' for SQL: the timestamp of the request being applied, or of the last one applied
+  // (stored with the revision, so a restarted replica's queries see the same 'now').
+  int64_t now_unix_ms = 0;
+  // The VFS and the random functions outlive every handle (declared before them).
+  TimeSourceVfs vfs;
+  RequestRandom random;
+  Db system;
+  std::map<std::string, Database, std::less<>> databases;  // by name
+  uint64_t revision = 0;
+  // The rows of _synod_sessions: counted by Load(), then kept up to date by StoreSession().
+  size_t session_count = 0;
+  // Open() found the entry at revision + 1 half applied; cleared when it is applied.
+  bool mid_entry = false;
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_STATE_MACHINE_IMPL_H_
