@@ -1,0 +1,78 @@
+#ifndef SYNOD_SIM_CHECKERS_H_
+#define SYNOD_SIM_CHECKERS_H_
+
+// Checkers that judge a simulated run from outside the code under test. The
+// linearizability checker has its own file (linearizability.h).
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/synod.pb.h"
+#include "sim/linearizability.h"
+
+namespace synod::sim {
+
+// At most one value is ever chosen per slot. A value is chosen when a majority durably
+// accepted it at one ballot (seen from outside the replicas), and every value a replica
+// hands its state machine must be that one.
+class ChosenChecker {
+ public:
+  explicit ChosenChecker(size_t cluster_size) : cluster_size_(cluster_size) {}
+  // `replica` made the acceptance of `entry` durable (entries with chosen set are learned
+  // values, not acceptances, and are ignored).
+  void Accepted(uint32_t replica, const LogEntry& entry);
+  // `replica` applied `value` at `slot`.
+  void Committed(uint32_t replica, uint64_t slot, const Value& value);
+  const std::optional<std::string>& violation() const { return violation_; }
+
+ private:
+  void Chosen(uint32_t replica, uint64_t slot, const std::string& value, const char* how);
+
+  size_t cluster_size_;
+  std::map<uint64_t, std::string> chosen_;
+  std::map<std::tuple<uint64_t, uint64_t, uint32_t>, std::pair<std::string, std::set<uint32_t>>>
+      acceptances_;
+  std::optional<std::string> violation_;
+};
+
+// Every replica's state hash at revision r is the same.
+class StateHashChecker {
+ public:
+  void Observe(uint32_t replica, uint64_t revision, uint64_t hash,
+               std::optional<std::string>* failure);
+
+ private:
+  std::map<uint64_t, std::pair<uint64_t, uint32_t>> first_;  // revision -> (hash, replica)
+};
+
+// A read served locally (consistency LOCAL) by `replica` at `revision`.
+struct LocalRead {
+  uint32_t replica = 0;
+  uint64_t revision = 0;
+  std::string key;
+  int64_t value = 0;
+};
+
+// Local reads never show a value no client wrote (per key), and (checked by the world as
+// they happen) never go back in revision on one replica.
+std::optional<std::string> CheckLocalReads(const std::vector<Operation>& history,
+                                           const std::vector<LocalRead>& reads);
+
+// No acknowledged write is lost: `query` reads the final state of one caught-up replica.
+// Every acknowledged append is present, each counter is at least the sum of acknowledged
+// increments and at most that plus the ambiguous ones.
+std::optional<std::string> CheckNoAcknowledgedWriteLost(
+    const std::vector<Operation>& history,
+    const std::function<absl::StatusOr<StatementResult>(const std::string& sql)>& query);
+
+}  // namespace synod::sim
+
+#endif  // SYNOD_SIM_CHECKERS_H_

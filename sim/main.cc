@@ -1,0 +1,187 @@
+// synod-sim: runs the deterministic simulator. See docs/simulation.md.
+//
+//   synod-sim --seed N            one run; last line: seed=N result=pass|fail trace=HEX
+//   synod-sim --seeds A..B        a sweep; failing seeds with the command that replays them,
+//                                 then "P passed, F failed"
+//   --replicas 3|5  --clients 1..10  --ticks T  --mode safety|liveness
+//   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "sim/world.h"
+
+namespace {
+
+using synod::sim::Mode;
+using synod::sim::SimOptions;
+using synod::sim::SimResult;
+
+int Usage(const std::string& error) {
+  std::cerr << "synod-sim: " << error << "\n"
+            << "usage: synod-sim (--seed N | --seeds A..B) [--replicas 3|5] [--clients 1..10]\n"
+            << "                 [--ticks T] [--mode safety|liveness] [--bug NAME]... [--trace]\n"
+            << "       synod-sim --list-bugs\n";
+  return 2;
+}
+
+std::string ReplayCommand(const SimOptions& o) {
+  std::string cmd = absl::StrFormat("synod-sim --seed %d --replicas %d --ticks %d --mode %s",
+                                    o.seed, o.replicas, o.ticks,
+                                    o.mode == Mode::kLiveness ? "liveness" : "safety");
+  if (o.clients > 0) cmd += absl::StrFormat(" --clients %d", o.clients);
+  for (const std::string& b : o.bugs) cmd += " --bug " + b;
+  return cmd;
+}
+
+// Writes the full readable trace of a failing run (re-run: the run is deterministic).
+std::string WriteTrace(SimOptions o) {
+  const char* dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
+  std::string path = absl::StrFormat("%s/synod-sim-%d.trace", dir != nullptr ? dir : "/tmp", o.seed);
+  std::ofstream out(path);
+  o.trace = &out;
+  synod::sim::RunSimulation(o);
+  return path;
+}
+
+int RunOne(const SimOptions& o) {
+  auto start = std::chrono::steady_clock::now();
+  SimResult r = synod::sim::RunSimulation(o);
+  double wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::cout << absl::StrFormat(
+      "simulated %.1f s in %.2f s wall (%.0fx), %d events, %d operations, revision %d\n",
+      r.simulated_ms / 1000.0, wall_s, wall_s > 0 ? r.simulated_ms / 1000.0 / wall_s : 0.0,
+      r.events, r.operations, r.revision);
+  if (!r.passed) {
+    std::cout << "FAILED: " << r.failure << "\n";
+    if (o.trace == nullptr) std::cout << "full trace: " << WriteTrace(o) << "\n";
+    std::cout << "replay: " << ReplayCommand(o) << "\n";
+  }
+  std::cout << absl::StrFormat("seed=%d result=%s trace=%016x\n", o.seed,
+                               r.passed ? "pass" : "fail", r.trace_hash);
+  return r.passed ? 0 : 1;
+}
+
+// Each seed runs in a child process, so that a SYNOD_CHECK abort in the core fails that
+// seed rather than the sweep.
+int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
+  uint64_t passed = 0, failed = 0;
+  int64_t simulated_ms = 0;
+  auto start = std::chrono::steady_clock::now();
+  for (uint64_t seed = first; seed <= last; ++seed) {
+    o.seed = seed;
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) return Usage("pipe failed");
+    pid_t pid = fork();
+    if (pid == 0) {
+      close(pipe_fds[0]);
+      SimResult r = synod::sim::RunSimulation(o);
+      std::string report = absl::StrFormat("%d %d %s", r.passed ? 1 : 0, r.simulated_ms, r.failure);
+      ssize_t written = write(pipe_fds[1], report.data(), report.size());
+      _exit(written == static_cast<ssize_t>(report.size()) ? 0 : 3);
+    }
+    close(pipe_fds[1]);
+    std::string report;
+    char buf[4096];
+    for (ssize_t n; (n = read(pipe_fds[0], buf, sizeof buf)) > 0;) report.append(buf, n);
+    close(pipe_fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && !report.empty() && report[0] == '1';
+    if (!report.empty()) {
+      size_t space = report.find(' ');
+      int64_t ms = 0;
+      if (space != std::string::npos &&
+          absl::SimpleAtoi(report.substr(space + 1, report.find(' ', space + 1) - space - 1), &ms)) {
+        simulated_ms += ms;
+      }
+    }
+    if (ok) {
+      ++passed;
+      continue;
+    }
+    ++failed;
+    std::string why = report.size() > 2 ? report.substr(report.find(' ', 2) + 1)
+                                        : "the process died (see the replay for the abort)";
+    std::cout << absl::StrFormat("seed %d FAILED: %s\n  replay: %s\n", seed, why, ReplayCommand(o));
+  }
+  double wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::cout << absl::StrFormat("simulated %.0f s in %.1f s wall: %.0f simulated s per wall s\n",
+                               simulated_ms / 1000.0, wall_s,
+                               wall_s > 0 ? simulated_ms / 1000.0 / wall_s : 0.0);
+  std::cout << absl::StrFormat("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  SimOptions o;
+  bool have_seed = false, have_sweep = false;
+  uint64_t first = 0, last = 0;
+  std::ofstream unused;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
+    if (arg == "--list-bugs") {
+      for (const auto& [name, what] : synod::sim::KnownBugs()) {
+        std::cout << name << "\t" << what << "\n";
+      }
+      return 0;
+    } else if (arg == "--seed") {
+      if (!absl::SimpleAtoi(value(), &o.seed)) return Usage("--seed needs a number");
+      have_seed = true;
+    } else if (arg == "--seeds") {
+      std::string v = value();
+      size_t dots = v.find("..");
+      if (dots == std::string::npos || !absl::SimpleAtoi(v.substr(0, dots), &first) ||
+          !absl::SimpleAtoi(v.substr(dots + 2), &last) || last < first) {
+        return Usage("--seeds needs A..B with A <= B");
+      }
+      have_sweep = true;
+    } else if (arg == "--replicas") {
+      if (!absl::SimpleAtoi(value(), &o.replicas) || (o.replicas != 3 && o.replicas != 5)) {
+        return Usage("--replicas must be 3 or 5");
+      }
+    } else if (arg == "--clients") {
+      if (!absl::SimpleAtoi(value(), &o.clients) || o.clients < 1 || o.clients > 10) {
+        return Usage("--clients must be 1..10");
+      }
+    } else if (arg == "--ticks") {
+      if (!absl::SimpleAtoi(value(), &o.ticks) || o.ticks < 1) return Usage("--ticks must be > 0");
+    } else if (arg == "--mode") {
+      std::string v = value();
+      if (v == "safety") {
+        o.mode = Mode::kSafety;
+      } else if (v == "liveness") {
+        o.mode = Mode::kLiveness;
+      } else {
+        return Usage("--mode must be safety or liveness");
+      }
+    } else if (arg == "--bug") {
+      std::string v = value();
+      bool known = false;
+      for (const auto& [name, what] : synod::sim::KnownBugs()) known |= name == v;
+      if (!known) return Usage("unknown bug '" + v + "' (see --list-bugs)");
+      o.bugs.insert(v);
+    } else if (arg == "--trace") {
+      o.trace = &std::cout;
+    } else {
+      return Usage("unknown argument '" + arg + "'");
+    }
+  }
+  if (have_seed == have_sweep) return Usage("give exactly one of --seed and --seeds");
+  return have_seed ? RunOne(o) : RunSweep(o, first, last);
+}

@@ -1,0 +1,972 @@
+#include "sim/world.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <random>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+#include "core/log_codec.h"
+#include "core/replica.h"
+#include "core/stable_hash.h"
+#include "core/state_machine.h"
+#include "sim/checkers.h"
+#include "sim/linearizability.h"
+
+namespace synod::sim {
+namespace {
+
+constexpr int64_t kTickUs = 10'000;  // one nominal replica tick: 10 ms
+constexpr int64_t kClientTimeoutUs = 2'000'000;
+constexpr int kReadAttempts = 4;     // a read gives up after this many (it tells nothing)
+constexpr int64_t kRetryPauseUs = 50'000;  // before resending a refused request
+// Reads are not logged, so they use their own sequence numbers, apart from the writes'
+// (a client's writes are numbered 1, 2, 3, ... for the state machine's session).
+constexpr uint64_t kReadSequenceBase = 1ull << 40;
+constexpr int64_t kLivenessBoundUs = 30'000'000;  // pending operations complete within 30 s
+constexpr uint64_t kLinearizabilityBudgetSteps = 5'000'000;
+// A client waits this long between operations: enough load to keep batches and pipelines
+// busy, little enough that thousands of simulated seconds fit in a CI run.
+constexpr int64_t kThinkMinUs = 20'000;
+constexpr int64_t kThinkMaxUs = 400'000;
+// State hashes are compared at every revision that is a multiple of this (and at every
+// snapshot install): hashing the whole state after every entry would dominate the run.
+constexpr uint64_t kStateHashEveryRevisions = 8;
+constexpr const char* kDatabase = "sim";
+
+// A deterministic generator; ranges come from the raw 64-bit output (the std distributions
+// differ between standard libraries). Probabilities are integer ratios.
+class Prng {
+ public:
+  explicit Prng(uint64_t seed) : engine_(seed) {}
+  uint64_t Next() { return engine_(); }
+  // Uniform in [lo, hi].
+  int64_t Range(int64_t lo, int64_t hi) {
+    SYNOD_CHECK_LE(lo, hi);
+    return lo + static_cast<int64_t>(Next() % static_cast<uint64_t>(hi - lo + 1));
+  }
+  bool Chance(uint64_t numerator, uint64_t denominator) {
+    return numerator > 0 && Next() % denominator < numerator;
+  }
+
+ private:
+  std::mt19937_64 engine_;
+};
+
+// Fault rates drawn per seed ("swarm" testing): each seed stresses its own corners.
+struct Swarm {
+  uint64_t drop_per_10k;
+  uint64_t duplicate_per_10k;
+  uint64_t tail_delay_per_10k;  // a message takes up to 100x the usual delay
+  int64_t partition_every_us;   // mean time between network partitions (0: none)
+  int64_t crash_every_us;       // mean time between replica crashes (0: none)
+  int64_t pause_every_us;
+  uint64_t torn_write_per_100;   // a crash leaves the first unsynced record torn
+  uint64_t corruption_per_100;   // a crash also corrupts a synced record (bounded, below)
+  int64_t max_drift_ppm;         // per-replica clock rate error
+  uint64_t compact_every;        // applied entries between snapshots
+  int clients;
+};
+
+Swarm DrawSwarm(Prng& p, int clients_option) {
+  Swarm s;
+  s.drop_per_10k = p.Chance(1, 4) ? 0 : p.Range(0, 800);
+  s.duplicate_per_10k = p.Chance(1, 2) ? 0 : p.Range(0, 500);
+  s.tail_delay_per_10k = p.Range(0, 300);
+  s.partition_every_us = p.Chance(1, 4) ? 0 : p.Range(2, 20) * 1'000'000;
+  s.crash_every_us = p.Chance(1, 5) ? 0 : p.Range(2, 20) * 1'000'000;
+  s.pause_every_us = p.Chance(1, 3) ? 0 : p.Range(3, 30) * 1'000'000;
+  s.torn_write_per_100 = p.Range(0, 100);
+  s.corruption_per_100 = p.Chance(1, 2) ? 0 : p.Range(0, 30);
+  s.max_drift_ppm = p.Range(0, 20'000);  // up to 2%
+  s.compact_every = static_cast<uint64_t>(p.Range(10, 60));
+  s.clients = clients_option > 0 ? clients_option : static_cast<int>(p.Range(1, 10));
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Disk: a log image with an fsync boundary and fault injection.
+
+class SimDisk {
+ public:
+  void Write(std::string bytes) {
+    if (bytes.empty()) return;
+    unsynced_.push_back(std::move(bytes));
+  }
+  void Sync() {
+    for (std::string& b : unsynced_) {
+      record_offsets_.push_back(durable_.size());
+      durable_ += b;
+    }
+    if (!unsynced_.empty()) {
+      record_offsets_.push_back(durable_.size());
+      durable_ += EncodeSyncMark(record_offsets_.size());
+    }
+    unsynced_.clear();
+  }
+  // A crash: every unsynced write is lost; the first may survive torn.
+  void Crash(Prng& p, bool tear) {
+    if (tear && !unsynced_.empty() && unsynced_.front().size() > 1) {
+      durable_ += unsynced_.front().substr(0, p.Range(1, unsynced_.front().size() - 1));
+    }
+    unsynced_.clear();
+  }
+  // Flips a bit inside a synced record's payload (found later by its checksum).
+  void Corrupt(Prng& p) {
+    if (record_offsets_.size() < 2) return;
+    size_t i = static_cast<size_t>(p.Range(0, record_offsets_.size() - 2));
+    size_t begin = record_offsets_[i] + 12;  // past the frame header
+    size_t end = record_offsets_[i + 1];
+    if (begin >= end) return;
+    size_t at = static_cast<size_t>(p.Range(begin, end - 1));
+    durable_[at] = static_cast<char>(durable_[at] ^ (1 << p.Range(0, 7)));
+  }
+  const std::string& durable() const { return durable_; }
+  // After recovery: keep the valid prefix, and rewrite compactly from a recovered state.
+  void Rewrite(const PersistedState& state) {
+    durable_.clear();
+    record_offsets_.clear();
+    unsynced_.clear();
+    Ready r;
+    r.hard_state = state.hard_state;
+    if (state.snapshot_meta.index() > 0) {
+      r.snapshot = SnapshotToInstall{state.snapshot_meta, state.snapshot_data};
+    }
+    r.entries = state.entries;
+    Write(EncodeReady(r));
+    Sync();
+  }
+
+ private:
+  std::string durable_;
+  std::vector<size_t> record_offsets_;
+  std::vector<std::string> unsynced_;
+};
+
+// ---------------------------------------------------------------------------------------
+// Clients and their operations.
+
+enum class ClientOpKind { kWrite, kIncrement, kAppend, kRead, kReadList };
+
+struct ClientOp {
+  ClientOpKind kind = ClientOpKind::kRead;
+  std::string key;
+  int64_t argument = 0;
+  Consistency consistency = LINEARIZABLE;
+};
+
+struct Client {
+  uint64_t id = 0;
+  uint64_t sequence = 0;  // of the current operation
+  uint64_t writes = 0;
+  uint64_t reads = 0;
+  bool busy = false;
+  ClientOp op;
+  int attempts = 0;
+  int64_t call_us = 0;
+  int64_t attempt_deadline_us = 0;
+  uint32_t target = 0;
+  uint64_t op_index = 0;  // into history
+};
+
+struct PendingRead {
+  uint64_t client_index = 0;
+  uint64_t sequence = 0;
+  uint64_t revision = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+
+class World {
+ public:
+  explicit World(const SimOptions& options);
+  SimResult Run();
+
+ private:
+  enum class EventKind { kTick, kDeliver, kClientRequest, kClientWake, kFault };
+  struct Event {
+    int64_t time_us;
+    uint64_t seq;
+    EventKind kind;
+    uint32_t target;  // replica or client index
+    Message message;
+    uint64_t client_sequence = 0;
+    bool operator>(const Event& o) const {
+      return std::tie(time_us, seq) > std::tie(o.time_us, o.seq);
+    }
+  };
+  struct Host {
+    uint32_t id = 0;
+    bool up = false;
+    bool paused = false;
+    bool refused = false;  // found its own state corrupt: refuses to start
+    std::unique_ptr<InMemoryDatabaseOpener> opener;
+    std::unique_ptr<StateMachine> sm;
+    std::unique_ptr<Replica> replica;
+    SimDisk disk;
+    int64_t tick_period_us = kTickUs;
+    int64_t paused_since_us = 0;
+    uint64_t last_snapshot = 0;
+    std::map<std::pair<uint64_t, uint64_t>, uint64_t> pending_writes;  // -> client index
+    std::map<std::pair<uint64_t, uint64_t>, uint64_t> pending_reads;   // -> client index
+    std::vector<PendingRead> reads_waiting_apply;
+    uint64_t last_local_read_revision = 0;
+  };
+
+  void Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m = Message(),
+                uint64_t client_sequence = 0);
+  void Trace(const std::string& line);
+  void Fail(const std::string& what);
+
+  ReplicaConfig ConfigFor(uint32_t id) const;
+  void StartHost(Host& h);
+  void CrashHost(Host& h);
+  void DrainHost(Host& h);
+  void ApplyCommitted(Host& h, const CommittedEntry& c);
+  void ServeRead(Host& h, uint64_t client_index, uint64_t sequence);
+  void MaybeCompact(Host& h);
+  void SendMessage(const Message& m);
+
+  void OnTick(Host& h);
+  void OnFault();
+  void HealAll();
+  void OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence);
+  void ClientStartOp(uint64_t client_index);
+  void ClientSend(uint64_t client_index);
+  void ClientWake(uint64_t client_index);
+  void ClientDone(uint64_t client_index, uint64_t sequence, bool ok, const CommandResult* result,
+                  const StatementResult* rows, uint64_t revision);
+  Statement StatementFor(const ClientOp& op) const;
+  bool Setup();
+  void FinalChecks();
+
+  SimOptions options_;
+  Prng root_;
+  Prng net_, disk_, clock_, process_, workload_;
+  Swarm swarm_;
+  std::vector<Host> hosts_;
+  std::vector<Client> clients_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+  uint64_t next_seq_ = 0;
+  int64_t now_us_ = 0;
+  bool faults_on_ = true;
+  bool clients_issue_ = true;
+  std::set<std::pair<uint32_t, uint32_t>> blocked_;  // (from, to) paths cut
+  int corrupted_hosts_ = 0;
+  StableHash trace_hash_;
+  uint64_t events_run_ = 0;
+  std::optional<std::string> failure_;
+  ChosenChecker chosen_;
+  StateHashChecker state_hashes_;
+  std::vector<Operation> history_;
+  std::vector<LocalRead> local_reads_;
+  int64_t next_value_ = 1;
+};
+
+World::World(const SimOptions& options)
+    : options_(options),
+      root_(options.seed),
+      net_(root_.Next()),
+      disk_(root_.Next()),
+      clock_(root_.Next()),
+      process_(root_.Next()),
+      workload_(root_.Next()),
+      chosen_(static_cast<size_t>(options.replicas)) {
+  Prng swarm_prng(root_.Next());
+  swarm_ = DrawSwarm(swarm_prng, options.clients);
+  hosts_.resize(options_.replicas);
+  for (int i = 0; i < options_.replicas; ++i) {
+    Host& h = hosts_[i];
+    h.id = static_cast<uint32_t>(i + 1);
+    h.opener = std::make_unique<InMemoryDatabaseOpener>();
+    int64_t drift = clock_.Range(-swarm_.max_drift_ppm, swarm_.max_drift_ppm);
+    h.tick_period_us = kTickUs + kTickUs * drift / 1'000'000;
+  }
+  clients_.resize(swarm_.clients);
+  for (size_t i = 0; i < clients_.size(); ++i) clients_[i].id = 100 + i;
+  Trace(absl::StrCat("world seed=", options_.seed, " replicas=", options_.replicas,
+                     " clients=", swarm_.clients, " drop/10k=", swarm_.drop_per_10k,
+                     " dup/10k=", swarm_.duplicate_per_10k, " partition_every_us=",
+                     swarm_.partition_every_us, " crash_every_us=", swarm_.crash_every_us,
+                     " max_drift_ppm=", swarm_.max_drift_ppm));
+}
+
+void World::Trace(const std::string& line) {
+  trace_hash_.AddField(line);
+  if (options_.trace != nullptr) *options_.trace << now_us_ << "us " << line << "\n";
+}
+
+void World::Fail(const std::string& what) {
+  if (failure_) return;
+  failure_ = absl::StrCat("at ", now_us_, "us: ", what);
+  Trace("FAIL " + what);
+}
+
+void World::Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m,
+                     uint64_t client_sequence) {
+  events_.push(Event{at_us, next_seq_++, kind, target, std::move(m), client_sequence});
+}
+
+ReplicaConfig World::ConfigFor(uint32_t id) const {
+  ReplicaConfig c;
+  c.id = id;
+  for (const Host& h : hosts_) c.replica_ids.push_back(h.id);
+  // Small limits, so batching, pipelining, catch-up and snapshots happen in every run.
+  c.max_inflight_slots = 4;
+  c.max_batch_requests = 4;
+  c.max_catchup_entries = 8;
+  c.snapshot_chunk_bytes = 4096;
+  // Clocks drift by up to 2% per replica: two clocks by 4% over a lease, plus a tick.
+  c.clock_drift_bound_ticks = 1 + (c.lease_duration_ticks * 4 + 99) / 100;
+#ifdef SYNOD_TESTING_BUGS
+  c.bugs.skip_repropose = options_.bugs.count("skip-repropose") > 0;
+  c.bugs.lease_ignores_drift = options_.bugs.count("lease-ignores-drift") > 0;
+#endif
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes.
+
+void World::StartHost(Host& h) {
+  SYNOD_CHECK(!h.up && !h.refused);
+  absl::StatusOr<RecoveredLog> recovered = RecoverLog(h.disk.durable());
+  if (!recovered.ok()) {
+    // The replica cannot know what it promised or accepted in the lost records, so it must
+    // not vote again: it refuses to start (docs/simulation.md, "Storage faults").
+    h.refused = true;
+    Trace(absl::StrCat("replica ", h.id, " refuses to start: ", recovered.status().ToString()));
+    return;
+  }
+  PersistedState state = std::move(recovered->state);
+  if (options_.bugs.count("forget-promise") > 0) {
+    state.hard_state.clear_promised();
+    for (LogEntry& e : state.entries) e.clear_ballot();
+  }
+  h.disk.Rewrite(state);
+  StateMachineOptions sm_options;
+  sm_options.testing_no_session_dedup = options_.bugs.count("no-session-dedup") > 0;
+  absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(h.opener.get(), sm_options);
+  SYNOD_CHECK(sm.ok()) << sm.status();
+  h.sm = std::move(*sm);
+  // A crash between persisting a received snapshot and installing it: install it now.
+  if (h.sm->revision() < state.snapshot_meta.index()) {
+    absl::Status restored = h.sm->RestoreSnapshot(state.snapshot_data);
+    SYNOD_CHECK(restored.ok()) << restored;
+  }
+  state.applied_index = h.sm->revision();
+  h.last_snapshot = state.snapshot_meta.index();
+  h.replica = std::make_unique<Replica>(ConfigFor(h.id), std::move(state), process_.Next());
+  h.up = true;
+  h.paused = false;
+  Trace(absl::StrCat("replica ", h.id, " starts at revision ", h.sm->revision()));
+  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id);
+}
+
+void World::CrashHost(Host& h) {
+  if (!h.up) return;
+  h.up = false;
+  h.paused = false;
+  h.replica.reset();
+  h.sm.reset();
+  bool tear = disk_.Chance(swarm_.torn_write_per_100, 100);
+  h.disk.Crash(disk_, tear);
+  // Corrupt at most a minority, so the group can always go on.
+  int max_corrupt = (options_.replicas - 1) / 2;
+  if (corrupted_hosts_ < max_corrupt && disk_.Chance(swarm_.corruption_per_100, 100)) {
+    h.disk.Corrupt(disk_);
+    ++corrupted_hosts_;
+    Trace(absl::StrCat("replica ", h.id, " disk corrupted"));
+  }
+  // Clients waiting at this replica hear nothing; they time out and retry elsewhere.
+  h.pending_writes.clear();
+  h.pending_reads.clear();
+  h.reads_waiting_apply.clear();
+  Trace(absl::StrCat("replica ", h.id, " crashes", tear ? " (torn write)" : ""));
+}
+
+void World::SendMessage(const Message& m) {
+  if (blocked_.count({m.from(), m.to()}) > 0) return;
+  if (faults_on_ && net_.Chance(swarm_.drop_per_10k, 10'000)) return;
+  int copies = faults_on_ && net_.Chance(swarm_.duplicate_per_10k, 10'000) ? 2 : 1;
+  for (int i = 0; i < copies; ++i) {
+    int64_t delay = net_.Range(200, 3'000);
+    if (faults_on_ && net_.Chance(swarm_.tail_delay_per_10k, 10'000)) delay *= net_.Range(5, 100);
+    Schedule(now_us_ + delay, EventKind::kDeliver, m.to(), m);
+  }
+}
+
+void World::DrainHost(Host& h) {
+  while (h.up && !h.paused && h.replica->HasReady()) {
+    Ready ready = h.replica->GetReady();
+    // 1. Persist.
+    h.disk.Write(EncodeReady(ready));
+    if (ready.must_sync) {
+      h.disk.Sync();
+      for (const LogEntry& e : ready.entries) chosen_.Accepted(h.id, e);
+    }
+    if (ready.compacted_through > 0) {
+      h.disk.Sync();
+      absl::StatusOr<RecoveredLog> state = RecoverLog(h.disk.durable());
+      SYNOD_CHECK(state.ok()) << state.status();
+      h.disk.Rewrite(state->state);
+    }
+    // 2. Send.
+    for (const Message& m : ready.messages) SendMessage(m);
+    // 3. Install, apply.
+    if (ready.snapshot) {
+      absl::Status restored = h.sm->RestoreSnapshot(ready.snapshot->data);
+      SYNOD_CHECK(restored.ok()) << restored;
+      SYNOD_CHECK_EQ(h.sm->revision(), ready.snapshot->meta.index());
+      Trace(absl::StrCat("replica ", h.id, " installs snapshot at ", h.sm->revision()));
+      state_hashes_.Observe(h.id, h.sm->revision(), h.sm->StateHash(), &failure_);
+    }
+    for (const CommittedEntry& c : ready.committed) ApplyCommitted(h, c);
+    // 4. Replies to read barriers and refusals.
+    for (const ForwardReply& reply : ready.replies) {
+      auto key = std::make_pair(reply.client_id(), reply.sequence());
+      if (reply.read_barrier()) {
+        auto it = h.pending_reads.find(key);
+        if (it == h.pending_reads.end()) continue;
+        uint64_t client_index = it->second;
+        h.pending_reads.erase(it);
+        if (reply.code() != OK) {
+          ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
+        } else {
+          h.reads_waiting_apply.push_back({client_index, reply.sequence(), reply.read_revision()});
+        }
+      } else {
+        auto it = h.pending_writes.find(key);
+        if (it == h.pending_writes.end()) continue;
+        uint64_t client_index = it->second;
+        h.pending_writes.erase(it);
+        ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
+      }
+    }
+    h.replica->Advance(ready);
+    // Reads wait until the state machine has applied the revision they are valid at.
+    std::vector<PendingRead> waiting;
+    for (const PendingRead& r : h.reads_waiting_apply) {
+      if (h.sm->revision() >= r.revision) {
+        ServeRead(h, r.client_index, r.sequence);
+      } else {
+        waiting.push_back(r);
+      }
+    }
+    h.reads_waiting_apply = std::move(waiting);
+    MaybeCompact(h);
+  }
+}
+
+void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
+  chosen_.Committed(h.id, c.slot, c.value);
+  std::vector<AppliedRequest> applied = h.sm->Apply(c.slot, c.value);
+  if (c.slot % kStateHashEveryRevisions == 0) {
+    state_hashes_.Observe(h.id, c.slot, h.sm->StateHash(), &failure_);
+  }
+  for (const AppliedRequest& a : applied) {
+    if (a.origin_replica != h.id) continue;
+    auto it = h.pending_writes.find({a.client_id, a.sequence});
+    if (it == h.pending_writes.end()) continue;
+    uint64_t client_index = it->second;
+    h.pending_writes.erase(it);
+    ClientDone(client_index, a.sequence, a.result.code() == OK, &a.result, nullptr,
+               a.result.revision());
+  }
+}
+
+void World::ServeRead(Host& h, uint64_t client_index, uint64_t sequence) {
+  const Client& c = clients_[client_index];
+  if (!c.busy || c.sequence != sequence) return;
+  absl::StatusOr<StatementResult> rows = h.sm->Query(kDatabase, StatementFor(c.op));
+  if (!rows.ok()) {
+    Fail(absl::StrCat("replica ", h.id, " could not serve a read: ", rows.status().ToString()));
+    return;
+  }
+  if (c.op.consistency == LOCAL) {
+    local_reads_.push_back({h.id, h.sm->revision(), c.op.key, 0});
+    if (h.sm->revision() < h.last_local_read_revision) {
+      Fail(absl::StrCat("local reads at replica ", h.id, " went back from revision ",
+                        h.last_local_read_revision, " to ", h.sm->revision()));
+    }
+    h.last_local_read_revision = h.sm->revision();
+  }
+  ClientDone(client_index, sequence, true, nullptr, &*rows, h.sm->revision());
+}
+
+void World::MaybeCompact(Host& h) {
+  if (!h.up || h.sm->revision() < h.last_snapshot + swarm_.compact_every) return;
+  absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
+  if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
+  uint64_t index = h.sm->revision();
+  Ready r;
+  r.snapshot = SnapshotToInstall{};
+  r.snapshot->meta.set_index(index);
+  r.snapshot->meta.set_size_bytes(snapshot->size());
+  r.snapshot->data = *snapshot;
+  r.compacted_through = index;
+  h.disk.Write(EncodeReady(r));
+  h.disk.Sync();
+  h.replica->Compact(index, std::move(*snapshot));
+  h.last_snapshot = index;
+}
+
+void World::OnTick(Host& h) {
+  if (!h.up) return;
+  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id);
+  if (h.paused) return;
+  h.replica->Tick();
+  DrainHost(h);
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults.
+
+void World::OnFault() {
+  if (!faults_on_) return;
+  // One fault process; each kind fires at its own mean rate (checked every 100 ms).
+  Schedule(now_us_ + 100'000, EventKind::kFault, 0);
+  auto fires = [&](int64_t every_us) {
+    return every_us > 0 && process_.Chance(100'000, static_cast<uint64_t>(every_us));
+  };
+  int n = options_.replicas;
+  if (fires(swarm_.partition_every_us)) {
+    blocked_.clear();
+    int kind = static_cast<int>(net_.Range(0, 3));
+    uint32_t a = static_cast<uint32_t>(net_.Range(1, n));
+    if (kind == 0) {  // isolate one replica
+      for (int i = 1; i <= n; ++i) {
+        if (static_cast<uint32_t>(i) == a) continue;
+        blocked_.insert({a, i});
+        blocked_.insert({static_cast<uint32_t>(i), a});
+      }
+    } else if (kind == 1) {  // split in two
+      std::vector<int> side(n + 1);
+      for (int i = 1; i <= n; ++i) side[i] = static_cast<int>(net_.Range(0, 1));
+      for (int i = 1; i <= n; ++i) {
+        for (int j = 1; j <= n; ++j) {
+          if (side[i] != side[j]) blocked_.insert({i, j});
+        }
+      }
+    } else if (kind == 2) {  // one-way: a hears nobody
+      for (int i = 1; i <= n; ++i) {
+        if (static_cast<uint32_t>(i) != a) blocked_.insert({static_cast<uint32_t>(i), a});
+      }
+    } else {  // clog one path
+      uint32_t b = static_cast<uint32_t>(net_.Range(1, n));
+      if (a != b) blocked_.insert({a, b});
+    }
+    Trace(absl::StrCat("partition kind=", kind, " around ", a, " paths cut=", blocked_.size()));
+  } else if (!blocked_.empty() && net_.Chance(1, 20)) {
+    blocked_.clear();
+    Trace("partition heals");
+  }
+  if (fires(swarm_.crash_every_us)) {
+    Host& h = hosts_[process_.Range(0, n - 1)];
+    int down = 0;
+    for (const Host& o : hosts_) down += !o.up;
+    if (h.up && down < n - 1) CrashHost(h);
+  }
+  for (Host& h : hosts_) {
+    if (!h.up && !h.refused && process_.Chance(1, 15)) StartHost(h);
+  }
+  if (fires(swarm_.pause_every_us)) {
+    Host& h = hosts_[process_.Range(0, n - 1)];
+    if (h.up && !h.paused) {
+      h.paused = true;
+      h.paused_since_us = now_us_;
+      Trace(absl::StrCat("replica ", h.id, " pauses"));
+    }
+  }
+  for (Host& h : hosts_) {
+    if (h.up && h.paused && process_.Chance(1, 10)) {
+      h.paused = false;
+      // The process's monotonic clock kept running: it catches up on the ticks it missed.
+      int64_t missed = (now_us_ - h.paused_since_us) / h.tick_period_us;
+      Trace(absl::StrCat("replica ", h.id, " resumes after ", missed, " ticks"));
+      for (int64_t i = 0; i < missed && h.up; ++i) {
+        h.replica->Tick();
+        DrainHost(h);
+      }
+    }
+  }
+}
+
+void World::HealAll() {
+  faults_on_ = false;
+  blocked_.clear();
+  for (Host& h : hosts_) {
+    if (h.up && h.paused) {
+      h.paused = false;
+      DrainHost(h);
+    }
+    if (!h.up && !h.refused) StartHost(h);
+  }
+  Trace("faults stop; every replica that can is up");
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients.
+
+Statement World::StatementFor(const ClientOp& op) const {
+  Statement s;
+  auto text = [](const std::string& v) {
+    SqlValue x;
+    x.set_text(v);
+    return x;
+  };
+  auto integer = [](int64_t v) {
+    SqlValue x;
+    x.set_integer(v);
+    return x;
+  };
+  switch (op.kind) {
+    case ClientOpKind::kWrite:
+      s.set_sql(
+          "INSERT INTO kv(key, value) VALUES (?, ?) "
+          "ON CONFLICT(key) DO UPDATE SET value = excluded.value");
+      break;
+    case ClientOpKind::kIncrement:
+      s.set_sql(
+          "INSERT INTO kv(key, value) VALUES (?, ?) "
+          "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value");
+      break;
+    case ClientOpKind::kAppend:
+      s.set_sql("INSERT INTO list(key, element, noise) VALUES (?, ?, random())");
+      break;
+    case ClientOpKind::kRead:
+      s.set_sql("SELECT value FROM kv WHERE key = ?");
+      break;
+    case ClientOpKind::kReadList:
+      s.set_sql("SELECT element FROM list WHERE key = ? ORDER BY id");
+      break;
+  }
+  *s.add_params() = text(op.key);
+  if (op.kind == ClientOpKind::kWrite || op.kind == ClientOpKind::kIncrement ||
+      op.kind == ClientOpKind::kAppend) {
+    *s.add_params() = integer(op.argument);
+  }
+  return s;
+}
+
+void World::ClientStartOp(uint64_t client_index) {
+  Client& c = clients_[client_index];
+  if (!clients_issue_) return;
+  c.busy = true;
+  c.attempts = 0;
+  c.call_us = now_us_;
+  int k = static_cast<int>(workload_.Range(0, 2));
+  int which = static_cast<int>(workload_.Range(0, 9));
+  ClientOp op;
+  if (which < 2) {
+    op.kind = ClientOpKind::kWrite;
+    op.key = absl::StrCat("r", k);
+    op.argument = next_value_++;
+  } else if (which < 4) {
+    op.kind = ClientOpKind::kIncrement;
+    op.key = absl::StrCat("c", k);
+    op.argument = 1;
+  } else if (which < 5) {
+    op.kind = ClientOpKind::kAppend;
+    op.key = absl::StrCat("l", k);
+    op.argument = next_value_++;
+  } else {
+    int target = static_cast<int>(workload_.Range(0, 2));
+    op.kind = target == 2 ? ClientOpKind::kReadList : ClientOpKind::kRead;
+    op.key = absl::StrCat(target == 0 ? "r" : target == 1 ? "c" : "l", k);
+    int level = static_cast<int>(workload_.Range(0, 9));
+    op.consistency = level < 5 ? LINEARIZABLE : level < 8 ? LEASE : LOCAL;
+  }
+  c.op = op;
+  bool is_read = op.kind == ClientOpKind::kRead || op.kind == ClientOpKind::kReadList;
+  c.sequence = is_read ? kReadSequenceBase + ++c.reads : ++c.writes;
+  Operation h;
+  h.id = history_.size() + 1;
+  h.client_id = c.id;
+  h.key = op.key;
+  h.argument = op.argument;
+  h.call_tick = now_us_;
+  h.ambiguous = true;  // until an answer says otherwise
+  switch (op.kind) {
+    case ClientOpKind::kWrite:
+      h.kind = OpKind::kWrite;
+      break;
+    case ClientOpKind::kIncrement:
+      h.kind = OpKind::kIncrement;
+      break;
+    case ClientOpKind::kAppend:
+      h.kind = OpKind::kAppend;
+      break;
+    case ClientOpKind::kRead:
+      h.kind = OpKind::kRead;
+      break;
+    case ClientOpKind::kReadList:
+      h.kind = OpKind::kReadList;
+      break;
+  }
+  c.op_index = history_.size();
+  history_.push_back(h);
+  c.target = static_cast<uint32_t>(workload_.Range(1, options_.replicas));
+  ClientSend(client_index);
+}
+
+void World::ClientSend(uint64_t client_index) {
+  Client& c = clients_[client_index];
+  ++c.attempts;
+  c.attempt_deadline_us = now_us_ + kClientTimeoutUs;
+  Trace(absl::StrCat("client ", c.id, " seq ", c.sequence, " attempt ", c.attempts, " -> ",
+                     c.target, " key ", c.op.key));
+  Schedule(now_us_ + net_.Range(100, 1'000), EventKind::kClientRequest, c.target, Message(),
+           client_index);
+  Schedule(c.attempt_deadline_us, EventKind::kClientWake, static_cast<uint32_t>(client_index));
+}
+
+void World::OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence) {
+  Client& c = clients_[client_index];
+  if (!h.up || h.paused || !c.busy || c.sequence != sequence) return;
+  bool is_read = c.op.kind == ClientOpKind::kRead || c.op.kind == ClientOpKind::kReadList;
+  if (is_read && c.op.consistency == LOCAL) return ServeRead(h, client_index, sequence);
+  ClientRequest req;
+  req.set_client_id(c.id);
+  req.set_sequence(sequence);
+  req.set_timestamp_unix_ms(1'700'000'000'000 + now_us_ / 1000);
+  if (is_read) {
+    req.mutable_command()->mutable_read_barrier()->set_consistency(c.op.consistency);
+    h.pending_reads[{c.id, sequence}] = client_index;
+  } else {
+    Execute* e = req.mutable_command()->mutable_execute();
+    e->set_database(kDatabase);
+    *e->add_statements() = StatementFor(c.op);
+    e->set_transaction(true);
+    h.pending_writes[{c.id, sequence}] = client_index;
+  }
+  h.replica->Propose(std::move(req));
+  DrainHost(h);
+}
+
+void World::ClientWake(uint64_t client_index) {
+  Client& c = clients_[client_index];
+  if (!c.busy || now_us_ < c.attempt_deadline_us) return;
+  bool is_read = c.sequence >= kReadSequenceBase;
+  // A write is retried, with the same sequence, until it has a definite answer (the
+  // session applies it at most once); until then it counts as ambiguous.
+  if (!is_read || c.attempts < kReadAttempts) {
+    c.target = c.target % options_.replicas + 1;
+    return ClientSend(client_index);
+  }
+  Trace(absl::StrCat("client ", c.id, " seq ", c.sequence, " gives up the read"));
+  c.busy = false;
+  ClientStartOp(client_index);
+}
+
+void World::ClientDone(uint64_t client_index, uint64_t sequence, bool ok,
+                       const CommandResult* result, const StatementResult* rows,
+                       uint64_t revision) {
+  Client& c = clients_[client_index];
+  if (!c.busy || c.sequence != sequence) return;
+  if (!ok) {
+    // Refused: try the next replica at once (the same sequence, so it applies at most once).
+    if (result != nullptr && result->code() != UNAVAILABLE) {
+      Fail(absl::StrCat("client ", c.id, " seq ", sequence, " failed: ", result->message()));
+    }
+    c.attempt_deadline_us = now_us_ + kRetryPauseUs;
+    Schedule(c.attempt_deadline_us, EventKind::kClientWake, static_cast<uint32_t>(client_index));
+    return;
+  }
+  Operation& h = history_[c.op_index];
+  h.ambiguous = false;
+  h.return_tick = now_us_;
+  if (rows != nullptr) {
+    if (h.kind == OpKind::kRead) {
+      h.read_value = rows->rows_size() == 0 ? 0 : rows->rows(0).values(0).integer();
+    } else {
+      for (const Row& r : rows->rows()) h.read_list.push_back(r.values(0).integer());
+    }
+    if (c.op.consistency == LOCAL) {
+      local_reads_.back().value = h.kind == OpKind::kRead ? h.read_value : 0;
+      h.ambiguous = true;  // local reads are not linearizable; checked on their own
+    }
+  }
+  Trace(absl::StrCat("client ", c.id, " seq ", sequence, " ok at revision ", revision));
+  c.busy = false;
+  Schedule(now_us_ + workload_.Range(kThinkMinUs, kThinkMaxUs), EventKind::kClientWake,
+           static_cast<uint32_t>(client_index), Message(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The run.
+
+bool World::Setup() {
+  // Create the database and tables through the log, before any fault.
+  for (Host& h : hosts_) StartHost(h);
+  faults_on_ = false;
+  ClientRequest create;
+  create.set_client_id(1);
+  create.set_sequence(1);
+  create.mutable_command()->mutable_create_database()->set_name(kDatabase);
+  ClientRequest tables;
+  tables.set_client_id(2);
+  tables.set_sequence(1);
+  Execute* e = tables.mutable_command()->mutable_execute();
+  e->set_database(kDatabase);
+  e->set_transaction(true);
+  e->add_statements()->set_sql("CREATE TABLE kv(key TEXT PRIMARY KEY, value INTEGER)");
+  e->add_statements()->set_sql(
+      "CREATE TABLE list(id INTEGER PRIMARY KEY, key TEXT, element INTEGER, noise INTEGER)");
+  int64_t next_attempt_us = 0;
+  for (int64_t limit = now_us_ + 60'000'000; now_us_ < limit && !events_.empty();) {
+    Event ev = events_.top();
+    events_.pop();
+    now_us_ = ev.time_us;
+    if (ev.kind == EventKind::kTick) OnTick(hosts_[ev.target - 1]);
+    if (ev.kind == EventKind::kDeliver && hosts_[ev.target - 1].up) {
+      hosts_[ev.target - 1].replica->Step(ev.message);
+      DrainHost(hosts_[ev.target - 1]);
+    }
+    // Propose at the leader, again every second until done (sessions apply each once).
+    for (Host& h : hosts_) {
+      if (now_us_ < next_attempt_us || h.replica->role() != Role::kLeader) continue;
+      next_attempt_us = now_us_ + 1'000'000;
+      h.replica->Propose(h.sm->ListDatabases().empty() ? create : tables);
+      DrainHost(h);
+    }
+    bool all_ready = true;
+    for (const Host& h : hosts_) all_ready = all_ready && h.sm->ListDatabases().size() == 1 &&
+                                             h.sm->Query(kDatabase, StatementFor({})).ok();
+    if (all_ready) return true;
+  }
+  return false;
+}
+
+SimResult World::Run() {
+  SimResult result;
+  if (!Setup()) {
+    Fail("the cluster did not come up and create the test database within 60 s");
+  }
+  faults_on_ = true;
+  int64_t fault_end_us = now_us_ + options_.ticks * kTickUs;
+  Schedule(now_us_ + 100'000, EventKind::kFault, 0);
+  for (size_t i = 0; i < clients_.size(); ++i) ClientStartOp(i);
+  int64_t end_us = fault_end_us + kLivenessBoundUs;
+  bool healed = false;
+  while (!failure_ && !events_.empty()) {
+    Event ev = events_.top();
+    if (!healed && ev.time_us >= fault_end_us) {
+      now_us_ = fault_end_us;
+      healed = true;
+      clients_issue_ = false;
+      HealAll();
+      continue;
+    }
+    if (ev.time_us > end_us) break;
+    events_.pop();
+    now_us_ = ev.time_us;
+    ++events_run_;
+    trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
+    trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
+    switch (ev.kind) {
+      case EventKind::kTick:
+        OnTick(hosts_[ev.target - 1]);
+        break;
+      case EventKind::kDeliver: {
+        Host& h = hosts_[ev.target - 1];
+        if (!h.up || h.paused) break;
+        if (faults_on_ && blocked_.count({ev.message.from(), ev.message.to()}) > 0) break;
+        h.replica->Step(ev.message);
+        DrainHost(h);
+        break;
+      }
+      case EventKind::kClientRequest:
+        OnClientRequest(hosts_[ev.target - 1], ev.client_sequence,
+                        clients_[ev.client_sequence].sequence);
+        break;
+      case EventKind::kClientWake: {
+        Client& c = clients_[ev.target];
+        if (c.busy) {
+          ClientWake(ev.target);
+        } else {
+          ClientStartOp(ev.target);
+        }
+        break;
+      }
+      case EventKind::kFault:
+        OnFault();
+        break;
+    }
+    if (healed) {
+      bool idle = true;
+      for (const Client& c : clients_) idle = idle && !c.busy;
+      if (idle) break;
+    }
+  }
+  if (!failure_ && options_.mode == Mode::kLiveness) {
+    for (const Client& c : clients_) {
+      if (c.busy) {
+        Fail(absl::StrCat("liveness: client ", c.id, " seq ", c.sequence,
+                          " did not complete within ", kLivenessBoundUs / 1'000'000,
+                          " s after the faults stopped"));
+        break;
+      }
+    }
+  }
+  if (!failure_) FinalChecks();
+  result.passed = !failure_;
+  result.failure = failure_.value_or("");
+  result.trace_hash = trace_hash_.value();
+  result.simulated_ms = now_us_ / 1000;
+  result.events = events_run_;
+  for (const Operation& op : history_) result.operations += !op.ambiguous;
+  for (const Host& h : hosts_) {
+    if (h.sm) result.revision = std::max(result.revision, h.sm->revision());
+  }
+  return result;
+}
+
+void World::FinalChecks() {
+  if (std::optional<std::string> v = chosen_.violation()) return Fail(*v);
+  // Acknowledged writes survive every crash: the replicas that are up and caught up hold
+  // every acknowledged append and at least every acknowledged increment.
+  uint64_t top = 0;
+  for (const Host& h : hosts_) {
+    if (h.up) top = std::max(top, h.sm->revision());
+  }
+  for (Host& h : hosts_) {
+    if (!h.up || h.sm->revision() != top) continue;
+    std::optional<std::string> lost = CheckNoAcknowledgedWriteLost(
+        history_, [&](const std::string& sql) {
+          Statement s;
+          s.set_sql(sql);
+          return h.sm->Query(kDatabase, s);
+        });
+    if (lost) return Fail(absl::StrCat("replica ", h.id, ": ", *lost));
+  }
+  if (std::optional<std::string> bad = CheckLocalReads(history_, local_reads_)) return Fail(*bad);
+  CheckResult lin = CheckLinearizable(history_, kLinearizabilityBudgetSteps);
+  if (lin.verdict != CheckResult::Verdict::kLinearizable) {
+    Fail(absl::StrCat("history ", VerdictName(lin.verdict), " (key ", lin.key, "): ",
+                      lin.explanation));
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> KnownBugs() {
+  return {
+      {"forget-promise", "an acceptor forgets its promises and accepted ballots on restart"},
+      {"skip-repropose", "a new leader proposes no-ops instead of values already accepted"},
+      {"lease-ignores-drift", "a lease runs from the acknowledgement, without the drift bound"},
+      {"no-session-dedup", "the state machine applies a retried request again"},
+  };
+}
+
+SimResult RunSimulation(const SimOptions& options) {
+  World world(options);
+  return world.Run();
+}
+
+}  // namespace synod::sim
