@@ -63,8 +63,8 @@ std::optional<std::string> CheckLocalReads(const std::vector<Operation>& history
   for (const LocalRead& r : reads) {
     if (r.value == 0 || r.key.empty()) continue;
     if (r.key[0] == 'r' && written[r.key].count(r.value) == 0) {
-      return absl::StrCat("a local read at replica ", r.replica, " saw value ", r.value,
-                          " of ", r.key, ", which no client wrote");
+      return absl::StrCat("a local read at replica ", r.replica, " saw value ", r.value, " of ",
+                          r.key, ", which no client wrote");
     }
     if (r.key[0] == 'c' && (r.value < 0 || r.value > increments[r.key])) {
       return absl::StrCat("a local read at replica ", r.replica, " saw counter ", r.key, " = ",

@@ -6,9 +6,6 @@
 //   --replicas 3|5  --clients 1..10  --ticks T  --mode safety|liveness
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +16,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "sim/isolated_run.h"
 #include "sim/world.h"
 
 namespace {
@@ -36,9 +34,9 @@ int Usage(const std::string& error) {
 }
 
 std::string ReplayCommand(const SimOptions& o) {
-  std::string cmd = absl::StrFormat("synod-sim --seed %d --replicas %d --ticks %d --mode %s",
-                                    o.seed, o.replicas, o.ticks,
-                                    o.mode == Mode::kLiveness ? "liveness" : "safety");
+  std::string cmd =
+      absl::StrFormat("synod-sim --seed %d --replicas %d --ticks %d --mode %s", o.seed, o.replicas,
+                      o.ticks, o.mode == Mode::kLiveness ? "liveness" : "safety");
   if (o.clients > 0) cmd += absl::StrFormat(" --clients %d", o.clients);
   for (const std::string& b : o.bugs) cmd += " --bug " + b;
   return cmd;
@@ -47,7 +45,8 @@ std::string ReplayCommand(const SimOptions& o) {
 // Writes the full readable trace of a failing run (re-run: the run is deterministic).
 std::string WriteTrace(SimOptions o) {
   const char* dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
-  std::string path = absl::StrFormat("%s/synod-sim-%d.trace", dir != nullptr ? dir : "/tmp", o.seed);
+  std::string path =
+      absl::StrFormat("%s/synod-sim-%d.trace", dir != nullptr ? dir : "/tmp", o.seed);
   std::ofstream out(path);
   o.trace = &out;
   synod::sim::RunSimulation(o);
@@ -57,8 +56,7 @@ std::string WriteTrace(SimOptions o) {
 int RunOne(const SimOptions& o) {
   auto start = std::chrono::steady_clock::now();
   SimResult r = synod::sim::RunSimulation(o);
-  double wall_s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cout << absl::StrFormat(
       "simulated %.1f s in %.2f s wall (%.0fx), %d events, %d operations, revision %d\n",
       r.simulated_ms / 1000.0, wall_s, wall_s > 0 ? r.simulated_ms / 1000.0 / wall_s : 0.0,
@@ -73,51 +71,25 @@ int RunOne(const SimOptions& o) {
   return r.passed ? 0 : 1;
 }
 
-// Each seed runs in a child process, so that a SYNOD_CHECK abort in the core fails that
-// seed rather than the sweep.
+// Each seed runs in a child process (RunIsolated), so that a SYNOD_CHECK abort in the core
+// fails that seed rather than the sweep.
 int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
   uint64_t passed = 0, failed = 0;
   int64_t simulated_ms = 0;
   auto start = std::chrono::steady_clock::now();
   for (uint64_t seed = first; seed <= last; ++seed) {
     o.seed = seed;
-    int pipe_fds[2];
-    if (pipe(pipe_fds) != 0) return Usage("pipe failed");
-    pid_t pid = fork();
-    if (pid == 0) {
-      close(pipe_fds[0]);
-      SimResult r = synod::sim::RunSimulation(o);
-      std::string report = absl::StrFormat("%d %d %s", r.passed ? 1 : 0, r.simulated_ms, r.failure);
-      ssize_t written = write(pipe_fds[1], report.data(), report.size());
-      _exit(written == static_cast<ssize_t>(report.size()) ? 0 : 3);
-    }
-    close(pipe_fds[1]);
-    std::string report;
-    char buf[4096];
-    for (ssize_t n; (n = read(pipe_fds[0], buf, sizeof buf)) > 0;) report.append(buf, n);
-    close(pipe_fds[0]);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && !report.empty() && report[0] == '1';
-    if (!report.empty()) {
-      size_t space = report.find(' ');
-      int64_t ms = 0;
-      if (space != std::string::npos &&
-          absl::SimpleAtoi(report.substr(space + 1, report.find(' ', space + 1) - space - 1), &ms)) {
-        simulated_ms += ms;
-      }
-    }
-    if (ok) {
+    SimResult r = synod::sim::RunIsolated(o);
+    simulated_ms += r.simulated_ms;
+    if (r.passed) {
       ++passed;
       continue;
     }
     ++failed;
-    std::string why = report.size() > 2 ? report.substr(report.find(' ', 2) + 1)
-                                        : "the process died (see the replay for the abort)";
-    std::cout << absl::StrFormat("seed %d FAILED: %s\n  replay: %s\n", seed, why, ReplayCommand(o));
+    std::cout << absl::StrFormat("seed %d FAILED: %s\n  replay: %s\n", seed, r.failure,
+                                 ReplayCommand(o));
   }
-  double wall_s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cout << absl::StrFormat("simulated %.0f s in %.1f s wall: %.0f simulated s per wall s\n",
                                simulated_ms / 1000.0, wall_s,
                                wall_s > 0 ? simulated_ms / 1000.0 / wall_s : 0.0);
@@ -131,7 +103,6 @@ int main(int argc, char** argv) {
   SimOptions o;
   bool have_seed = false, have_sweep = false;
   uint64_t first = 0, last = 0;
-  std::ofstream unused;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };

@@ -23,7 +23,7 @@ namespace {
 
 constexpr int64_t kTickUs = 10'000;  // one nominal replica tick: 10 ms
 constexpr int64_t kClientTimeoutUs = 2'000'000;
-constexpr int kReadAttempts = 4;     // a read gives up after this many (it tells nothing)
+constexpr int kReadAttempts = 4;           // a read gives up after this many (it tells nothing)
 constexpr int64_t kRetryPauseUs = 50'000;  // before resending a refused request
 // Reads are not logged, so they use their own sequence numbers, apart from the writes'
 // (a client's writes are numbered 1, 2, 3, ... for the state machine's session).
@@ -65,11 +65,13 @@ struct Swarm {
   uint64_t tail_delay_per_10k;  // a message takes up to 100x the usual delay
   int64_t partition_every_us;   // mean time between network partitions (0: none)
   int64_t crash_every_us;       // mean time between replica crashes (0: none)
+  uint64_t restart_per_100;     // chance per 100 ms that a crashed replica restarts
   int64_t pause_every_us;
-  uint64_t torn_write_per_100;   // a crash leaves the first unsynced record torn
-  uint64_t corruption_per_100;   // a crash also corrupts a synced record (bounded, below)
-  int64_t max_drift_ppm;         // per-replica clock rate error
-  uint64_t compact_every;        // applied entries between snapshots
+  uint64_t torn_write_per_100;  // a crash leaves the first unsynced record torn
+  uint64_t corruption_per_100;  // a crash also corrupts a synced record (bounded, below)
+  int64_t max_drift_ppm;        // per-replica clock rate error
+  uint64_t compact_every;       // applied entries between snapshots
+  int lease_duration_ticks;     // up to one tick below the election timeout
   int clients;
 };
 
@@ -78,13 +80,17 @@ Swarm DrawSwarm(Prng& p, int clients_option) {
   s.drop_per_10k = p.Chance(1, 4) ? 0 : p.Range(0, 800);
   s.duplicate_per_10k = p.Chance(1, 2) ? 0 : p.Range(0, 500);
   s.tail_delay_per_10k = p.Range(0, 300);
-  s.partition_every_us = p.Chance(1, 4) ? 0 : p.Range(2, 20) * 1'000'000;
-  s.crash_every_us = p.Chance(1, 5) ? 0 : p.Range(2, 20) * 1'000'000;
-  s.pause_every_us = p.Chance(1, 3) ? 0 : p.Range(3, 30) * 1'000'000;
+  s.partition_every_us = p.Chance(1, 5) ? 0 : p.Range(5, 100) * 100'000;
+  s.crash_every_us = p.Chance(1, 5) ? 0 : p.Range(5, 100) * 100'000;
+  s.restart_per_100 = static_cast<uint64_t>(p.Range(5, 60));
+  s.pause_every_us = p.Chance(1, 3) ? 0 : p.Range(10, 200) * 100'000;
   s.torn_write_per_100 = p.Range(0, 100);
   s.corruption_per_100 = p.Chance(1, 2) ? 0 : p.Range(0, 30);
-  s.max_drift_ppm = p.Range(0, 20'000);  // up to 2%
+  // Usually good clocks (up to 2% off); now and then bad ones (up to 25%), which the
+  // configured drift bound must then cover.
+  s.max_drift_ppm = p.Chance(1, 3) ? p.Range(20'000, 250'000) : p.Range(0, 20'000);
   s.compact_every = static_cast<uint64_t>(p.Range(10, 60));
+  s.lease_duration_ticks = static_cast<int>(p.Range(5, ReplicaConfig().election_timeout_ticks - 1));
   s.clients = clients_option > 0 ? clients_option : static_cast<int>(p.Range(1, 10));
   return s;
 }
@@ -234,6 +240,10 @@ class World {
 
   void OnTick(Host& h);
   void OnFault();
+  uint32_t CurrentLeader() const;  // the replica that believes it leads (0: none)
+  // While a leader believes its lease valid (and may answer lease reads without a round
+  // trip), no other replica may lead at a higher ballot.
+  void CheckLeases();
   void HealAll();
   void OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence);
   void ClientStartOp(uint64_t client_index);
@@ -289,11 +299,11 @@ World::World(const SimOptions& options)
   }
   clients_.resize(swarm_.clients);
   for (size_t i = 0; i < clients_.size(); ++i) clients_[i].id = 100 + i;
-  Trace(absl::StrCat("world seed=", options_.seed, " replicas=", options_.replicas,
-                     " clients=", swarm_.clients, " drop/10k=", swarm_.drop_per_10k,
-                     " dup/10k=", swarm_.duplicate_per_10k, " partition_every_us=",
-                     swarm_.partition_every_us, " crash_every_us=", swarm_.crash_every_us,
-                     " max_drift_ppm=", swarm_.max_drift_ppm));
+  Trace(absl::StrCat(
+      "world seed=", options_.seed, " replicas=", options_.replicas, " clients=", swarm_.clients,
+      " drop/10k=", swarm_.drop_per_10k, " dup/10k=", swarm_.duplicate_per_10k,
+      " partition_every_us=", swarm_.partition_every_us, " crash_every_us=", swarm_.crash_every_us,
+      " max_drift_ppm=", swarm_.max_drift_ppm));
 }
 
 void World::Trace(const std::string& line) {
@@ -321,8 +331,12 @@ ReplicaConfig World::ConfigFor(uint32_t id) const {
   c.max_batch_requests = 4;
   c.max_catchup_entries = 8;
   c.snapshot_chunk_bytes = 4096;
-  // Clocks drift by up to 2% per replica: two clocks by 4% over a lease, plus a tick.
-  c.clock_drift_bound_ticks = 1 + (c.lease_duration_ticks * 4 + 99) / 100;
+  c.lease_duration_ticks = swarm_.lease_duration_ticks;
+  // Two clocks drift apart by up to twice the per-replica bound over a lease, plus a tick
+  // of rounding.
+  c.clock_drift_bound_ticks =
+      1 +
+      static_cast<int>((c.lease_duration_ticks * 2 * swarm_.max_drift_ppm + 999'999) / 1'000'000);
 #ifdef SYNOD_TESTING_BUGS
   c.bugs.skip_repropose = options_.bugs.count("skip-repropose") > 0;
   c.bugs.lease_ignores_drift = options_.bugs.count("lease-ignores-drift") > 0;
@@ -345,8 +359,13 @@ void World::StartHost(Host& h) {
   }
   PersistedState state = std::move(recovered->state);
   if (options_.bugs.count("forget-promise") > 0) {
+    // Forgets what it promised, and with it what it accepted and has not seen chosen.
     state.hard_state.clear_promised();
-    for (LogEntry& e : state.entries) e.clear_ballot();
+    std::vector<LogEntry> kept;
+    for (LogEntry& e : state.entries) {
+      if (e.chosen()) kept.push_back(std::move(e));
+    }
+    state.entries = std::move(kept);
   }
   h.disk.Rewrite(state);
   StateMachineOptions sm_options;
@@ -396,7 +415,8 @@ void World::SendMessage(const Message& m) {
   int copies = faults_on_ && net_.Chance(swarm_.duplicate_per_10k, 10'000) ? 2 : 1;
   for (int i = 0; i < copies; ++i) {
     int64_t delay = net_.Range(200, 3'000);
-    if (faults_on_ && net_.Chance(swarm_.tail_delay_per_10k, 10'000)) delay *= net_.Range(5, 100);
+    // A heavy tail: now and then a message is held up for up to a second.
+    if (faults_on_ && net_.Chance(swarm_.tail_delay_per_10k, 10'000)) delay *= net_.Range(5, 300);
     Schedule(now_us_ + delay, EventKind::kDeliver, m.to(), m);
   }
 }
@@ -539,6 +559,8 @@ void World::OnFault() {
     blocked_.clear();
     int kind = static_cast<int>(net_.Range(0, 3));
     uint32_t a = static_cast<uint32_t>(net_.Range(1, n));
+    // Half the time the fault is aimed at the leader: that is where the protocol is tested.
+    if (uint32_t leader = CurrentLeader(); leader != 0 && net_.Chance(1, 2)) a = leader;
     if (kind == 0) {  // isolate one replica
       for (int i = 1; i <= n; ++i) {
         if (static_cast<uint32_t>(i) == a) continue;
@@ -562,18 +584,20 @@ void World::OnFault() {
       if (a != b) blocked_.insert({a, b});
     }
     Trace(absl::StrCat("partition kind=", kind, " around ", a, " paths cut=", blocked_.size()));
-  } else if (!blocked_.empty() && net_.Chance(1, 20)) {
+  } else if (!blocked_.empty() && net_.Chance(1, 10)) {
     blocked_.clear();
     Trace("partition heals");
   }
   if (fires(swarm_.crash_every_us)) {
-    Host& h = hosts_[process_.Range(0, n - 1)];
+    uint32_t leader = CurrentLeader();
+    Host& h = leader != 0 && process_.Chance(1, 2) ? hosts_[leader - 1]
+                                                   : hosts_[process_.Range(0, n - 1)];
     int down = 0;
     for (const Host& o : hosts_) down += !o.up;
     if (h.up && down < n - 1) CrashHost(h);
   }
   for (Host& h : hosts_) {
-    if (!h.up && !h.refused && process_.Chance(1, 15)) StartHost(h);
+    if (!h.up && !h.refused && process_.Chance(swarm_.restart_per_100, 100)) StartHost(h);
   }
   if (fires(swarm_.pause_every_us)) {
     Host& h = hosts_[process_.Range(0, n - 1)];
@@ -595,6 +619,28 @@ void World::OnFault() {
       }
     }
   }
+}
+
+void World::CheckLeases() {
+  for (const Host& h : hosts_) {
+    if (!h.up || h.paused || h.replica->role() != Role::kLeader) continue;
+    ReplicaStatus mine = h.replica->Status();
+    if (!mine.lease_valid) continue;
+    for (const Host& o : hosts_) {
+      if (o.id == h.id || !o.up || o.replica->role() != Role::kLeader) continue;
+      if (BallotLess(mine.ballot, o.replica->Status().ballot)) {
+        Fail(absl::StrCat("replica ", h.id, " holds a lease while replica ", o.id,
+                          " leads at a higher ballot: the leases overlap"));
+      }
+    }
+  }
+}
+
+uint32_t World::CurrentLeader() const {
+  for (const Host& h : hosts_) {
+    if (h.up && !h.paused && h.replica->role() == Role::kLeader) return h.id;
+  }
+  return 0;
 }
 
 void World::HealAll() {
@@ -836,8 +882,9 @@ bool World::Setup() {
       DrainHost(h);
     }
     bool all_ready = true;
-    for (const Host& h : hosts_) all_ready = all_ready && h.sm->ListDatabases().size() == 1 &&
-                                             h.sm->Query(kDatabase, StatementFor({})).ok();
+    for (const Host& h : hosts_)
+      all_ready = all_ready && h.sm->ListDatabases().size() == 1 &&
+                  h.sm->Query(kDatabase, StatementFor({})).ok();
     if (all_ready) return true;
   }
   return false;
@@ -898,6 +945,7 @@ SimResult World::Run() {
         OnFault();
         break;
     }
+    CheckLeases();
     if (healed) {
       bool idle = true;
       for (const Client& c : clients_) idle = idle && !c.busy;
@@ -937,8 +985,8 @@ void World::FinalChecks() {
   }
   for (Host& h : hosts_) {
     if (!h.up || h.sm->revision() != top) continue;
-    std::optional<std::string> lost = CheckNoAcknowledgedWriteLost(
-        history_, [&](const std::string& sql) {
+    std::optional<std::string> lost =
+        CheckNoAcknowledgedWriteLost(history_, [&](const std::string& sql) {
           Statement s;
           s.set_sql(sql);
           return h.sm->Query(kDatabase, s);
@@ -948,8 +996,8 @@ void World::FinalChecks() {
   if (std::optional<std::string> bad = CheckLocalReads(history_, local_reads_)) return Fail(*bad);
   CheckResult lin = CheckLinearizable(history_, kLinearizabilityBudgetSteps);
   if (lin.verdict != CheckResult::Verdict::kLinearizable) {
-    Fail(absl::StrCat("history ", VerdictName(lin.verdict), " (key ", lin.key, "): ",
-                      lin.explanation));
+    Fail(absl::StrCat("history ", VerdictName(lin.verdict), " (key ", lin.key,
+                      "): ", lin.explanation));
   }
 }
 
@@ -957,7 +1005,7 @@ void World::FinalChecks() {
 
 std::vector<std::pair<std::string, std::string>> KnownBugs() {
   return {
-      {"forget-promise", "an acceptor forgets its promises and accepted ballots on restart"},
+      {"forget-promise", "an acceptor forgets its promise (and unchosen accepts) on restart"},
       {"skip-repropose", "a new leader proposes no-ops instead of values already accepted"},
       {"lease-ignores-drift", "a lease runs from the acknowledgement, without the drift bound"},
       {"no-session-dedup", "the state machine applies a retried request again"},
