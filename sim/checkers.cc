@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/quorum.h"
 
 namespace synod::sim {
 namespace {
@@ -41,6 +42,33 @@ void ChosenChecker::Accepted(uint32_t replica, const LogEntry& entry) {
 
 void ChosenChecker::Committed(uint32_t replica, uint64_t slot, const Value& value) {
   Chosen(replica, slot, Encode(value), "applied");
+}
+
+void AcceptorChecker::Persisted(uint32_t replica, const HardState& hard_state) {
+  Ballot& highest = promised_[replica];
+  if (BallotLess(highest, hard_state.promised())) highest = hard_state.promised();
+}
+
+void AcceptorChecker::Accepted(uint32_t replica, const LogEntry& entry) {
+  if (entry.chosen() || violation_) return;
+  const Ballot& highest = promised_[replica];
+  if (BallotLess(entry.ballot(), highest)) {
+    violation_ =
+        absl::StrCat("replica ", replica, " accepted slot ", entry.slot(), " at ballot (",
+                     entry.ballot().round(), ",", entry.ballot().replica_id(),
+                     ") after promising (", highest.round(), ",", highest.replica_id(), ")");
+  }
+}
+
+void AcceptorChecker::Sent(const Message& message) {
+  if (!message.has_promise() || violation_) return;
+  const Ballot& highest = promised_[message.from()];
+  if (BallotLess(message.ballot(), highest)) {
+    violation_ =
+        absl::StrCat("replica ", message.from(), " promised ballot (", message.ballot().round(),
+                     ",", message.ballot().replica_id(), ") after promising (", highest.round(),
+                     ",", highest.replica_id(), ")");
+  }
 }
 
 void StateHashChecker::Observe(uint32_t replica, uint64_t revision, uint64_t hash,

@@ -43,6 +43,23 @@ class ChosenChecker {
   std::optional<std::string> violation_;
 };
 
+// The acceptor's rule, checked from outside and across restarts: once a replica has made a
+// promise of ballot b durable, it never promises nor accepts below b again.
+class AcceptorChecker {
+ public:
+  // `replica` made `hard_state` durable.
+  void Persisted(uint32_t replica, const HardState& hard_state);
+  // `replica` made the acceptance of `entry` durable (learned chosen values are ignored).
+  void Accepted(uint32_t replica, const LogEntry& entry);
+  // `replica` sent `message` (a Promise carries the promised ballot in its envelope).
+  void Sent(const Message& message);
+  const std::optional<std::string>& violation() const { return violation_; }
+
+ private:
+  std::map<uint32_t, Ballot> promised_;  // highest durable promise per replica
+  std::optional<std::string> violation_;
+};
+
 // Every replica's state hash at revision r is the same.
 class StateHashChecker {
  public:

@@ -245,6 +245,7 @@ class World {
   // trip), no other replica may lead at a higher ballot.
   void CheckLeases();
   void HealAll();
+  void Resume(Host& h);
   void OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence);
   void ClientStartOp(uint64_t client_index);
   void ClientSend(uint64_t client_index);
@@ -272,6 +273,7 @@ class World {
   uint64_t events_run_ = 0;
   std::optional<std::string> failure_;
   ChosenChecker chosen_;
+  AcceptorChecker acceptors_;
   StateHashChecker state_hashes_;
   std::vector<Operation> history_;
   std::vector<LocalRead> local_reads_;
@@ -428,7 +430,11 @@ void World::DrainHost(Host& h) {
     h.disk.Write(EncodeReady(ready));
     if (ready.must_sync) {
       h.disk.Sync();
-      for (const LogEntry& e : ready.entries) chosen_.Accepted(h.id, e);
+      if (ready.hard_state) acceptors_.Persisted(h.id, *ready.hard_state);
+      for (const LogEntry& e : ready.entries) {
+        chosen_.Accepted(h.id, e);
+        acceptors_.Accepted(h.id, e);
+      }
     }
     if (ready.compacted_through > 0) {
       h.disk.Sync();
@@ -437,7 +443,10 @@ void World::DrainHost(Host& h) {
       h.disk.Rewrite(state->state);
     }
     // 2. Send.
-    for (const Message& m : ready.messages) SendMessage(m);
+    for (const Message& m : ready.messages) {
+      acceptors_.Sent(m);
+      SendMessage(m);
+    }
     // 3. Install, apply.
     if (ready.snapshot) {
       absl::Status restored = h.sm->RestoreSnapshot(ready.snapshot->data);
@@ -608,16 +617,20 @@ void World::OnFault() {
     }
   }
   for (Host& h : hosts_) {
-    if (h.up && h.paused && process_.Chance(1, 10)) {
-      h.paused = false;
-      // The process's monotonic clock kept running: it catches up on the ticks it missed.
-      int64_t missed = (now_us_ - h.paused_since_us) / h.tick_period_us;
-      Trace(absl::StrCat("replica ", h.id, " resumes after ", missed, " ticks"));
-      for (int64_t i = 0; i < missed && h.up; ++i) {
-        h.replica->Tick();
-        DrainHost(h);
-      }
-    }
+    if (h.up && h.paused && process_.Chance(1, 10)) Resume(h);
+  }
+}
+
+void World::Resume(Host& h) {
+  SYNOD_CHECK(h.up && h.paused);
+  h.paused = false;
+  // The process's monotonic clock kept running: it catches up on the ticks it missed
+  // before it handles anything else.
+  int64_t missed = (now_us_ - h.paused_since_us) / h.tick_period_us;
+  Trace(absl::StrCat("replica ", h.id, " resumes after ", missed, " ticks"));
+  for (int64_t i = 0; i < missed && h.up; ++i) {
+    h.replica->Tick();
+    DrainHost(h);
   }
 }
 
@@ -647,10 +660,7 @@ void World::HealAll() {
   faults_on_ = false;
   blocked_.clear();
   for (Host& h : hosts_) {
-    if (h.up && h.paused) {
-      h.paused = false;
-      DrainHost(h);
-    }
+    if (h.up && h.paused) Resume(h);
     if (!h.up && !h.refused) StartHost(h);
   }
   Trace("faults stop; every replica that can is up");
@@ -946,6 +956,7 @@ SimResult World::Run() {
         break;
     }
     CheckLeases();
+    if (acceptors_.violation()) Fail(*acceptors_.violation());
     if (healed) {
       bool idle = true;
       for (const Client& c : clients_) idle = idle && !c.busy;
