@@ -924,8 +924,8 @@ void Replica::StepForwardRequest(const Message& m) {
   for (const ClientRequest& r : m.forward_request().requests()) {
     if (role_ == Role::kLeader && IsRead(r)) {
       HandleReadBarrier(r);
-    } else if (role_ == Role::kFollower && (leader_id_ == 0 || leader_id_ == m.from())) {
-      Reply(r, UNAVAILABLE, "not the leader", 0);
+    } else if (role_ == Role::kFollower && leader_id_ == m.from()) {
+      Reply(r, UNAVAILABLE, "not the leader", 0);  // each takes the other for the leader
     } else {
       QueueRequest(r);
     }

@@ -18,7 +18,7 @@ def synod_cc_proto(name, src, deps = [], visibility = None):
         name = name + "_protoc",
         srcs = [src] + [d + "_srcs" for d in deps],
         outs = [base + ".pb.h", base + ".pb.cc"],
-        cmd = "protoc --proto_path=. --cpp_out=$(GENDIR) $(location %s)" % src,
+        cmd = "protoc --proto_path=. --proto_path=/usr/include --cpp_out=$(GENDIR) $(location %s)" % src,
     )
     native.filegroup(
         name = name + "_srcs",

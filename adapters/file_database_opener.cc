@@ -1,0 +1,180 @@
+#include "adapters/file_database_opener.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <filesystem>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "core/check.h"
+
+namespace synod {
+namespace {
+
+constexpr size_t kMaxFileIdBytes = 80;
+constexpr char kDbSuffix[] = ".sqlite3";
+constexpr int kPageSizeBytes = 4096;
+// What SQLite may keep beside a database file.
+constexpr const char* kSideFileSuffixes[] = {"-wal", "-shm", "-journal"};
+
+absl::string_view ToAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+absl::Status ExecPragma(sqlite3* db, const std::string& pragma, const std::string& path) {
+  char* error = nullptr;
+  if (sqlite3_exec(db, pragma.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
+    absl::Status status = absl::UnavailableError(
+        absl::StrCat(pragma, " failed on ", path, ": ", error != nullptr ? error : "?"));
+    sqlite3_free(error);
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+// Switches `db` to WAL. The pragma answers the mode in effect, which stays the old one when
+// the switch is impossible (a VFS without shared memory, a read-only file).
+absl::Status SetWalMode(sqlite3* db, const std::string& path) {
+  sqlite3_stmt* stmt = nullptr;
+  int rc = sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &stmt, nullptr);
+  std::string mode;
+  if (rc == SQLITE_OK && sqlite3_step(stmt) == SQLITE_ROW) {
+    const unsigned char* text = sqlite3_column_text(stmt, 0);
+    if (text != nullptr) mode = reinterpret_cast<const char*>(text);
+  }
+  std::string error = sqlite3_errmsg(db);
+  sqlite3_finalize(stmt);
+  if (absl::AsciiStrToLower(mode) != "wal") {
+    return absl::UnavailableError(absl::StrCat("cannot set journal_mode=WAL on ", path, ": ",
+                                               mode.empty() ? error : "mode stays " + mode));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool FileDatabaseOpener::IsValidFileId(std::string_view file_id) {
+  if (file_id.empty() || file_id.size() > kMaxFileIdBytes) return false;
+  return std::all_of(file_id.begin(), file_id.end(), [](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+  });
+}
+
+absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(std::string data_dir,
+                                                                               bool fsync) {
+  std::string db_dir = absl::StrCat(data_dir, "/db");
+  std::error_code error;
+  std::filesystem::create_directories(db_dir, error);
+  if (error) {
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat("cannot create ", db_dir, ": ", error.message()));
+  }
+  return std::unique_ptr<FileDatabaseOpener>(new FileDatabaseOpener(std::move(db_dir), fsync));
+}
+
+FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync)
+    : db_dir_(std::move(db_dir)), fsync_(fsync) {}
+
+std::string FileDatabaseOpener::PathOf(std::string_view file_id) const {
+  SYNOD_CHECK(IsValidFileId(file_id));
+  return absl::StrCat(db_dir_, "/", ToAbsl(file_id), kDbSuffix);
+}
+
+absl::Status FileDatabaseOpener::RemoveFile(const std::string& path) {
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("cannot remove ", path));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FileDatabaseOpener::SyncDbDirectory() const {
+  if (!fsync_) return absl::OkStatus();
+  int fd = open(db_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot open directory ", db_dir_));
+  absl::Status status;
+  if (fsync(fd) != 0) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot fsync directory ", db_dir_));
+  }
+  close(fd);
+  return status;
+}
+
+absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, const char* vfs_name) {
+  if (!IsValidFileId(file_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad database file id \"", ToAbsl(file_id), "\": want [A-Za-z0-9_-]{1,80}"));
+  }
+  if (vfs_name != nullptr && sqlite3_vfs_find(vfs_name) == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("no SQLite VFS named ", vfs_name));
+  }
+  std::string path = PathOf(file_id);
+  struct stat st;
+  bool created = false;
+  if (stat(path.c_str(), &st) != 0) {
+    if (errno != ENOENT) return absl::ErrnoToStatus(errno, absl::StrCat("cannot stat ", path));
+    created = true;
+  }
+  sqlite3* db = nullptr;
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, vfs_name);
+  absl::Status status;
+  if (rc != SQLITE_OK) {
+    status = absl::UnavailableError(absl::StrCat(
+        "cannot open ", path, ": ", db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc)));
+  }
+  if (status.ok()) {
+    sqlite3_extended_result_codes(db, 1);
+    sqlite3_busy_timeout(db, kBusyTimeoutMs);
+    // Only takes effect on a new database; the state machine checks an existing one's.
+    status = ExecPragma(db, absl::StrCat("PRAGMA page_size=", kPageSizeBytes), path);
+  }
+  if (status.ok()) status = SetWalMode(db, path);
+  if (status.ok()) {
+    status = ExecPragma(db, fsync_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL", path);
+  }
+  // SQLite makes the directory entries of its WAL files durable, not that of a new database.
+  if (status.ok() && created) status = SyncDbDirectory();
+  if (!status.ok()) {
+    sqlite3_close(db);
+    return status;
+  }
+  return db;
+}
+
+absl::Status FileDatabaseOpener::Remove(std::string_view file_id) {
+  if (!IsValidFileId(file_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad database file id \"", ToAbsl(file_id), "\""));
+  }
+  std::string path = PathOf(file_id);
+  if (absl::Status removed = RemoveFile(path); !removed.ok()) return removed;
+  if (absl::Status synced = SyncDbDirectory(); !synced.ok()) return synced;
+  // Leftovers of a crash from here on are harmless (see the header).
+  for (const char* suffix : kSideFileSuffixes) {
+    if (absl::Status removed = RemoveFile(path + suffix); !removed.ok()) return removed;
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> FileDatabaseOpener::List() {
+  std::vector<std::string> file_ids;
+  std::error_code error;
+  std::filesystem::directory_iterator it(db_dir_, error);
+  for (; !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    std::string name = it->path().filename().string();
+    std::string_view suffix = kDbSuffix;
+    if (name.size() <= suffix.size() || !name.ends_with(suffix)) continue;
+    std::string file_id = name.substr(0, name.size() - suffix.size());
+    if (IsValidFileId(file_id)) file_ids.push_back(std::move(file_id));
+  }
+  SYNOD_CHECK(!error) << "cannot list " << db_dir_ << ": " << error.message();
+  std::sort(file_ids.begin(), file_ids.end());
+  return file_ids;
+}
+
+}  // namespace synod

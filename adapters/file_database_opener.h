@@ -1,0 +1,74 @@
+#ifndef SYNOD_ADAPTERS_FILE_DATABASE_OPENER_H_
+#define SYNOD_ADAPTERS_FILE_DATABASE_OPENER_H_
+
+// The server's SQLite databases: one file per database, `<data_dir>/db/<file_id>.sqlite3`,
+// in WAL mode, with its `-wal` and `-shm` files beside it.
+//
+// File ids are a hash of a database's name or "system" (core/state_machine.h); anything
+// but [A-Za-z0-9_-]{1,80} is refused, so no id ever becomes a path outside `db/`.
+//
+// Crash safety of Remove(): the main file is unlinked (durably) first, and that is the
+// moment the database is gone (List() sees main files only). A `-wal` or `-journal` file a
+// crash leaves after that is never replayed into a new database of the same id: SQLite
+// deletes either when it finds it beside an empty database file (tested here).
+//
+// Not thread-safe: one thread uses an opener at a time (the handles it returns may be used
+// from another thread, one at a time: they are opened with SQLITE_OPEN_NOMUTEX).
+
+#include <sqlite3.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/state_machine.h"
+
+namespace synod {
+
+class FileDatabaseOpener : public DatabaseOpener {
+ public:
+  // How long a connection waits for another one's lock before failing SQLITE_BUSY.
+  static constexpr int kBusyTimeoutMs = 5000;
+
+  // Creates `<data_dir>/db` if missing. With `fsync` false, databases use
+  // PRAGMA synchronous=NORMAL and directory changes are not fsynced: a power failure may
+  // lose recent transactions (see LogStoreOptions::fsync), a process crash loses none.
+  static absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> Create(std::string data_dir,
+                                                                    bool fsync = true);
+
+  // Opens `<data_dir>/db/<file_id>.sqlite3` with the VFS named `vfs_name` (nullptr: SQLite's
+  // default), creating it empty with 4096-byte pages if absent, and sets journal_mode=WAL,
+  // synchronous=FULL (NORMAL without fsync) and a busy timeout of kBusyTimeoutMs.
+  // Errors: InvalidArgument for a bad file id or an unknown VFS; Unavailable when SQLite
+  // cannot open the file or set it up (its message says why).
+  absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
+
+  // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably.
+  // REQUIRES: no handle to it is open.
+  absl::Status Remove(std::string_view file_id) override;
+
+  // The ids of the databases present, sorted. Stops the process (SYNOD_CHECK) when the
+  // directory cannot be read: the state machine cannot go on without knowing its files.
+  std::vector<std::string> List() override;
+
+  // Whether `file_id` is a well-formed id: [A-Za-z0-9_-]{1,80}.
+  static bool IsValidFileId(std::string_view file_id);
+
+ private:
+  FileDatabaseOpener(std::string db_dir, bool fsync);
+
+  std::string PathOf(std::string_view file_id) const;
+  // Unlinks `path`; a missing file is not an error.
+  static absl::Status RemoveFile(const std::string& path);
+  absl::Status SyncDbDirectory() const;
+
+  const std::string db_dir_;
+  const bool fsync_;
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_ADAPTERS_FILE_DATABASE_OPENER_H_

@@ -1,0 +1,614 @@
+#include "adapters/http_server.h"
+
+#include <arpa/inet.h>
+
+#include <cctype>
+#include <cstdio>
+#include <optional>
+
+#include "core/check.h"
+#include "llhttp.h"
+
+namespace synod {
+namespace {
+
+constexpr size_t kReadBufferBytes = 64 * 1024;
+// Unparsed bytes kept while a request is being answered; beyond this, reading pauses.
+constexpr size_t kMaxBufferedInputBytes = 64 * 1024;
+// Before closing a connection after its last response, the server shuts down its sending
+// side and drains the client's input for up to this long: closing with unread input
+// would reset the connection and could destroy the response before the client reads it.
+constexpr uint64_t kLingerMs = 1000;
+constexpr int kListenBacklog = 511;
+
+std::string JsonEscape(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof(escaped), "\\u%04x", c);
+      out += escaped;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+const char* ReasonPhrase(int status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 201:
+      return "Created";
+    case 204:
+      return "No Content";
+    case 206:
+      return "Partial Content";
+    case 304:
+      return "Not Modified";
+    case 400:
+      return "Bad Request";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 408:
+      return "Request Timeout";
+    case 409:
+      return "Conflict";
+    case 413:
+      return "Payload Too Large";
+    case 416:
+      return "Range Not Satisfiable";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 500:
+      return "Internal Server Error";
+    case 503:
+      return "Service Unavailable";
+    default:
+      return "";
+  }
+}
+
+bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(a[i])) !=
+        std::tolower(static_cast<unsigned char>(b[i]))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A header the handler may not set: the server owns the message framing.
+bool IsFramingHeader(std::string_view name) {
+  return EqualsIgnoreCase(name, "content-length") || EqualsIgnoreCase(name, "connection") ||
+         EqualsIgnoreCase(name, "transfer-encoding");
+}
+
+bool IsSafeHeaderText(std::string_view text) {
+  return text.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
+}
+
+// The response's bytes on the wire, or nullopt when the handler's response cannot be sent
+// as given (bad status or a header that would break the framing).
+std::optional<std::string> SerializeHead(const HttpResponse& response, bool close, bool send_body) {
+  if (response.status < 200 || response.status > 599) return std::nullopt;
+  std::string head =
+      "HTTP/1.1 " + std::to_string(response.status) + " " + ReasonPhrase(response.status) + "\r\n";
+  for (const auto& [name, value] : response.headers) {
+    if (name.empty() || !IsSafeHeaderText(name) || name.find(':') != std::string::npos ||
+        !IsSafeHeaderText(value)) {
+      return std::nullopt;
+    }
+    if (IsFramingHeader(name)) continue;
+    head += name + ": " + value + "\r\n";
+  }
+  if (send_body) head += "Content-Length: " + std::to_string(response.body.size()) + "\r\n";
+  if (close) head += "Connection: close\r\n";
+  head += "\r\n";
+  return head;
+}
+
+struct ParseError {
+  int status;
+  const char* code;
+  std::string message;
+};
+
+}  // namespace
+
+HttpResponse JsonErrorResponse(int status, std::string_view code, std::string_view message) {
+  HttpResponse response;
+  response.status = status;
+  response.headers.emplace_back("Content-Type", "application/json");
+  response.body = "{\"error\":{\"code\":\"" + JsonEscape(code) + "\",\"message\":\"" +
+                  JsonEscape(message) + "\"}}";
+  return response;
+}
+
+namespace http_internal {
+
+// One accepted connection. Owned by HttpServer::connections_ until both of its handles
+// have closed; Responders hold only weak handles to it.
+class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
+ public:
+  ServerConnection(HttpServer* server, uint64_t id) : server_(server), id_(id) {}
+
+  // Accepts the pending connection from `listener` and starts reading it.
+  void Start(uv_stream_t* listener) {
+    SYNOD_CHECK_EQ(uv_tcp_init(server_->loop_, &tcp_), 0);
+    SYNOD_CHECK_EQ(uv_timer_init(server_->loop_, &timer_), 0);
+    tcp_.data = this;
+    timer_.data = this;
+    llhttp_init(&parser_, HTTP_REQUEST, &Settings());
+    parser_.data = this;
+    if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&tcp_)) != 0) {
+      Close();
+      return;
+    }
+    uv_tcp_nodelay(&tcp_, 1);
+    ArmTimer(TimerPurpose::kIdle, server_->limits_.idle_timeout_ms);
+    StartReading();
+  }
+
+  // Closes both handles; the server drops this connection once they have closed.
+  void Close() {
+    if (closing_) return;
+    closing_ = true;
+    uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), OnHandleClosed);
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer_), OnHandleClosed);
+  }
+
+  bool open() const { return !closing_; }
+
+  // Answers request `request_id`, unless it is no longer the one awaiting an answer.
+  void Respond(uint64_t request_id, HttpResponse response) {
+    if (closing_ || request_id != in_flight_request_id_ || writing_) return;
+    WriteResponse(std::move(response), !keep_alive_ || server_->closed_);
+  }
+
+ private:
+  enum class TimerPurpose { kIdle, kRequest, kWrite, kLinger };
+
+  struct PendingWrite {
+    uv_write_t request;
+    ServerConnection* connection;
+    std::string head;
+    std::string body;
+  };
+
+  static ServerConnection* From(llhttp_t* parser) {
+    return static_cast<ServerConnection*>(parser->data);
+  }
+
+  static const llhttp_settings_t& Settings() {
+    static const llhttp_settings_t settings = [] {
+      llhttp_settings_t s;
+      llhttp_settings_init(&s);
+      s.on_message_begin = [](llhttp_t* p) { return From(p)->OnMessageBegin(); };
+      s.on_url = [](llhttp_t* p, const char* at, size_t length) {
+        return From(p)->OnHeaderBytes(&From(p)->request_.target, at, length, false);
+      };
+      s.on_header_field = [](llhttp_t* p, const char* at, size_t length) {
+        return From(p)->OnHeaderBytes(&From(p)->header_field_, at, length, true);
+      };
+      s.on_header_value = [](llhttp_t* p, const char* at, size_t length) {
+        return From(p)->OnHeaderBytes(&From(p)->header_value_, at, length, false);
+      };
+      s.on_header_value_complete = [](llhttp_t* p) { return From(p)->OnHeaderComplete(); };
+      s.on_headers_complete = [](llhttp_t* p) { return From(p)->OnHeadersComplete(); };
+      s.on_body = [](llhttp_t* p, const char* at, size_t length) {
+        return From(p)->OnBody(at, length);
+      };
+      s.on_message_complete = [](llhttp_t* p) { return From(p)->OnMessageComplete(); };
+      return s;
+    }();
+    return settings;
+  }
+
+  int OnMessageBegin() {
+    message_in_progress_ = true;
+    request_ = HttpRequest();
+    header_bytes_ = 0;
+    ArmTimer(TimerPurpose::kRequest, server_->limits_.request_timeout_ms);
+    return HPE_OK;
+  }
+
+  int CountHeaderBytes(size_t length) {
+    header_bytes_ += length;
+    if (header_bytes_ <= server_->limits_.max_header_bytes) return HPE_OK;
+    parse_error_ = ParseError{431, "header_too_large",
+                              "request line and headers exceed " +
+                                  std::to_string(server_->limits_.max_header_bytes) + " bytes"};
+    return HPE_USER;
+  }
+
+  int OnHeaderBytes(std::string* into, const char* at, size_t length, bool lower_case) {
+    if (int rc = CountHeaderBytes(length); rc != HPE_OK) return rc;
+    for (size_t i = 0; i < length; ++i) {
+      *into +=
+          lower_case ? static_cast<char>(std::tolower(static_cast<unsigned char>(at[i]))) : at[i];
+    }
+    return HPE_OK;
+  }
+
+  int OnHeaderComplete() {
+    if (int rc = CountHeaderBytes(4); rc != HPE_OK) return rc;  // ": " and CRLF
+    request_.headers.emplace_back(std::move(header_field_), std::move(header_value_));
+    header_field_.clear();
+    header_value_.clear();
+    return HPE_OK;
+  }
+
+  int OnHeadersComplete() {
+    request_.method = llhttp_method_name(static_cast<llhttp_method_t>(parser_.method));
+    // An upgrade (or CONNECT) is answered as a plain request, and then the connection
+    // closes: what follows on the wire would not be HTTP/1.1.
+    keep_alive_ = llhttp_should_keep_alive(&parser_) && !parser_.upgrade;
+    if ((parser_.flags & F_CONTENT_LENGTH) &&
+        parser_.content_length > server_->limits_.max_body_bytes) {
+      parse_error_ = BodyTooLarge();
+      return -1;
+    }
+    for (const auto& [name, value] : request_.headers) {
+      if (name == "expect" && EqualsIgnoreCase(value, "100-continue")) WriteContinue();
+    }
+    return HPE_OK;
+  }
+
+  // A client that asked may wait for this interim answer before sending the body. A write
+  // error here is left for the next read or write to meet.
+  void WriteContinue() {
+    static char continue_line[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    auto* request = new uv_write_t;
+    uv_buf_t buf = uv_buf_init(continue_line, sizeof(continue_line) - 1);
+    if (uv_write(request, reinterpret_cast<uv_stream_t*>(&tcp_), &buf, 1,
+                 [](uv_write_t* done, int) { delete done; }) != 0) {
+      delete request;
+    }
+  }
+
+  int OnBody(const char* at, size_t length) {
+    if (request_.body.size() + length > server_->limits_.max_body_bytes) {
+      parse_error_ = BodyTooLarge();
+      return HPE_USER;
+    }
+    request_.body.append(at, length);
+    return HPE_OK;
+  }
+
+  ParseError BodyTooLarge() const {
+    return ParseError{
+        413, "payload_too_large",
+        "request body exceeds " + std::to_string(server_->limits_.max_body_bytes) + " bytes"};
+  }
+
+  // Pausing stops llhttp right after this request, so that the next pipelined request is
+  // parsed only once this one is answered.
+  int OnMessageComplete() {
+    message_in_progress_ = false;
+    return HPE_PAUSED;
+  }
+
+  void StartReading() {
+    if (reading_ || closing_) return;
+    reading_ = true;
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&tcp_), OnAlloc, OnRead);
+  }
+
+  void StopReading() {
+    if (!reading_) return;
+    reading_ = false;
+    uv_read_stop(reinterpret_cast<uv_stream_t*>(&tcp_));
+  }
+
+  static void OnAlloc(uv_handle_t* handle, size_t, uv_buf_t* buf) {
+    auto* self = static_cast<ServerConnection*>(handle->data);
+    std::vector<char>& buffer = self->server_->read_buffer_;
+    *buf = uv_buf_init(buffer.data(), buffer.size());
+  }
+
+  static void OnRead(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
+    auto* self = static_cast<ServerConnection*>(stream->data);
+    if (nread < 0) {
+      if (nread == UV_EOF && self->writing_ && !self->lingering_) {
+        // The client has sent all it will; let the response being written reach it.
+        self->StopReading();
+        self->close_after_write_ = true;
+        return;
+      }
+      // EOF or error. A client that goes away with a request unanswered is gone for
+      // good: the answer, when it comes, is dropped.
+      self->Close();
+      return;
+    }
+    if (nread == 0 || self->close_after_write_ || self->lingering_) return;  // draining
+    self->input_.append(buf->base, static_cast<size_t>(nread));
+    if (self->in_flight_request_id_ != 0) {
+      if (self->input_.size() > kMaxBufferedInputBytes) self->StopReading();
+      return;
+    }
+    self->Process();
+  }
+
+  // Parses buffered input until a request is complete (and dispatched), the input runs
+  // out, or the input is bad.
+  void Process() {
+    while (!closing_ && in_flight_request_id_ == 0 && !close_after_write_ && !input_.empty()) {
+      llhttp_errno_t rc = llhttp_execute(&parser_, input_.data(), input_.size());
+      if (rc == HPE_OK) {
+        input_.clear();
+      } else if (rc == HPE_PAUSED) {
+        size_t consumed = llhttp_get_error_pos(&parser_) - input_.data();
+        SYNOD_CHECK_LE(consumed, input_.size());
+        input_.erase(0, consumed);
+        llhttp_resume(&parser_);
+        Dispatch();
+      } else if (parse_error_) {
+        Fail(std::move(*parse_error_));
+      } else {
+        Fail(ParseError{400, "bad_request",
+                        std::string("malformed request: ") + llhttp_errno_name(rc) + ": " +
+                            llhttp_get_error_reason(&parser_)});
+      }
+    }
+    if (!closing_ && in_flight_request_id_ == 0 && !close_after_write_) StartReading();
+  }
+
+  void Dispatch() {
+    SYNOD_CHECK(!writing_);
+    uv_timer_stop(&timer_);
+    in_flight_request_id_ = next_request_id_++;
+    in_flight_is_head_ = request_.method == "HEAD";
+    std::shared_ptr<Responder> responder(new Responder(weak_from_this(), in_flight_request_id_));
+    HttpRequest request = std::move(request_);
+    request_ = HttpRequest();
+    server_->handler_(std::move(request), std::move(responder));
+  }
+
+  void Fail(ParseError error) {
+    SYNOD_CHECK(!writing_);
+    message_in_progress_ = false;
+    in_flight_is_head_ = false;
+    WriteResponse(JsonErrorResponse(error.status, error.code, error.message), true);
+  }
+
+  void WriteResponse(HttpResponse response, bool close_after) {
+    bool no_body = response.status == 204 || response.status == 304;
+    std::optional<std::string> head = SerializeHead(response, close_after, !no_body);
+    if (!head) {
+      response = JsonErrorResponse(500, "internal", "the handler produced an invalid response");
+      head = SerializeHead(response, close_after, true);
+      no_body = false;
+    }
+    auto write = std::make_unique<PendingWrite>();
+    write->head = std::move(*head);
+    if (!no_body && !in_flight_is_head_) write->body = std::move(response.body);
+    write->connection = this;
+    write->request.data = write.get();
+    uv_buf_t bufs[2] = {uv_buf_init(write->head.data(), write->head.size()),
+                        uv_buf_init(write->body.data(), write->body.size())};
+    int rc = uv_write(&write->request, reinterpret_cast<uv_stream_t*>(&tcp_), bufs,
+                      write->body.empty() ? 1 : 2, OnWriteDone);
+    if (rc != 0) {
+      Close();
+      return;
+    }
+    write.release();  // OnWriteDone owns it now
+    writing_ = true;
+    close_after_write_ = close_after;
+    ArmTimer(TimerPurpose::kWrite, server_->limits_.write_timeout_ms);
+  }
+
+  static void OnWriteDone(uv_write_t* request, int status) {
+    std::unique_ptr<PendingWrite> write(static_cast<PendingWrite*>(request->data));
+    ServerConnection* self = write->connection;
+    self->writing_ = false;
+    self->in_flight_request_id_ = 0;
+    if (self->closing_) return;
+    if (status < 0) {
+      self->Close();
+      return;
+    }
+    if (self->close_after_write_) {
+      self->Linger();
+      return;
+    }
+    uv_timer_stop(&self->timer_);
+    self->Process();
+    if (!self->closing_ && self->in_flight_request_id_ == 0 && !self->message_in_progress_ &&
+        !self->close_after_write_) {
+      self->ArmTimer(TimerPurpose::kIdle, self->server_->limits_.idle_timeout_ms);
+    }
+  }
+
+  void Linger() {
+    lingering_ = true;
+    input_.clear();
+    int rc =
+        uv_shutdown(&shutdown_, reinterpret_cast<uv_stream_t*>(&tcp_), [](uv_shutdown_t*, int) {});
+    if (rc != 0) {
+      Close();
+      return;
+    }
+    ArmTimer(TimerPurpose::kLinger, kLingerMs);
+    StartReading();
+  }
+
+  void ArmTimer(TimerPurpose purpose, uint64_t timeout_ms) {
+    timer_purpose_ = purpose;
+    uv_timer_start(&timer_, OnTimer, timeout_ms, 0);
+  }
+
+  static void OnTimer(uv_timer_t* timer) {
+    auto* self = static_cast<ServerConnection*>(timer->data);
+    if (self->timer_purpose_ == TimerPurpose::kRequest) {
+      self->Fail(ParseError{408, "request_timeout",
+                            "request not complete within " +
+                                std::to_string(self->server_->limits_.request_timeout_ms) + " ms"});
+      return;
+    }
+    self->Close();  // idle, a response the client will not read, or lingering done
+  }
+
+  static void OnHandleClosed(uv_handle_t* handle) {
+    auto* self = static_cast<ServerConnection*>(handle->data);
+    if (--self->open_handles_ > 0) return;
+    self->server_->OnConnectionClosed(self->id_);  // destroys *self
+  }
+
+  HttpServer* const server_;
+  const uint64_t id_;
+  uv_tcp_t tcp_;
+  uv_timer_t timer_;
+  uv_shutdown_t shutdown_;
+  int open_handles_ = 2;
+  llhttp_t parser_;
+  TimerPurpose timer_purpose_ = TimerPurpose::kIdle;
+  bool closing_ = false;
+  bool reading_ = false;
+  bool lingering_ = false;
+  bool writing_ = false;
+  bool close_after_write_ = false;
+
+  std::string input_;  // received, not yet parsed
+  // The request being parsed.
+  bool message_in_progress_ = false;
+  HttpRequest request_;
+  std::string header_field_;
+  std::string header_value_;
+  size_t header_bytes_ = 0;
+  bool keep_alive_ = true;
+  std::optional<ParseError> parse_error_;
+  // The request being answered; 0 when none.
+  uint64_t in_flight_request_id_ = 0;
+  bool in_flight_is_head_ = false;
+  uint64_t next_request_id_ = 1;
+};
+
+}  // namespace http_internal
+
+Responder::Responder(std::weak_ptr<http_internal::ServerConnection> connection, uint64_t request_id)
+    : connection_(std::move(connection)), request_id_(request_id) {}
+
+Responder::~Responder() {
+  if (!sent_) {
+    Send(JsonErrorResponse(500, "internal", "the request was dropped without an answer"));
+  }
+}
+
+void Responder::Send(HttpResponse response) {
+  SYNOD_CHECK(!sent_) << "Responder::Send called twice";
+  sent_ = true;
+  if (std::shared_ptr<http_internal::ServerConnection> connection = connection_.lock()) {
+    connection->Respond(request_id_, std::move(response));
+  }
+}
+
+bool Responder::connection_open() const {
+  std::shared_ptr<http_internal::ServerConnection> connection = connection_.lock();
+  return connection != nullptr && connection->open();
+}
+
+HttpServer::HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler)
+    : loop_(loop), limits_(limits), handler_(std::move(handler)), read_buffer_(kReadBufferBytes) {
+  SYNOD_CHECK(loop_ != nullptr);
+  SYNOD_CHECK(handler_ != nullptr);
+}
+
+HttpServer::~HttpServer() {
+  SYNOD_CHECK(listener_ == nullptr && !listener_closing_ && connections_.empty())
+      << "HttpServer destroyed before Close completed";
+}
+
+absl::Status HttpServer::Listen(const std::string& host, int port) {
+  if (closed_ || listener_ != nullptr) {
+    return absl::FailedPreconditionError("HttpServer: already listening or closed");
+  }
+  if (port < 0 || port > 65535) {
+    return absl::InvalidArgumentError("HttpServer: bad port " + std::to_string(port));
+  }
+  sockaddr_storage address;
+  if (uv_ip4_addr(host.c_str(), port, reinterpret_cast<sockaddr_in*>(&address)) != 0 &&
+      uv_ip6_addr(host.c_str(), port, reinterpret_cast<sockaddr_in6*>(&address)) != 0) {
+    return absl::InvalidArgumentError("HttpServer: not an IP address: " + host);
+  }
+  auto* listener = new uv_tcp_t;
+  SYNOD_CHECK_EQ(uv_tcp_init(loop_, listener), 0);
+  listener->data = this;
+  int rc = uv_tcp_bind(listener, reinterpret_cast<const sockaddr*>(&address), 0);
+  if (rc == 0)
+    rc = uv_listen(reinterpret_cast<uv_stream_t*>(listener), kListenBacklog, OnConnection);
+  if (rc == 0) {
+    int length = sizeof(address);
+    rc = uv_tcp_getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length);
+  }
+  if (rc != 0) {
+    listener->data = nullptr;  // frees itself, telling nobody
+    uv_close(reinterpret_cast<uv_handle_t*>(listener), OnListenerClosed);
+    return absl::UnavailableError("HttpServer: cannot listen on " + host + ":" +
+                                  std::to_string(port) + ": " + uv_strerror(rc));
+  }
+  port_ = ntohs(address.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&address)->sin6_port
+                                              : reinterpret_cast<sockaddr_in*>(&address)->sin_port);
+  listener_ = listener;
+  return absl::OkStatus();
+}
+
+int HttpServer::port() const {
+  SYNOD_CHECK(port_ != 0) << "HttpServer::port before a successful Listen";
+  return port_;
+}
+
+void HttpServer::Close(std::function<void()> done) {
+  SYNOD_CHECK(!closed_) << "HttpServer::Close called twice";
+  closed_ = true;
+  close_done_ = std::move(done);
+  if (listener_ != nullptr) {
+    listener_closing_ = true;
+    uv_close(reinterpret_cast<uv_handle_t*>(listener_), OnListenerClosed);
+    listener_ = nullptr;
+  }
+  for (auto& [id, connection] : connections_) connection->Close();
+  MaybeFinishClose();
+}
+
+void HttpServer::OnConnection(uv_stream_t* listener, int status) {
+  auto* self = static_cast<HttpServer*>(listener->data);
+  if (status < 0) return;  // a failed accept (e.g. out of file descriptors): keep listening
+  uint64_t id = self->next_connection_id_++;
+  auto connection = std::make_shared<http_internal::ServerConnection>(self, id);
+  self->connections_.emplace(id, connection);
+  connection->Start(listener);
+  if (self->connections_.size() > self->limits_.max_connections) connection->Close();
+}
+
+void HttpServer::OnListenerClosed(uv_handle_t* handle) {
+  auto* self = static_cast<HttpServer*>(handle->data);
+  delete reinterpret_cast<uv_tcp_t*>(handle);
+  if (self == nullptr) return;
+  self->listener_closing_ = false;
+  self->MaybeFinishClose();
+}
+
+void HttpServer::OnConnectionClosed(uint64_t connection_id) {
+  connections_.erase(connection_id);
+  MaybeFinishClose();
+}
+
+void HttpServer::MaybeFinishClose() {
+  if (!closed_ || listener_closing_ || !connections_.empty() || !close_done_) return;
+  std::function<void()> done = std::move(close_done_);
+  close_done_ = nullptr;
+  done();
+}
+
+}  // namespace synod

@@ -1,0 +1,155 @@
+#ifndef SYNOD_ADAPTERS_HTTP_SERVER_H_
+#define SYNOD_ADAPTERS_HTTP_SERVER_H_
+
+// An HTTP/1.1 server on a libuv loop, parsing with llhttp.
+//
+// Threading: everything (the constructor, Listen, Close, the handler, Responder::Send)
+// runs on the thread that runs the loop. Nothing here is thread-safe.
+//
+// Each connection handles one request at a time: once a request is complete the server
+// stops parsing that connection until the request is answered and the answer written, so
+// pipelined requests are answered in order. The handler answers through a Responder, at
+// once or later (after consensus, seconds later, or never if the connection dies first).
+//
+// Streaming (planned, see DESIGN.md "Coming next"): today a request body is delivered whole,
+// bounded by HttpServerLimits::max_body_bytes. Streamed bodies will arrive through a second
+// handler kind that receives the request head and then body chunks; streamed responses
+// will be further methods on Responder beside Send. Neither changes the Handler below.
+
+#include <uv.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace synod {
+
+using HttpHeaders = std::vector<std::pair<std::string, std::string>>;
+
+struct HttpRequest {
+  std::string method;   // "GET", "POST", ...
+  std::string target;   // path and query as sent, e.g. "/v1/db?x=1"
+  HttpHeaders headers;  // names lower-cased, values as sent, in arrival order
+  std::string body;     // de-chunked
+};
+
+struct HttpResponse {
+  int status = 200;
+  // Content-Length is added by the server (and Connection when it closes); any such
+  // headers given here are dropped.
+  HttpHeaders headers;
+  std::string body;
+};
+
+// Synod's JSON error shape: {"error":{"code":code,"message":message}}, with
+// Content-Type: application/json.
+HttpResponse JsonErrorResponse(int status, std::string_view code, std::string_view message);
+
+struct HttpServerLimits {
+  // Request line plus headers, counted as field and value bytes plus 4 per header line.
+  // Larger: 431 header_too_large, then close.
+  size_t max_header_bytes = 16 * 1024;
+  // Larger (declared or received): 413 payload_too_large, then close.
+  size_t max_body_bytes = 64 * 1024 * 1024;
+  // A kept-alive connection with no request under way is closed after this long.
+  uint64_t idle_timeout_ms = 60'000;
+  // From a request's first byte to its last: otherwise 408 request_timeout, then close.
+  uint64_t request_timeout_ms = 30'000;
+  // A response the client does not read within this long: the connection is closed.
+  uint64_t write_timeout_ms = 30'000;
+  // Connections beyond this are accepted and closed at once.
+  size_t max_connections = 1024;
+};
+
+namespace http_internal {
+class ServerConnection;
+}  // namespace http_internal
+
+// The right to answer one request. Safe to keep after the connection is gone: it holds a
+// weak handle and a request id, never a pointer that can dangle.
+class Responder {
+ public:
+  Responder(const Responder&) = delete;
+  Responder& operator=(const Responder&) = delete;
+  // A responder dropped without Send answers 500, so that a connection never waits for
+  // an answer nobody will give.
+  ~Responder();
+
+  // Sends `response` on the connection that carried the request. Does nothing when that
+  // connection has closed meanwhile (client gone, timeout, server closed).
+  // REQUIRES: called at most once, on the loop thread.
+  void Send(HttpResponse response);
+
+  // False once the connection that carried the request is gone: nobody will read an answer.
+  bool connection_open() const;
+
+ private:
+  friend class http_internal::ServerConnection;
+  Responder(std::weak_ptr<http_internal::ServerConnection> connection, uint64_t request_id);
+
+  std::weak_ptr<http_internal::ServerConnection> connection_;
+  uint64_t request_id_;
+  bool sent_ = false;
+};
+
+class HttpServer {
+ public:
+  // Called once per complete request. It may answer through `responder` before returning
+  // or keep `responder` and answer later.
+  using Handler = std::function<void(HttpRequest request, std::shared_ptr<Responder> responder)>;
+
+  // REQUIRES: `loop` outlives this server.
+  HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler);
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+  // REQUIRES: Listen never succeeded, or Close's `done` has run.
+  ~HttpServer();
+
+  // Binds host:port (an IPv4 or IPv6 literal; port 0 picks a free port) and starts
+  // accepting. InvalidArgument for a bad address, Unavailable when the socket cannot be
+  // bound, FailedPrecondition when already listening or closed.
+  absl::Status Listen(const std::string& host, int port);
+
+  // The bound port. REQUIRES: Listen succeeded.
+  int port() const;
+
+  // Stops listening and closes every connection; answers still pending are dropped.
+  // `done` runs on the loop once every handle is closed (at once if none was open).
+  // REQUIRES: called at most once.
+  void Close(std::function<void()> done);
+
+  // Open connections, including ones being closed.
+  size_t connection_count() const { return connections_.size(); }
+
+ private:
+  friend class http_internal::ServerConnection;
+
+  static void OnConnection(uv_stream_t* listener, int status);
+  static void OnListenerClosed(uv_handle_t* handle);
+  void OnConnectionClosed(uint64_t connection_id);
+  void MaybeFinishClose();
+
+  uv_loop_t* const loop_;
+  const HttpServerLimits limits_;
+  const Handler handler_;
+  uv_tcp_t* listener_ = nullptr;  // heap-allocated: frees itself when its close completes
+  bool listener_closing_ = false;
+  int port_ = 0;
+  bool closed_ = false;
+  std::function<void()> close_done_;
+  uint64_t next_connection_id_ = 1;
+  std::unordered_map<uint64_t, std::shared_ptr<http_internal::ServerConnection>> connections_;
+  std::vector<char> read_buffer_;  // shared: libuv reads into it and we parse at once
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_ADAPTERS_HTTP_SERVER_H_

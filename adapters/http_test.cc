@@ -1,0 +1,644 @@
+// Tests for the HTTP server and client over real sockets on 127.0.0.1. The loop runs on the
+// test's main thread; raw clients (blocking sockets with a receive timeout) run on a second
+// thread, so that each test reads like the exchange it checks.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "adapters/http_client.h"
+#include "adapters/http_server.h"
+#include "gtest/gtest.h"
+
+namespace synod {
+namespace {
+
+struct RawResponse {
+  int status = 0;
+  std::string head;
+  std::string body;
+};
+
+// A blocking HTTP/1.1 client for the test thread. Reads give up after 5 s.
+class RawClient {
+ public:
+  explicit RawClient(int port) : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
+    timeval timeout{5, 0};
+    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+    connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
+  }
+  ~RawClient() { Disconnect(); }
+
+  bool connected() const { return connected_; }
+
+  bool Send(std::string_view data) {
+    while (!data.empty()) {
+      ssize_t n = send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  void ShutdownWrites() { shutdown(fd_, SHUT_WR); }
+
+  void Disconnect() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+  // One response framed by Content-Length; nullopt on EOF, timeout or a bad frame.
+  std::optional<RawResponse> Read() {
+    size_t head_end;
+    while ((head_end = buffer_.find("\r\n\r\n")) == std::string::npos) {
+      if (!Fill()) return std::nullopt;
+    }
+    RawResponse response;
+    response.head = buffer_.substr(0, head_end + 4);
+    if (response.head.rfind("HTTP/1.1 ", 0) != 0) return std::nullopt;
+    response.status = std::stoi(response.head.substr(9, 3));
+    size_t length = 0;
+    std::string lower = response.head;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (size_t at = lower.find("content-length: "); at != std::string::npos) {
+      length = std::stoul(lower.substr(at + 16));
+    }
+    while (buffer_.size() < head_end + 4 + length) {
+      if (!Fill()) return std::nullopt;
+    }
+    response.body = buffer_.substr(head_end + 4, length);
+    buffer_.erase(0, head_end + 4 + length);
+    return response;
+  }
+
+  // Everything until the server closes the connection (or 5 s pass).
+  std::string ReadToEof() {
+    while (Fill()) {
+    }
+    return std::move(buffer_);
+  }
+
+  // True when the server closes the connection without sending anything more.
+  bool ReadsEof() {
+    if (!buffer_.empty()) return false;
+    char byte;
+    ssize_t n = recv(fd_, &byte, 1, 0);
+    return n == 0 || (n < 0 && errno == ECONNRESET);
+  }
+
+ private:
+  bool Fill() {
+    char chunk[4096];
+    ssize_t n = recv(fd_, chunk, sizeof(chunk), 0);
+    if (n <= 0) return false;
+    buffer_.append(chunk, static_cast<size_t>(n));
+    return true;
+  }
+
+  int fd_;
+  bool connected_ = false;
+  std::string buffer_;
+};
+
+HttpResponse TextResponse(std::string body) {
+  HttpResponse response;
+  response.headers.emplace_back("Content-Type", "text/plain");
+  response.body = std::move(body);
+  return response;
+}
+
+// Answers "<method> <target> <body>", and reports an X-Custom request header as X-Seen.
+void Echo(HttpRequest request, std::shared_ptr<Responder> responder) {
+  HttpResponse response = TextResponse(request.method + " " + request.target + " " + request.body);
+  for (const auto& [name, value] : request.headers) {
+    if (name == "x-custom") response.headers.emplace_back("X-Seen", value);
+  }
+  responder->Send(std::move(response));
+}
+
+std::string Get(const std::string& target) {
+  return "GET " + target + " HTTP/1.1\r\nHost: t\r\n\r\n";
+}
+
+class HttpTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(uv_loop_init(&loop_), 0); }
+
+  void TearDown() override {
+    if (server_) CloseServer();
+    uv_run(&loop_, UV_RUN_DEFAULT);  // lets handles being closed finish
+    EXPECT_EQ(uv_loop_close(&loop_), 0) << "a libuv handle was left open";
+  }
+
+  void StartServer(HttpServerLimits limits, HttpServer::Handler handler, int port = 0) {
+    server_ = std::make_unique<HttpServer>(&loop_, limits, std::move(handler));
+    absl::Status status = server_->Listen("127.0.0.1", port);
+    ASSERT_TRUE(status.ok()) << status;
+  }
+
+  void CloseServer() {
+    bool closed = false;
+    server_->Close([&] { closed = true; });
+    RunUntil([&] { return closed; });
+    ASSERT_TRUE(closed);
+    server_.reset();
+  }
+
+  // Runs the loop until `done` holds; fails the test after `timeout_ms`.
+  void RunUntil(std::function<bool()> done, uint64_t timeout_ms = 10'000) {
+    struct Poll {
+      std::function<bool()> done;
+      uint64_t deadline_ms;
+      bool timed_out = false;
+      bool closed = false;
+    } poll{std::move(done), uv_now(&loop_) + timeout_ms};
+    uv_timer_t timer;
+    timer.data = &poll;
+    uv_timer_init(&loop_, &timer);
+    uv_timer_start(
+        &timer,
+        [](uv_timer_t* t) {
+          auto* p = static_cast<Poll*>(t->data);
+          if (p->done()) {
+            uv_stop(t->loop);
+          } else if (uv_now(t->loop) >= p->deadline_ms) {
+            p->timed_out = true;
+            uv_stop(t->loop);
+          }
+        },
+        0, 1);
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer),
+             [](uv_handle_t* h) { static_cast<Poll*>(h->data)->closed = true; });
+    while (!poll.closed) uv_run(&loop_, UV_RUN_NOWAIT);
+    EXPECT_FALSE(poll.timed_out) << "timed out after " << timeout_ms << " ms";
+  }
+
+  // Runs `client` on a thread with blocking sockets while the loop serves.
+  void RunClient(std::function<void()> client) {
+    std::atomic<bool> finished{false};
+    std::thread thread([&] {
+      client();
+      finished = true;
+    });
+    RunUntil([&] { return finished.load(); });
+    thread.join();
+  }
+
+  // Runs `action` on the loop after `delay_ms`.
+  void Later(uint64_t delay_ms, std::function<void()> action) {
+    auto* timer = new uv_timer_t;
+    timer->data = new std::function<void()>(std::move(action));
+    uv_timer_init(&loop_, timer);
+    uv_timer_start(
+        timer,
+        [](uv_timer_t* t) {
+          auto* action = static_cast<std::function<void()>*>(t->data);
+          (*action)();
+          delete action;
+          uv_close(reinterpret_cast<uv_handle_t*>(t),
+                   [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+        },
+        delay_ms, 0);
+  }
+
+  int port() const { return server_->port(); }
+
+  uv_loop_t loop_;
+  std::unique_ptr<HttpServer> server_;
+};
+
+TEST_F(HttpTest, AnswersGetAndPostWithContentLength) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    ASSERT_TRUE(client.connected());
+    client.Send("GET /v1/status?verbose=1 HTTP/1.1\r\nHost: t\r\nX-Custom: Value\r\n\r\n");
+    std::optional<RawResponse> get = client.Read();
+    ASSERT_TRUE(get);
+    EXPECT_EQ(get->status, 200);
+    EXPECT_EQ(get->body, "GET /v1/status?verbose=1 ");
+    EXPECT_NE(get->head.find("X-Seen: Value\r\n"), std::string::npos);
+    EXPECT_NE(get->head.find("Content-Length: 25\r\n"), std::string::npos);
+
+    client.Send("POST /v1/db/x/exec HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    std::optional<RawResponse> post = client.Read();
+    ASSERT_TRUE(post);
+    EXPECT_EQ(post->body, "POST /v1/db/x/exec hello");
+  });
+}
+
+TEST_F(HttpTest, HandlerSeesHeaderNamesLowerCasedInArrivalOrder) {
+  HttpRequest seen;
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    seen = std::move(request);
+    responder->Send(TextResponse("ok"));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("DELETE /v1/db/a HTTP/1.1\r\nHost: t\r\nX-Empty:\r\nX-MiXed: Some Value\r\n\r\n");
+    ASSERT_TRUE(client.Read());
+  });
+  EXPECT_EQ(seen.method, "DELETE");
+  EXPECT_EQ(seen.target, "/v1/db/a");
+  EXPECT_EQ(seen.headers, (HttpHeaders{{"host", "t"}, {"x-empty", ""}, {"x-mixed", "Some Value"}}));
+}
+
+TEST_F(HttpTest, ExpectContinueGetsInterimAnswerBeforeTheBody) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("PUT /up HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+    std::optional<RawResponse> interim = client.Read();
+    ASSERT_TRUE(interim);
+    EXPECT_EQ(interim->status, 100);
+    client.Send("data");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, "PUT /up data");
+  });
+}
+
+TEST_F(HttpTest, ClientNotReadingItsResponseIsCutOffAfterWriteTimeout) {
+  HttpServerLimits limits;
+  limits.write_timeout_ms = 100;
+  const size_t body_bytes = 32 * 1024 * 1024;
+  StartServer(limits, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    responder->Send(TextResponse(std::string(body_bytes, 'z')));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/huge"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    EXPECT_LT(client.ReadToEof().size(), body_bytes);
+  });
+}
+
+TEST_F(HttpTest, ReassemblesChunkedBodyArrivingInPieces) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    for (std::string_view piece : {"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chu",
+                                   "nked\r\n\r\n5\r\nhel", "lo\r\n6\r\n world\r\n", "0\r\n\r\n"}) {
+      client.Send(piece);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, "POST /c hello world");
+  });
+}
+
+TEST_F(HttpTest, KeepAliveServesTwoRequestsOnOneConnection) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/one"));
+    std::optional<RawResponse> first = client.Read();
+    client.Send(Get("/two"));
+    std::optional<RawResponse> second = client.Read();
+    ASSERT_TRUE(first && second);
+    EXPECT_EQ(first->body, "GET /one ");
+    EXPECT_EQ(second->body, "GET /two ");
+    EXPECT_EQ(first->head.find("Connection: close"), std::string::npos);
+  });
+}
+
+TEST_F(HttpTest, ConnectionCloseRequestGetsAnswerThenClose) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("GET /bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_NE(response->head.find("Connection: close\r\n"), std::string::npos);
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, AnswersAsynchronouslyAndPipelinedRequestsInOrder) {
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    if (request.target != "/slow") return Echo(std::move(request), std::move(responder));
+    Later(100, [responder] { responder->Send(TextResponse("slow answer")); });
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/slow") + Get("/fast"));
+    std::optional<RawResponse> first = client.Read();
+    std::optional<RawResponse> second = client.Read();
+    ASSERT_TRUE(first && second);
+    EXPECT_EQ(first->body, "slow answer");
+    EXPECT_EQ(second->body, "GET /fast ");
+  });
+}
+
+TEST_F(HttpTest, MalformedRequestGets400JsonErrorAndClose) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("POST /x HTTP/1.1\r\nContent-Length: 12abc\r\n\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 400);
+    EXPECT_EQ(response->body.rfind("{\"error\":{\"code\":\"bad_request\",\"message\":\"", 0), 0u)
+        << response->body;
+    EXPECT_NE(response->head.find("Content-Type: application/json"), std::string::npos);
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, DeclaredBodyOverLimitGets413) {
+  HttpServerLimits limits;
+  limits.max_body_bytes = 1024;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 1025\r\n\r\n" +
+                std::string(1025, 'x'));
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+    EXPECT_NE(response->body.find("\"code\":\"payload_too_large\""), std::string::npos);
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, ChunkedBodyOverLimitGets413) {
+  HttpServerLimits limits;
+  limits.max_body_bytes = 1024;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for (int i = 0; i < 3; ++i) client.Send("200\r\n" + std::string(512, 'x') + "\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+  });
+}
+
+TEST_F(HttpTest, HeadersOverLimitGet431) {
+  HttpServerLimits limits;
+  limits.max_header_bytes = 1024;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + std::string(2000, 'y') + "\r\n\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 431);
+    EXPECT_NE(response->body.find("\"code\":\"header_too_large\""), std::string::npos);
+  });
+}
+
+TEST_F(HttpTest, ClientStallingMidHeadersGets408AfterRequestTimeout) {
+  HttpServerLimits limits;
+  limits.request_timeout_ms = 150;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    auto start = std::chrono::steady_clock::now();
+    client.Send("GET /slowloris HTTP/1.1\r\nHost: t\r\n");
+    std::optional<RawResponse> response = client.Read();
+    auto waited = std::chrono::steady_clock::now() - start;
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 408);
+    EXPECT_NE(response->body.find("\"code\":\"request_timeout\""), std::string::npos);
+    EXPECT_GE(waited, std::chrono::milliseconds(140));
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, IdleKeepAliveConnectionIsClosed) {
+  HttpServerLimits limits;
+  limits.idle_timeout_ms = 100;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient silent(port());
+    EXPECT_TRUE(silent.ReadsEof());
+    RawClient after_request(port());
+    after_request.Send(Get("/once"));
+    ASSERT_TRUE(after_request.Read());
+    EXPECT_TRUE(after_request.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, AnswerAfterClientDisconnectedIsIgnored) {
+  std::shared_ptr<Responder> held;
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    if (request.target == "/hold") {
+      held = std::move(responder);
+    } else {
+      Echo(std::move(request), std::move(responder));
+    }
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/hold"));
+  });
+  RunUntil([&] { return held != nullptr && !held->connection_open(); });
+  held->Send(TextResponse("nobody is listening"));
+  held.reset();
+  EXPECT_EQ(server_->connection_count(), 0u);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/still-serving"));
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, "GET /still-serving ");
+  });
+}
+
+TEST_F(HttpTest, DroppedResponderAnswers500) {
+  StartServer({}, [](HttpRequest, std::shared_ptr<Responder>) {});
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/forgotten"));
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 500);
+  });
+}
+
+TEST_F(HttpTest, HeadGetsLengthWithoutBody) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("HEAD /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    std::string received = client.ReadToEof();
+    EXPECT_NE(received.find("Content-Length: 8\r\n"), std::string::npos) << received;
+    EXPECT_EQ(received.substr(received.size() - 4), "\r\n\r\n") << received;
+  });
+}
+
+TEST_F(HttpTest, ConnectionsBeyondTheLimitAreClosed) {
+  HttpServerLimits limits;
+  limits.max_connections = 2;
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient first(port());
+    RawClient second(port());
+    first.Send(Get("/1"));
+    second.Send(Get("/2"));
+    ASSERT_TRUE(first.Read());
+    ASSERT_TRUE(second.Read());
+    RawClient third(port());
+    EXPECT_TRUE(third.ReadsEof());
+    first.Send(Get("/1-again"));
+    EXPECT_TRUE(first.Read());
+  });
+}
+
+TEST_F(HttpTest, CloseWithARequestPendingReleasesEverything) {
+  std::shared_ptr<Responder> held;
+  bool closed = false;
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    held = std::move(responder);
+    server_->Close([&] { closed = true; });
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/pending"));
+    EXPECT_TRUE(client.ReadsEof());
+  });
+  RunUntil([&] { return closed; });
+  EXPECT_FALSE(held->connection_open());
+  held->Send(TextResponse("too late"));
+  server_.reset();
+}
+
+TEST_F(HttpTest, GarbageNeverCrashesAndLeavesNoConnections) {
+  HttpServerLimits limits;
+  limits.max_header_bytes = 512;
+  limits.max_body_bytes = 256;
+  limits.request_timeout_ms = 200;
+  StartServer(limits, Echo);
+  const std::string valid =
+      "POST /p?q=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+      "GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+  std::mt19937_64 random(20240601);
+  RunClient([&] {
+    for (int round = 0; round < 500; ++round) {
+      std::string input = valid;
+      int mutations = 1 + static_cast<int>(random() % 8);
+      for (int m = 0; m < mutations; ++m) {
+        size_t at = random() % input.size();
+        switch (random() % 3) {
+          case 0:
+            input[at] = static_cast<char>(random() % 256);
+            break;
+          case 1:
+            input.erase(at, 1 + random() % 8);
+            break;
+          default:
+            input.insert(at, std::string(1 + random() % 300, static_cast<char>(random())));
+        }
+        if (input.empty()) input = "x";
+      }
+      RawClient client(port());
+      client.Send(input);
+      client.ShutdownWrites();
+      while (client.Read()) {
+      }
+    }
+  });
+  RunUntil([&] { return server_->connection_count() == 0; });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/alive"));
+    EXPECT_TRUE(client.Read());
+  });
+}
+
+TEST_F(HttpTest, ClientPostsInOrderAndGetsResponses) {
+  StartServer({}, Echo);
+  HttpClient client(&loop_, "127.0.0.1", port());
+  std::vector<std::string> bodies;
+  for (int i = 0; i < 3; ++i) {
+    client.Post("/peer/" + std::to_string(i), std::string("\0bin", 4) + std::to_string(i),
+                [&](absl::StatusOr<HttpResponse> response) {
+                  ASSERT_TRUE(response.ok()) << response.status();
+                  EXPECT_EQ(response->status, 200);
+                  bodies.push_back(response->body);
+                });
+  }
+  RunUntil([&] { return bodies.size() == 3; });
+  ASSERT_EQ(bodies.size(), 3u);
+  EXPECT_EQ(bodies[0], "POST /peer/0 " + std::string("\0bin", 4) + "0");
+  EXPECT_EQ(bodies[2], "POST /peer/2 " + std::string("\0bin", 4) + "2");
+}
+
+TEST_F(HttpTest, ClientReconnectsAfterServerRestart) {
+  StartServer({}, Echo);
+  int server_port = port();
+  HttpClient client(&loop_, "127.0.0.1", server_port);
+  std::optional<absl::StatusOr<HttpResponse>> first, second;
+  client.Post("/a", "1", [&](absl::StatusOr<HttpResponse> r) { first = std::move(r); });
+  RunUntil([&] { return first.has_value(); });
+  ASSERT_TRUE(first->ok());
+
+  CloseServer();
+  // Posted while nobody listens: refused connections back off until the server is back.
+  client.Post("/b", "2", [&](absl::StatusOr<HttpResponse> r) { second = std::move(r); });
+  Later(200, [&] { StartServer({}, Echo, server_port); });
+  RunUntil([&] { return second.has_value(); });
+  ASSERT_TRUE(second->ok()) << second->status();
+  EXPECT_EQ((*second)->body, "POST /b 2");
+}
+
+TEST_F(HttpTest, ClientRequestTimesOutThenNextRequestSucceeds) {
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    if (request.target == "/never") {
+      Later(300, [responder] { responder->Send(TextResponse("late")); });
+    } else {
+      Echo(std::move(request), std::move(responder));
+    }
+  });
+  HttpClientOptions options;
+  options.request_timeout_ms = 100;
+  HttpClient client(&loop_, "127.0.0.1", port(), options);
+  std::optional<absl::StatusOr<HttpResponse>> timed_out, answered;
+  client.Post("/never", "", [&](absl::StatusOr<HttpResponse> r) { timed_out = std::move(r); });
+  client.Post("/soon", "x", [&](absl::StatusOr<HttpResponse> r) { answered = std::move(r); });
+  RunUntil([&] { return timed_out.has_value(); });
+  EXPECT_EQ(timed_out->status().code(), absl::StatusCode::kDeadlineExceeded);
+  RunUntil([&] { return answered.has_value(); });
+  EXPECT_EQ(answered->status().code(), absl::StatusCode::kDeadlineExceeded)
+      << "queued behind a stuck request, it shares its fate";
+
+  client.Post("/soon", "y", [&](absl::StatusOr<HttpResponse> r) { answered = std::move(r); });
+  answered.reset();
+  RunUntil([&] { return answered.has_value(); });
+  ASSERT_TRUE(answered->ok()) << answered->status();
+  EXPECT_EQ((*answered)->body, "POST /soon y");
+}
+
+TEST_F(HttpTest, ClientCloseCancelsPendingRequests) {
+  HttpClient client(&loop_, "127.0.0.1", 1);  // nothing listens on port 1
+  std::optional<absl::Status> result;
+  client.Post("/x", "", [&](absl::StatusOr<HttpResponse> r) { result = r.status(); });
+  client.Close();
+  ASSERT_TRUE(result.has_value());
+  EXPECT_EQ(result->code(), absl::StatusCode::kCancelled);
+  client.Post("/x", "", [&](absl::StatusOr<HttpResponse> r) { result = r.status(); });
+  EXPECT_EQ(result->code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace synod

@@ -1,0 +1,371 @@
+#include "adapters/log_store.h"
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "adapters/file_database_opener.h"
+#include "core/log_codec.h"
+
+namespace synod {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDirTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* base = std::getenv("TEST_TMPDIR");
+    std::string pattern = std::string(base != nullptr ? base : "/tmp") + "/log_store_test.XXXXXX";
+    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+    dir_ = pattern;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string ReadFile(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  void WriteFile(const std::string& path, const std::string& bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  std::string LogPath() const { return dir_ + "/log"; }
+
+  std::string dir_;
+};
+
+using LogStoreTest = TempDirTest;
+
+LogEntry Entry(uint64_t slot, uint64_t round, bool chosen) {
+  LogEntry e;
+  e.set_slot(slot);
+  e.mutable_ballot()->set_round(round);
+  e.mutable_ballot()->set_replica_id(1);
+  e.mutable_value()->set_noop(true);
+  e.set_chosen(chosen);
+  return e;
+}
+
+Ready AcceptReady(uint64_t round, std::vector<LogEntry> entries) {
+  Ready r;
+  HardState hs;
+  hs.mutable_promised()->set_round(round);
+  hs.mutable_promised()->set_replica_id(2);
+  hs.set_max_round_used(round);
+  r.hard_state = hs;
+  r.entries = std::move(entries);
+  r.must_sync = true;
+  return r;
+}
+
+// A comparable picture of a persisted state (entries sorted by slot, as recovery gives them).
+std::string Describe(const PersistedState& s) {
+  std::string out = s.hard_state.SerializeAsString() + "|" + s.snapshot_meta.SerializeAsString() +
+                    "|" + s.snapshot_data;
+  for (const LogEntry& e : s.entries) out += "|" + e.SerializeAsString();
+  return out;
+}
+
+std::unique_ptr<LogStore> MustOpen(const std::string& dir, LogStoreOptions options = {}) {
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir, options);
+  EXPECT_TRUE(store.ok()) << store.status();
+  return store.ok() ? std::move(*store) : nullptr;
+}
+
+// Two synced batches: promise round 3 with slots 1-2, then round 4 choosing slot 1.
+void WriteTwoBatches(LogStore& store) {
+  store.Append(AcceptReady(3, {Entry(1, 3, false), Entry(2, 3, false)}));
+  ASSERT_TRUE(store.Sync().ok());
+  store.Append(AcceptReady(4, {Entry(1, 3, true)}));
+  ASSERT_TRUE(store.Sync().ok());
+}
+
+TEST_F(LogStoreTest, ANewDirectoryStartsEmpty) {
+  std::unique_ptr<LogStore> store = MustOpen(dir_ + "/nested/data");
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 0u);
+  EXPECT_TRUE(store->recovered().entries.empty());
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  EXPECT_TRUE(fs::exists(dir_ + "/nested/data/log"));
+}
+
+TEST_F(LogStoreTest, WhatWasSyncedIsRecoveredAfterReopening) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  const PersistedState& s = store->recovered();
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  EXPECT_EQ(s.hard_state.promised().round(), 4u);
+  EXPECT_EQ(s.applied_index, 0u);
+  ASSERT_EQ(s.entries.size(), 2u);
+  EXPECT_EQ(s.entries[0].slot(), 1u);
+  EXPECT_TRUE(s.entries[0].chosen());  // the later record for a slot replaces the earlier
+  EXPECT_EQ(s.entries[1].slot(), 2u);
+}
+
+TEST_F(LogStoreTest, RecordsAppendedButNeverSyncedAreLostAsInACrash) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+    store->Append(AcceptReady(9, {Entry(3, 9, false)}));
+  }
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+  EXPECT_EQ(store->recovered().entries.size(), 2u);
+}
+
+TEST_F(LogStoreTest, SyncWithNothingAppendedWritesNothing) {
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  WriteTwoBatches(*store);
+  uint64_t size = fs::file_size(LogPath());
+  ASSERT_TRUE(store->Sync().ok());
+  EXPECT_EQ(fs::file_size(LogPath()), size);
+}
+
+TEST_F(LogStoreTest, ATornPartialRecordIsTruncatedAndReportedOnce) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  std::string synced = ReadFile(LogPath());
+  WriteFile(LogPath(), synced + EncodeReady(AcceptReady(5, {Entry(3, 5, false)})).substr(0, 9));
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    EXPECT_EQ(store->truncated_tail_bytes(), 9u);
+    EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+    EXPECT_EQ(ReadFile(LogPath()), synced);
+  }
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  EXPECT_EQ(store->recovered().entries.size(), 2u);
+}
+
+TEST_F(LogStoreTest, ALogCutShortInItsLastRecordIsATornTail) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  uint64_t size = fs::file_size(LogPath());
+  fs::resize_file(LogPath(), size - 3);  // into the last sync mark
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_GT(store->truncated_tail_bytes(), 0u);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+  EXPECT_EQ(fs::file_size(LogPath()), size - 3 - store->truncated_tail_bytes());
+  // Appending after the truncation gives a log that recovers cleanly.
+  store->Append(AcceptReady(6, {Entry(2, 6, false)}));
+  ASSERT_TRUE(store->Sync().ok());
+  store.reset();
+  store = MustOpen(dir_);
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 6u);
+}
+
+TEST_F(LogStoreTest, AFlippedByteInAnEarlyRecordFailsOpenWithDataLoss) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  std::string log = ReadFile(LogPath());
+  log[20] ^= 0x10;  // inside the first record's payload
+  WriteFile(LogPath(), log);
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(store.status().message().find(LogPath()), absl::string_view::npos);
+  EXPECT_NE(store.status().message().find("refuses to start"), absl::string_view::npos);
+  EXPECT_EQ(ReadFile(LogPath()), log);  // left as found, for the operator to inspect
+}
+
+TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  for (uint64_t round = 1; round <= 20; ++round) {
+    store->Append(AcceptReady(round, {Entry(1, round, false), Entry(2, round, false)}));
+  }
+  Ready snapshot;
+  snapshot.snapshot = SnapshotToInstall{};
+  snapshot.snapshot->meta.set_index(1);
+  snapshot.snapshot->meta.set_size_bytes(5);
+  snapshot.snapshot->data = "image";
+  snapshot.compacted_through = 1;
+  store->Append(snapshot);
+  ASSERT_TRUE(store->Sync().ok());
+  uint64_t size_before = fs::file_size(LogPath());
+
+  absl::StatusOr<PersistedState> state = store->ReadBack();
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_EQ(state->entries.size(), 1u);  // slot 1 was compacted away
+  ASSERT_TRUE(store->Rewrite(*state).ok());
+  EXPECT_LT(fs::file_size(LogPath()), size_before);
+  EXPECT_FALSE(fs::exists(LogPath() + ".tmp"));
+
+  // The store goes on appending to the new file.
+  store->Append(AcceptReady(21, {Entry(3, 21, false)}));
+  ASSERT_TRUE(store->Sync().ok());
+  store.reset();
+  store = MustOpen(dir_);
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  PersistedState expected = *state;
+  expected.hard_state = AcceptReady(21, {}).hard_state.value();
+  expected.entries.push_back(Entry(3, 21, false));
+  EXPECT_EQ(Describe(store->recovered()), Describe(expected));
+  EXPECT_EQ(store->recovered().snapshot_data, "image");
+}
+
+TEST_F(LogStoreTest, ALeftoverTemporaryFromAnInterruptedRewriteIsIgnored) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  WriteFile(LogPath() + ".tmp", "half a rewrite");
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+  EXPECT_FALSE(fs::exists(LogPath() + ".tmp"));
+}
+
+TEST_F(LogStoreTest, ASecondStoreOnTheSameDirectoryIsRefused) {
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  absl::StatusOr<std::unique_ptr<LogStore>> second = LogStore::Open(dir_);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  store.reset();
+  EXPECT_TRUE(LogStore::Open(dir_).ok());
+}
+
+TEST_F(LogStoreTest, WithoutFsyncTheLogIsStillWrittenAtEachSync) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false});
+    WriteTwoBatches(*store);
+  }
+  std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false});
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+}
+
+TEST_F(LogStoreTest, OpeningAFileAsTheDataDirectoryFailsWithTheOsError) {
+  WriteFile(dir_ + "/plain", "x");
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_ + "/plain");
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find(dir_ + "/plain"), absl::string_view::npos);
+}
+
+// ---------------------------------------------------------------------------------------
+
+using FileDatabaseOpenerTest = TempDirTest;
+
+std::unique_ptr<FileDatabaseOpener> MustCreate(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> opener = FileDatabaseOpener::Create(dir);
+  EXPECT_TRUE(opener.ok()) << opener.status();
+  return opener.ok() ? std::move(*opener) : nullptr;
+}
+
+std::string QueryText(sqlite3* db, const char* sql) {
+  sqlite3_stmt* stmt = nullptr;
+  std::string out;
+  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK &&
+      sqlite3_step(stmt) == SQLITE_ROW && sqlite3_column_text(stmt, 0) != nullptr) {
+    out = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+  }
+  sqlite3_finalize(stmt);
+  return out;
+}
+
+void Exec(sqlite3* db, const char* sql) {
+  ASSERT_EQ(sqlite3_exec(db, sql, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+}
+
+TEST_F(FileDatabaseOpenerTest, ADatabaseKeepsItsDataAcrossHandles) {
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  absl::StatusOr<sqlite3*> db = opener->Open("system", nullptr);
+  ASSERT_TRUE(db.ok()) << db.status();
+  EXPECT_EQ(QueryText(*db, "PRAGMA journal_mode"), "wal");
+  EXPECT_EQ(QueryText(*db, "PRAGMA synchronous"), "2");  // FULL
+  Exec(*db, "CREATE TABLE t(x); INSERT INTO t VALUES ('kept')");
+  EXPECT_EQ(QueryText(*db, "PRAGMA page_size"), "4096");
+  ASSERT_EQ(sqlite3_close(*db), SQLITE_OK);
+  EXPECT_TRUE(fs::exists(dir_ + "/db/system.sqlite3"));
+
+  db = opener->Open("system", sqlite3_vfs_find(nullptr)->zName);
+  ASSERT_TRUE(db.ok()) << db.status();
+  EXPECT_EQ(QueryText(*db, "SELECT x FROM t"), "kept");
+  ASSERT_EQ(sqlite3_close(*db), SQLITE_OK);
+}
+
+TEST_F(FileDatabaseOpenerTest, ListShowsDatabasesSortedAndRemoveDeletesTheirFiles) {
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  for (const char* id : {"system", "b2", "a1"}) {
+    absl::StatusOr<sqlite3*> db = opener->Open(id, nullptr);
+    ASSERT_TRUE(db.ok()) << db.status();
+    Exec(*db, "CREATE TABLE t(x)");
+    ASSERT_EQ(sqlite3_close(*db), SQLITE_OK);
+  }
+  WriteFile(dir_ + "/db/notes.txt", "not a database");
+  EXPECT_EQ(opener->List(), (std::vector<std::string>{"a1", "b2", "system"}));
+
+  absl::StatusOr<sqlite3*> open_wal = opener->Open("b2", nullptr);  // leaves -wal and -shm
+  ASSERT_TRUE(open_wal.ok());
+  Exec(*open_wal, "INSERT INTO t VALUES (1)");
+  ASSERT_TRUE(fs::exists(dir_ + "/db/b2.sqlite3-wal"));
+  ASSERT_EQ(sqlite3_close(*open_wal), SQLITE_OK);
+  ASSERT_TRUE(opener->Remove("b2").ok());
+  EXPECT_EQ(opener->List(), (std::vector<std::string>{"a1", "system"}));
+  for (const char* suffix : {"", "-wal", "-shm", "-journal"}) {
+    EXPECT_FALSE(fs::exists(dir_ + "/db/b2.sqlite3" + suffix)) << suffix;
+  }
+  EXPECT_TRUE(opener->Remove("b2").ok());  // already gone
+  EXPECT_TRUE(opener->Remove("never-existed").ok());
+}
+
+TEST_F(FileDatabaseOpenerTest, ANewDatabaseDoesNotReplayAStaleWalLeftByACrash) {
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  std::string path = dir_ + "/db/d.sqlite3";
+  absl::StatusOr<sqlite3*> db = opener->Open("d", nullptr);
+  ASSERT_TRUE(db.ok());
+  Exec(*db, "CREATE TABLE old(x); INSERT INTO old VALUES (1)");
+  std::string wal = ReadFile(path + "-wal");
+  ASSERT_FALSE(wal.empty());
+  ASSERT_EQ(sqlite3_close(*db), SQLITE_OK);
+  // A crash between unlinking the database and its WAL.
+  ASSERT_TRUE(opener->Remove("d").ok());
+  WriteFile(path + "-wal", wal);
+
+  db = opener->Open("d", nullptr);
+  ASSERT_TRUE(db.ok()) << db.status();
+  EXPECT_EQ(QueryText(*db, "SELECT count(*) FROM sqlite_schema"), "0");
+  ASSERT_EQ(sqlite3_close(*db), SQLITE_OK);
+}
+
+TEST_F(FileDatabaseOpenerTest, BadFileIdsAreRejectedAndCreateNothing) {
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  for (const std::string& id :
+       {std::string(""), std::string("../escape"), std::string("a/b"), std::string("a.b"),
+        std::string("nul\0x", 5), std::string(81, 'a')}) {
+    absl::StatusOr<sqlite3*> db = opener->Open(id, nullptr);
+    ASSERT_FALSE(db.ok()) << id;
+    EXPECT_EQ(db.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(opener->Remove(id).code(), absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(fs::is_empty(dir_ + "/db"));
+  EXPECT_FALSE(fs::exists(dir_ + "/escape.sqlite3"));
+  absl::StatusOr<sqlite3*> longest = opener->Open(std::string(80, 'a'), nullptr);
+  ASSERT_TRUE(longest.ok()) << longest.status();
+  ASSERT_EQ(sqlite3_close(*longest), SQLITE_OK);
+}
+
+TEST_F(FileDatabaseOpenerTest, AnUnknownVfsIsRejected) {
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  absl::StatusOr<sqlite3*> db = opener->Open("system", "no-such-vfs");
+  ASSERT_FALSE(db.ok());
+  EXPECT_EQ(db.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace synod

@@ -1,0 +1,159 @@
+// synod-server: one replica of a Synod cluster. See docs/operations.md.
+
+#include <signal.h>
+#include <uv.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "server/node.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    R"(usage: synod-server --id N --listen HOST:PORT --peers ID=HOST:PORT,... --data-dir DIR
+                    [--fsync=true|false] [--location LABEL]
+
+  --id N            this replica's id (1..), one of the ids in --peers
+  --listen H:P      address for the HTTP API and peer traffic
+  --peers LIST      every replica of the group, this one included: 1=127.0.0.1:7001,2=...
+  --data-dir DIR    where the log and the SQLite files live (created if missing)
+  --fsync B         fsync the log before acknowledging (default true); false survives a
+                    process crash but not a power failure
+  --location LABEL  a label or coordinates reported in /v1/status
+  --snapshot-every N           applied entries between log compactions (default 10000)
+  --max-body-bytes N           largest request body accepted (default 67108864)
+  --http-request-timeout-ms N  time a client has to send a whole request (default 30000)
+  --help            this text
+)";
+
+int Fail(const std::string& message) {
+  std::cerr << "synod-server: " << message << "\n" << kUsage;
+  return 2;
+}
+
+bool ParseHostPort(const std::string& text, synod::server::PeerAddress* out) {
+  size_t colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  out->host = text.substr(0, colon);
+  return absl::SimpleAtoi(text.substr(colon + 1), &out->port) && out->port > 0 && out->port < 65536;
+}
+
+struct Shutdown {
+  synod::server::Node* node;
+  uv_signal_t sigint;
+  uv_signal_t sigterm;
+  bool started = false;
+};
+
+void OnSignal(uv_signal_t* handle, int signum) {
+  auto* s = static_cast<Shutdown*>(handle->data);
+  if (s->started) return;
+  s->started = true;
+  fprintf(stderr, "I signal %d: finishing in-flight writes and stopping\n", signum);
+  uv_close(reinterpret_cast<uv_handle_t*>(&s->sigint), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&s->sigterm), nullptr);
+  s->node->Stop([] {});
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  synod::server::NodeOptions options;
+  bool have_id = false, have_listen = false, have_peers = false, have_dir = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    size_t eq = arg.find('=');
+    if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+    } else if (arg != "--help" && i + 1 < argc) {
+      value = argv[++i];
+    }
+    if (arg == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (arg == "--id") {
+      if (!absl::SimpleAtoi(value, &options.id) || options.id == 0) {
+        return Fail("--id must be a positive number");
+      }
+      have_id = true;
+    } else if (arg == "--listen") {
+      synod::server::PeerAddress a;
+      if (!ParseHostPort(value, &a)) return Fail("--listen must be HOST:PORT");
+      options.listen_host = a.host;
+      options.listen_port = a.port;
+      have_listen = true;
+    } else if (arg == "--peers") {
+      for (absl::string_view item : absl::StrSplit(value, ',', absl::SkipEmpty())) {
+        std::string entry(item);
+        size_t at = entry.find('=');
+        uint32_t id = 0;
+        synod::server::PeerAddress a;
+        if (at == std::string::npos || !absl::SimpleAtoi(entry.substr(0, at), &id) || id == 0 ||
+            !ParseHostPort(entry.substr(at + 1), &a)) {
+          return Fail("--peers must be ID=HOST:PORT,... (bad item '" + entry + "')");
+        }
+        if (!options.peers.emplace(id, a).second) {
+          return Fail("--peers names replica " + std::to_string(id) + " twice");
+        }
+      }
+      have_peers = true;
+    } else if (arg == "--data-dir") {
+      if (value.empty()) return Fail("--data-dir must not be empty");
+      options.data_dir = value;
+      have_dir = true;
+    } else if (arg == "--fsync") {
+      if (value != "true" && value != "false") return Fail("--fsync must be true or false");
+      options.fsync = value == "true";
+    } else if (arg == "--location") {
+      options.location = value;
+    } else if (arg == "--snapshot-every") {
+      if (!absl::SimpleAtoi(value, &options.snapshot_every_entries) ||
+          options.snapshot_every_entries == 0) {
+        return Fail("--snapshot-every must be a positive number");
+      }
+    } else if (arg == "--max-body-bytes") {
+      if (!absl::SimpleAtoi(value, &options.max_body_bytes) || options.max_body_bytes == 0) {
+        return Fail("--max-body-bytes must be a positive number");
+      }
+    } else if (arg == "--http-request-timeout-ms") {
+      if (!absl::SimpleAtoi(value, &options.http_request_timeout_ms) ||
+          options.http_request_timeout_ms <= 0) {
+        return Fail("--http-request-timeout-ms must be a positive number");
+      }
+    } else {
+      return Fail("unknown flag '" + arg + "'");
+    }
+  }
+  if (!have_id || !have_listen || !have_peers || !have_dir) {
+    return Fail("--id, --listen, --peers and --data-dir are required");
+  }
+  if (options.peers.count(options.id) == 0) return Fail("--peers must include --id");
+  if (options.peers.size() % 2 == 0) {
+    fprintf(stderr, "W an even number of replicas tolerates no more failures than one fewer\n");
+  }
+  signal(SIGPIPE, SIG_IGN);
+
+  uv_loop_t* loop = uv_default_loop();
+  synod::server::Node node(loop, options);
+  absl::Status started = node.Start();
+  if (!started.ok()) {
+    fprintf(stderr, "E synod-server cannot start: %s\n", started.ToString().c_str());
+    return 1;
+  }
+  Shutdown shutdown{&node, {}, {}};
+  uv_signal_init(loop, &shutdown.sigint);
+  uv_signal_init(loop, &shutdown.sigterm);
+  shutdown.sigint.data = shutdown.sigterm.data = &shutdown;
+  uv_signal_start(&shutdown.sigint, OnSignal, SIGINT);
+  uv_signal_start(&shutdown.sigterm, OnSignal, SIGTERM);
+  uv_run(loop, UV_RUN_DEFAULT);
+  fprintf(stderr, "I stopped\n");
+  return 0;
+}

@@ -1,0 +1,781 @@
+#include "server/node.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "core/check.h"
+#include "server/api.pb.h"
+#include "server/json.h"
+
+namespace synod::server {
+
+// A client request waiting for its answer: a write until this replica applies it, a read
+// until the leader confirms it and the state machine reaches its revision.
+struct Node::Pending {
+  std::shared_ptr<HttpResponder> responder;
+  int64_t deadline_ms = 0;
+  bool is_read = false;
+  uint64_t min_revision = 0;  // reads: run once the state machine has applied this
+  bool confirmed = false;     // reads: the leader confirmed the read
+  std::function<void(const CommandResult&)> on_write;
+  std::function<void()> on_read;
+};
+
+namespace {
+
+int HttpStatusFor(ErrorCode code) {
+  switch (code) {
+    case OK:
+      return 200;
+    case INVALID_ARGUMENT:
+      return 400;
+    case NOT_FOUND:
+      return 404;
+    case ALREADY_EXISTS:
+      return 409;
+    case FAILED_PRECONDITION:
+      return 412;
+    case RESOURCE_EXHAUSTED:
+      return 429;
+    case SESSION_EXPIRED:
+      return 409;
+    case UNAVAILABLE:
+    default:
+      return 503;
+  }
+}
+
+std::string CodeName(ErrorCode code) { return absl::AsciiStrToLower(ErrorCode_Name(code)); }
+
+std::string Header(const HttpRequest& request, std::string_view name) {
+  for (const auto& [key, value] : request.headers) {
+    if (key == name) return value;
+  }
+  return "";
+}
+
+// Splits "/a/b/c?x" into {"a","b","c"}; percent-decoding is applied to each segment so
+// that "%2F" in a name is seen (and rejected) as "/".
+std::vector<std::string> PathSegments(const std::string& target) {
+  std::string path = target.substr(0, target.find('?'));
+  std::vector<std::string> out;
+  for (absl::string_view part : absl::StrSplit(path, '/', absl::SkipEmpty())) {
+    std::string decoded;
+    for (size_t i = 0; i < part.size(); ++i) {
+      int v = 0;
+      if (part[i] == '%' && i + 2 < part.size() &&
+          absl::ascii_isxdigit(static_cast<unsigned char>(part[i + 1])) &&
+          absl::ascii_isxdigit(static_cast<unsigned char>(part[i + 2])) &&
+          sscanf(std::string(part.substr(i + 1, 2)).c_str(), "%2x", &v) == 1) {
+        decoded.push_back(static_cast<char>(v));
+        i += 2;
+        continue;
+      }
+      decoded.push_back(part[i]);
+    }
+    out.push_back(decoded);
+  }
+  return out;
+}
+
+void AppendStatementResult(std::string* out, const StatementResult& r) {
+  absl::StrAppend(out, "{\"rows_affected\":", r.rows_affected(),
+                  ",\"last_insert_id\":", r.last_insert_id());
+  if (r.columns_size() > 0) {
+    out->append(",\"columns\":[");
+    for (int i = 0; i < r.columns_size(); ++i) {
+      if (i > 0) out->push_back(',');
+      AppendJsonString(out, r.columns(i));
+    }
+    out->append("],\"rows\":[");
+    for (int i = 0; i < r.rows_size(); ++i) {
+      if (i > 0) out->push_back(',');
+      out->push_back('[');
+      for (int j = 0; j < r.rows(i).values_size(); ++j) {
+        if (j > 0) out->push_back(',');
+        AppendSqlValue(out, r.rows(i).values(j));
+      }
+      out->push_back(']');
+    }
+    out->push_back(']');
+  }
+  out->push_back('}');
+}
+
+// Rows as an array of objects keyed by column name (the d3b shape).
+void AppendRowObjects(std::string* out, const StatementResult& r) {
+  out->push_back('[');
+  for (int i = 0; i < r.rows_size(); ++i) {
+    if (i > 0) out->push_back(',');
+    out->push_back('{');
+    for (int j = 0; j < r.rows(i).values_size() && j < r.columns_size(); ++j) {
+      if (j > 0) out->push_back(',');
+      AppendJsonString(out, r.columns(j));
+      out->push_back(':');
+      AppendSqlValue(out, r.rows(i).values(j));
+    }
+    out->push_back('}');
+  }
+  out->push_back(']');
+}
+
+absl::StatusOr<Statement> ToStatement(
+    const std::string& sql,
+    const google::protobuf::RepeatedPtrField<google::protobuf::Value>& params) {
+  if (sql.empty()) return absl::InvalidArgumentError("\"sql\" is required");
+  Statement s;
+  s.set_sql(sql);
+  for (const google::protobuf::Value& p : params) {
+    absl::StatusOr<SqlValue> v = SqlValueFromJson(p);
+    if (!v.ok()) return v.status();
+    *s.add_params() = *std::move(v);
+  }
+  return s;
+}
+
+}  // namespace
+
+Node::Node(uv_loop_t* loop, NodeOptions options) : loop_(loop), options_(std::move(options)) {}
+
+Node::~Node() = default;
+
+uint64_t Node::NextClientId() {
+  // Each HTTP request is its own client session (sequence 1): unique across replicas and
+  // restarts through the random nonce drawn at start.
+  return client_nonce_ + (++client_counter_);
+}
+
+absl::Status Node::Start() {
+  SYNOD_CHECK(options_.peers.count(options_.id) == 1);
+  absl::StatusOr<std::unique_ptr<LogStore>> log =
+      LogStore::Open(options_.data_dir, LogStoreOptions{.fsync = options_.fsync});
+  if (!log.ok()) {
+    return absl::Status(
+        log.status().code(),
+        absl::StrCat("cannot open the log in ", options_.data_dir, ": ", log.status().message()));
+  }
+  log_ = std::move(*log);
+  if (log_->truncated_tail_bytes() > 0) {
+    fprintf(stderr, "W the log ended in a torn write (%llu bytes, never acknowledged): dropped\n",
+            static_cast<unsigned long long>(log_->truncated_tail_bytes()));
+  }
+  absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> opener =
+      FileDatabaseOpener::Create(options_.data_dir, options_.fsync);
+  if (!opener.ok()) return opener.status();
+  opener_ = std::move(*opener);
+  absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(opener_.get());
+  if (!sm.ok()) return sm.status();
+  sm_ = std::move(*sm);
+
+  PersistedState state = log_->recovered();
+  // A snapshot persisted but not yet installed when the process stopped: install it now.
+  if (sm_->revision() < state.snapshot_meta.index()) {
+    absl::Status restored = sm_->RestoreSnapshot(state.snapshot_data);
+    if (!restored.ok()) return restored;
+  }
+  state.applied_index = sm_->revision();
+  last_snapshot_index_ = state.snapshot_meta.index();
+
+  ReplicaConfig config;
+  config.id = options_.id;
+  for (const auto& [id, address] : options_.peers) config.replica_ids.push_back(id);
+  // 10 ms ticks: elections after 0.5-1 s of silence, heartbeats every 100 ms.
+  config.election_timeout_ticks = 50;
+  config.heartbeat_interval_ticks = 10;
+  config.retry_ticks = 20;
+  config.lease_duration_ticks = 40;
+  config.clock_drift_bound_ticks = 4;  // 10% of the lease, for commodity clocks
+  config.request_timeout_ticks = options_.request_timeout_ms / options_.tick_ms;
+  std::random_device entropy;
+  uint64_t seed = (static_cast<uint64_t>(entropy()) << 32) | entropy();
+  client_nonce_ = ((static_cast<uint64_t>(entropy()) << 32) | entropy()) & ~0xffffffffull;
+  replica_ = std::make_unique<Replica>(config, std::move(state), seed);
+
+  for (const auto& [id, address] : options_.peers) {
+    if (id == options_.id) continue;
+    peer_clients_[id] = std::make_unique<HttpClient>(loop_, address.host, address.port);
+  }
+  HttpServerLimits limits;
+  limits.max_body_bytes = options_.max_body_bytes;
+  limits.request_timeout_ms = options_.http_request_timeout_ms;
+  http_ = std::make_unique<HttpServer>(
+      loop_, limits, [this](HttpRequest request, std::shared_ptr<Responder> r) {
+        Handle(request, std::make_shared<HttpResponder>(std::move(r)));
+      });
+  absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
+  if (!listening.ok()) return listening;
+
+  uv_timer_init(loop_, &tick_timer_);
+  tick_timer_.data = this;
+  uv_timer_start(
+      &tick_timer_, [](uv_timer_t* t) { static_cast<Node*>(t->data)->OnTick(); }, options_.tick_ms,
+      options_.tick_ms);
+  tick_timer_started_ = true;
+  now_ms_ = static_cast<int64_t>(uv_now(loop_));
+  fprintf(stderr, "I replica %u serving on %s:%d, revision %llu, data in %s\n", options_.id,
+          options_.listen_host.c_str(), http_->port(),
+          static_cast<unsigned long long>(sm_->revision()), options_.data_dir.c_str());
+  return absl::OkStatus();
+}
+
+void Node::Stop(std::function<void()> done) {
+  stopping_ = true;
+  if (tick_timer_started_) {
+    uv_timer_stop(&tick_timer_);
+    uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
+    tick_timer_started_ = false;
+  }
+  if (log_) {
+    absl::Status synced = log_->Sync();
+    if (!synced.ok()) fprintf(stderr, "E final log sync failed: %s\n", synced.ToString().c_str());
+  }
+  for (auto& [id, client] : peer_clients_) client->Close();
+  if (http_) {
+    http_->Close(std::move(done));
+  } else {
+    done();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The core's loop: persist, send, apply, advance.
+
+void Node::OnTick() {
+  now_ms_ = static_cast<int64_t>(uv_now(loop_));
+  replica_->Tick();
+  Drain();
+  ExpirePending();
+}
+
+void Node::Drain() {
+  while (!stopping_ && replica_->HasReady()) {
+    Ready ready = replica_->GetReady();
+    // 1. Persist; an fsync when a promise or an accept depends on it.
+    log_->Append(ready);
+    if (ready.must_sync || ready.snapshot) {
+      absl::Status synced = log_->Sync();
+      // The promise in this Ready must not be acknowledged: stop rather than go on.
+      SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
+    }
+    if (ready.compacted_through > 0) CompactLog();
+    // 2. Send.
+    SendMessages(std::move(ready.messages));
+    // 3. Install, apply.
+    if (ready.snapshot) {
+      absl::Status restored = sm_->RestoreSnapshot(ready.snapshot->data);
+      SYNOD_CHECK(restored.ok()) << "snapshot from a peer does not restore: " << restored;
+      fprintf(stderr, "I installed a snapshot at revision %llu\n",
+              static_cast<unsigned long long>(sm_->revision()));
+    }
+    for (const CommittedEntry& c : ready.committed) ApplyCommitted(c);
+    // 4. Answers to read barriers and refusals.
+    for (const ForwardReply& reply : ready.replies) {
+      auto it = pending_.find({reply.client_id(), reply.sequence()});
+      if (it == pending_.end()) continue;
+      std::unique_ptr<Pending> p = std::move(it->second);
+      pending_.erase(it);
+      if (reply.code() != OK) {
+        RespondError(p->responder, HttpStatusFor(reply.code()), CodeName(reply.code()),
+                     reply.message());
+        continue;
+      }
+      if (p->is_read) {
+        p->confirmed = true;
+        p->min_revision = std::max(p->min_revision, reply.read_revision());
+        waiting_reads_.push_back(std::move(p));
+      } else {
+        CommandResult refused;
+        refused.set_code(UNAVAILABLE);
+        refused.set_message(reply.message());
+        p->on_write(refused);
+      }
+    }
+    replica_->Advance(ready);
+    ServeWaitingReads();
+    MaybeCompact();
+  }
+}
+
+void Node::ApplyCommitted(const CommittedEntry& entry) {
+  std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  for (const AppliedRequest& a : applied) {
+    if (a.origin_replica != options_.id) continue;
+    auto it = pending_.find({a.client_id, a.sequence});
+    if (it == pending_.end()) continue;
+    std::unique_ptr<Pending> p = std::move(it->second);
+    pending_.erase(it);
+    p->on_write(a.result);
+  }
+}
+
+void Node::MaybeCompact() {
+  if (sm_->revision() < last_snapshot_index_ + options_.snapshot_every_entries) return;
+  absl::StatusOr<std::string> snapshot = sm_->Snapshot();
+  if (!snapshot.ok()) return;
+  uint64_t index = sm_->revision();
+  Ready r;
+  r.snapshot = SnapshotToInstall{};
+  r.snapshot->meta.set_index(index);
+  r.snapshot->meta.set_size_bytes(snapshot->size());
+  r.snapshot->data = *snapshot;
+  r.compacted_through = index;
+  log_->Append(r);
+  CompactLog();
+  replica_->Compact(index, std::move(*snapshot));
+  last_snapshot_index_ = index;
+}
+
+void Node::CompactLog() {
+  // Durable first, then the log is rewritten without what the snapshot covers (an atomic
+  // rename: a crash leaves the old log or the new one).
+  absl::Status synced = log_->Sync();
+  SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
+  absl::StatusOr<PersistedState> state = log_->ReadBack();
+  SYNOD_CHECK(state.ok()) << "log read-back failed: " << state.status();
+  absl::Status rewritten = log_->Rewrite(*state);
+  SYNOD_CHECK(rewritten.ok()) << "log rewrite failed: " << rewritten;
+}
+
+void Node::SendMessages(std::vector<Message> messages) {
+  std::map<uint32_t, MessageBatch> batches;
+  for (Message& m : messages) *batches[m.to()].add_messages() = std::move(m);
+  for (auto& [to, batch] : batches) {
+    auto it = peer_clients_.find(to);
+    if (it == peer_clients_.end()) continue;
+    std::string body;
+    SYNOD_CHECK(batch.SerializeToString(&body));
+    // Lost messages are the protocol's business (it retries): the answer is not awaited.
+    it->second->Post("/internal/v1/messages", std::move(body), [](absl::StatusOr<HttpResponse>) {});
+  }
+}
+
+void Node::ExpirePending() {
+  auto unavailable = [&](Pending& p) {
+    RespondError(p.responder, 503, "unavailable",
+                 p.is_read ? "the read could not be confirmed in time"
+                           : "the write was not confirmed by a majority in time; it may or "
+                             "may not have been applied");
+  };
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (now_ms_ >= it->second->deadline_ms) {
+      unavailable(*it->second);
+      it = pending_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::vector<std::unique_ptr<Pending>> kept;
+  for (std::unique_ptr<Pending>& p : waiting_reads_) {
+    if (now_ms_ >= p->deadline_ms) {
+      unavailable(*p);
+    } else {
+      kept.push_back(std::move(p));
+    }
+  }
+  waiting_reads_ = std::move(kept);
+}
+
+void Node::ServeWaitingReads() {
+  std::vector<std::unique_ptr<Pending>> kept;
+  for (std::unique_ptr<Pending>& p : waiting_reads_) {
+    if (sm_->revision() >= p->min_revision) {
+      p->on_read();
+    } else {
+      kept.push_back(std::move(p));
+    }
+  }
+  waiting_reads_ = std::move(kept);
+}
+
+void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responder,
+                        std::function<void(const CommandResult&)> on_result) {
+  absl::Status valid = StateMachine::Validate(command);
+  if (!valid.ok()) {
+    return RespondError(responder, valid.code() == absl::StatusCode::kNotFound ? 404 : 400,
+                        "invalid_argument", valid.message());
+  }
+  ++counters_.writes;
+  ClientRequest request;
+  request.set_client_id(NextClientId());
+  request.set_sequence(1);
+  *request.mutable_command() = std::move(command);
+  request.set_timestamp_unix_ms(static_cast<int64_t>(uv_now(loop_)));
+  auto p = std::make_unique<Pending>();
+  p->responder = responder;
+  p->deadline_ms = now_ms_ + options_.request_timeout_ms;
+  p->on_write = std::move(on_result);
+  pending_[{request.client_id(), request.sequence()}] = std::move(p);
+  replica_->Propose(std::move(request));
+  Drain();
+}
+
+void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
+                          std::shared_ptr<HttpResponder> responder, std::function<void()> run) {
+  ++counters_.reads;
+  auto p = std::make_unique<Pending>();
+  p->responder = responder;
+  p->deadline_ms = now_ms_ + options_.request_timeout_ms;
+  p->is_read = true;
+  p->min_revision = min_revision;
+  p->on_read = std::move(run);
+  if (consistency == LOCAL) {
+    p->confirmed = true;
+    waiting_reads_.push_back(std::move(p));
+    return ServeWaitingReads();
+  }
+  ClientRequest request;
+  request.set_client_id(NextClientId());
+  request.set_sequence(1);
+  request.mutable_command()->mutable_read_barrier()->set_consistency(consistency);
+  pending_[{request.client_id(), request.sequence()}] = std::move(p);
+  replica_->Propose(std::move(request));
+  Drain();
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP.
+
+void Node::Respond(const std::shared_ptr<HttpResponder>& responder, int status, std::string body,
+                   std::string content_type) {
+  ++counters_.requests;
+  if (status >= 500) ++counters_.errors;
+  counters_.response_us_total += responder->ElapsedMicros();
+  HttpResponse response;
+  response.status = status;
+  response.headers.push_back({"Content-Type", std::move(content_type)});
+  response.body = std::move(body);
+  responder->Send(std::move(response));
+}
+
+void Node::RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
+                        absl::string_view code, absl::string_view message) {
+  Respond(responder, status,
+          ErrorJson(std::string_view(code.data(), code.size()),
+                    std::string_view(message.data(), message.size())));
+}
+
+void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
+  if (stopping_) return RespondError(responder, 503, "unavailable", "the server is stopping");
+  const std::string& method = request.method;
+  std::vector<std::string> path = PathSegments(request.target);
+  if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "messages" &&
+      method == "POST") {
+    return HandlePeerMessages(request, std::move(responder));
+  }
+  if (path.empty() && method == "POST") return HandleD3b(request, std::move(responder));
+  if (path.size() == 1 && path[0] == "healthz") return Respond(responder, 200, "{\"ok\":true}");
+  if (path.size() == 1 && path[0] == "readyz") {
+    ReplicaStatus s = replica_->Status();
+    bool ready = s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index;
+    return Respond(responder, ready ? 200 : 503,
+                   absl::StrCat("{\"ready\":", ready ? "true" : "false", "}"));
+  }
+  if (path.size() == 1 && path[0] == "metrics" && method == "GET") {
+    return HandleMetrics(std::move(responder));
+  }
+  if (path.size() == 2 && path[0] == "v1" && path[1] == "status" && method == "GET") {
+    return HandleStatus(std::move(responder));
+  }
+  if (path.size() >= 2 && path[0] == "v1" && path[1] == "db") {
+    if (path.size() == 2) {
+      if (method != "GET") return RespondError(responder, 405, "method_not_allowed", method);
+      std::string out = "{\"databases\":[";
+      bool first = true;
+      for (const auto& [name, revision] : sm_->ListDatabases()) {
+        absl::StatusOr<std::string> image = sm_->Backup(name);
+        if (!first) out.push_back(',');
+        first = false;
+        out += "{\"name\":";
+        AppendJsonString(&out, name);
+        out += ",\"id\":";
+        AppendJsonString(&out, DatabaseFileId(name));
+        absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
+                        ",\"revision\":", revision, "}");
+      }
+      absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
+      return Respond(responder, 200, out);
+    }
+    std::string rest = path.size() > 3 ? path[3] : "";
+    if (path.size() > 4) return RespondError(responder, 404, "not_found", "no such endpoint");
+    return HandleDatabase(method, path[2], rest, request, std::move(responder));
+  }
+  RespondError(responder, 404, "not_found",
+               absl::StrCat("no endpoint ", method, " ", request.target));
+}
+
+void Node::HandlePeerMessages(const HttpRequest& request,
+                              std::shared_ptr<HttpResponder> responder) {
+  MessageBatch batch;
+  if (!batch.ParseFromString(request.body)) {
+    return RespondError(responder, 400, "bad_request", "not a message batch");
+  }
+  for (const Message& m : batch.messages()) replica_->Step(m);
+  Drain();
+  HttpResponse response;
+  response.status = 204;
+  responder->Send(std::move(response));
+}
+
+void Node::HandleDatabase(const std::string& method, const std::string& name,
+                          const std::string& rest, const HttpRequest& request,
+                          std::shared_ptr<HttpResponder> responder) {
+  if (!IsValidDatabaseName(name)) {
+    return RespondError(responder, 400, "invalid_argument",
+                        "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
+  }
+  if (rest == "exec" && method == "POST") return HandleExec(name, request, std::move(responder));
+  if (rest == "query" && method == "POST") return HandleQuery(name, request, std::move(responder));
+  if (rest == "backup" && method == "GET") {
+    return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
+      absl::StatusOr<std::string> image = sm_->Backup(name);
+      if (!image.ok()) return RespondError(responder, 404, "not_found", image.status().message());
+      Respond(responder, 200, *std::move(image), "application/vnd.sqlite3");
+    });
+  }
+  if (!rest.empty()) return RespondError(responder, 404, "not_found", "no such endpoint");
+  if (method == "PUT") {
+    Command c;
+    c.mutable_create_database()->set_name(name);
+    std::string type = Header(request, "content-type");
+    if (!request.body.empty() || absl::StartsWith(type, "application/vnd.sqlite3")) {
+      c.mutable_create_database()->set_image(request.body);
+    }
+    return ProposeWrite(std::move(c), responder, [this, responder, name](const CommandResult& r) {
+      if (r.code() != OK) {
+        return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+      }
+      std::string out = "{\"name\":";
+      AppendJsonString(&out, name);
+      absl::StrAppend(&out, ",\"revision\":", r.revision(), "}");
+      Respond(responder, 201, out);
+    });
+  }
+  if (method == "DELETE") {
+    Command c;
+    c.mutable_drop_database()->set_name(name);
+    return ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
+      if (r.code() != OK) {
+        return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+      }
+      HttpResponse response;
+      response.status = 204;
+      ++counters_.requests;
+      responder->Send(std::move(response));
+    });
+  }
+  if (method == "GET") {
+    return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
+      for (const auto& [db, revision] : sm_->ListDatabases()) {
+        if (db != name) continue;
+        absl::StatusOr<std::string> image = sm_->Backup(name);
+        std::string out = "{\"name\":";
+        AppendJsonString(&out, name);
+        out += ",\"id\":";
+        AppendJsonString(&out, DatabaseFileId(name));
+        absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
+                        ",\"revision\":", revision, "}");
+        return Respond(responder, 200, out);
+      }
+      RespondError(responder, 404, "not_found", absl::StrCat("no database ", name));
+    });
+  }
+  RespondError(responder, 405, "method_not_allowed", method);
+}
+
+void Node::HandleExec(const std::string& name, const HttpRequest& request,
+                      std::shared_ptr<HttpResponder> responder) {
+  api::ExecRequest body;
+  if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
+    return RespondError(responder, 400, "bad_request", s.message());
+  }
+  if (body.statements_size() == 0) {
+    return RespondError(responder, 400, "invalid_argument", "\"statements\" is empty");
+  }
+  Command c;
+  Execute* e = c.mutable_execute();
+  e->set_database(name);
+  e->set_transaction(body.transaction());
+  for (const api::StatementJson& s : body.statements()) {
+    absl::StatusOr<Statement> st = ToStatement(s.sql(), s.params());
+    if (!st.ok()) return RespondError(responder, 400, "invalid_argument", st.status().message());
+    *e->add_statements() = *std::move(st);
+  }
+  ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
+    if (r.code() != OK) {
+      return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+    }
+    std::string out = "{\"results\":[";
+    for (int i = 0; i < r.results_size(); ++i) {
+      if (i > 0) out.push_back(',');
+      AppendStatementResult(&out, r.results(i));
+    }
+    absl::StrAppend(&out, "],\"revision\":", r.revision(), "}");
+    Respond(responder, 200, out);
+  });
+}
+
+void Node::HandleQuery(const std::string& name, const HttpRequest& request,
+                       std::shared_ptr<HttpResponder> responder) {
+  api::QueryRequest body;
+  if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
+    return RespondError(responder, 400, "bad_request", s.message());
+  }
+  Consistency level = LINEARIZABLE;
+  if (body.consistency() == "lease") {
+    level = LEASE;
+  } else if (body.consistency() == "local") {
+    level = LOCAL;
+  } else if (!body.consistency().empty() && body.consistency() != "linearizable") {
+    return RespondError(responder, 400, "invalid_argument",
+                        "consistency is linearizable, lease or local");
+  }
+  absl::StatusOr<Statement> st = ToStatement(body.sql(), body.params());
+  if (!st.ok()) return RespondError(responder, 400, "invalid_argument", st.status().message());
+  Statement statement = *std::move(st);
+  ConsistentRead(level, body.min_revision(), responder, [this, name, statement, responder] {
+    absl::StatusOr<StatementResult> rows = sm_->Query(name, statement);
+    if (!rows.ok()) {
+      bool missing = rows.status().code() == absl::StatusCode::kNotFound;
+      return RespondError(responder, missing ? 404 : 400,
+                          missing ? "not_found" : "invalid_argument", rows.status().message());
+    }
+    std::string out = "{\"columns\":[";
+    for (int i = 0; i < rows->columns_size(); ++i) {
+      if (i > 0) out.push_back(',');
+      AppendJsonString(&out, rows->columns(i));
+    }
+    out += "],\"rows\":[";
+    for (int i = 0; i < rows->rows_size(); ++i) {
+      if (i > 0) out.push_back(',');
+      out.push_back('[');
+      for (int j = 0; j < rows->rows(i).values_size(); ++j) {
+        if (j > 0) out.push_back(',');
+        AppendSqlValue(&out, rows->rows(i).values(j));
+      }
+      out.push_back(']');
+    }
+    absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
+    Respond(responder, 200, out);
+  });
+}
+
+void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
+  api::D3bRequest body;
+  if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
+    return RespondError(responder, 400, "bad_request", s.message());
+  }
+  if (!body.media_op().empty() || !body.file_id().empty()) {
+    return RespondError(responder, 501, "not_implemented", "media operations are not served yet");
+  }
+  if (!IsValidDatabaseName(body.table())) {
+    return RespondError(responder, 400, "invalid_argument", "\"table\" must name a database");
+  }
+  absl::StatusOr<Statement> st = ToStatement(body.query(), body.args());
+  if (!st.ok()) return RespondError(responder, 400, "invalid_argument", st.status().message());
+  std::string head = absl::AsciiStrToLower(absl::StripLeadingAsciiWhitespace(body.query()));
+  bool read = absl::StartsWith(head, "select") || absl::StartsWith(head, "with");
+  std::string name = body.table();
+  Statement statement = *std::move(st);
+  if (read) {
+    return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, statement, responder] {
+      absl::StatusOr<StatementResult> rows = sm_->Query(name, statement);
+      if (!rows.ok()) {
+        bool missing = rows.status().code() == absl::StatusCode::kNotFound;
+        return RespondError(responder, missing ? 404 : 400,
+                            missing ? "not_found" : "invalid_argument", rows.status().message());
+      }
+      std::string out;
+      AppendRowObjects(&out, *rows);
+      Respond(responder, 200, out);
+    });
+  }
+  Command c;
+  c.mutable_execute()->set_database(name);
+  c.mutable_execute()->set_transaction(true);
+  *c.mutable_execute()->add_statements() = std::move(statement);
+  ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
+    if (r.code() != OK) {
+      return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+    }
+    std::string out;
+    if (r.results_size() > 0) {
+      AppendRowObjects(&out, r.results(0));
+    } else {
+      out = "[]";
+    }
+    Respond(responder, 200, out);
+  });
+}
+
+void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
+  ReplicaStatus s = replica_->Status();
+  std::string out =
+      absl::StrCat("{\"id\":", options_.id, ",\"role\":\"", RoleName(s.role),
+                   "\",\"leader\":", s.leader_id, ",\"ballot\":{\"round\":", s.ballot.round(),
+                   ",\"replica\":", s.ballot.replica_id(), "},\"revision\":", sm_->revision(),
+                   ",\"commit_index\":", s.commit_index, ",\"snapshot_index\":", s.snapshot_index,
+                   ",\"lease_valid\":", s.lease_valid ? "true" : "false");
+  out += ",\"location\":";
+  AppendJsonString(&out, options_.location);
+  out += ",\"peers\":[";
+  bool first = true;
+  for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {
+    if (!first) out.push_back(',');
+    first = false;
+    int64_t age_ms = heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms;
+    bool reachable = heard_ticks >= 0 && age_ms < 1000;
+    absl::StrAppend(&out, "{\"id\":", id, ",\"reachable\":", reachable ? "true" : "false",
+                    ",\"heartbeat_age_ms\":", age_ms);
+    if (s.role == Role::kLeader) {
+      uint64_t match = s.peer_match_index.count(id) ? s.peer_match_index.at(id) : 0;
+      absl::StrAppend(&out, ",\"replication_delay_entries\":",
+                      s.commit_index > match ? s.commit_index - match : 0);
+    }
+    out.push_back('}');
+  }
+  uint64_t n = std::max<uint64_t>(counters_.requests, 1);
+  absl::StrAppend(&out, "],\"mean_response_ms\":",
+                  static_cast<double>(counters_.response_us_total) / n / 1000.0,
+                  ",\"error_rate\":", static_cast<double>(counters_.errors) / n,
+                  ",\"requests\":", counters_.requests, "}");
+  Respond(responder, 200, out);
+}
+
+void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
+  ReplicaStatus s = replica_->Status();
+  std::string out;
+  auto gauge = [&](const char* name, const char* help, double value) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ",
+                    value, "\n");
+  };
+  auto counter = [&](const char* name, const char* help, uint64_t value) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ",
+                    value, "\n");
+  };
+  gauge("synod_is_leader", "1 if this replica leads", s.role == Role::kLeader ? 1 : 0);
+  gauge("synod_leader_id", "the leader this replica knows (0: none)", s.leader_id);
+  gauge("synod_ballot_round", "the highest ballot round promised", s.ballot.round());
+  gauge("synod_revision", "the last applied log index", sm_->revision());
+  gauge("synod_commit_index", "the highest index known chosen", s.commit_index);
+  gauge("synod_snapshot_index", "the index of the latest snapshot", s.snapshot_index);
+  gauge("synod_pending_requests", "requests queued in the replica", s.pending_requests);
+  counter("synod_http_requests_total", "HTTP requests answered", counters_.requests);
+  counter("synod_http_errors_total", "HTTP requests answered with 5xx", counters_.errors);
+  counter("synod_writes_total", "writes proposed", counters_.writes);
+  counter("synod_reads_total", "consistent and local reads", counters_.reads);
+  counter("synod_http_response_microseconds_total", "time spent answering",
+          counters_.response_us_total);
+  for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {
+    absl::StrAppend(&out, "synod_peer_heartbeat_age_ms{peer=\"", id, "\"} ",
+                    heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms, "\n");
+  }
+  Respond(responder, 200, out, "text/plain; version=0.0.4");
+}
+
+}  // namespace synod::server

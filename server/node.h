@@ -1,0 +1,142 @@
+#ifndef SYNOD_SERVER_NODE_H_
+#define SYNOD_SERVER_NODE_H_
+
+// One synod-server process: a Replica and its StateMachine driven by a libuv loop, a
+// durable log, SQLite files, the peer transport and the HTTP API. Everything runs on the
+// loop's thread. See docs/operations.md.
+
+#include <uv.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "adapters/file_database_opener.h"
+#include "adapters/http_client.h"
+#include "adapters/http_server.h"
+#include "adapters/log_store.h"
+#include "core/replica.h"
+#include "core/state_machine.h"
+
+namespace synod::server {
+
+// One HTTP exchange: the server's responder, and when the request arrived (for the mean
+// response time in status and metrics).
+class HttpResponder {
+ public:
+  explicit HttpResponder(std::shared_ptr<Responder> responder)
+      : responder_(std::move(responder)), start_ns_(uv_hrtime()) {}
+  void Send(HttpResponse response) { responder_->Send(std::move(response)); }
+  uint64_t ElapsedMicros() const { return (uv_hrtime() - start_ns_) / 1000; }
+
+ private:
+  std::shared_ptr<Responder> responder_;
+  uint64_t start_ns_;
+};
+
+struct PeerAddress {
+  std::string host;
+  int port = 0;
+};
+
+struct NodeOptions {
+  uint32_t id = 0;
+  std::string listen_host = "127.0.0.1";
+  int listen_port = 0;
+  std::map<uint32_t, PeerAddress> peers;  // every replica, this one included
+  std::string data_dir;
+  bool fsync = true;
+  std::string location;  // reported in status
+  int tick_ms = 10;
+  // A write or consistent read not answered within this long is answered 503: it may or
+  // may not have been applied, and the client may retry.
+  int request_timeout_ms = 5000;
+  uint64_t snapshot_every_entries = 10000;  // applied entries between log compactions
+  size_t max_body_bytes = 64 << 20;
+  int http_request_timeout_ms = 30000;  // a client must send a whole request within this
+};
+
+class Node {
+ public:
+  Node(uv_loop_t* loop, NodeOptions options);
+  ~Node();
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+
+  // Opens the data directory (refusing to start on a corrupt log), then starts serving.
+  absl::Status Start();
+  // Stops accepting requests, finishes writing the log (fsync) and closes everything;
+  // `done` runs on the loop once all handles are closed.
+  void Stop(std::function<void()> done);
+
+ private:
+  struct Pending;
+  struct Counters {
+    uint64_t requests = 0;
+    uint64_t errors = 0;  // answered 5xx
+    uint64_t response_us_total = 0;
+    uint64_t writes = 0;
+    uint64_t reads = 0;
+  };
+
+  void OnTick();
+  void Drain();
+  void ApplyCommitted(const CommittedEntry& entry);
+  void MaybeCompact();
+  void CompactLog();
+  void SendMessages(std::vector<Message> messages);
+  void ExpirePending();
+
+  // HTTP.
+  void Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void Respond(const std::shared_ptr<HttpResponder>& responder, int status, std::string body,
+               std::string content_type = "application/json");
+  void RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
+                    absl::string_view code, absl::string_view message);
+  void HandlePeerMessages(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleDatabase(const std::string& method, const std::string& name, const std::string& rest,
+                      const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleExec(const std::string& name, const HttpRequest& request,
+                  std::shared_ptr<HttpResponder> responder);
+  void HandleQuery(const std::string& name, const HttpRequest& request,
+                   std::shared_ptr<HttpResponder> responder);
+  void HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleStatus(std::shared_ptr<HttpResponder> responder);
+  void HandleMetrics(std::shared_ptr<HttpResponder> responder);
+
+  // Proposes `command`; `on_result` runs when this replica applies it (or with an
+  // UNAVAILABLE result on refusal or timeout).
+  void ProposeWrite(Command command, std::shared_ptr<HttpResponder> responder,
+                    std::function<void(const CommandResult&)> on_result);
+  // Confirms a read at `consistency`, waits until `min_revision` is applied, then runs `run`.
+  void ConsistentRead(Consistency consistency, uint64_t min_revision,
+                      std::shared_ptr<HttpResponder> responder, std::function<void()> run);
+  void ServeWaitingReads();
+  uint64_t NextClientId();
+
+  uv_loop_t* loop_;
+  NodeOptions options_;
+  std::unique_ptr<LogStore> log_;
+  std::unique_ptr<FileDatabaseOpener> opener_;
+  std::unique_ptr<StateMachine> sm_;
+  std::unique_ptr<Replica> replica_;
+  std::unique_ptr<HttpServer> http_;
+  std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
+  uv_timer_t tick_timer_;
+  bool tick_timer_started_ = false;
+  bool stopping_ = false;
+  uint64_t last_snapshot_index_ = 0;
+  uint64_t client_nonce_ = 0;
+  uint64_t client_counter_ = 0;
+  int64_t now_ms_ = 0;
+  std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
+  std::vector<std::unique_ptr<Pending>> waiting_reads_;
+  Counters counters_;
+};
+
+}  // namespace synod::server
+
+#endif  // SYNOD_SERVER_NODE_H_

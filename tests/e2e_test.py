@@ -1,0 +1,274 @@
+"""End-to-end tests: real synod-server processes on loopback, free ports chosen at run time.
+
+Usage: e2e_test.py PATH_TO_SYNOD_SERVER [unittest args]
+"""
+
+import base64
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster import Cluster  # noqa: E402
+
+SERVER = None
+
+
+class ClusterTest(unittest.TestCase):
+    flags = ()
+
+    def setUp(self):
+        self.c = Cluster(SERVER, extra_flags=self.flags)
+        self.c.start_all()
+
+    def tearDown(self):
+        self.c.stop_all()
+        if os.environ.get("SYNOD_E2E_KEEP"):
+            print(f"data and logs kept in {self.c.root}", file=sys.stderr)
+        else:
+            self.c.cleanup()
+
+    def create(self, db, replica=1):
+        r = self.c.request(replica, "PUT", f"/v1/db/{db}")
+        self.assertEqual(r.status, 201, r)
+        return r.json()["revision"]
+
+
+class Basics(ClusterTest):
+    def test_create_on_one_write_on_another_read_on_a_third_at_each_consistency(self):
+        self.create("shop", replica=1)
+        r = self.c.exec(2, "shop", "CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT)")
+        self.assertEqual(r.status, 200, r)
+        r = self.c.exec(2, "shop", "INSERT INTO item(name) VALUES (?)", ["apple"])
+        self.assertEqual(r.status, 200, r)
+        revision = r.json()["revision"]
+        self.assertEqual(r.json()["results"][0]["rows_affected"], 1)
+        for consistency in ("linearizable", "lease"):
+            q = self.c.query(3, "shop", "SELECT name FROM item", consistency)
+            self.assertEqual(q.status, 200, q)
+            self.assertEqual(q.json()["rows"], [["apple"]], consistency)
+            self.assertGreaterEqual(q.json()["revision"], revision)
+        q = self.c.query(3, "shop", "SELECT name FROM item", "local", min_revision=revision)
+        self.assertEqual(q.status, 200, q)
+        self.assertEqual(q.json()["rows"], [["apple"]])
+
+    def test_blobs_nulls_and_numbers_round_trip(self):
+        self.create("types")
+        self.c.exec(1, "types", "CREATE TABLE t(a, b, c, d)")
+        blob = base64.b64encode(b"\x00\x01binary").decode()
+        r = self.c.exec(1, "types", "INSERT INTO t VALUES (?, ?, ?, ?)",
+                        [{"base64": blob}, None, 42, 2.5])
+        self.assertEqual(r.status, 200, r)
+        q = self.c.query(2, "types", "SELECT a, b, c, d FROM t")
+        self.assertEqual(q.json()["rows"], [[{"base64": blob}, None, 42, 2.5]])
+
+    def test_list_metadata_backup_and_drop(self):
+        self.create("a1")
+        self.c.exec(1, "a1", "CREATE TABLE t(x)")
+        self.c.exec(1, "a1", "INSERT INTO t VALUES (7)")
+        listed = self.c.request(2, "GET", "/v1/db").json()["databases"]
+        self.assertIn("a1", [d["name"] for d in listed])
+        meta = self.c.request(3, "GET", "/v1/db/a1")
+        self.assertEqual(meta.status, 200, meta)
+        self.assertGreater(meta.json()["size"], 0)
+        backup = self.c.request(2, "GET", "/v1/db/a1/backup")
+        self.assertEqual(backup.status, 200)
+        path = os.path.join(self.c.root, "backup.sqlite3")
+        with open(path, "wb") as f:
+            f.write(backup.body)
+        self.assertEqual(sqlite3.connect(path).execute("SELECT x FROM t").fetchall(), [(7,)])
+        # Upload the backup as a new database.
+        up = self.c.request(1, "PUT", "/v1/db/a2", body=backup.body,
+                            headers={"Content-Type": "application/vnd.sqlite3"})
+        self.assertEqual(up.status, 201, up)
+        self.assertEqual(self.c.query(3, "a2", "SELECT x FROM t").json()["rows"], [[7]])
+        self.assertEqual(self.c.request(1, "PUT", "/v1/db/a1").status, 409)
+        self.assertEqual(self.c.request(2, "DELETE", "/v1/db/a1").status, 204)
+        self.assertEqual(self.c.request(3, "DELETE", "/v1/db/a1").status, 404)
+        self.assertEqual(self.c.request(1, "GET", "/v1/db/a1").status, 404)
+
+    def test_d3b_endpoint(self):
+        self.create("legacy")
+        r = self.c.request(1, "POST", "/", {"table": "legacy",
+                                            "query": "CREATE TABLE t(id INTEGER, v TEXT)"})
+        self.assertEqual(r.status, 200, r)
+        r = self.c.request(2, "POST", "/", {"table": "legacy",
+                                            "query": "INSERT INTO t VALUES (?, ?)",
+                                            "args": [1, "one"]})
+        self.assertEqual(r.status, 200, r)
+        r = self.c.request(3, "POST", "/", {"table": "legacy", "query": "SELECT * FROM t"})
+        self.assertEqual(r.json(), [{"id": 1, "v": "one"}])
+
+    def test_status_metrics_health(self):
+        s = self.c.status(1)
+        for key in ("id", "role", "leader", "ballot", "revision", "commit_index", "peers",
+                    "mean_response_ms", "error_rate"):
+            self.assertIn(key, s)
+        self.assertEqual(len(s["peers"]), 2)
+        m = self.c.request(2, "GET", "/metrics")
+        self.assertIn(b"synod_commit_index", m.body)
+        self.assertEqual(self.c.request(3, "GET", "/healthz").status, 200)
+        self.assertEqual(self.c.request(3, "GET", "/readyz").status, 200)
+
+
+class BadInput(ClusterTest):
+    flags = ("--max-body-bytes", "65536", "--http-request-timeout-ms", "1000")
+
+    def assertError(self, r, status, changed_nothing_db=None):
+        self.assertEqual(r.status, status, r)
+        self.assertIn("error", r.json())
+        self.assertIn("code", r.json()["error"])
+        self.assertIn("message", r.json()["error"])
+
+    def test_each_bad_request_gets_its_status_and_a_json_error(self):
+        self.create("ok")
+        self.c.exec(1, "ok", "CREATE TABLE t(x INTEGER UNIQUE)")
+        before = self.c.status(1)["revision"]
+        self.assertError(self.c.request(1, "POST", "/v1/db/ok/exec", body="{not json",
+                                        headers={"Content-Type": "application/json"}), 400)
+        self.assertError(self.c.request(1, "POST", "/v1/db/ok/exec",
+                                        {"statements": "nope"}), 400)
+        self.assertError(self.c.request(1, "POST", "/v1/db/ok/exec",
+                                        {"statements": [], "bogus": 1}), 400)
+        self.assertError(self.c.exec(1, "missing", "SELECT 1"), 404)
+        # A syntax error inside a transaction applies nothing of it.
+        r = self.c.request(1, "POST", "/v1/db/ok/exec", {"statements": [
+            {"sql": "INSERT INTO t VALUES (1)"}, {"sql": "INSERTT INTO t VALUES (2)"}],
+            "transaction": True})
+        self.assertError(r, 400)
+        self.assertEqual(self.c.query(2, "ok", "SELECT count(*) FROM t").json()["rows"], [[0]])
+        for name in ("..%2Fx", "a%2Fb", "x" * 65, "a.b"):
+            self.assertError(self.c.request(1, "PUT", f"/v1/db/{name}"), 400)
+        self.assertError(self.c.request(1, "PUT", "/v1/db/notsqlite", body=b"hello world" * 10,
+                                        headers={"Content-Type": "application/vnd.sqlite3"}),
+                         400)
+        self.assertError(self.c.request(1, "PUT", "/v1/db/big", body=b"x" * 100000,
+                                        headers={"Content-Type": "application/vnd.sqlite3"}),
+                         413)
+        # Nothing above changed the state (only failed requests may have been logged).
+        q = self.c.request(2, "GET", "/v1/db").json()
+        self.assertEqual(sorted(d["name"] for d in q["databases"]), ["ok"])
+        self.assertGreaterEqual(self.c.status(1)["revision"], before)
+
+    def test_truncated_and_slow_requests_do_not_hurt_the_server(self):
+        port = self.c.ports[0]
+        # A body shorter than its Content-Length, then the client goes away.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/db/x/exec HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"sta")
+        s.close()
+        # A client that never finishes its headers is answered 408 and cut off.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(10)
+        s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        start = time.time()
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        self.assertIn(b" 408 ", data.split(b"\r\n")[0])
+        self.assertLess(time.time() - start, 8)
+        # Garbage is answered 400.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(5)
+        s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        self.assertIn(b" 400 ", s.recv(4096).split(b"\r\n")[0])
+        s.close()
+        self.assertEqual(self.c.request(1, "GET", "/healthz").status, 200)
+
+
+class Failures(ClusterTest):
+    flags = ("--snapshot-every", "50")
+
+    def test_writes_survive_killing_the_leader_and_replicas_catch_up(self):
+        self.create("kv")
+        self.c.exec(1, "kv", "CREATE TABLE t(k TEXT PRIMARY KEY)")
+        acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+
+        def writer(n):
+            k = 0
+            while not stop.is_set():
+                k += 1
+                key = f"w{n}-{k}"
+                replica = 1 + (n + k) % 3
+                try:
+                    r = self.c.exec(replica, "kv", "INSERT INTO t VALUES (?)", [key], timeout=10)
+                except OSError:
+                    continue
+                if r.status == 200:
+                    with lock:
+                        acknowledged.append(key)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        leader = self.c.leader()
+        self.c.kill(leader, signal.SIGKILL)
+        time.sleep(3)
+        self.c.start(leader)  # restarts from its data directory
+        time.sleep(1.5)
+        paused = 1 + leader % 3
+        self.c.kill(paused, signal.SIGSTOP)
+        time.sleep(2)
+        self.c.kill(paused, signal.SIGCONT)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertGreater(len(acknowledged), 10)
+        top = max(self.c.status(i)["revision"] for i in (1, 2, 3))
+        for i in (1, 2, 3):
+            self.c.wait_revision(i, top)
+            rows = self.c.query(i, "kv", "SELECT k FROM t", "local").json()["rows"]
+            have = {r[0] for r in rows}
+            missing = [k for k in acknowledged if k not in have]
+            self.assertEqual(missing, [], f"replica {i} lost acknowledged writes")
+
+    def test_a_replica_behind_the_compacted_log_catches_up_by_snapshot(self):
+        self.create("snap")
+        self.c.exec(1, "snap", "CREATE TABLE t(x)")
+        lagging = 1 + self.c.leader() % 3
+        others = [i for i in (1, 2, 3) if i != lagging]
+        self.c.kill(lagging, signal.SIGKILL)
+        for k in range(120):  # past two compactions
+            r = self.c.exec_retrying(others[k % 2], "snap", "INSERT INTO t VALUES (?)", [k])
+            self.assertEqual(r.status, 200, r)
+        self.c.start(lagging)
+        top = self.c.status(others[0])["revision"]
+        self.c.wait_revision(lagging, top)
+        self.assertGreater(self.c.status(lagging)["snapshot_index"], 0)
+        q = self.c.query(lagging, "snap", "SELECT count(*) FROM t", "local")
+        self.assertEqual(q.json()["rows"], [[120]])
+
+    def test_two_replicas_down_writes_answer_503_in_bounded_time_then_recover(self):
+        self.create("q")
+        self.c.exec(1, "q", "CREATE TABLE t(x)")
+        survivor = 1
+        self.c.kill(2)
+        self.c.kill(3)
+        start = time.time()
+        r = self.c.exec(survivor, "q", "INSERT INTO t VALUES (1)", timeout=30)
+        self.assertEqual(r.status, 503, r)
+        self.assertLess(time.time() - start, 12)
+        self.c.start(2)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            r = self.c.exec(survivor, "q", "INSERT INTO t VALUES (2)", timeout=30)
+            if r.status == 200:
+                break
+            time.sleep(0.2)
+        self.assertEqual(r.status, 200, r)
+
+
+if __name__ == "__main__":
+    SERVER = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)
