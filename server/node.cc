@@ -217,6 +217,12 @@ absl::Status Node::Start() {
       &tick_timer_, [](uv_timer_t* t) { static_cast<Node*>(t->data)->OnTick(); }, options_.tick_ms,
       options_.tick_ms);
   tick_timer_started_ = true;
+  // Group commit: requests and peer messages read in one loop iteration are stepped into
+  // the replica as they arrive, and drained together after the I/O phase, so that they
+  // share one Ready: one batch, one fsync, one round of messages.
+  uv_check_init(loop_, &drain_check_);
+  drain_check_.data = this;
+  uv_check_start(&drain_check_, [](uv_check_t* c) { static_cast<Node*>(c->data)->Drain(); });
   now_ms_ = static_cast<int64_t>(uv_now(loop_));
   fprintf(stderr, "I replica %u serving on %s:%d, revision %llu, data in %s\n", options_.id,
           options_.listen_host.c_str(), http_->port(),
@@ -230,6 +236,8 @@ void Node::Stop(std::function<void()> done) {
     uv_timer_stop(&tick_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
     tick_timer_started_ = false;
+    uv_check_stop(&drain_check_);
+    uv_close(reinterpret_cast<uv_handle_t*>(&drain_check_), nullptr);
   }
   if (log_) {
     absl::Status synced = log_->Sync();
@@ -411,8 +419,7 @@ void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responde
   p->deadline_ms = now_ms_ + options_.request_timeout_ms;
   p->on_write = std::move(on_result);
   pending_[{request.client_id(), request.sequence()}] = std::move(p);
-  replica_->Propose(std::move(request));
-  Drain();
+  replica_->Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
 void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
@@ -434,8 +441,7 @@ void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
   request.set_sequence(1);
   request.mutable_command()->mutable_read_barrier()->set_consistency(consistency);
   pending_[{request.client_id(), request.sequence()}] = std::move(p);
-  replica_->Propose(std::move(request));
-  Drain();
+  replica_->Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
 // ---------------------------------------------------------------------------------------
@@ -516,7 +522,6 @@ void Node::HandlePeerMessages(const HttpRequest& request,
     return RespondError(responder, 400, "bad_request", "not a message batch");
   }
   for (const Message& m : batch.messages()) replica_->Step(m);
-  Drain();
   HttpResponse response;
   response.status = 204;
   responder->Send(std::move(response));

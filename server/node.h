@@ -126,6 +126,7 @@ class Node {
   std::unique_ptr<HttpServer> http_;
   std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
   uv_timer_t tick_timer_;
+  uv_check_t drain_check_;
   bool tick_timer_started_ = false;
   bool stopping_ = false;
   uint64_t last_snapshot_index_ = 0;
