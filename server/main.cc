@@ -54,7 +54,7 @@ void OnSignal(uv_signal_t* handle, int signum) {
   auto* s = static_cast<Shutdown*>(handle->data);
   if (s->started) return;
   s->started = true;
-  fprintf(stderr, "I signal %d: finishing in-flight writes and stopping\n", signum);
+  fprintf(stderr, "I signal %d: syncing the log and stopping\n", signum);
   uv_close(reinterpret_cast<uv_handle_t*>(&s->sigint), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&s->sigterm), nullptr);
   s->node->Stop([] {});

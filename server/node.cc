@@ -202,7 +202,9 @@ absl::Status Node::Start() {
     peer_clients_[id] = std::make_unique<HttpClient>(loop_, address.host, address.port);
   }
   HttpServerLimits limits;
-  limits.max_body_bytes = options_.max_body_bytes;
+  // Peer batches carry client bodies plus framing: the transport allows twice the client
+  // limit, and Handle enforces the client limit on everything else.
+  limits.max_body_bytes = 2 * options_.max_body_bytes + (1 << 20);
   limits.request_timeout_ms = options_.http_request_timeout_ms;
   http_ = std::make_unique<HttpServer>(
       loop_, limits, [this](HttpRequest request, std::shared_ptr<Responder> r) {
@@ -255,10 +257,22 @@ void Node::Stop(std::function<void()> done) {
 // The core's loop: persist, send, apply, advance.
 
 void Node::OnTick() {
-  now_ms_ = static_cast<int64_t>(uv_now(loop_));
-  replica_->Tick();
+  CatchUpTicks();
   Drain();
   ExpirePending();
+}
+
+void Node::CatchUpTicks() {
+  // The replica's clock is its tick count, and leases are counted in ticks: after a stall
+  // (a pause, a slow disk, a long request) it must see every tick that went by before it
+  // handles anything else, or it would trust a lease that has run out.
+  uv_update_time(loop_);
+  now_ms_ = static_cast<int64_t>(uv_now(loop_));
+  if (last_tick_ms_ == 0) last_tick_ms_ = now_ms_;
+  while (now_ms_ - last_tick_ms_ >= options_.tick_ms) {
+    replica_->Tick();
+    last_tick_ms_ += options_.tick_ms;
+  }
 }
 
 void Node::Drain() {
@@ -334,7 +348,10 @@ void Node::MaybeCompact() {
   r.snapshot->data = *snapshot;
   r.compacted_through = index;
   log_->Append(r);
-  CompactLog();
+  absl::Status synced = log_->Sync();
+  SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
+  // The log is rewritten without the entries the snapshot covers when the replica's next
+  // Ready reports compacted_through.
   replica_->Compact(index, std::move(*snapshot));
   last_snapshot_index_ = index;
 }
@@ -351,15 +368,30 @@ void Node::CompactLog() {
 }
 
 void Node::SendMessages(std::vector<Message> messages) {
-  std::map<uint32_t, MessageBatch> batches;
-  for (Message& m : messages) *batches[m.to()].add_messages() = std::move(m);
-  for (auto& [to, batch] : batches) {
+  // One POST per peer per Ready, split so that no batch outgrows what a peer accepts (a
+  // single message may carry a whole uploaded image).
+  std::map<uint32_t, std::vector<MessageBatch>> batches;
+  std::map<uint32_t, size_t> bytes;
+  for (Message& m : messages) {
+    std::vector<MessageBatch>& list = batches[m.to()];
+    size_t size = m.ByteSizeLong();
+    if (list.empty() || bytes[m.to()] + size > options_.max_body_bytes) {
+      list.emplace_back();
+      bytes[m.to()] = 0;
+    }
+    bytes[m.to()] += size;
+    *list.back().add_messages() = std::move(m);
+  }
+  for (auto& [to, list] : batches) {
     auto it = peer_clients_.find(to);
     if (it == peer_clients_.end()) continue;
-    std::string body;
-    SYNOD_CHECK(batch.SerializeToString(&body));
-    // Lost messages are the protocol's business (it retries): the answer is not awaited.
-    it->second->Post("/internal/v1/messages", std::move(body), [](absl::StatusOr<HttpResponse>) {});
+    for (const MessageBatch& batch : list) {
+      std::string body;
+      SYNOD_CHECK(batch.SerializeToString(&body));
+      // Lost messages are the protocol's business (it retries): the answer is not awaited.
+      it->second->Post("/internal/v1/messages", std::move(body),
+                       [](absl::StatusOr<HttpResponse>) {});
+    }
   }
 }
 
@@ -413,7 +445,9 @@ void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responde
   request.set_client_id(NextClientId());
   request.set_sequence(1);
   *request.mutable_command() = std::move(command);
-  request.set_timestamp_unix_ms(static_cast<int64_t>(uv_now(loop_)));
+  uv_timeval64_t wall;
+  SYNOD_CHECK(uv_gettimeofday(&wall) == 0);
+  request.set_timestamp_unix_ms(wall.tv_sec * 1000 + wall.tv_usec / 1000);
   auto p = std::make_unique<Pending>();
   p->responder = responder;
   p->deadline_ms = now_ms_ + options_.request_timeout_ms;
@@ -468,13 +502,27 @@ void Node::RespondError(const std::shared_ptr<HttpResponder>& responder, int sta
 
 void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
   if (stopping_) return RespondError(responder, 503, "unavailable", "the server is stopping");
+  CatchUpTicks();
   const std::string& method = request.method;
   std::vector<std::string> path = PathSegments(request.target);
   if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "messages" &&
       method == "POST") {
     return HandlePeerMessages(request, std::move(responder));
   }
-  if (path.empty() && method == "POST") return HandleD3b(request, std::move(responder));
+  if (request.body.size() > options_.max_body_bytes) {
+    return RespondError(responder, 413, "payload_too_large",
+                        absl::StrCat("the body is over ", options_.max_body_bytes, " bytes"));
+  }
+  if (path.empty()) {
+    if (method != "POST") return RespondError(responder, 405, "method_not_allowed", method);
+    return HandleD3b(request, std::move(responder));
+  }
+  bool fixed_endpoint =
+      (path.size() == 1 && (path[0] == "healthz" || path[0] == "readyz" || path[0] == "metrics")) ||
+      (path.size() == 2 && path[0] == "v1" && path[1] == "status");
+  if (fixed_endpoint && method != "GET") {
+    return RespondError(responder, 405, "method_not_allowed", method);
+  }
   if (path.size() == 1 && path[0] == "healthz") return Respond(responder, 200, "{\"ok\":true}");
   if (path.size() == 1 && path[0] == "readyz") {
     ReplicaStatus s = replica_->Status();
@@ -491,21 +539,26 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
   if (path.size() >= 2 && path[0] == "v1" && path[1] == "db") {
     if (path.size() == 2) {
       if (method != "GET") return RespondError(responder, 405, "method_not_allowed", method);
-      std::string out = "{\"databases\":[";
-      bool first = true;
-      for (const auto& [name, revision] : sm_->ListDatabases()) {
-        absl::StatusOr<std::string> image = sm_->Backup(name);
-        if (!first) out.push_back(',');
-        first = false;
-        out += "{\"name\":";
-        AppendJsonString(&out, name);
-        out += ",\"id\":";
-        AppendJsonString(&out, DatabaseFileId(name));
-        absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
-                        ",\"revision\":", revision, "}");
-      }
-      absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
-      return Respond(responder, 200, out);
+      return ConsistentRead(LINEARIZABLE, 0, responder, [this, responder] {
+        std::string out = "{\"databases\":[";
+        bool first = true;
+        for (const auto& [name, revision] : sm_->ListDatabases()) {
+          absl::StatusOr<std::string> image = sm_->Backup(name);
+          if (!first) out.push_back(',');
+          first = false;
+          out += "{\"name\":";
+          AppendJsonString(&out, name);
+          out += ",\"id\":";
+          AppendJsonString(&out, DatabaseFileId(name));
+          absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
+                          ",\"revision\":", revision, "}");
+        }
+        absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
+        Respond(responder, 200, out);
+      });
+    }
+    if (path.size() >= 4 && path[3] == "media") {
+      return RespondError(responder, 501, "not_implemented", "media is not served yet");
     }
     std::string rest = path.size() > 3 ? path[3] : "";
     if (path.size() > 4) return RespondError(responder, 404, "not_found", "no such endpoint");
@@ -568,10 +621,7 @@ void Node::HandleDatabase(const std::string& method, const std::string& name,
       if (r.code() != OK) {
         return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
       }
-      HttpResponse response;
-      response.status = 204;
-      ++counters_.requests;
-      responder->Send(std::move(response));
+      Respond(responder, 204, "");
     });
   }
   if (method == "GET") {
@@ -612,16 +662,23 @@ void Node::HandleExec(const std::string& name, const HttpRequest& request,
     *e->add_statements() = *std::move(st);
   }
   ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
+    // On an error the body still lists the results of the statements that were applied
+    // (without a transaction, those before the failing one) and the revision, so the client
+    // can read its own writes with min_revision.
+    std::string out;
     if (r.code() != OK) {
-      return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+      std::string error = ErrorJson(CodeName(r.code()), r.message());
+      out = error.substr(0, error.size() - 1) + ",";
+    } else {
+      out = "{";
     }
-    std::string out = "{\"results\":[";
+    out += "\"results\":[";
     for (int i = 0; i < r.results_size(); ++i) {
       if (i > 0) out.push_back(',');
       AppendStatementResult(&out, r.results(i));
     }
     absl::StrAppend(&out, "],\"revision\":", r.revision(), "}");
-    Respond(responder, 200, out);
+    Respond(responder, HttpStatusFor(r.code()), out);
   });
 }
 
@@ -671,6 +728,9 @@ void Node::HandleQuery(const std::string& name, const HttpRequest& request,
 }
 
 void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
+  if (absl::StartsWith(Header(request, "content-type"), "multipart/")) {
+    return RespondError(responder, 501, "not_implemented", "media uploads are not served yet");
+  }
   api::D3bRequest body;
   if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
     return RespondError(responder, 400, "bad_request", s.message());

@@ -83,6 +83,7 @@ class Node {
   };
 
   void OnTick();
+  void CatchUpTicks();
   void Drain();
   void ApplyCommitted(const CommittedEntry& entry);
   void MaybeCompact();
@@ -133,6 +134,7 @@ class Node {
   uint64_t client_nonce_ = 0;
   uint64_t client_counter_ = 0;
   int64_t now_ms_ = 0;
+  int64_t last_tick_ms_ = 0;  // loop time of the last tick given to the replica
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> waiting_reads_;
   Counters counters_;

@@ -119,6 +119,16 @@ class Cluster:
                 return i
         return 0
 
+    def wait_leader(self, timeout=15):
+        """The replica that leads, waiting for an election if there is none right now."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            leader = self.leader()
+            if leader:
+                return leader
+            time.sleep(0.1)
+        raise AssertionError("no leader within %s s; logs in %s" % (timeout, self.root))
+
     def wait_ready(self, timeout=30):
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -211,7 +211,7 @@ class Failures(ClusterTest):
         for t in threads:
             t.start()
         time.sleep(1.5)
-        leader = self.c.leader()
+        leader = self.c.wait_leader()
         self.c.kill(leader, signal.SIGKILL)
         time.sleep(3)
         self.c.start(leader)  # restarts from its data directory
@@ -236,7 +236,7 @@ class Failures(ClusterTest):
     def test_a_replica_behind_the_compacted_log_catches_up_by_snapshot(self):
         self.create("snap")
         self.c.exec(1, "snap", "CREATE TABLE t(x)")
-        lagging = 1 + self.c.leader() % 3
+        lagging = 1 + self.c.wait_leader() % 3
         others = [i for i in (1, 2, 3) if i != lagging]
         self.c.kill(lagging, signal.SIGKILL)
         for k in range(120):  # past two compactions
