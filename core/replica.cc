@@ -241,7 +241,7 @@ void Replica::BecomeLeader() {
   // ballot is chosen here too.
   read_floor_ = last;
   if (floor > commit_index_) MaybeRequestCatchup(promised_floor_peer_, floor);
-  BroadcastHeartbeat(/*new_read_round=*/true);
+  BroadcastHeartbeat();
   MaybeProposeBatches();
 }
 
@@ -347,7 +347,7 @@ void Replica::TickLeader() {
     return;
   }
   if (++heartbeat_elapsed_ticks_ >= config_.heartbeat_interval_ticks) {
-    BroadcastHeartbeat(/*new_read_round=*/true);
+    BroadcastHeartbeat();
   }
   for (auto& [slot, inflight] : inflight_) {
     if (++inflight.ticks_since_sent < config_.retry_ticks) continue;
@@ -781,15 +781,17 @@ void Replica::StepAccepted(const Message& m) {
   MaybeProposeBatches();
 }
 
-void Replica::BroadcastHeartbeat(bool new_read_round) {
+void Replica::BroadcastHeartbeat() {
   SYNOD_CHECK(role_ == Role::kLeader);
+  // Every heartbeat, a commit announcement included, is a new round: its acknowledgements
+  // confirm leadership for reads, renew the lease and show a majority is reachable. (An
+  // announcement that reused the last round would postpone the periodic heartbeat without
+  // confirming anything, and a busy leader would end up stepping down.)
   heartbeat_elapsed_ticks_ = 0;
   commit_announce_ = false;
-  if (new_read_round) {
-    ++read_context_;
-    read_context_sent_tick_[read_context_] = now_ticks_;
-    read_round_wanted_ = false;
-  }
+  read_round_wanted_ = false;
+  ++read_context_;
+  read_context_sent_tick_[read_context_] = now_ticks_;
   for (uint32_t peer : config_.replica_ids) {
     if (peer == config_.id) continue;
     Message m = NewMessage(peer);
@@ -863,7 +865,7 @@ void Replica::ServeReads() {
     }
     waiting_reads_.clear();
     read_round_wanted_ = true;
-    if (config_.replica_ids.size() == 1) BroadcastHeartbeat(/*new_read_round=*/true);
+    if (config_.replica_ids.size() == 1) BroadcastHeartbeat();
   }
   auto end = reads_by_context_.upper_bound(quorum_acked_context_);
   for (auto it = reads_by_context_.begin(); it != end; ++it) {
@@ -952,7 +954,7 @@ bool Replica::HasReady() const {
 Ready Replica::GetReady() {
   SYNOD_CHECK(!awaiting_advance_) << "GetReady before the previous Ready was advanced";
   if (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_)) {
-    BroadcastHeartbeat(/*new_read_round=*/read_round_wanted_);
+    BroadcastHeartbeat();
   }
   uint64_t until = std::min<uint64_t>(commit_index_, handed_out_index_ + config_.max_apply_entries);
   for (uint64_t slot = handed_out_index_ + 1; slot <= until; ++slot) {

@@ -222,7 +222,7 @@ class Replica {
   void ProposeSlot(uint64_t slot, Value value);
   void SendAccept(uint32_t peer, uint64_t slot);
   void MaybeProposeBatches();
-  void BroadcastHeartbeat(bool new_read_round);
+  void BroadcastHeartbeat();
   bool ReadSafe() const;
   bool LeaseValid() const;
   void ServeReads();

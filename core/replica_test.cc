@@ -431,6 +431,26 @@ TEST(Cluster, AValueAcceptedByAMajoritySurvivesTheLeaderCrashingBeforeItIsLearne
   EXPECT_GE(c.Applied(survivor), 1u);
 }
 
+TEST(Cluster, ALeaderUnderSteadyLoadKeepsLeadingAndHoldsItsLease) {
+  // Commit announcements go out on every Ready under load; they must confirm leadership
+  // like periodic heartbeats do, or the leader steps down for want of quorum contact.
+  testing::Cluster c(3, 23);
+  uint32_t leader = ElectLeader(c);
+  ASSERT_NE(leader, 0u);
+  c.RunTicks(5);
+  leader = c.Leader();
+  Ballot ballot = c.replica(leader)->Status().ballot;
+  for (uint64_t seq = 1; seq <= 300; ++seq) {
+    c.Write(leader, 1, seq, "w");
+    c.Step();
+    ASSERT_EQ(c.Leader(), leader) << "leadership changed under load at write " << seq;
+  }
+  EXPECT_TRUE(BallotEqual(c.replica(leader)->Status().ballot, ballot));
+  EXPECT_TRUE(c.replica(leader)->Status().lease_valid);
+  c.RunTicks(10);
+  EXPECT_EQ(c.applied_writes().size(), 300u);
+}
+
 TEST(Cluster, FollowerForwardsWritesAndEveryReplicaAppliesThem) {
   testing::Cluster c(3, 7);
   uint32_t leader = ElectLeader(c);

@@ -200,6 +200,7 @@ absl::Status Node::Start() {
   for (const auto& [id, address] : options_.peers) {
     if (id == options_.id) continue;
     peer_clients_[id] = std::make_unique<HttpClient>(loop_, address.host, address.port);
+    outboxes_[id];
   }
   HttpServerLimits limits;
   // Peer batches carry client bodies plus framing: the transport allows twice the client
@@ -368,31 +369,45 @@ void Node::CompactLog() {
 }
 
 void Node::SendMessages(std::vector<Message> messages) {
-  // One POST per peer per Ready, split so that no batch outgrows what a peer accepts (a
-  // single message may carry a whole uploaded image).
-  std::map<uint32_t, std::vector<MessageBatch>> batches;
-  std::map<uint32_t, size_t> bytes;
+  // Messages for a peer wait in its outbox while a POST to it is in flight, and go out
+  // together when it returns: under load, batches grow instead of queues.
   for (Message& m : messages) {
-    std::vector<MessageBatch>& list = batches[m.to()];
+    auto it = outboxes_.find(m.to());
+    if (it == outboxes_.end()) continue;
+    PeerOutbox& box = it->second;
     size_t size = m.ByteSizeLong();
-    if (list.empty() || bytes[m.to()] + size > options_.max_body_bytes) {
-      list.emplace_back();
-      bytes[m.to()] = 0;
-    }
-    bytes[m.to()] += size;
-    *list.back().add_messages() = std::move(m);
+    if (box.pending_bytes + size > kMaxOutboxBytes) continue;  // lost; the protocol retries
+    box.pending_bytes += size;
+    box.pending.push_back(std::move(m));
   }
-  for (auto& [to, list] : batches) {
-    auto it = peer_clients_.find(to);
-    if (it == peer_clients_.end()) continue;
-    for (const MessageBatch& batch : list) {
-      std::string body;
-      SYNOD_CHECK(batch.SerializeToString(&body));
-      // Lost messages are the protocol's business (it retries): the answer is not awaited.
-      it->second->Post("/internal/v1/messages", std::move(body),
-                       [](absl::StatusOr<HttpResponse>) {});
-    }
+  for (auto& [peer, box] : outboxes_) FlushOutbox(peer);
+}
+
+void Node::FlushOutbox(uint32_t peer) {
+  PeerOutbox& box = outboxes_.at(peer);
+  if (box.in_flight || box.pending.empty() || stopping_) return;
+  // One POST, at most about max_body_bytes (a single message may carry a whole image).
+  MessageBatch batch;
+  size_t bytes = 0;
+  size_t taken = 0;
+  for (; taken < box.pending.size(); ++taken) {
+    size_t size = box.pending[taken].ByteSizeLong();
+    if (taken > 0 && bytes + size > options_.max_body_bytes) break;
+    bytes += size;
+    *batch.add_messages() = std::move(box.pending[taken]);
   }
+  box.pending.erase(box.pending.begin(), box.pending.begin() + taken);
+  box.pending_bytes -= std::min(box.pending_bytes, bytes);
+  std::string body;
+  SYNOD_CHECK(batch.SerializeToString(&body));
+  box.in_flight = true;
+  peer_clients_.at(peer)->Post("/internal/v1/messages", std::move(body),
+                               [this, peer](absl::StatusOr<HttpResponse>) {
+                                 // Lost or refused batches are the protocol's business.
+                                 PeerOutbox& b = outboxes_.at(peer);
+                                 b.in_flight = false;
+                                 FlushOutbox(peer);
+                               });
 }
 
 void Node::ExpirePending() {

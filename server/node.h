@@ -89,6 +89,7 @@ class Node {
   void MaybeCompact();
   void CompactLog();
   void SendMessages(std::vector<Message> messages);
+  void FlushOutbox(uint32_t peer);
   void ExpirePending();
 
   // HTTP.
@@ -125,7 +126,15 @@ class Node {
   std::unique_ptr<StateMachine> sm_;
   std::unique_ptr<Replica> replica_;
   std::unique_ptr<HttpServer> http_;
+  // Messages waiting for a peer while a POST to it is in flight.
+  struct PeerOutbox {
+    bool in_flight = false;
+    std::vector<Message> pending;
+    size_t pending_bytes = 0;
+  };
+  static constexpr size_t kMaxOutboxBytes = 256 << 20;
   std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
+  std::map<uint32_t, PeerOutbox> outboxes_;
   uv_timer_t tick_timer_;
   uv_check_t drain_check_;
   bool tick_timer_started_ = false;
