@@ -67,6 +67,27 @@ std::vector<Message> TickUntilPrepare(Replica& r) {
   return {};
 }
 
+// Replica 1 of three is elected with replica 2's promise, and replica 2 acknowledges its
+// first heartbeat round (which starts its lease).
+void BecomeLeaderWithAcknowledgedHeartbeat(Replica& r) {
+  std::vector<Message> prepares = TickUntilPrepare(r);
+  ASSERT_FALSE(prepares.empty());
+  Ballot ballot = prepares[0].ballot();
+  Message p = From(2, 1, ballot);
+  p.mutable_promise();
+  r.Step(p);
+  ASSERT_EQ(r.role(), Role::kLeader);
+  uint64_t context = 0;
+  for (const Message& m : Drain(r)) {
+    if (m.has_heartbeat()) context = m.heartbeat().read_context();
+  }
+  ASSERT_GT(context, 0u);
+  Message ack = From(2, 1, ballot);
+  ack.mutable_heartbeat_ack()->set_read_context(context);
+  r.Step(ack);
+  Drain(r);
+}
+
 TEST(Acceptor, PromiseIsPersistedWithMustSyncInTheReadyThatCarriesIt) {
   Replica r(ConfigFor(2), PersistedState(), 1);
   for (int i = 0; i < 8; ++i) r.Tick();  // past the restart lease wait
@@ -329,19 +350,7 @@ TEST(Reads, LinearizableReadWaitsForAQuorumRoundAfterItArrived) {
 TEST(Reads, LeaseReadIsRefusedWhenTheLeaseMayHaveExpired) {
   ReplicaConfig config = ConfigFor(1);
   Replica r(config, PersistedState(), 1);
-  std::vector<Message> prepares = TickUntilPrepare(r);
-  Ballot ballot = prepares[0].ballot();
-  Message p = From(2, 1, ballot);
-  p.mutable_promise();
-  r.Step(p);
-  uint64_t context = 0;
-  for (const Message& m : Drain(r)) {
-    if (m.has_heartbeat()) context = m.heartbeat().read_context();
-  }
-  Message ack = From(2, 1, ballot);
-  ack.mutable_heartbeat_ack()->set_read_context(context);
-  r.Step(ack);
-  Drain(r);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
   ClientRequest read;
   read.set_client_id(4);
   read.mutable_command()->mutable_read_barrier()->set_consistency(LEASE);
@@ -368,19 +377,7 @@ TEST(Reads, LeaseAccountsForTheClockDriftBound) {
   ReplicaConfig config = ConfigFor(1);
   config.clock_drift_bound_ticks = 3;
   Replica r(config, PersistedState(), 1);
-  std::vector<Message> prepares = TickUntilPrepare(r);
-  Ballot ballot = prepares[0].ballot();
-  Message p = From(2, 1, ballot);
-  p.mutable_promise();
-  r.Step(p);
-  uint64_t context = 0;
-  for (const Message& m : Drain(r)) {
-    if (m.has_heartbeat()) context = m.heartbeat().read_context();
-  }
-  Message ack = From(2, 1, ballot);
-  ack.mutable_heartbeat_ack()->set_read_context(context);
-  r.Step(ack);
-  Drain(r);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
   for (int i = 0; i < config.lease_duration_ticks - config.clock_drift_bound_ticks - 1; ++i) {
     r.Tick();
     Drain(r);
