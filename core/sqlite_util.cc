@@ -133,6 +133,36 @@ std::optional<std::string> Rejection(int action, const char* arg1, const char* a
         return "total_changes() is not allowed: it counts since the connection opened, which "
                "differs between replicas";
       }
+      if (IsOneOf(arg2, {"fts3_tokenizer"})) {
+        return "fts3_tokenizer() is not allowed: it exposes and accepts raw pointers";
+      }
+      if (IsOneOf(arg2, {"sqlite_version", "sqlite_source_id", "sqlite_compileoption_used",
+                         "sqlite_compileoption_get"})) {
+        return absl::StrCat(arg2,
+                            "() is not allowed: it describes the build, which may differ "
+                            "between replicas during an upgrade");
+      }
+      return std::nullopt;
+    // TEMP objects live on one connection only: they vanish on restart and snapshot
+    // restore, so replicas would diverge.
+    case SQLITE_CREATE_TEMP_INDEX:
+    case SQLITE_CREATE_TEMP_TABLE:
+    case SQLITE_CREATE_TEMP_TRIGGER:
+    case SQLITE_CREATE_TEMP_VIEW:
+      return "TEMP tables, views, triggers and indexes are not allowed: they are not replicated";
+    case SQLITE_READ:
+      if (IsOneOf(arg1, {"sqlite_stmt", "dbstat"})) {
+        return absl::StrCat(arg1, " is not allowed: it shows this connection's memory and pages");
+      }
+      return std::nullopt;
+    case SQLITE_INSERT:
+    case SQLITE_UPDATE:
+    case SQLITE_DELETE:
+      // The planner reads statistics when a connection opens: written by hand, they would
+      // change plans on restarted replicas only. ANALYZE keeps them consistent.
+      if (IsOneOf(arg1, {"sqlite_stat1", "sqlite_stat4"})) {
+        return "writing sqlite_stat tables is not allowed: use ANALYZE";
+      }
       return std::nullopt;
     default:
       return std::nullopt;
@@ -169,6 +199,10 @@ class StatementScope {
       case SQLITE_MISMATCH:
       case SQLITE_TOOBIG:
       case SQLITE_RANGE:
+      // AUTOINCREMENT past the largest rowid, or max_page_count reached. (A disk that is
+      // really full would also say so; the server keeps its disk from filling up rather than
+      // stop every replica on a statement that fails alike everywhere.)
+      case SQLITE_FULL:
         return absl::InvalidArgumentError(ValidUtf8(sqlite3_errmsg(db_)));
       default:
         return absl::InternalError(absl::StrCat("SQLite failed (", sqlite3_errstr(rc),
@@ -182,7 +216,8 @@ class StatementScope {
     std::optional<std::string> rejection = Rejection(action, arg1, arg2);
     if (!rejection.has_value()) return SQLITE_OK;
     auto* self = static_cast<StatementScope*>(scope);
-    if (self->rejection_.empty()) self->rejection_ = std::move(*rejection);
+    // The message may quote names from the statement, which need not be UTF-8.
+    if (self->rejection_.empty()) self->rejection_ = ValidUtf8(*rejection);
     return SQLITE_DENY;
   }
 
@@ -516,7 +551,9 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
         absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
   }
   sqlite3_stmt* raw = nullptr;
-  rc = sqlite3_prepare_v2(scratch.get(), "PRAGMA quick_check", -1, &raw, nullptr);
+  // integrity_check, not quick_check: an index that disagrees with its table would
+  // otherwise fail a later statement with SQLITE_CORRUPT on every replica.
+  rc = sqlite3_prepare_v2(scratch.get(), "PRAGMA integrity_check", -1, &raw, nullptr);
   Stmt check(raw);
   if (rc == SQLITE_OK) rc = sqlite3_step(check.get());
   if (rc != SQLITE_ROW) {

@@ -248,6 +248,10 @@ CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
   now_unix_ms = request.timestamp_unix_ms();
   if (std::optional<CommandResult> stored = EntryResult(index)) return *std::move(stored);
   random.Reset(slot, index);
+  // SQLite's own generator picks rowids once a table holds the largest one: seed it from
+  // the request too. (It is process-wide: one state machine applies at a time.)
+  sqlite3_test_control(SQLITE_TESTCTRL_PRNG_SEED,
+                       static_cast<int>(slot * 0x9E3779B97F4A7C15ull + index), nullptr);
   MustExec(system.get(), "BEGIN");
   Outcome outcome = ApplyWithSession(slot, index, request);
   Stmt stmt = MustPrepare(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");

@@ -18,6 +18,7 @@ namespace state_machine_internal {
 namespace {
 
 constexpr size_t kMaxMediaKeyBytes = 1024;
+constexpr size_t kMaxRequestResultBytes = 16 << 20;
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxRegisteredNameBytes = 255;
 
@@ -261,10 +262,19 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   sqlite3_set_last_insert_rowid(handle, 0);
   MustExec(handle, "BEGIN; DELETE FROM _synod_meta WHERE 0;");
   CommandResult result;
+  size_t result_bytes = 0;
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) MustExec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
         RunUserStatement(handle, execute.statements(i), /*read_only=*/false);
+    // The whole request's result is stored with the session: keep it well under what
+    // SQLite and protobuf accept.
+    if (statement.ok() && (result_bytes += statement->ByteSizeLong()) >
+                              state_machine_internal::kMaxRequestResultBytes) {
+      statement = absl::ResourceExhaustedError(
+          absl::StrCat("the request's results are over ",
+                       state_machine_internal::kMaxRequestResultBytes, " bytes"));
+    }
     if (statement.ok()) {
       if (!execute.transaction()) MustExec(handle, "RELEASE synod_statement");
       *result.add_results() = *std::move(statement);

@@ -487,6 +487,42 @@ TEST(StateMachineTest, AttachVacuumAndTransactionStatementsAreRejected) {
       replica.machine().Query("d", Sql("VACUUM INTO '/tmp/escape.db'")).status()));
 }
 
+TEST(StateMachineTest, StatementsThatWouldDivergeOrEscapeAreRejected) {
+  Replica replica;
+  replica.Apply(Create("d"));
+  ExpectRejected(replica, "CREATE TEMP TABLE t(x)", "TEMP");
+  ExpectRejected(replica, "CREATE TEMP VIEW v AS SELECT 1", "TEMP");
+  ExpectRejected(replica, "SELECT fts3_tokenizer('simple')", "fts3_tokenizer");
+  ExpectRejected(replica, "SELECT sqlite_version()", "sqlite_version");
+  replica.Apply(Exec("d", "CREATE TABLE t(a)"));
+  replica.Apply(Exec("d", "CREATE INDEX ta ON t(a)"));
+  replica.Apply(Exec("d", "INSERT INTO t VALUES (1), (2)"));
+  CommandResult analyzed = replica.Apply(Exec("d", "ANALYZE t"));
+  ASSERT_EQ(analyzed.code(), OK) << analyzed.message();
+  CommandResult stat = replica.Apply(Exec("d", "DELETE FROM sqlite_stat1"));
+  EXPECT_EQ(stat.code(), INVALID_ARGUMENT);
+  EXPECT_NE(stat.message().find("ANALYZE"), std::string::npos) << stat.message();
+}
+
+TEST(StateMachineTest, AutoincrementPastTheLargestRowidIsAnErrorNotACrash) {
+  Replica replica;
+  replica.Apply(Create("d"));
+  replica.Apply(Exec("d", "CREATE TABLE u(id INTEGER PRIMARY KEY AUTOINCREMENT)"));
+  EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO u VALUES (9223372036854775807)")).code(), OK);
+  CommandResult full = replica.Apply(Exec("d", "INSERT INTO u VALUES (NULL)"));
+  EXPECT_EQ(full.code(), INVALID_ARGUMENT) << full.message();
+}
+
+TEST(StateMachineTest, ARequestWhoseResultsAreTooLargeFailsAsAWhole) {
+  Replica replica;
+  replica.Apply(Create("d"));
+  std::vector<Statement> statements;
+  for (int i = 0; i < 6; ++i) statements.push_back(Sql("SELECT zeroblob(3000000)"));
+  CommandResult result = replica.Apply(Exec("d", statements));
+  EXPECT_EQ(result.code(), RESOURCE_EXHAUSTED) << result.message();
+  EXPECT_EQ(result.results_size(), 0);
+}
+
 TEST(StateMachineTest, ParametersMustMatchTheStatement) {
   Replica replica;
   replica.Apply(Create("d"));

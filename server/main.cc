@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <iostream>
 #include <string>
 
@@ -139,6 +140,10 @@ int main(int argc, char** argv) {
     fprintf(stderr, "W an even number of replicas tolerates no more failures than one fewer\n");
   }
   signal(SIGPIPE, SIG_IGN);
+  // SQLite's 'localtime' modifier reads the process's time zone: the same on every replica
+  // only if it is fixed.
+  setenv("TZ", "UTC", 1);
+  tzset();
 
   uv_loop_t* loop = uv_default_loop();
   synod::server::Node node(loop, options);

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -100,6 +101,8 @@ int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  setenv("TZ", "UTC", 1);  // as the server: 'localtime' in SQL must not depend on the host
+  tzset();
   SimOptions o;
   bool have_seed = false, have_sweep = false;
   uint64_t first = 0, last = 0;
