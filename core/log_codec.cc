@@ -81,6 +81,16 @@ std::string EncodeReady(const Ready& ready) {
   return out;
 }
 
+Ready SnapshotReady(uint64_t index, std::string data) {
+  Ready r;
+  r.snapshot = SnapshotToInstall{};
+  r.snapshot->meta.set_index(index);
+  r.snapshot->meta.set_size_bytes(data.size());
+  r.snapshot->data = std::move(data);
+  r.compacted_through = index;
+  return r;
+}
+
 std::string EncodeSyncMark(uint64_t records) {
   StorageRecord r;
   r.mutable_sync_mark()->set_records(records);

@@ -30,6 +30,10 @@ namespace synod {
 // The records to append for `ready` (hard state, entries, snapshot, compaction), framed.
 std::string EncodeReady(const Ready& ready);
 
+// What a host persists when it snapshots its state machine at revision `index`: the
+// snapshot, and the compaction of the log entries it covers. (Then Replica::Compact.)
+Ready SnapshotReady(uint64_t index, std::string data);
+
 // A framed SyncMark, to append after an fsync that made `records` records durable.
 std::string EncodeSyncMark(uint64_t records);
 

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/check.h"
+#include "core/log_codec.h"
 #include "server/api.pb.h"
 #include "server/json.h"
 
@@ -342,13 +343,7 @@ void Node::MaybeCompact() {
   absl::StatusOr<std::string> snapshot = sm_->Snapshot();
   if (!snapshot.ok()) return;
   uint64_t index = sm_->revision();
-  Ready r;
-  r.snapshot = SnapshotToInstall{};
-  r.snapshot->meta.set_index(index);
-  r.snapshot->meta.set_size_bytes(snapshot->size());
-  r.snapshot->data = *snapshot;
-  r.compacted_through = index;
-  log_->Append(r);
+  log_->Append(SnapshotReady(index, *snapshot));
   absl::Status synced = log_->Sync();
   SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
   // The log is rewritten without the entries the snapshot covers when the replica's next

@@ -533,13 +533,7 @@ void World::MaybeCompact(Host& h) {
   absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
   if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
   uint64_t index = h.sm->revision();
-  Ready r;
-  r.snapshot = SnapshotToInstall{};
-  r.snapshot->meta.set_index(index);
-  r.snapshot->meta.set_size_bytes(snapshot->size());
-  r.snapshot->data = *snapshot;
-  r.compacted_through = index;
-  h.disk.Write(EncodeReady(r));
+  h.disk.Write(EncodeReady(SnapshotReady(index, *snapshot)));
   h.disk.Sync();
   h.replica->Compact(index, std::move(*snapshot));
   h.last_snapshot = index;
