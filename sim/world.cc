@@ -201,7 +201,7 @@ class World {
     EventKind kind;
     uint32_t target;  // replica or client index
     Message message;
-    uint64_t client_sequence = 0;
+    uint64_t client_sequence = 0;  // kClientRequest: client index; kTick: incarnation
     bool operator>(const Event& o) const {
       return std::tie(time_us, seq) > std::tie(o.time_us, o.seq);
     }
@@ -222,11 +222,13 @@ class World {
     std::map<std::pair<uint64_t, uint64_t>, uint64_t> pending_reads;   // -> client index
     std::vector<PendingRead> reads_waiting_apply;
     uint64_t last_local_read_revision = 0;
+    uint64_t incarnation = 0;  // process starts so far; tick events carry theirs
   };
 
   void Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m = Message(),
                 uint64_t client_sequence = 0);
   void Trace(const std::string& line);
+  void TraceMessage(const Message& m);
   void Fail(const std::string& what);
 
   ReplicaConfig ConfigFor(uint32_t id) const;
@@ -238,7 +240,7 @@ class World {
   void MaybeCompact(Host& h);
   void SendMessage(const Message& m);
 
-  void OnTick(Host& h);
+  void OnTick(Host& h, uint64_t incarnation);
   void OnFault();
   uint32_t CurrentLeader() const;  // the replica that believes it leads (0: none)
   // While a leader believes its lease valid (and may answer lease reads without a round
@@ -306,6 +308,16 @@ World::World(const SimOptions& options)
       " drop/10k=", swarm_.drop_per_10k, " dup/10k=", swarm_.duplicate_per_10k,
       " partition_every_us=", swarm_.partition_every_us, " crash_every_us=", swarm_.crash_every_us,
       " max_drift_ppm=", swarm_.max_drift_ppm));
+}
+
+void World::TraceMessage(const Message& m) {
+  // Only with --trace, and not part of the trace hash, which stays the same either way.
+  std::string body = m.GetDescriptor()->FindFieldByNumber(m.body_case()) != nullptr
+                         ? m.GetDescriptor()->FindFieldByNumber(m.body_case())->name()
+                         : "empty";
+  *options_.trace << now_us_ << "us   " << m.from() << "->" << m.to() << " " << body << " ballot=("
+                  << m.ballot().round() << "," << m.ballot().replica_id()
+                  << ") commit=" << m.commit_index() << "\n";
 }
 
 void World::Trace(const std::string& line) {
@@ -386,7 +398,10 @@ void World::StartHost(Host& h) {
   h.up = true;
   h.paused = false;
   Trace(absl::StrCat("replica ", h.id, " starts at revision ", h.sm->revision()));
-  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id);
+  // A new process has its own timer: ticks scheduled for an earlier incarnation (one that
+  // crashed and restarted within a tick) must not drive this one too.
+  ++h.incarnation;
+  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id, Message(), h.incarnation);
 }
 
 void World::CrashHost(Host& h) {
@@ -539,9 +554,9 @@ void World::MaybeCompact(Host& h) {
   h.last_snapshot = index;
 }
 
-void World::OnTick(Host& h) {
-  if (!h.up) return;
-  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id);
+void World::OnTick(Host& h, uint64_t incarnation) {
+  if (!h.up || incarnation != h.incarnation) return;
+  Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id, Message(), h.incarnation);
   if (h.paused) return;
   h.replica->Tick();
   DrainHost(h);
@@ -635,9 +650,12 @@ void World::CheckLeases() {
     if (!mine.lease_valid) continue;
     for (const Host& o : hosts_) {
       if (o.id == h.id || !o.up || o.replica->role() != Role::kLeader) continue;
-      if (BallotLess(mine.ballot, o.replica->Status().ballot)) {
-        Fail(absl::StrCat("replica ", h.id, " holds a lease while replica ", o.id,
-                          " leads at a higher ballot: the leases overlap"));
+      Ballot theirs = o.replica->Status().ballot;
+      if (BallotLess(mine.ballot, theirs)) {
+        Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.ballot.round(), ",",
+                          mine.ballot.replica_id(), ") while replica ", o.id,
+                          " leads at the higher ballot (", theirs.round(), ",", theirs.replica_id(),
+                          "): the leases overlap"));
       }
     }
   }
@@ -873,7 +891,7 @@ bool World::Setup() {
     Event ev = events_.top();
     events_.pop();
     now_us_ = ev.time_us;
-    if (ev.kind == EventKind::kTick) OnTick(hosts_[ev.target - 1]);
+    if (ev.kind == EventKind::kTick) OnTick(hosts_[ev.target - 1], ev.client_sequence);
     if (ev.kind == EventKind::kDeliver && hosts_[ev.target - 1].up) {
       hosts_[ev.target - 1].replica->Step(ev.message);
       DrainHost(hosts_[ev.target - 1]);
@@ -922,12 +940,13 @@ SimResult World::Run() {
     trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
     switch (ev.kind) {
       case EventKind::kTick:
-        OnTick(hosts_[ev.target - 1]);
+        OnTick(hosts_[ev.target - 1], ev.client_sequence);
         break;
       case EventKind::kDeliver: {
         Host& h = hosts_[ev.target - 1];
         if (!h.up || h.paused) break;
         if (faults_on_ && blocked_.count({ev.message.from(), ev.message.to()}) > 0) break;
+        if (options_.trace != nullptr) TraceMessage(ev.message);
         h.replica->Step(ev.message);
         DrainHost(h);
         break;
