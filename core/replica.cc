@@ -276,47 +276,29 @@ void Replica::Tick() {
     MaybeRequestCatchup(peer, catchup_wanted_until_);
   }
   ExpireRequests();
-  for (auto it = forwarded_reads_.begin(); it != forwarded_reads_.end();) {
-    if (now_ticks_ - it->second.arrived_tick > config_.request_timeout_ticks) {
-      Reply(it->second.request, UNAVAILABLE, "the leader did not confirm the read", 0);
-      it = forwarded_reads_.erase(it);
-    } else {
-      ++it;
-    }
-  }
 }
 
 void Replica::ExpireRequests() {
-  auto expired = [&](int64_t arrived_tick) {
-    return now_ticks_ - arrived_tick > config_.request_timeout_ticks;
+  // Refuses (UNAVAILABLE; the client may retry) what has waited too long, and drops it.
+  auto refuse_expired = [&](const ClientRequest& request, int64_t arrived_tick, const char* why) {
+    if (now_ticks_ - arrived_tick <= config_.request_timeout_ticks) return false;
+    Reply(request, UNAVAILABLE, why, 0);
+    return true;
   };
-  // Requests that found no leader in time are refused; the client may retry.
-  std::deque<QueuedRequest> kept;
-  for (QueuedRequest& q : queue_) {
-    if (expired(q.arrived_tick)) {
-      Reply(q.request, UNAVAILABLE, "no leader reachable", 0);
-    } else {
-      kept.push_back(std::move(q));
-    }
-  }
-  queue_ = std::move(kept);
-  std::vector<PendingRead> waiting;
-  for (PendingRead& r : waiting_reads_) {
-    if (expired(r.arrived_tick)) {
-      Reply(r.request, UNAVAILABLE, "the leader could not confirm the read in time", 0);
-    } else {
-      waiting.push_back(std::move(r));
-    }
-  }
-  waiting_reads_ = std::move(waiting);
-  for (auto it = reads_by_context_.begin(); it != reads_by_context_.end();) {
-    if (expired(it->second.arrived_tick)) {
-      Reply(it->second.request, UNAVAILABLE, "the leader could not confirm the read in time", 0);
-      it = reads_by_context_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  std::erase_if(queue_, [&](const QueuedRequest& q) {
+    return refuse_expired(q.request, q.arrived_tick, "no leader reachable");
+  });
+  std::erase_if(waiting_reads_, [&](const PendingRead& r) {
+    return refuse_expired(r.request, r.arrived_tick, "the leader could not confirm the read");
+  });
+  std::erase_if(reads_by_context_, [&](const auto& entry) {
+    const PendingRead& r = entry.second;
+    return refuse_expired(r.request, r.arrived_tick, "the leader could not confirm the read");
+  });
+  std::erase_if(forwarded_reads_, [&](const auto& entry) {
+    const QueuedRequest& q = entry.second;
+    return refuse_expired(q.request, q.arrived_tick, "the leader did not confirm the read");
+  });
 }
 
 void Replica::TickFollower() {

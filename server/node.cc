@@ -23,7 +23,6 @@ struct Node::Pending {
   int64_t deadline_ms = 0;
   bool is_read = false;
   uint64_t min_revision = 0;  // reads: run once the state machine has applied this
-  bool confirmed = false;     // reads: the leader confirmed the read
   std::function<void(const CommandResult&)> on_write;
   std::function<void()> on_read;
 };
@@ -310,7 +309,6 @@ void Node::Drain() {
         continue;
       }
       if (p->is_read) {
-        p->confirmed = true;
         p->min_revision = std::max(p->min_revision, reply.read_revision());
         waiting_reads_.push_back(std::move(p));
       } else {
@@ -476,7 +474,6 @@ void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
   p->min_revision = min_revision;
   p->on_read = std::move(run);
   if (consistency == LOCAL) {
-    p->confirmed = true;
     waiting_reads_.push_back(std::move(p));
     return ServeWaitingReads();
   }
