@@ -19,7 +19,6 @@ namespace {
 
 constexpr size_t kMaxFileIdBytes = 80;
 constexpr char kDbSuffix[] = ".sqlite3";
-constexpr int kPageSizeBytes = 4096;
 // What SQLite may keep beside a database file.
 constexpr const char* kSideFileSuffixes[] = {"-wal", "-shm", "-journal"};
 
@@ -143,6 +142,27 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, cons
     sqlite3_close(db);
     return status;
   }
+  return db;
+}
+
+absl::StatusOr<sqlite3*> FileDatabaseOpener::OpenReadOnly(std::string_view file_id,
+                                                          const char* vfs_name) {
+  if (!IsValidFileId(file_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad database file id \"", ToAbsl(file_id), "\""));
+  }
+  std::string path = PathOf(file_id);
+  sqlite3* db = nullptr;
+  // No SQLITE_OPEN_CREATE: a database that is gone is NotFound, never created empty.
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, vfs_name);
+  if (rc != SQLITE_OK) {
+    absl::Status status = absl::NotFoundError(absl::StrCat(
+        "cannot open ", path, ": ", db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc)));
+    sqlite3_close(db);
+    return status;
+  }
+  sqlite3_extended_result_codes(db, 1);
+  sqlite3_busy_timeout(db, kBusyTimeoutMs);
   return db;
 }
 

@@ -46,6 +46,10 @@ class FileDatabaseOpener : public DatabaseOpener {
   // cannot open the file or set it up (its message says why).
   absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
 
+  // Opens the database read-only (never creating it: NotFound if absent), for queries on
+  // another thread while the state machine's own connection writes (WAL mode).
+  absl::StatusOr<sqlite3*> OpenReadOnly(std::string_view file_id, const char* vfs_name) override;
+
   // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably.
   // REQUIRES: no handle to it is open.
   absl::Status Remove(std::string_view file_id) override;

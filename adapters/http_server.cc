@@ -2,11 +2,13 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <optional>
 
 #include "core/check.h"
+#include "core/utf8.h"
 #include "llhttp.h"
 
 namespace synod {
@@ -21,20 +23,35 @@ constexpr size_t kMaxBufferedInputBytes = 64 * 1024;
 constexpr uint64_t kLingerMs = 1000;
 constexpr int kListenBacklog = 511;
 
+// `text` as the inside of a JSON string literal. The result is always valid JSON and valid
+// UTF-8, whatever `text` holds: each byte that is not part of a well-formed UTF-8 sequence
+// becomes U+FFFD, and control characters are escaped.
 std::string JsonEscape(std::string_view text) {
   std::string out;
   out.reserve(text.size());
-  for (char c : text) {
+  while (!text.empty()) {
+    const char c = text[0];
     if (c == '"' || c == '\\') {
       out += '\\';
       out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char escaped[8];
-      std::snprintf(escaped, sizeof(escaped), "\\u%04x", c);
-      out += escaped;
-    } else {
-      out += c;
+      text.remove_prefix(1);
+      continue;
     }
+    if (static_cast<unsigned char>(c) < 0x20) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof(escaped), "\\u%04x", static_cast<unsigned>(c));
+      out += escaped;
+      text.remove_prefix(1);
+      continue;
+    }
+    const size_t length = Utf8SequenceBytes(text);
+    if (length == 0) {
+      out += "\xef\xbf\xbd";  // U+FFFD REPLACEMENT CHARACTER
+      text.remove_prefix(1);
+      continue;
+    }
+    out.append(text.substr(0, length));
+    text.remove_prefix(length);
   }
   return out;
 }
@@ -141,6 +158,7 @@ namespace http_internal {
 class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
  public:
   ServerConnection(HttpServer* server, uint64_t id) : server_(server), id_(id) {}
+  ~ServerConnection() { SYNOD_CHECK(!idle_) << "a connection destroyed while listed as idle"; }
 
   // Accepts the pending connection from `listener` and starts reading it.
   void Start(uv_stream_t* listener) {
@@ -163,11 +181,22 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    LeaveIdleList();
+    SYNOD_CHECK_GT(server_->open_connection_count_, 0u);
+    --server_->open_connection_count_;
     uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), OnHandleClosed);
     uv_close(reinterpret_cast<uv_handle_t*>(&timer_), OnHandleClosed);
   }
 
   bool open() const { return !closing_; }
+
+  // Closes this idle connection to make room for a new one.
+  void Evict() {
+    SYNOD_CHECK(idle_ && !closing_ && !writing_ && in_flight_request_id_ == 0 &&
+                !message_in_progress_)
+        << "evicting a connection that is not idle";
+    Close();
+  }
 
   // Answers request `request_id`, unless it is no longer the one awaiting an answer.
   void Respond(uint64_t request_id, HttpResponse response) {
@@ -253,8 +282,15 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     // An upgrade (or CONNECT) is answered as a plain request, and then the connection
     // closes: what follows on the wire would not be HTTP/1.1.
     keep_alive_ = llhttp_should_keep_alive(&parser_) && !parser_.upgrade;
-    if ((parser_.flags & F_CONTENT_LENGTH) &&
-        parser_.content_length > server_->limits_.max_body_bytes) {
+    const HttpServerLimits& limits = server_->limits_;
+    body_limit_bytes_ = limits.max_body_bytes;
+    if (limits.max_body_bytes_for) {
+      body_limit_bytes_ =
+          std::min(body_limit_bytes_, limits.max_body_bytes_for(request_.method, request_.target));
+    }
+    // Refused before any body byte is buffered, and before a client waiting for
+    // "100 Continue" sends one.
+    if ((parser_.flags & F_CONTENT_LENGTH) && parser_.content_length > body_limit_bytes_) {
       parse_error_ = BodyTooLarge();
       return -1;
     }
@@ -276,8 +312,11 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     }
   }
 
+  // A chunked body is counted as it arrives; a body with a Content-Length was checked whole
+  // when its headers were complete.
   int OnBody(const char* at, size_t length) {
-    if (request_.body.size() + length > server_->limits_.max_body_bytes) {
+    SYNOD_CHECK_LE(request_.body.size(), body_limit_bytes_);
+    if (length > body_limit_bytes_ - request_.body.size()) {
       parse_error_ = BodyTooLarge();
       return HPE_USER;
     }
@@ -286,9 +325,8 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   }
 
   ParseError BodyTooLarge() const {
-    return ParseError{
-        413, "payload_too_large",
-        "request body exceeds " + std::to_string(server_->limits_.max_body_bytes) + " bytes"};
+    return ParseError{413, "payload_too_large",
+                      "request body exceeds " + std::to_string(body_limit_bytes_) + " bytes"};
   }
 
   // Pausing stops llhttp right after this request, so that the next pipelined request is
@@ -299,7 +337,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   }
 
   void StartReading() {
-    if (reading_ || closing_) return;
+    if (reading_ || closing_ || input_ended_) return;
     reading_ = true;
     uv_read_start(reinterpret_cast<uv_stream_t*>(&tcp_), OnAlloc, OnRead);
   }
@@ -318,15 +356,14 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
 
   static void OnRead(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
     auto* self = static_cast<ServerConnection*>(stream->data);
+    if (nread == UV_EOF && !self->lingering_) {
+      self->OnInputEnded();
+      return;
+    }
     if (nread < 0) {
-      if (nread == UV_EOF && self->writing_ && !self->lingering_) {
-        // The client has sent all it will; let the response being written reach it.
-        self->StopReading();
-        self->close_after_write_ = true;
-        return;
-      }
-      // EOF or error. A client that goes away with a request unanswered is gone for
-      // good: the answer, when it comes, is dropped.
+      // An error, or the end of the input drained while lingering. A client whose
+      // connection fails with a request unanswered is gone for good: the answer, when it
+      // comes, is dropped.
       self->Close();
       return;
     }
@@ -339,8 +376,20 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     self->Process();
   }
 
+  // The client has sent all it will, but may still be reading (it shut down only its sending
+  // side): every complete request already received is answered in order, then the
+  // connection closes. Were it closed at once instead, pipelined requests would go
+  // unanswered.
+  void OnInputEnded() {
+    input_ended_ = true;
+    StopReading();
+    // Otherwise the answer under way continues the work when it has been written.
+    if (in_flight_request_id_ == 0 && !writing_) Process();
+  }
+
   // Parses buffered input until a request is complete (and dispatched), the input runs
-  // out, or the input is bad.
+  // out, or the input is bad. Once the input has ended and every request in it has been
+  // answered, finishes the connection.
   void Process() {
     while (!closing_ && in_flight_request_id_ == 0 && !close_after_write_ && !input_.empty()) {
       llhttp_errno_t rc = llhttp_execute(&parser_, input_.data(), input_.size());
@@ -360,12 +409,25 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
                             llhttp_get_error_reason(&parser_)});
       }
     }
-    if (!closing_ && in_flight_request_id_ == 0 && !close_after_write_) StartReading();
+    if (closing_ || in_flight_request_id_ != 0 || close_after_write_) return;
+    if (!input_ended_) {
+      StartReading();
+      return;
+    }
+    // Every complete request has been answered and written. What is left is nothing, or the
+    // start of a request that will never be completed. (Not llhttp_finish: after a pause in
+    // on_message_complete it reports the last complete request as unfinished until more
+    // input is parsed.)
+    if (message_in_progress_) {
+      Fail(ParseError{400, "bad_request", "the input ended inside a request"});
+    } else {
+      Close();
+    }
   }
 
   void Dispatch() {
     SYNOD_CHECK(!writing_);
-    uv_timer_stop(&timer_);
+    StopTimer();
     in_flight_request_id_ = next_request_id_++;
     in_flight_is_head_ = request_.method == "HEAD";
     std::shared_ptr<Responder> responder(new Responder(weak_from_this(), in_flight_request_id_));
@@ -419,10 +481,15 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       return;
     }
     if (self->close_after_write_) {
-      self->Linger();
+      // With the input ended there is nothing left to drain.
+      if (self->input_ended_) {
+        self->Close();
+      } else {
+        self->Linger();
+      }
       return;
     }
-    uv_timer_stop(&self->timer_);
+    self->StopTimer();
     self->Process();
     if (!self->closing_ && self->in_flight_request_id_ == 0 && !self->message_in_progress_ &&
         !self->close_after_write_) {
@@ -443,9 +510,28 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     StartReading();
   }
 
+  // The idle timer also marks the connection idle, so the two cannot disagree: a connection
+  // is on the server's idle list exactly while its idle timer is armed.
   void ArmTimer(TimerPurpose purpose, uint64_t timeout_ms) {
+    SYNOD_CHECK(!closing_);
     timer_purpose_ = purpose;
     uv_timer_start(&timer_, OnTimer, timeout_ms, 0);
+    LeaveIdleList();
+    if (purpose == TimerPurpose::kIdle) {
+      idle_position_ = server_->idle_connections_.insert(server_->idle_connections_.end(), this);
+      idle_ = true;
+    }
+  }
+
+  void StopTimer() {
+    uv_timer_stop(&timer_);
+    LeaveIdleList();
+  }
+
+  void LeaveIdleList() {
+    if (!idle_) return;
+    server_->idle_connections_.erase(idle_position_);
+    idle_ = false;
   }
 
   static void OnTimer(uv_timer_t* timer) {
@@ -478,6 +564,9 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   bool lingering_ = false;
   bool writing_ = false;
   bool close_after_write_ = false;
+  bool input_ended_ = false;  // the client sent EOF: it will send nothing more
+  bool idle_ = false;         // on the server's idle list, at idle_position_
+  std::list<ServerConnection*>::iterator idle_position_;
 
   std::string input_;  // received, not yet parsed
   // The request being parsed.
@@ -486,6 +575,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   std::string header_field_;
   std::string header_value_;
   size_t header_bytes_ = 0;
+  size_t body_limit_bytes_ = 0;  // this request's, known once its headers are complete
   bool keep_alive_ = true;
   std::optional<ParseError> parse_error_;
   // The request being answered; 0 when none.
@@ -584,11 +674,18 @@ void HttpServer::Close(std::function<void()> done) {
 void HttpServer::OnConnection(uv_stream_t* listener, int status) {
   auto* self = static_cast<HttpServer*>(listener->data);
   if (status < 0) return;  // a failed accept (e.g. out of file descriptors): keep listening
+  if (self->open_connection_count_ >= self->limits_.max_connections &&
+      !self->idle_connections_.empty()) {
+    self->idle_connections_.front()->Evict();
+  }
   uint64_t id = self->next_connection_id_++;
   auto connection = std::make_shared<http_internal::ServerConnection>(self, id);
   self->connections_.emplace(id, connection);
+  ++self->open_connection_count_;
+  // Accepted even when there is no room, since a connection left in the backlog would stall
+  // the listener; then closed at once.
   connection->Start(listener);
-  if (self->connections_.size() > self->limits_.max_connections) connection->Close();
+  if (self->open_connection_count_ > self->limits_.max_connections) connection->Close();
 }
 
 void HttpServer::OnListenerClosed(uv_handle_t* handle) {

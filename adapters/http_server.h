@@ -11,16 +11,26 @@
 // pipelined requests are answered in order. The handler answers through a Responder, at
 // once or later (after consensus, seconds later, or never if the connection dies first).
 //
+// A client that shuts down its sending side (a half-close) may still be reading: every
+// complete request it sent before is answered, in order, and then the connection closes. A
+// request cut short by the end of the input is answered 400.
+//
+// Limits, each against a way one client could take what all clients share: a body's size is
+// checked when its headers are complete, before any of it is buffered (and a chunked body as
+// it arrives); every request has a deadline; and when all connections are taken, the one idle
+// the longest makes room for a newcomer (see HttpServerLimits).
+//
 // Streaming (planned, see DESIGN.md "Coming next"): today a request body is delivered whole,
-// bounded by HttpServerLimits::max_body_bytes. Streamed bodies will arrive through a second
-// handler kind that receives the request head and then body chunks; streamed responses
-// will be further methods on Responder beside Send. Neither changes the Handler below.
+// bounded by the request's body limit (HttpServerLimits). Streamed bodies will arrive through a
+// second handler kind that receives the request head and then body chunks; streamed responses will
+// be further methods on Responder beside Send. Neither changes the Handler below.
 
 #include <uv.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <list>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -50,22 +60,36 @@ struct HttpResponse {
 };
 
 // Synod's JSON error shape: {"error":{"code":code,"message":message}}, with
-// Content-Type: application/json.
+// Content-Type: application/json. `code` and `message` may hold any bytes: the body is
+// always valid JSON in valid UTF-8 (a byte that is not part of a well-formed UTF-8 sequence
+// becomes U+FFFD).
 HttpResponse JsonErrorResponse(int status, std::string_view code, std::string_view message);
 
 struct HttpServerLimits {
   // Request line plus headers, counted as field and value bytes plus 4 per header line.
   // Larger: 431 header_too_large, then close.
   size_t max_header_bytes = 16 * 1024;
-  // Larger (declared or received): 413 payload_too_large, then close.
+  // The largest body of any request. A request's own limit is the smaller of this and
+  // max_body_bytes_for's answer. Over it: 413 payload_too_large, then close; a declared
+  // Content-Length is refused as soon as the headers are complete, before any body byte is
+  // buffered (and before "100 Continue"), and a chunked body once the bytes received pass it.
   size_t max_body_bytes = 64 * 1024 * 1024;
+  // The body limit of one request, from its method and target (path and query as sent), so
+  // that an endpoint taking small JSON bodies refuses a large one without buffering it.
+  // Called once per request, on the loop thread, when its headers are complete; it must not
+  // call back into the server. Unset: max_body_bytes for every request.
+  std::function<size_t(std::string_view method, std::string_view target)> max_body_bytes_for;
   // A kept-alive connection with no request under way is closed after this long.
   uint64_t idle_timeout_ms = 60'000;
   // From a request's first byte to its last: otherwise 408 request_timeout, then close.
   uint64_t request_timeout_ms = 30'000;
   // A response the client does not read within this long: the connection is closed.
   uint64_t write_timeout_ms = 30'000;
-  // Connections beyond this are accepted and closed at once.
+  // Open connections at most. A connection arriving when all are taken closes the one that
+  // has been idle the longest (kept alive with no request under way and no response being
+  // written): its client loses only a connection it can reopen, while refusing newcomers
+  // would let idle connections lock everyone out. When none is idle, the newcomer is
+  // accepted and closed at once.
   size_t max_connections = 1024;
 };
 
@@ -89,6 +113,7 @@ class Responder {
   void Send(HttpResponse response);
 
   // False once the connection that carried the request is gone: nobody will read an answer.
+  // A client that has only ended its input is still there: it may be reading.
   bool connection_open() const;
 
  private:
@@ -126,7 +151,7 @@ class HttpServer {
   // REQUIRES: called at most once.
   void Close(std::function<void()> done);
 
-  // Open connections, including ones being closed.
+  // Connections, including ones being closed.
   size_t connection_count() const { return connections_.size(); }
 
  private:
@@ -147,6 +172,11 @@ class HttpServer {
   std::function<void()> close_done_;
   uint64_t next_connection_id_ = 1;
   std::unordered_map<uint64_t, std::shared_ptr<http_internal::ServerConnection>> connections_;
+  // Connections not yet closing; the ones in connections_ that max_connections counts.
+  size_t open_connection_count_ = 0;
+  // Idle connections, the longest idle first. A connection is in this list exactly while its
+  // idle timer is armed, and leaves it before it closes.
+  std::list<http_internal::ServerConnection*> idle_connections_;
   std::vector<char> read_buffer_;  // shared: libuv reads into it and we parse at once
 };
 

@@ -58,6 +58,14 @@ class RawClient {
 
   void ShutdownWrites() { shutdown(fd_, SHUT_WR); }
 
+  // Closes with a reset rather than an orderly end of input, so the server learns at once
+  // that nobody will read an answer.
+  void Reset() {
+    linger no_linger{1, 0};
+    setsockopt(fd_, SOL_SOCKET, SO_LINGER, &no_linger, sizeof(no_linger));
+    Disconnect();
+  }
+
   void Disconnect() {
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
@@ -348,6 +356,52 @@ TEST_F(HttpTest, AnswersAsynchronouslyAndPipelinedRequestsInOrder) {
   });
 }
 
+TEST_F(HttpTest, HalfClosedClientGetsEveryPipelinedRequestAnsweredInOrder) {
+  // Every third request is answered later, so the end of the input arrives while answers are
+  // pending as well as while they are being written.
+  int request_count = 0;
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    if (request_count++ % 3 == 0) {
+      Later(5, [responder, request] { Echo(request, responder); });
+    } else {
+      Echo(std::move(request), std::move(responder));
+    }
+  });
+  constexpr int kRequests = 100;
+  RunClient([&] {
+    RawClient client(port());
+    std::string pipeline;
+    for (int i = 0; i < kRequests; ++i) pipeline += Get("/" + std::to_string(i));
+    client.Send(pipeline);
+    client.ShutdownWrites();
+    for (int i = 0; i < kRequests; ++i) {
+      std::optional<RawResponse> response = client.Read();
+      ASSERT_TRUE(response) << "request " << i << " was not answered";
+      EXPECT_EQ(response->body, "GET /" + std::to_string(i) + " ");
+    }
+    EXPECT_TRUE(client.ReadsEof());
+  });
+  EXPECT_EQ(request_count, kRequests);
+  RunUntil([&] { return server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, HalfClosedClientGets400ForARequestItCutShort) {
+  StartServer({}, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/whole") + "POST /cut HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
+    client.ShutdownWrites();
+    std::optional<RawResponse> whole = client.Read();
+    ASSERT_TRUE(whole);
+    EXPECT_EQ(whole->body, "GET /whole ");
+    std::optional<RawResponse> cut = client.Read();
+    ASSERT_TRUE(cut);
+    EXPECT_EQ(cut->status, 400);
+    EXPECT_NE(cut->body.find("\"code\":\"bad_request\""), std::string::npos);
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
 TEST_F(HttpTest, MalformedRequestGets400JsonErrorAndClose) {
   StartServer({}, Echo);
   RunClient([&] {
@@ -391,6 +445,77 @@ TEST_F(HttpTest, ChunkedBodyOverLimitGets413) {
     ASSERT_TRUE(response);
     EXPECT_EQ(response->status, 413);
   });
+}
+
+TEST_F(HttpTest, DeclaredBodyOverTheEndpointLimitGets413BeforeAnyBodyIsSent) {
+  HttpServerLimits limits;
+  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 1024; };
+  bool handled = false;
+  StartServer(limits, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    handled = true;
+    responder->Send(TextResponse("should not be reached"));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("POST /v1/db/x/query HTTP/1.1\r\nHost: t\r\nContent-Length: 120000000\r\n\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+    EXPECT_EQ(
+        response->body,
+        R"({"error":{"code":"payload_too_large","message":"request body exceeds 1024 bytes"}})");
+    EXPECT_NE(response->head.find("Connection: close\r\n"), std::string::npos);
+    EXPECT_TRUE(client.ReadsEof());
+  });
+  EXPECT_FALSE(handled);
+}
+
+TEST_F(HttpTest, ChunkedBodyOverTheEndpointLimitGets413AndClose) {
+  HttpServerLimits limits;
+  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 1000; };
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    client.Send("3e8\r\n" + std::string(1000, 'x') + "\r\n");  // exactly the limit
+    client.Send("1\r\nx\r\n");
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+    EXPECT_NE(response->body.find("exceeds 1000 bytes"), std::string::npos) << response->body;
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, EndpointBodyLimitIsAskedWithMethodAndTargetAndCappedByTheGlobalLimit) {
+  HttpServerLimits limits;
+  limits.max_body_bytes = 64;
+  std::vector<std::string> asked;
+  limits.max_body_bytes_for = [&](std::string_view method, std::string_view target) -> size_t {
+    asked.push_back(std::string(method) + " " + std::string(target));
+    return target.starts_with("/small") ? 4 : 1'000'000;
+  };
+  StartServer(limits, Echo);
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("PUT /small?x=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nfour");
+    std::optional<RawResponse> fits = client.Read();
+    ASSERT_TRUE(fits);
+    EXPECT_EQ(fits->body, "PUT /small?x=1 four");
+
+    client.Send("POST /large HTTP/1.1\r\nHost: t\r\nContent-Length: 65\r\n\r\n");
+    std::optional<RawResponse> capped = client.Read();
+    ASSERT_TRUE(capped);
+    EXPECT_EQ(capped->status, 413);
+    EXPECT_NE(capped->body.find("exceeds 64 bytes"), std::string::npos) << capped->body;
+
+    RawClient other(port());
+    other.Send("PUT /small HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n");
+    std::optional<RawResponse> too_large = other.Read();
+    ASSERT_TRUE(too_large);
+    EXPECT_EQ(too_large->status, 413);
+  });
+  EXPECT_EQ(asked, (std::vector<std::string>{"PUT /small?x=1", "POST /large", "PUT /small"}));
 }
 
 TEST_F(HttpTest, HeadersOverLimitGet431) {
@@ -439,7 +564,7 @@ TEST_F(HttpTest, IdleKeepAliveConnectionIsClosed) {
   });
 }
 
-TEST_F(HttpTest, AnswerAfterClientDisconnectedIsIgnored) {
+TEST_F(HttpTest, AnswerAfterClientResetItsConnectionIsIgnored) {
   std::shared_ptr<Responder> held;
   StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
     if (request.target == "/hold") {
@@ -451,6 +576,8 @@ TEST_F(HttpTest, AnswerAfterClientDisconnectedIsIgnored) {
   RunClient([&] {
     RawClient client(port());
     client.Send(Get("/hold"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    client.Reset();
   });
   RunUntil([&] { return held != nullptr && !held->connection_open(); });
   held->Send(TextResponse("nobody is listening"));
@@ -487,19 +614,74 @@ TEST_F(HttpTest, HeadGetsLengthWithoutBody) {
   });
 }
 
-TEST_F(HttpTest, ConnectionsBeyondTheLimitAreClosed) {
+TEST_F(HttpTest, NewClientTakesTheLongestIdleConnectionsPlaceWhenAllAreTaken) {
   HttpServerLimits limits;
-  limits.max_connections = 2;
+  limits.max_connections = 3;
   StartServer(limits, Echo);
   RunClient([&] {
     RawClient first(port());
     RawClient second(port());
-    first.Send(Get("/1"));
-    second.Send(Get("/2"));
-    ASSERT_TRUE(first.Read());
-    ASSERT_TRUE(second.Read());
+    RawClient third(port());
+    // Each answered in turn, so each is accepted, and idle since in this order.
+    for (RawClient* client : {&first, &second, &third}) {
+      client->Send(Get("/warm"));
+      ASSERT_TRUE(client->Read());
+    }
+    RawClient newcomer(port());
+    newcomer.Send(Get("/healthz"));
+    std::optional<RawResponse> response = newcomer.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, "GET /healthz ");
+    EXPECT_TRUE(first.ReadsEof());
+    second.Send(Get("/still-open"));
+    std::optional<RawResponse> still_open = second.Read();
+    ASSERT_TRUE(still_open);
+    EXPECT_EQ(still_open->body, "GET /still-open ");
+  });
+}
+
+TEST_F(HttpTest, IdleConnectionsThatNeverSentAByteMakeRoomForANewClient) {
+  HttpServerLimits limits;
+  limits.max_connections = 4;
+  StartServer(limits, Echo);
+  std::vector<std::unique_ptr<RawClient>> silent;
+  for (int i = 0; i < 4; ++i) silent.push_back(std::make_unique<RawClient>(port()));
+  RunUntil([&] { return server_->connection_count() == 4; });
+  RunClient([&] {
+    for (int i = 0; i < 3; ++i) {
+      RawClient client(port());
+      client.Send(Get("/healthz"));
+      std::optional<RawResponse> response = client.Read();
+      ASSERT_TRUE(response) << "client " << i;
+      EXPECT_EQ(response->status, 200);
+    }
+  });
+}
+
+TEST_F(HttpTest, ConnectionsBeyondTheLimitAreClosedWhenNoneIsIdle) {
+  HttpServerLimits limits;
+  limits.max_connections = 2;
+  std::vector<std::shared_ptr<Responder>> held;
+  std::atomic<int> held_count{0};
+  StartServer(limits, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    if (request.target != "/hold") return Echo(std::move(request), std::move(responder));
+    held.push_back(std::move(responder));
+    ++held_count;
+  });
+  RawClient first(port());
+  RawClient second(port());
+  RunClient([&] {
+    first.Send(Get("/hold"));
+    second.Send(Get("/hold"));
+    while (held_count.load() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     RawClient third(port());
     EXPECT_TRUE(third.ReadsEof());
+  });
+  for (std::shared_ptr<Responder>& responder : held) responder->Send(TextResponse("released"));
+  RunClient([&] {
+    std::optional<RawResponse> released = first.Read();
+    ASSERT_TRUE(released);
+    EXPECT_EQ(released->body, "released");
     first.Send(Get("/1-again"));
     EXPECT_TRUE(first.Read());
   });
@@ -638,6 +820,21 @@ TEST_F(HttpTest, ClientCloseCancelsPendingRequests) {
   EXPECT_EQ(result->code(), absl::StatusCode::kCancelled);
   client.Post("/x", "", [&](absl::StatusOr<HttpResponse> r) { result = r.status(); });
   EXPECT_EQ(result->code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(JsonErrorResponse, InvalidUtf8BecomesReplacementCharactersInValidJson) {
+  HttpResponse response =
+      JsonErrorResponse(400, "bad\xc0", std::string("no such table: t\xff\xe2\x82\n\0", 21));
+  EXPECT_EQ(response.status, 400);
+  EXPECT_EQ(response.body,
+            "{\"error\":{\"code\":\"bad\xef\xbf\xbd\",\"message\":\"no such table: "
+            "t\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\\u000a\\u0000\"}}");
+}
+
+TEST(JsonErrorResponse, WellFormedUtf8IsKeptAsIs) {
+  HttpResponse response = JsonErrorResponse(404, "not_found", "caf\xc3\xa9 \xf0\x9f\x98\x80");
+  EXPECT_EQ(response.body,
+            "{\"error\":{\"code\":\"not_found\",\"message\":\"caf\xc3\xa9 \xf0\x9f\x98\x80\"}}");
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "core/deterministic_sqlite.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstring>
@@ -44,14 +45,19 @@ void RandomBlobFunction(sqlite3_context* context, int argc, sqlite3_value** argv
     sqlite3_result_error_toobig(context);
     return;
   }
-  std::string blob(static_cast<size_t>(size_bytes), '\0');
-  for (size_t i = 0; i < blob.size(); i += 8) {
-    uint64_t word = random->Next();
-    for (size_t j = i; j < blob.size() && j < i + 8; ++j) {
-      blob[j] = static_cast<char>(word >> (8 * (j - i)));
-    }
+  // SQLite's allocator, so that the request's budget is charged for it (sql_guards.h).
+  auto* blob = static_cast<unsigned char*>(sqlite3_malloc64(static_cast<uint64_t>(size_bytes)));
+  if (blob == nullptr) {
+    sqlite3_result_error_nomem(context);
+    return;
   }
-  sqlite3_result_blob64(context, blob.data(), blob.size(), SQLITE_TRANSIENT);
+  const size_t size = static_cast<size_t>(size_bytes);
+  for (size_t i = 0; i < size; i += 8) {
+    uint64_t word = random->Next();
+    size_t n = std::min<size_t>(8, size - i);
+    for (size_t j = 0; j < n; ++j) blob[i + j] = static_cast<unsigned char>(word >> (8 * j));
+  }
+  sqlite3_result_blob64(context, blob, size, sqlite3_free);
 }
 
 }  // namespace

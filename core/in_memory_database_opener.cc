@@ -45,9 +45,11 @@ absl::StatusOr<sqlite3*> InMemoryDatabaseOpener::OpenShared(std::string_view fil
   // The opener's address tells its databases from those of another opener in the process.
   char address[2 * sizeof(uintptr_t) + 1] = {};
   std::to_chars(address, address + sizeof(address) - 1, reinterpret_cast<uintptr_t>(this), 16);
+  // Each incarnation of a file id is its own database: a reader still open on a removed
+  // one keeps that one alive without it showing through a new database of the same id.
   std::string uri =
       absl::StrCat("file:synod-", address, "-", absl::string_view(file_id.data(), file_id.size()),
-                   "?mode=memory&cache=shared");
+                   "-", incarnations_[std::string(file_id)], "?mode=memory&cache=shared");
   sqlite3* db = nullptr;
   int rc = sqlite3_open_v2(
       uri.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, vfs_->name());
@@ -76,11 +78,21 @@ absl::StatusOr<sqlite3*> InMemoryDatabaseOpener::Open(std::string_view file_id,
   return OpenShared(file_id);
 }
 
+absl::StatusOr<sqlite3*> InMemoryDatabaseOpener::OpenReadOnly(std::string_view file_id,
+                                                              const char* /*vfs_name*/) {
+  if (keep_alive_.find(file_id) == keep_alive_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("no database ", absl::string_view(file_id.data(), file_id.size())));
+  }
+  return OpenShared(file_id);
+}
+
 absl::Status InMemoryDatabaseOpener::Remove(std::string_view file_id) {
   auto it = keep_alive_.find(file_id);
   if (it == keep_alive_.end()) return absl::OkStatus();
   // With no other handle open, closing the last connection frees the database.
   SYNOD_CHECK_EQ(sqlite3_close(it->second), SQLITE_OK);
+  ++incarnations_[it->first];
   keep_alive_.erase(it);
   return absl::OkStatus();
 }

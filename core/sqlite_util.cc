@@ -12,16 +12,13 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/sql_guards.h"
 
 namespace synod {
 namespace {
 
 // Debian's Abseil has its own string_view type (see TOOLCHAIN.md).
 absl::string_view ToAbsl(std::string_view text) { return {text.data(), text.size()}; }
-
-// Largest string or blob a statement may build. SQLite's default (1 GB) lets one statement
-// exhaust memory on some replicas and not others; a lower limit fails the same everywhere.
-constexpr int kMaxValueBytes = 64 << 20;
 
 // `sql` without its leading whitespace, empty statements (';') and comments.
 std::string_view SkipBlank(std::string_view sql) {
@@ -49,38 +46,6 @@ std::string_view FirstWord(std::string_view sql) {
   return sql.substr(0, end);
 }
 
-// The length of the valid UTF-8 sequence at the start of `text`, or 0 if there is none.
-size_t Utf8SequenceBytes(std::string_view text) {
-  auto byte = [&text](size_t i) { return static_cast<unsigned char>(text[i]); };
-  auto continues = [&](size_t i, unsigned char low, unsigned char high) {
-    return i < text.size() && byte(i) >= low && byte(i) <= high;
-  };
-  unsigned char first = byte(0);
-  if (first < 0x80) return 1;
-  if (first >= 0xc2 && first <= 0xdf) return continues(1, 0x80, 0xbf) ? 2 : 0;
-  if (first >= 0xe0 && first <= 0xef) {
-    // No overlong forms (E0 80..9F) and no UTF-16 surrogates (ED A0..BF).
-    unsigned char low = first == 0xe0 ? 0xa0 : 0x80;
-    unsigned char high = first == 0xed ? 0x9f : 0xbf;
-    return continues(1, low, high) && continues(2, 0x80, 0xbf) ? 3 : 0;
-  }
-  if (first >= 0xf0 && first <= 0xf4) {
-    // No overlong forms (F0 80..8F) and nothing above U+10FFFF (F4 90..).
-    unsigned char low = first == 0xf0 ? 0x90 : 0x80;
-    unsigned char high = first == 0xf4 ? 0x8f : 0xbf;
-    return continues(1, low, high) && continues(2, 0x80, 0xbf) && continues(3, 0x80, 0xbf) ? 4 : 0;
-  }
-  return 0;
-}
-
-bool IsValidUtf8(std::string_view text) {
-  for (size_t i = 0, n = 0; i < text.size(); i += n) {
-    n = Utf8SequenceBytes(text.substr(i));
-    if (n == 0) return false;
-  }
-  return true;
-}
-
 bool IsReserved(const char* name) {
   return name != nullptr && absl::StartsWithIgnoreCase(name, "_synod_");
 }
@@ -94,7 +59,9 @@ bool IsOneOf(const char* name, std::initializer_list<const char*> names) {
 // PRAGMAs replicate only if they read the schema or set a value stored in the database file.
 // Any other PRAGMA changes the connection (which a restarted replica would not have) or the
 // way data reaches the disk (which the server alone controls).
-std::optional<std::string> PragmaRejection(const char* pragma) {
+std::optional<std::string> PragmaRejection(const char* pragma, const char* value) {
+  // Reading the page size is what FTS3/4 does when it opens a table; it is 4096 everywhere.
+  if (value == nullptr && IsOneOf(pragma, {"page_size"})) return std::nullopt;
   if (IsOneOf(pragma, {"application_id", "foreign_key_check", "foreign_key_list", "freelist_count",
                        "index_info", "index_list", "index_xinfo", "integrity_check", "page_count",
                        "quick_check", "table_info", "table_list", "table_xinfo", "user_version"})) {
@@ -127,7 +94,7 @@ std::optional<std::string> Rejection(int action, const char* arg1, const char* a
       return "BEGIN, COMMIT, ROLLBACK and SAVEPOINT are not allowed: set Execute.transaction "
              "to apply statements all or nothing";
     case SQLITE_PRAGMA:  // also asked for pragma table-valued functions, at step time
-      return PragmaRejection(arg1);
+      return PragmaRejection(arg1, arg2);
     case SQLITE_FUNCTION:
       if (IsOneOf(arg2, {"total_changes"})) {
         return "total_changes() is not allowed: it counts since the connection opened, which "
@@ -169,11 +136,15 @@ std::optional<std::string> Rejection(int action, const char* arg1, const char* a
   }
 }
 
-// Applies the policy and the step budget to what `db` prepares and steps while this lives
-// (one user statement), and remembers why it stopped one, so the error can say so.
+// Applies the policy and the request's work budget to what `db` prepares and steps while
+// this lives (one user statement), and remembers why it stopped one, so the error can say so.
 class StatementScope {
  public:
-  explicit StatementScope(sqlite3* db) : db_(db) {
+  StatementScope(sqlite3* db, WorkBudget* budget) : db_(db), budget_(budget) {
+    // A connection that has not read its schema yet (a restarted replica's) reads it now,
+    // outside the budget: what a statement is charged must not depend on the cache.
+    sqlite3_exec(db_, "SELECT 1 FROM sqlite_schema LIMIT 0", nullptr, nullptr, nullptr);
+    charging_.emplace(budget_);
     SYNOD_CHECK_EQ(sqlite3_set_authorizer(db_, &StatementScope::Authorize, this), SQLITE_OK);
     sqlite3_progress_handler(db_, kVmStepsPerProgressCall, &StatementScope::Progress, this);
   }
@@ -187,12 +158,9 @@ class StatementScope {
   // The status for a failed prepare or step that returned `rc`.
   absl::Status Error(int rc) const {
     if (!rejection_.empty()) return absl::PermissionDeniedError(rejection_);
-    if (progress_calls_ > kMaxProgressCalls) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("the statement ran for more than ", kMaxStatementVmSteps, " SQLite steps"));
-    }
+    if (budget_->exhausted()) return absl::ResourceExhaustedError(budget_->Reason());
     // These depend only on the statement and the data, so every replica fails alike.
-    // Anything else (I/O, memory, locks, corruption) depends on the machine.
+    // Anything else (I/O, locks) depends on the machine.
     switch (rc & 0xff) {
       case SQLITE_ERROR:
       case SQLITE_CONSTRAINT:
@@ -204,6 +172,20 @@ class StatementScope {
       // stop every replica on a statement that fails alike everywhere.)
       case SQLITE_FULL:
         return absl::InvalidArgumentError(ValidUtf8(sqlite3_errmsg(db_)));
+      // Damage SQLite finds in a database's content: every replica holds the same bytes
+      // (uploads are verified, and shadow tables are read-only to SQL), so it finds the
+      // same damage. A replica whose own disk damaged its copy differs from the others in
+      // its state hash, which the divergence check catches.
+      case SQLITE_CORRUPT:
+      case SQLITE_NOTADB:
+        return absl::FailedPreconditionError(
+            absl::StrCat("the database is damaged: ", ValidUtf8(sqlite3_errmsg(db_))));
+      // The budget refuses an allocation alike everywhere; a real shortage of memory is
+      // answered the same way rather than stopping the replica.
+      case SQLITE_NOMEM:
+        return absl::ResourceExhaustedError("out of memory for the statement");
+      case SQLITE_INTERRUPT:
+        return absl::DeadlineExceededError("the statement was interrupted: it ran out of time");
       default:
         return absl::InternalError(absl::StrCat("SQLite failed (", sqlite3_errstr(rc),
                                                 "): ", ValidUtf8(sqlite3_errmsg(db_))));
@@ -223,15 +205,16 @@ class StatementScope {
 
   // Called every kVmStepsPerProgressCall steps; a non-zero return interrupts the statement.
   static int Progress(void* scope) {
-    return ++static_cast<StatementScope*>(scope)->progress_calls_ > kMaxProgressCalls;
+    auto* self = static_cast<StatementScope*>(scope);
+    return self->budget_->ChargeWork(kVmStepsPerProgressCall) ? 0 : 1;
   }
 
-  static constexpr int kVmStepsPerProgressCall = 10000;
-  static constexpr int64_t kMaxProgressCalls = kMaxStatementVmSteps / kVmStepsPerProgressCall;
+  static constexpr int kVmStepsPerProgressCall = 1000;
 
   sqlite3* db_;
+  WorkBudget* budget_;
+  std::optional<ScopedWorkBudget> charging_;
   std::string rejection_;
-  int64_t progress_calls_ = 0;
 };
 
 // Prepares the single statement in `statement`, checking what the policy can check before
@@ -388,18 +371,99 @@ void HashTable(sqlite3* db, const std::string& table, StableHash* hash) {
   if (rc != SQLITE_DONE) hash->AddField(sqlite3_errmsg(db));
 }
 
-}  // namespace
-
-std::string ValidUtf8(std::string_view text) {
-  std::string valid;
-  valid.reserve(text.size());
-  for (size_t i = 0; i < text.size();) {
-    size_t n = Utf8SequenceBytes(text.substr(i));
-    valid.append(n == 0 ? "\xef\xbf\xbd" : text.substr(i, n));  // U+FFFD for a bad byte
-    i += std::max<size_t>(n, 1);
+// The module of a CREATE VIRTUAL TABLE statement as SQLite stores it ("CREATE VIRTUAL
+// TABLE name USING module(...)"), lower-cased, or "" if it cannot be read.
+std::string VirtualTableModule(std::string_view sql) {
+  constexpr std::string_view kPrefix = "CREATE VIRTUAL TABLE";
+  if (!absl::StartsWithIgnoreCase(ToAbsl(sql), ToAbsl(kPrefix))) return "";
+  size_t i = kPrefix.size();
+  auto skip_space = [&] {
+    while (i < sql.size() && absl::ascii_isspace(static_cast<unsigned char>(sql[i]))) ++i;
+  };
+  auto skip_name = [&] {
+    skip_space();
+    if (i >= sql.size()) return;
+    char open = sql[i];
+    char close = open == '[' ? ']' : open;
+    if (open == '"' || open == '\'' || open == '`' || open == '[') {
+      for (++i; i < sql.size(); ++i) {
+        if (sql[i] != close) continue;
+        if (close != ']' && i + 1 < sql.size() && sql[i + 1] == close) {
+          ++i;  // a doubled quote inside the name
+          continue;
+        }
+        ++i;
+        return;
+      }
+      return;
+    }
+    while (i < sql.size() && (absl::ascii_isalnum(static_cast<unsigned char>(sql[i])) ||
+                              sql[i] == '_' || static_cast<unsigned char>(sql[i]) >= 0x80)) {
+      ++i;
+    }
+  };
+  skip_name();
+  skip_space();
+  if (i < sql.size() && sql[i] == '.') {
+    ++i;
+    skip_name();
   }
-  return valid;
+  skip_space();
+  if (!absl::StartsWithIgnoreCase(ToAbsl(sql.substr(i)), "USING")) return "";
+  i += 5;
+  skip_space();
+  size_t start = i;
+  while (i < sql.size() &&
+         (absl::ascii_isalnum(static_cast<unsigned char>(sql[i])) || sql[i] == '_')) {
+    ++i;
+  }
+  return absl::AsciiStrToLower(ToAbsl(sql.substr(start, i - start)));
 }
+
+// PRAGMA integrity_check does not look inside virtual tables: each module's own check runs
+// here, and an image with a virtual table that cannot be checked is refused. A damaged
+// full-text index would otherwise fail later statements with SQLITE_CORRUPT, and what a
+// module caches per connection could make that failure differ between replicas.
+absl::Status CheckVirtualTables(sqlite3* db) {
+  Stmt tables = MustPrepare(db,
+                            "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND "
+                            "sql LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name");
+  while (MustStep(tables.get())) {
+    std::string name = ColumnString(tables.get(), 0);
+    std::string module = VirtualTableModule(ColumnString(tables.get(), 1));
+    std::string check;
+    if (module == "fts3" || module == "fts4" || module == "fts5") {
+      check = absl::StrCat("INSERT INTO ", QuoteIdentifier(name), "(", QuoteIdentifier(name),
+                           ") VALUES ('integrity-check')");
+    } else if (module == "rtree" || module == "rtree_i32") {
+      check = "SELECT rtreecheck(?1) = 'ok'";
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "virtual table ", ValidUtf8(QuoteIdentifier(name)), " uses module ",
+          ValidUtf8(QuoteIdentifier(module)),
+          ", which cannot be verified; only fts3, fts4, fts5 and rtree tables can be uploaded"));
+    }
+    sqlite3_stmt* raw = nullptr;
+    int rc = sqlite3_prepare_v2(db, check.c_str(), -1, &raw, nullptr);
+    Stmt stmt(raw);
+    if (rc == SQLITE_OK && sqlite3_bind_parameter_count(stmt.get()) == 1) {
+      rc = sqlite3_bind_text(stmt.get(), 1, name.c_str(), -1, SQLITE_TRANSIENT);
+    }
+    bool ok = false;
+    if (rc == SQLITE_OK) {
+      rc = sqlite3_step(stmt.get());
+      ok = rc == SQLITE_DONE || (rc == SQLITE_ROW && sqlite3_column_int(stmt.get(), 0) == 1);
+    }
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("corrupt SQLite database: virtual table ", ValidUtf8(QuoteIdentifier(name)),
+                       " fails its integrity check: ", ValidUtf8(sqlite3_errmsg(db))));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 void CloseDb::operator()(sqlite3* db) const {
   int rc = sqlite3_close(db);
@@ -452,7 +516,7 @@ void ConfigureConnection(sqlite3* db) {
   int enabled = 0;
   SYNOD_CHECK_EQ(sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, 1, &enabled), SQLITE_OK);
   SYNOD_CHECK_EQ(enabled, 1);
-  sqlite3_limit(db, SQLITE_LIMIT_LENGTH, kMaxValueBytes);
+  ApplySqliteLimits(db);
   MustExec(db, "PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;");
 }
 
@@ -466,8 +530,8 @@ Db OpenScratch() {
 }
 
 absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
-                                                 bool read_only) {
-  StatementScope scope(db);
+                                                 bool read_only, WorkBudget* budget) {
+  StatementScope scope(db, budget);
   absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
   if (!prepared.ok()) return prepared.status();
   sqlite3_stmt* stmt = prepared->get();
@@ -507,7 +571,8 @@ absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& s
 }
 
 absl::Status CheckStatementPolicy(sqlite3* db, const Statement& statement) {
-  StatementScope scope(db);
+  WorkBudget budget;
+  StatementScope scope(db, &budget);
   absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
   if (prepared.ok() || absl::IsPermissionDenied(prepared.status())) return prepared.status();
   return absl::OkStatus();
@@ -565,6 +630,8 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
     return absl::InvalidArgumentError(
         absl::StrCat("corrupt SQLite database: ", ValidUtf8(verdict)));
   }
+  check.reset();
+  if (absl::Status checked = CheckVirtualTables(scratch.get()); !checked.ok()) return checked;
   return scratch;
 }
 

@@ -14,8 +14,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/sql_guards.h"
 #include "core/stable_hash.h"
 #include "core/synod.pb.h"
+#include "core/utf8.h"
 
 namespace synod {
 
@@ -36,11 +38,6 @@ constexpr int kPageSizeBytes = 4096;
 // overhead). Results are stored in the session table, so they must stay small.
 constexpr size_t kMaxStatementResultBytes = 4 << 20;
 
-// Most SQLite virtual machine steps one user statement may take (about a second of CPU).
-// The count is the same on every replica, so a runaway statement (an endless recursive CTE)
-// fails alike everywhere instead of stalling the log on every replica.
-constexpr int64_t kMaxStatementVmSteps = 100'000'000;
-
 // Internal SQL: the state machine's own statements on its own tables. Failing is a broken
 // invariant (or a failing disk), never a result, so these SYNOD_CHECK instead of returning.
 void MustExec(sqlite3* db, const char* sql);
@@ -52,10 +49,6 @@ void MustBindText(sqlite3_stmt* stmt, int index, std::string_view text);
 void MustBindInt64(sqlite3_stmt* stmt, int index, int64_t value);
 std::string ColumnString(sqlite3_stmt* stmt, int column);
 
-// `text` with every byte that is not part of valid UTF-8 replaced by U+FFFD, for messages:
-// proto3 string fields must hold valid UTF-8, and what SQLite reports need not be.
-std::string ValidUtf8(std::string_view text);
-
 // Sets up a handle for replicated use: defensive mode, foreign keys enforced, temporary
 // tables and sorts in memory. Every handle of the state machine gets the same settings, so
 // the same statement behaves the same on every replica and after a restart.
@@ -64,13 +57,15 @@ void ConfigureConnection(sqlite3* db);
 // A private in-memory database (no VFS I/O), configured like the others.
 Db OpenScratch();
 
-// Runs one user statement under the replication policy (see sqlite_util.cc): errors are
+// Runs one user statement under the replication policy (see sqlite_util.cc), charging its
+// work to `budget` (core/sql_guards.h; shared by a request's statements). Errors are
 // InvalidArgument (SQLite rejected it), PermissionDenied (the policy rejected it),
-// ResourceExhausted (result too large, or too many steps) — all deterministic — or Internal
-// (the environment failed: I/O, memory; not the same on every replica). With `read_only`,
-// statements that could write are rejected.
+// ResourceExhausted (result too large, budget spent), FailedPrecondition (the database's
+// content is damaged) — all deterministic — DeadlineExceeded (sqlite3_interrupt from
+// another thread: reads only) or Internal (the environment failed: I/O, locks; not the same
+// on every replica). With `read_only`, statements that could write are rejected.
 absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
-                                                 bool read_only);
+                                                 bool read_only, WorkBudget* budget);
 
 // Checks `statement` against the policy as far as possible without the real schema: `db` is
 // a scratch database holding the state machine's own tables. Returns PermissionDenied for a

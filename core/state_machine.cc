@@ -183,6 +183,7 @@ absl::StatusOr<Db> StateMachine::Impl::OpenDatabase(std::string_view file_id) {
   Db db(*opened);
   ConfigureConnection(db.get());
   random.InstallOn(db.get());
+  guarded.InstallOn(db.get());
   Stmt page_size = MustPrepare(db.get(), "PRAGMA page_size");
   SYNOD_CHECK(MustStep(page_size.get()));
   if (sqlite3_column_int(page_size.get(), 0) != kPageSizeBytes) {
@@ -209,7 +210,7 @@ absl::Status StateMachine::Impl::Load() {
   stmt = MustPrepare(system.get(), "SELECT name, file_id FROM _synod_catalog");
   while (MustStep(stmt.get())) {
     std::string name = ColumnString(stmt.get(), 0);
-    Database db{.file_id = ColumnString(stmt.get(), 1)};
+    Database db{.file_id = ColumnString(stmt.get(), 1), .generation = ++last_generation};
     if (!existing.contains(db.file_id)) {
       return absl::DataLossError(
           absl::StrCat("database ", name, " is missing its file ", db.file_id));
@@ -406,18 +407,67 @@ absl::Status StateMachine::Validate(const Command& command) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<StatementResult> StateMachine::Query(std::string_view database,
-                                                    const Statement& statement) {
+DatabaseReader::DatabaseReader(std::string database, uint64_t generation)
+    : database_(std::move(database)),
+      generation_(generation),
+      vfs_(std::make_unique<TimeSourceVfs>([this] { return now_unix_ms_; })) {}
+
+DatabaseReader::~DatabaseReader() = default;
+
+absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement) {
+  WorkBudget budget;
+  absl::StatusOr<StatementResult> result =
+      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
+  if (absl::IsPermissionDenied(result.status())) {
+    return absl::InvalidArgumentError(result.status().message());
+  }
+  return result;
+}
+
+void DatabaseReader::Interrupt() { sqlite3_interrupt(db_.get()); }
+
+absl::StatusOr<std::unique_ptr<DatabaseReader>> StateMachine::AcquireReader(
+    std::string_view database) {
   auto it = impl_->databases.find(database);
   if (it == impl_->databases.end()) {
     return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
   }
-  impl_->random.Reset(impl_->revision, kQueryRequestIndex);
-  absl::StatusOr<StatementResult> result =
-      RunUserStatement(it->second.handle.get(), statement, /*read_only=*/true);
-  if (absl::IsPermissionDenied(result.status())) {
-    return absl::InvalidArgumentError(result.status().message());
+  std::unique_ptr<DatabaseReader> reader;
+  auto idle = impl_->idle_readers.find(database);
+  if (idle != impl_->idle_readers.end() && !idle->second.empty()) {
+    reader = std::move(idle->second.back());
+    idle->second.pop_back();
+    SYNOD_CHECK_EQ(reader->generation_, it->second.generation);
+  } else {
+    reader.reset(new DatabaseReader(std::string(database), it->second.generation));
+    absl::StatusOr<sqlite3*> opened =
+        impl_->opener->OpenReadOnly(it->second.file_id, reader->vfs_->name());
+    if (!opened.ok()) return opened.status();
+    reader->db_.reset(*opened);
+    ConfigureConnection(reader->db_.get());
+    MustExec(reader->db_.get(), "PRAGMA query_only = ON");
+    reader->random_.InstallOn(reader->db_.get());
+    reader->guarded_.InstallOn(reader->db_.get());
   }
+  reader->now_unix_ms_ = impl_->now_unix_ms;
+  reader->random_.Reset(impl_->revision, kQueryRequestIndex);
+  return reader;
+}
+
+void StateMachine::ReleaseReader(std::unique_ptr<DatabaseReader> reader) {
+  SYNOD_CHECK(reader != nullptr);
+  auto it = impl_->databases.find(reader->database());
+  if (it == impl_->databases.end() || it->second.generation != reader->generation_) return;
+  std::vector<std::unique_ptr<DatabaseReader>>& idle = impl_->idle_readers[reader->database()];
+  if (idle.size() < Impl::kMaxIdleReaders) idle.push_back(std::move(reader));
+}
+
+absl::StatusOr<StatementResult> StateMachine::Query(std::string_view database,
+                                                    const Statement& statement) {
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> reader = AcquireReader(database);
+  if (!reader.ok()) return reader.status();
+  absl::StatusOr<StatementResult> result = (*reader)->Query(statement);
+  ReleaseReader(*std::move(reader));
   return result;
 }
 
@@ -504,6 +554,7 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
 
   // Remove the system database first: a crash from here on leaves no catalog, so Open()
   // starts from an empty state (removing every user file) rather than from a mixed one.
+  impl_->idle_readers.clear();
   impl_->databases.clear();
   impl_->system.reset();
   absl::Status removed = impl_->opener->Remove(kSystemFileId);

@@ -46,11 +46,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/deterministic_sqlite.h"
+#include "core/sql_guards.h"
+#include "core/sqlite_util.h"
 #include "core/synod.pb.h"
 
 namespace synod {
-
-class TimeSourceVfs;
 
 // Where the state machine's SQLite databases live. The core never opens files itself: the
 // server passes an opener for files in its data directory, tests and the simulator pass
@@ -62,6 +63,11 @@ class DatabaseOpener {
   // it empty if absent, using the SQLite VFS named `vfs_name`. The caller owns the handle
   // and closes it with sqlite3_close. Databases use SQLite's default page size (4096 bytes).
   virtual absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) = 0;
+  // Opens another connection to the database stored under `file_id`, for reading only (the
+  // caller also sets PRAGMA query_only), with its current time from the VFS `vfs_name`.
+  // The handle may be used on another thread than the opener's, one thread at a time.
+  // NotFound if there is no such database.
+  virtual absl::StatusOr<sqlite3*> OpenReadOnly(std::string_view file_id, const char* vfs_name) = 0;
   // Deletes the database stored under `file_id` (nothing to do if absent).
   // REQUIRES: no handle to it is open.
   virtual absl::Status Remove(std::string_view file_id) = 0;
@@ -81,6 +87,9 @@ class InMemoryDatabaseOpener : public DatabaseOpener {
   InMemoryDatabaseOpener& operator=(const InMemoryDatabaseOpener&) = delete;
 
   absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
+  // Shared-cache databases are shared only between connections of the opener's VFS: a
+  // reader takes the time of the latest Open(), not `vfs_name`'s.
+  absl::StatusOr<sqlite3*> OpenReadOnly(std::string_view file_id, const char* vfs_name) override;
   absl::Status Remove(std::string_view file_id) override;
   std::vector<std::string> List() override;
 
@@ -95,6 +104,9 @@ class InMemoryDatabaseOpener : public DatabaseOpener {
   // One extra connection per database keeps a shared-cache in-memory database alive
   // between Open() calls.
   std::map<std::string, sqlite3*, std::less<>> keep_alive_;
+  // Removals of each file id so far: part of its database's name, so that a removed
+  // database is never reopened.
+  std::map<std::string, uint64_t, std::less<>> incarnations_;
 };
 
 // What applying one request produced, for the replica that answers the client.
@@ -111,6 +123,40 @@ struct StateMachineOptions {
   // //core:state_machine_with_bugs: a retried request is applied again.
   bool testing_no_session_dedup = false;
 #endif
+};
+
+// A read-only connection to one database, apart from the connection that applies the log:
+// nothing a read does (caches, virtual-table state) can change how a later entry applies.
+// Obtained from StateMachine::AcquireReader on the state machine's thread; Query may then run
+// on any one thread at a time, while the state machine goes on applying (files in WAL mode:
+// a query sees the state as of its start). Interrupt() is safe from any thread.
+class DatabaseReader {
+ public:
+  ~DatabaseReader();
+  DatabaseReader(const DatabaseReader&) = delete;
+  DatabaseReader& operator=(const DatabaseReader&) = delete;
+
+  // Runs a read-only statement under its own work budget (core/sql_guards.h). Errors as
+  // StateMachine::Query, plus DeadlineExceeded after Interrupt().
+  absl::StatusOr<StatementResult> Query(const Statement& statement);
+  // Makes the Query running now (if any) stop with DeadlineExceeded. Thread-safe.
+  void Interrupt();
+
+  const std::string& database() const { return database_; }
+
+ private:
+  friend class StateMachine;
+  DatabaseReader(std::string database, uint64_t generation);
+
+  const std::string database_;
+  const uint64_t generation_;  // which incarnation of the database it reads
+  // 'now' and random() of the reader's queries: the last applied request's time, and a
+  // stream seeded from the revision at acquisition.
+  int64_t now_unix_ms_ = 0;
+  std::unique_ptr<TimeSourceVfs> vfs_;
+  RequestRandom random_;
+  GuardedFunctions guarded_;
+  Db db_;  // last: closed before what it uses
 };
 
 class StateMachine {
@@ -147,11 +193,18 @@ class StateMachine {
   // passes may still fail at apply time (e.g. a constraint violation). InvalidArgument if not.
   static absl::Status Validate(const Command& command);
 
-  // Runs a read-only query against the applied state (for query endpoints and reads).
-  // 'now' is the timestamp of the last applied request, and random() depends only on the
-  // revision. NotFound for an unknown database, InvalidArgument for a statement that fails or
-  // could write, ResourceExhausted past a limit, Internal if SQLite itself fails.
+  // Runs a read-only query against the applied state (for query endpoints and reads), on a
+  // reader connection (AcquireReader), on this thread. 'now' is the timestamp of the last
+  // applied request, and random() depends only on the revision. NotFound for an unknown
+  // database, InvalidArgument for a statement that fails or could write, ResourceExhausted
+  // past a limit, FailedPrecondition for a damaged database, Internal if SQLite fails.
   absl::StatusOr<StatementResult> Query(std::string_view database, const Statement& statement);
+
+  // A reader of `database` as applied now (NotFound if there is none), from a small pool.
+  // Hand it back with ReleaseReader (on this thread) once its queries are done.
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> AcquireReader(std::string_view database);
+  // Keeps `reader` for reuse, or closes it if its database was dropped or replaced since.
+  void ReleaseReader(std::unique_ptr<DatabaseReader> reader);
 
   // Names of databases, sorted, with their applied revisions (the slot of the last request
   // that changed each).

@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/sql_guards.h"
 #include "core/sqlite_util.h"
 #include "core/state_machine_impl.h"
 
@@ -196,7 +197,10 @@ CommandResult StateMachine::Impl::CreateDatabase(uint64_t slot, uint64_t index,
     if (!prepared.ok()) return Failure(INVALID_ARGUMENT, prepared.message());
     image = std::move(*loaded);
   }
-  Database db{.file_id = ChooseFileId(create.name()), .revision = slot, .request_index = index};
+  Database db{.file_id = ChooseFileId(create.name()),
+              .revision = slot,
+              .request_index = index,
+              .generation = ++last_generation};
   absl::StatusOr<Db> handle = OpenDatabase(db.file_id);
   SYNOD_CHECK(handle.ok()) << handle.status();
   db.handle = std::move(*handle);
@@ -237,6 +241,7 @@ StateMachine::Impl::Outcome StateMachine::Impl::DropDatabase(const synod::DropDa
     SYNOD_CHECK(!MustStep(stmt.get()));
   }
   Outcome outcome{.file_to_remove = it->second.file_id};
+  idle_readers.erase(drop.name());
   databases.erase(it);  // closes the handle, so the file can be removed after the commit
   return outcome;
 }
@@ -263,10 +268,11 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   MustExec(handle, "BEGIN; DELETE FROM _synod_meta WHERE 0;");
   CommandResult result;
   size_t result_bytes = 0;
+  WorkBudget budget;  // one for the whole request, across its statements
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) MustExec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
-        RunUserStatement(handle, execute.statements(i), /*read_only=*/false);
+        RunUserStatement(handle, execute.statements(i), /*read_only=*/false, &budget);
     // The whole request's result is stored with the session: keep it well under what
     // SQLite and protobuf accept.
     if (statement.ok() && (result_bytes += statement->ByteSizeLong()) >
@@ -280,14 +286,18 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
       *result.add_results() = *std::move(statement);
       continue;
     }
-    SYNOD_CHECK(!absl::IsInternal(statement.status()))
+    // Only the machine can fail this way (I/O, locks): every outcome a client's SQL or data
+    // can cause is a deterministic status (see RunUserStatement).
+    SYNOD_CHECK(!absl::IsInternal(statement.status()) &&
+                !absl::IsDeadlineExceeded(statement.status()))
         << "a statement failed in a way that may differ between replicas: " << statement.status();
     result.set_code(absl::IsResourceExhausted(statement.status()) ? RESOURCE_EXHAUSTED
                                                                   : INVALID_ARGUMENT);
     result.set_message(absl::StrCat("statement ", i + 1, ": ", statement.status().message()));
-    // Nothing of the request stays if it asked for a transaction, or if the statement ended
-    // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK)).
-    if (execute.transaction() || sqlite3_get_autocommit(handle)) {
+    // Nothing of the request stays if it asked for a transaction, if the statement ended
+    // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), out of memory), or if
+    // it was the first: a request that changed nothing leaves the database's revision alone.
+    if (execute.transaction() || sqlite3_get_autocommit(handle) || i == 0) {
       if (!sqlite3_get_autocommit(handle)) MustExec(handle, "ROLLBACK");
       result.clear_results();
       return result;

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -64,6 +65,9 @@ struct StateMachine::Impl {
     // The position of the last request that changed it: a slot and the request's index.
     uint64_t revision = 0;
     uint64_t request_index = 0;
+    // Tells this incarnation of the database from an earlier one of the same name, for
+    // readers handed back after a drop or a snapshot restore.
+    uint64_t generation = 0;
   };
   struct Session {
     uint64_t sequence = 0;
@@ -105,8 +109,14 @@ struct StateMachine::Impl {
   // The VFS and the random functions outlive every handle (declared before them).
   TimeSourceVfs vfs;
   RequestRandom random;
+  GuardedFunctions guarded;
   Db system;
   std::map<std::string, Database, std::less<>> databases;  // by name
+  uint64_t last_generation = 0;
+  // Idle readers by database name, at most kMaxIdleReaders each; closed before the
+  // databases (declared after them) and whenever their database goes away.
+  static constexpr size_t kMaxIdleReaders = 4;
+  std::map<std::string, std::vector<std::unique_ptr<DatabaseReader>>, std::less<>> idle_readers;
   uint64_t revision = 0;
   // The rows of _synod_sessions: counted by Load(), then kept up to date by StoreSession().
   size_t session_count = 0;

@@ -14,20 +14,38 @@
 
 namespace synod::server {
 
-// Parses `json` into `message`, rejecting unknown fields and fields of the wrong type.
+// The deepest nesting of arrays and objects ParseJson lets through to protobuf's JSON parser,
+// whose time grows faster than the depth: without the cap a small body of brackets could
+// stall the loop for seconds. (Protobuf's own recursion limit may still refuse a shallower
+// google.protobuf.Value tree, with its own error.)
+inline constexpr int kMaxJsonDepth = 64;
+
+// Parses `json` into `message`, rejecting unknown fields, fields of the wrong type, and
+// arrays and objects nested deeper than kMaxJsonDepth (checked first, in one pass over the
+// text). Errors are InvalidArgument.
 absl::Status ParseJson(std::string_view json, google::protobuf::Message* message);
 
 // A JSON parameter as an SQL value: null, true/false (1/0), a number (integer when it is
-// integral and within +-2^53, else real), a string, or {"base64": "..."} for a blob.
+// integral and within +-2^53, else real), a string, {"base64": "..."} for a blob, or
+// {"real": ...} for a real: a number (so that a whole number such as 1.0 can be passed as a
+// real) or the string "Infinity" or "-Infinity". Anything else is InvalidArgument.
 absl::StatusOr<SqlValue> SqlValueFromJson(const google::protobuf::Value& value);
 
-// Appends `s` as a JSON string literal (quoted and escaped).
+// Appends `s` as a JSON string literal, quoted and escaped. `s` may hold any bytes: the
+// literal is always valid JSON in valid UTF-8 (control characters are escaped, and a byte
+// that is not part of a well-formed UTF-8 sequence becomes U+FFFD).
 void AppendJsonString(std::string* out, std::string_view s);
 
-// Appends an SQL value as JSON: null, a number, a string, or {"base64": "..."}.
+// Appends an SQL value as JSON: null, an integer, a real, a string, or {"base64": "..."} for
+// a blob. A real is written in the shortest form that reads back as the same double, and
+// always with a '.' or an exponent (1.0, -0.0, 1e+300), so that it never reads as an integer.
+// JSON numbers have no infinities or NaN: +infinity is written {"real":"Infinity"} and
+// -infinity {"real":"-Infinity"} (SqlValueFromJson reads both back), and NaN is written null
+// (SQLite itself stores a NaN as NULL).
 void AppendSqlValue(std::string* out, const SqlValue& value);
 
-// {"error":{"code":code,"message":message}}
+// {"error":{"code":code,"message":message}}, valid UTF-8 whatever the bytes of `code` and
+// `message` (see AppendJsonString).
 std::string ErrorJson(std::string_view code, std::string_view message);
 
 }  // namespace synod::server

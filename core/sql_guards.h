@@ -1,0 +1,118 @@
+#ifndef SYNOD_CORE_SQL_GUARDS_H_
+#define SYNOD_CORE_SQL_GUARDS_H_
+
+// Deterministic bounds on what one user request may cost, so that no SQL a client can send
+// freezes or exhausts a replica, and every replica stops the same request at the same point.
+//
+// A request gets one WorkBudget, shared by all of its statements. Three things draw on it,
+// each a function of the statement and the data alone (never of timing, caches or history):
+//  - SQLite virtual-machine steps, counted by a progress handler (1 unit per step);
+//  - the built-in functions whose cost is not linear in their input (LIKE, GLOB, instr,
+//    replace, trim, printf), which are replaced by guarded versions that charge their
+//    worst-case cost before running the built-in on a private connection;
+//  - large allocations: every allocation of at least kChargedAllocationBytes that SQLite
+//    makes while a budget is active on the thread is charged its size, cumulatively. Pages
+//    and the lookaside (smaller, and dependent on what a connection cached) are not.
+// Past the budget the statement fails RESOURCE_EXHAUSTED alike on every replica.
+//
+// SQLite's run-time limits (ApplySqliteLimits) are set identically on every connection.
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+
+namespace synod {
+
+// Most work units (about one SQLite step each) one request may use across its statements:
+// about half a second of CPU here.
+constexpr int64_t kMaxRequestWorkUnits = 50'000'000;
+// Most bytes one request may obtain in allocations of at least kChargedAllocationBytes,
+// counted cumulatively (a freed and reallocated buffer counts again).
+constexpr int64_t kMaxRequestLargeAllocationBytes = 256 << 20;
+// The smallest allocation charged. Above SQLite's page-cache bulk allocation (~90 KiB for
+// 20 pages of 4 KiB), which depends on what a connection has cached, so is not deterministic.
+constexpr int64_t kChargedAllocationBytes = 128 << 10;
+// Largest string or blob value (SQLITE_LIMIT_LENGTH).
+constexpr int kMaxValueBytes = 16 << 20;
+// Largest SQL text of one statement (SQLITE_LIMIT_SQL_LENGTH).
+constexpr int kMaxSqlBytes = 1 << 20;
+// Largest width or precision in printf()/format().
+constexpr int64_t kMaxPrintfWidth = kMaxValueBytes;
+
+// The work and memory a request may still use. Not thread-safe: one thread charges it.
+class WorkBudget {
+ public:
+  WorkBudget(int64_t max_work_units = kMaxRequestWorkUnits,
+             int64_t max_large_allocation_bytes = kMaxRequestLargeAllocationBytes)
+      : work_units_left_(max_work_units),
+        max_work_units_(max_work_units),
+        allocation_bytes_left_(max_large_allocation_bytes),
+        max_allocation_bytes_(max_large_allocation_bytes) {}
+
+  // Charge `units` of work / `bytes` of large allocations. False once the budget is spent;
+  // it stays spent.
+  bool ChargeWork(int64_t units);
+  bool ChargeAllocation(int64_t bytes);
+
+  bool exhausted() const { return work_units_left_ < 0 || allocation_bytes_left_ < 0; }
+  // Why the budget is spent, for the error message. REQUIRES: exhausted().
+  std::string Reason() const;
+  int64_t work_units_used() const { return max_work_units_ - work_units_left_; }
+
+ private:
+  int64_t work_units_left_;
+  const int64_t max_work_units_;
+  int64_t allocation_bytes_left_;
+  const int64_t max_allocation_bytes_;
+};
+
+// While this lives, the calling thread's large SQLite allocations and guarded-function costs
+// are charged to `budget` (nesting restores the outer one). REQUIRES: `budget` outlives this.
+class ScopedWorkBudget {
+ public:
+  explicit ScopedWorkBudget(WorkBudget* budget);
+  ~ScopedWorkBudget();
+  ScopedWorkBudget(const ScopedWorkBudget&) = delete;
+  ScopedWorkBudget& operator=(const ScopedWorkBudget&) = delete;
+
+ private:
+  WorkBudget* outer_;
+};
+
+// The budget active on this thread, or nullptr.
+WorkBudget* ActiveWorkBudget();
+
+// Sets SQLite's run-time limits on `db`, the same on every replica: value length, SQL length,
+// expression depth, compound SELECT terms, VDBE program size, LIKE pattern length, trigger
+// depth, attached databases (none) and worker threads (none). docs/api.md lists them.
+void ApplySqliteLimits(sqlite3* db);
+
+// The guarded LIKE, GLOB, instr, replace, trim, ltrim, rtrim, printf and format: each charges
+// its worst-case cost to the active budget (and refuses printf widths above
+// kMaxPrintfWidth), then computes the built-in's result on a private connection, so results
+// are exactly SQLite's. (A LIKE that is not SQLite's own cannot use an index: the price of
+// a bounded cost.) One object per thread of use.
+class GuardedFunctions {
+ public:
+  GuardedFunctions();
+  ~GuardedFunctions();
+  GuardedFunctions(const GuardedFunctions&) = delete;
+  GuardedFunctions& operator=(const GuardedFunctions&) = delete;
+
+  // Overrides the functions on `db`. REQUIRES: this outlives db; db is used on one thread.
+  void InstallOn(sqlite3* db);
+
+  // Runs the built-in `name` on `argc` values and sets the result on `context`.
+  void CallBuiltin(sqlite3_context* context, const char* name, int argc, sqlite3_value** argv);
+
+ private:
+  sqlite3* builtins_ = nullptr;  // a private in-memory connection with SQLite's own functions
+  std::map<std::pair<std::string, int>, sqlite3_stmt*> calls_;  // "SELECT name(?1, ...)"
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_SQL_GUARDS_H_
