@@ -11,23 +11,28 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "adapters/peer_auth.h"
 #include "server/node.h"
 
 namespace {
 
 constexpr const char* kUsage =
     R"(usage: synod-server --id N --listen HOST:PORT --peers ID=HOST:PORT,... --data-dir DIR
-                    [--fsync=true|false] [--location LABEL]
+                    --cluster-secret-file FILE [--fsync=true|false] [--location LABEL]
 
   --id N            this replica's id (1..), one of the ids in --peers
   --listen H:P      address for the HTTP API and peer traffic
   --peers LIST      every replica of the group, this one included: 1=127.0.0.1:7001,2=...
   --data-dir DIR    where the log and the SQLite files live (created if missing)
+  --cluster-secret-file FILE   the secret every replica shares (at least 32 bytes, mode 600):
+                    peer messages are authenticated with it
   --fsync B         fsync the log before acknowledging (default true); false survives a
                     process crash but not a power failure
   --location LABEL  a label or coordinates reported in /v1/status
   --snapshot-every N           applied entries between log compactions (default 10000)
-  --max-body-bytes N           largest request body accepted (default 67108864)
+  --max-body-bytes N           largest database upload accepted (default 3145728)
+  --max-json-body-bytes N      largest exec, query or d3b body accepted (default 3145728)
+  --query-timeout-ms N         a query running longer is interrupted, answered 503 (default 2000)
   --http-request-timeout-ms N  time a client has to send a whole request (default 30000)
   --help            this text
 )";
@@ -123,6 +128,21 @@ int main(int argc, char** argv) {
       if (!absl::SimpleAtoi(value, &options.max_body_bytes) || options.max_body_bytes == 0) {
         return Fail("--max-body-bytes must be a positive number");
       }
+    } else if (arg == "--cluster-secret-file") {
+      absl::Status permissions = synod::CheckSecretFilePermissions(value);
+      if (!permissions.ok()) return Fail(std::string(permissions.message()));
+      absl::StatusOr<std::string> secret = synod::LoadClusterSecret(value);
+      if (!secret.ok()) return Fail(std::string(secret.status().message()));
+      options.cluster_secret = *std::move(secret);
+    } else if (arg == "--max-json-body-bytes") {
+      if (!absl::SimpleAtoi(value, &options.max_json_body_bytes) ||
+          options.max_json_body_bytes == 0) {
+        return Fail("--max-json-body-bytes must be a positive number");
+      }
+    } else if (arg == "--query-timeout-ms") {
+      if (!absl::SimpleAtoi(value, &options.query_timeout_ms) || options.query_timeout_ms <= 0) {
+        return Fail("--query-timeout-ms must be a positive number");
+      }
     } else if (arg == "--http-request-timeout-ms") {
       if (!absl::SimpleAtoi(value, &options.http_request_timeout_ms) ||
           options.http_request_timeout_ms <= 0) {
@@ -134,6 +154,9 @@ int main(int argc, char** argv) {
   }
   if (!have_id || !have_listen || !have_peers || !have_dir) {
     return Fail("--id, --listen, --peers and --data-dir are required");
+  }
+  if (options.cluster_secret.empty()) {
+    return Fail("--cluster-secret-file is required (tools/up creates one: 32 random bytes)");
   }
   if (options.peers.count(options.id) == 0) return Fail("--peers must include --id");
   if (options.peers.size() % 2 == 0) {

@@ -1,5 +1,9 @@
 #include "server/node.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -27,7 +31,24 @@ struct Node::Pending {
   std::function<void()> on_read;
 };
 
+// A query on a worker thread. Owned by the uv_work_t callbacks: freed in OnQueryDone.
+struct Node::RunningQuery {
+  uv_work_t work;
+  Node* node = nullptr;
+  uint64_t id = 0;
+  int64_t deadline_ms = 0;
+  bool interrupted = false;
+  std::unique_ptr<DatabaseReader> reader;
+  Statement statement;
+  absl::StatusOr<StatementResult> result = absl::UnknownError("not run");
+  std::shared_ptr<HttpResponder> responder;
+  std::function<void(const StatementResult&)> done;
+};
+
 namespace {
+
+// The nice value of the threads that run queries (the loop keeps the process's own).
+constexpr int kQueryNice = 10;
 
 int HttpStatusFor(ErrorCode code) {
   switch (code) {
@@ -153,6 +174,14 @@ uint64_t Node::NextClientId() {
 
 absl::Status Node::Start() {
   SYNOD_CHECK(options_.peers.count(options_.id) == 1);
+  if (options_.cluster_secret.size() < kClusterSecretBytesMin) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cluster secret must have at least ", kClusterSecretBytesMin, " bytes"));
+  }
+  peer_auth_ = std::make_unique<PeerAuthenticator>(options_.cluster_secret);
+  uv_timeval64_t start;
+  SYNOD_CHECK(uv_gettimeofday(&start) == 0);
+  const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
   absl::StatusOr<std::unique_ptr<LogStore>> log =
       LogStore::Open(options_.data_dir, LogStoreOptions{.fsync = options_.fsync});
   if (!log.ok()) {
@@ -201,11 +230,15 @@ absl::Status Node::Start() {
     if (id == options_.id) continue;
     peer_clients_[id] = std::make_unique<HttpClient>(loop_, address.host, address.port);
     outboxes_[id];
+    peer_send_sequences_.emplace(id, PeerSequence(start_unix_ms));
+    peer_replay_windows_[id];
   }
   HttpServerLimits limits;
-  // Peer batches carry client bodies plus framing: the transport allows twice the client
-  // limit, and Handle enforces the client limit on everything else.
-  limits.max_body_bytes = 2 * options_.max_body_bytes + (1 << 20);
+  // Every endpoint has its own limit below this one (BodyLimit).
+  limits.max_body_bytes = PeerBodyLimit();
+  limits.max_body_bytes_for = [this](std::string_view method, std::string_view target) {
+    return BodyLimit(method, target);
+  };
   limits.request_timeout_ms = options_.http_request_timeout_ms;
   http_ = std::make_unique<HttpServer>(
       loop_, limits, [this](HttpRequest request, std::shared_ptr<Responder> r) {
@@ -235,6 +268,7 @@ absl::Status Node::Start() {
 
 void Node::Stop(std::function<void()> done) {
   stopping_ = true;
+  for (auto& [id, query] : running_queries_) query->reader->Interrupt();
   if (tick_timer_started_) {
     uv_timer_stop(&tick_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&tick_timer_), nullptr);
@@ -391,8 +425,10 @@ void Node::FlushOutbox(uint32_t peer) {
   }
   box.pending.erase(box.pending.begin(), box.pending.begin() + taken);
   box.pending_bytes -= std::min(box.pending_bytes, bytes);
-  std::string body;
-  SYNOD_CHECK(batch.SerializeToString(&body));
+  std::string payload;
+  SYNOD_CHECK(batch.SerializeToString(&payload));
+  std::string body =
+      peer_auth_->Seal(options_.id, peer, peer_send_sequences_.at(peer).Next(), payload);
   box.in_flight = true;
   peer_clients_.at(peer)->Post("/internal/v1/messages", std::move(body),
                                [this, peer](absl::StatusOr<HttpResponse>) {
@@ -403,7 +439,25 @@ void Node::FlushOutbox(uint32_t peer) {
                                });
 }
 
+size_t Node::PeerBodyLimit() const {
+  // A batch carries up to one client body's worth of messages, and a catch-up answer a few
+  // MiB of entries plus one entry of any size: room for both, and the framing.
+  return 2 * std::max(options_.max_body_bytes, options_.max_json_body_bytes) + (8 << 20);
+}
+
+size_t Node::BodyLimit(std::string_view method, std::string_view target) const {
+  std::string_view path = target.substr(0, target.find('?'));
+  if (method == "POST" && path == "/internal/v1/messages") return PeerBodyLimit();
+  if (method == "PUT" && path.starts_with("/v1/db/") &&
+      path.find('/', std::string_view("/v1/db/").size()) == std::string_view::npos) {
+    return options_.max_body_bytes;  // a database image
+  }
+  if (method == "POST") return options_.max_json_body_bytes;
+  return 0;  // GET, DELETE and the rest carry no body
+}
+
 void Node::ExpirePending() {
+  InterruptOverdueQueries();
   auto unavailable = [&](Pending& p) {
     RespondError(p.responder, 503, "unavailable",
                  p.is_read ? "the read could not be confirmed in time"
@@ -427,6 +481,78 @@ void Node::ExpirePending() {
     }
   }
   waiting_reads_ = std::move(kept);
+}
+
+void Node::RunQuery(const std::string& name, Statement statement,
+                    std::shared_ptr<HttpResponder> responder,
+                    std::function<void(const StatementResult&)> done) {
+  if (running_queries_.size() >= kMaxRunningQueries) {
+    return RespondError(responder, 503, "unavailable",
+                        absl::StrCat("over ", kMaxRunningQueries, " queries are running"));
+  }
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> reader = sm_->AcquireReader(name);
+  if (!reader.ok()) {
+    return RespondError(responder, absl::IsNotFound(reader.status()) ? 404 : 500,
+                        absl::IsNotFound(reader.status()) ? "not_found" : "internal",
+                        reader.status().message());
+  }
+  auto* query = new RunningQuery();
+  query->work.data = query;
+  query->node = this;
+  query->id = ++last_query_id_;
+  query->deadline_ms = now_ms_ + options_.query_timeout_ms;
+  query->reader = *std::move(reader);
+  query->statement = std::move(statement);
+  query->responder = std::move(responder);
+  query->done = std::move(done);
+  running_queries_[query->id] = query;
+  SYNOD_CHECK_EQ(uv_queue_work(loop_, &query->work, &Node::OnQueryWork, &Node::OnQueryDone), 0);
+}
+
+void Node::OnQueryWork(uv_work_t* work) {
+  // On a worker thread: touches only the query's own reader and fields. Queries yield the
+  // CPU to the loop thread (heartbeats, writes, /healthz): on Linux a thread has its own
+  // nice value, and libuv's workers only ever run this kind of work here.
+  static thread_local bool niced = [] {
+    return setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), kQueryNice) == 0;
+  }();
+  (void)niced;
+  auto* query = static_cast<RunningQuery*>(work->data);
+  query->result = query->reader->Query(query->statement);
+}
+
+void Node::OnQueryDone(uv_work_t* work, int status) {
+  std::unique_ptr<RunningQuery> query(static_cast<RunningQuery*>(work->data));
+  Node* node = query->node;
+  node->running_queries_.erase(query->id);
+  node->sm_->ReleaseReader(std::move(query->reader));
+  if (status != 0) {
+    return node->RespondError(query->responder, 503, "unavailable", "the query was cancelled");
+  }
+  const absl::Status& error = query->result.status();
+  if (query->result.ok()) return query->done(*query->result);
+  if (absl::IsDeadlineExceeded(error) || query->interrupted) {
+    ++node->counters_.queries_timed_out;
+    return node->RespondError(
+        query->responder, 503, "query_timeout",
+        absl::StrCat("the query ran for more than ", node->options_.query_timeout_ms,
+                     " ms (--query-timeout-ms)"));
+  }
+  if (absl::IsResourceExhausted(error)) {
+    return node->RespondError(query->responder, 429, "resource_exhausted", error.message());
+  }
+  if (absl::IsInvalidArgument(error)) {
+    return node->RespondError(query->responder, 400, "invalid_argument", error.message());
+  }
+  node->RespondError(query->responder, 500, "internal", error.message());
+}
+
+void Node::InterruptOverdueQueries() {
+  for (auto& [id, query] : running_queries_) {
+    if (query->interrupted || now_ms_ < query->deadline_ms) continue;
+    query->interrupted = true;
+    query->reader->Interrupt();
+  }
 }
 
 void Node::ServeWaitingReads() {
@@ -516,9 +642,9 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
       method == "POST") {
     return HandlePeerMessages(request, std::move(responder));
   }
-  if (request.body.size() > options_.max_body_bytes) {
+  if (size_t limit = BodyLimit(method, request.target); request.body.size() > limit) {
     return RespondError(responder, 413, "payload_too_large",
-                        absl::StrCat("the body is over ", options_.max_body_bytes, " bytes"));
+                        absl::StrCat("the body is over ", limit, " bytes"));
   }
   if (path.empty()) {
     if (method != "POST") return RespondError(responder, 405, "method_not_allowed", method);
@@ -577,8 +703,23 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
 
 void Node::HandlePeerMessages(const HttpRequest& request,
                               std::shared_ptr<HttpResponder> responder) {
+  // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
+  absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(request.body, options_.id);
+  absl::Status admitted = frame.status();
+  if (admitted.ok()) {
+    auto window = peer_replay_windows_.find(frame->from_id);
+    admitted = window == peer_replay_windows_.end()
+                   ? absl::PermissionDeniedError("the sender is not a peer of this replica")
+                   : window->second.Admit(frame->sequence);
+  }
+  if (!admitted.ok()) {
+    ++counters_.peer_frames_refused;
+    return RespondError(responder, 401, "unauthenticated",
+                        absl::StrCat("peer frame refused: ", admitted.message()));
+  }
   MessageBatch batch;
-  if (!batch.ParseFromString(request.body)) {
+  if (!batch.ParseFromArray(frame->payload.data(), static_cast<int>(frame->payload.size()))) {
+    ++counters_.peer_frames_refused;
     return RespondError(responder, 400, "bad_request", "not a message batch");
   }
   for (const Message& m : batch.messages()) replica_->Step(m);
@@ -708,29 +849,27 @@ void Node::HandleQuery(const std::string& name, const HttpRequest& request,
   if (!st.ok()) return RespondError(responder, 400, "invalid_argument", st.status().message());
   Statement statement = *std::move(st);
   ConsistentRead(level, body.min_revision(), responder, [this, name, statement, responder] {
-    absl::StatusOr<StatementResult> rows = sm_->Query(name, statement);
-    if (!rows.ok()) {
-      bool missing = rows.status().code() == absl::StatusCode::kNotFound;
-      return RespondError(responder, missing ? 404 : 400,
-                          missing ? "not_found" : "invalid_argument", rows.status().message());
-    }
-    std::string out = "{\"columns\":[";
-    for (int i = 0; i < rows->columns_size(); ++i) {
-      if (i > 0) out.push_back(',');
-      AppendJsonString(&out, rows->columns(i));
-    }
-    out += "],\"rows\":[";
-    for (int i = 0; i < rows->rows_size(); ++i) {
-      if (i > 0) out.push_back(',');
-      out.push_back('[');
-      for (int j = 0; j < rows->rows(i).values_size(); ++j) {
-        if (j > 0) out.push_back(',');
-        AppendSqlValue(&out, rows->rows(i).values(j));
+    uint64_t revision = sm_->revision();
+    RunQuery(name, statement, responder, [this, responder, revision](const StatementResult& r) {
+      const StatementResult* rows = &r;
+      std::string out = "{\"columns\":[";
+      for (int i = 0; i < rows->columns_size(); ++i) {
+        if (i > 0) out.push_back(',');
+        AppendJsonString(&out, rows->columns(i));
       }
-      out.push_back(']');
-    }
-    absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
-    Respond(responder, 200, out);
+      out += "],\"rows\":[";
+      for (int i = 0; i < rows->rows_size(); ++i) {
+        if (i > 0) out.push_back(',');
+        out.push_back('[');
+        for (int j = 0; j < rows->rows(i).values_size(); ++j) {
+          if (j > 0) out.push_back(',');
+          AppendSqlValue(&out, rows->rows(i).values(j));
+        }
+        out.push_back(']');
+      }
+      absl::StrAppend(&out, "],\"revision\":", revision, "}");
+      Respond(responder, 200, out);
+    });
   });
 }
 
@@ -756,15 +895,11 @@ void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> 
   Statement statement = *std::move(st);
   if (read) {
     return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, statement, responder] {
-      absl::StatusOr<StatementResult> rows = sm_->Query(name, statement);
-      if (!rows.ok()) {
-        bool missing = rows.status().code() == absl::StatusCode::kNotFound;
-        return RespondError(responder, missing ? 404 : 400,
-                            missing ? "not_found" : "invalid_argument", rows.status().message());
-      }
-      std::string out;
-      AppendRowObjects(&out, *rows);
-      Respond(responder, 200, out);
+      RunQuery(name, statement, responder, [this, responder](const StatementResult& rows) {
+        std::string out;
+        AppendRowObjects(&out, rows);
+        Respond(responder, 200, out);
+      });
     });
   }
   Command c;
@@ -841,6 +976,12 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_http_errors_total", "HTTP requests answered with 5xx", counters_.errors);
   counter("synod_writes_total", "writes proposed", counters_.writes);
   counter("synod_reads_total", "consistent and local reads", counters_.reads);
+  counter("synod_queries_timed_out_total", "queries interrupted at --query-timeout-ms",
+          counters_.queries_timed_out);
+  counter("synod_peer_frames_refused_total",
+          "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
+          counters_.peer_frames_refused);
+  gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
   counter("synod_http_response_microseconds_total", "time spent answering",
           counters_.response_us_total);
   for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {

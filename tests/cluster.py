@@ -46,6 +46,12 @@ class Cluster:
         self.ports = free_ports(size)
         self.procs = {}
         self.logs = {}
+        # Every replica shares one secret; peer messages are authenticated with it.
+        self.secret_file = os.path.join(self.root, "cluster-secret")
+        if not os.path.exists(self.secret_file):
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
 
     def peers(self):
         return ",".join(f"{i + 1}=127.0.0.1:{p}" for i, p in enumerate(self.ports))
@@ -61,7 +67,8 @@ class Cluster:
         self.logs[i] = log
         self.procs[i] = subprocess.Popen(
             [self.server, "--id", str(i), "--listen", f"127.0.0.1:{self.ports[i - 1]}",
-             "--peers", self.peers(), "--data-dir", data] + self.extra_flags,
+             "--peers", self.peers(), "--data-dir", data,
+             "--cluster-secret-file", self.secret_file] + self.extra_flags,
             stdout=log, stderr=log)
 
     def start_all(self):
