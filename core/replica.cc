@@ -51,6 +51,11 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
               config_.clock_drift_bound_ticks < config_.lease_duration_ticks);
   SYNOD_CHECK(config_.heartbeat_interval_ticks > 0 && config_.retry_ticks > 0);
   SYNOD_CHECK(config_.max_inflight_slots > 0 && config_.max_batch_requests > 0);
+  SYNOD_CHECK(config_.max_catchup_entries > 0);
+  // The catch-up requests and the pipeline of a replica must fit in its peers' window.
+  SYNOD_CHECK(config_.max_slots_beyond_commit >= config_.max_inflight_slots &&
+              config_.max_slots_beyond_commit >= config_.max_catchup_entries);
+  SYNOD_CHECK(config_.max_ballot_round_jump > 0);
 
   hard_ = std::move(persisted.hard_state);
   snapshot_meta_ = persisted.snapshot_meta;
@@ -78,6 +83,7 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   // whole lease duration.
   lease_granted_until_tick_ = config_.lease_duration_ticks;
   election_deadline_ticks_ = RandomElectionTimeout();
+  CheckInvariants();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -91,6 +97,10 @@ bool Replica::IsPeer(uint32_t id) const {
 uint64_t Replica::LastSlot() const {
   uint64_t last = log_.empty() ? 0 : log_.rbegin()->first;
   return std::max(last, snapshot_meta_.index());
+}
+
+uint64_t Replica::HighestRoundSeen() const {
+  return std::max(hard_.max_round_used(), hard_.promised().round());
 }
 
 uint64_t Replica::RandomElectionTimeout() {
@@ -146,6 +156,180 @@ void Replica::Reply(const ClientRequest& request, ErrorCode code, const std::str
 }
 
 // ---------------------------------------------------------------------------------------
+// Sanity checks on peer messages, and the replica's own invariants.
+
+const char* Replica::BallotRejectReason(const Ballot& ballot) const {
+  if (ballot.round() >= kMaxBallotRound) return "a ballot round at or above kMaxBallotRound";
+  uint64_t seen = HighestRoundSeen();
+  if (ballot.round() > seen && ballot.round() - seen > config_.max_ballot_round_jump) {
+    return "a ballot round more than max_ballot_round_jump above any seen";
+  }
+  // Round 0 is "no ballot" (an acceptor that has promised nothing) and belongs to nobody.
+  if ((ballot.round() == 0) != (ballot.replica_id() == 0)) return "a malformed ballot";
+  if (ballot.replica_id() != 0 && !IsPeer(ballot.replica_id())) {
+    return "a ballot of a replica not in the group";
+  }
+  return nullptr;
+}
+
+const char* Replica::RejectReason(const Message& m) const {
+  // The envelope.
+  if (m.to() != config_.id) return "a message addressed to another replica";
+  if (m.from() == config_.id) return "a message from this replica itself";
+  if (!IsPeer(m.from())) return "a message from a replica not in the group";
+  if (const char* reason = BallotRejectReason(m.ballot())) return reason;
+  // The envelope's commit index is not held to the slot window: a replica far behind learns
+  // from it that it must catch up. No loop walks up to it (LearnFromLeader walks the entries
+  // held), and only a promise turns it into an obligation, so promises are held to the window.
+  const uint64_t window_end = commit_index_ + config_.max_slots_beyond_commit;
+  auto outside_window = [&](uint64_t slot) { return slot == 0 || slot > window_end; };
+
+  // A proposer speaks at its own ballot.
+  const bool at_own_ballot = m.ballot().replica_id() == m.from();
+  const char* kNotOwnBallot = "a proposer message at another replica's ballot";
+
+  switch (m.body_case()) {
+    case Message::kPrepare:
+    case Message::kHeartbeat:
+      return at_own_ballot ? nullptr : kNotOwnBallot;
+    case Message::kAccept:
+      if (!at_own_ballot) return kNotOwnBallot;
+      for (const LogEntry& e : m.accept().entries()) {
+        if (outside_window(e.slot())) return "an accept for a slot beyond the slot window";
+      }
+      return nullptr;
+    case Message::kNack:  // its slot is informational and never used
+    case Message::kForwardReply:
+      return nullptr;
+    case Message::kPromise: {
+      const Promise& p = m.promise();
+      // A candidate further behind than the window would have to propose beyond it.
+      if (m.commit_index() > window_end || p.last_slot() > window_end) {
+        return "a promise naming slots beyond the slot window";
+      }
+      for (const LogEntry& e : p.entries()) {
+        if (outside_window(e.slot()) || e.slot() > p.last_slot()) {
+          return "a promised entry outside the slot window or past the promise's last slot";
+        }
+        if (BallotRejectReason(e.ballot()) != nullptr) return "a promised entry with a bad ballot";
+      }
+      return nullptr;
+    }
+    case Message::kAccepted:
+      for (uint64_t slot : m.accepted().slots()) {
+        if (outside_window(slot)) return "an acknowledgement for a slot beyond the slot window";
+      }
+      return nullptr;
+    case Message::kHeartbeatAck:
+      if (m.heartbeat_ack().read_context() > read_context_) {
+        return "a heartbeat acknowledgement for a round never sent";
+      }
+      return nullptr;
+    case Message::kCatchupRequest: {
+      const CatchupRequest& req = m.catchup_request();
+      if (req.from_slot() == 0 || req.from_slot() > req.to_slot() || req.to_slot() > window_end) {
+        return "a catch-up request for an empty range or one beyond the slot window";
+      }
+      return nullptr;
+    }
+    case Message::kCatchupResponse: {
+      // Chosen values are taken on the word of the peer asked, and only for the slots asked.
+      const CatchupResponse& resp = m.catchup_response();
+      if (catchup_retry_ticks_ == 0 || m.from() != catchup_peer_) {
+        return "a catch-up answer from a replica this one did not ask";
+      }
+      if (resp.needs_snapshot() && resp.entries_size() > 0) {
+        return "a catch-up answer with both entries and a snapshot";
+      }
+      for (const LogEntry& e : resp.entries()) {
+        if (!e.chosen()) return "a catch-up entry not marked chosen";
+        if (e.slot() < catchup_from_slot_ || e.slot() > catchup_to_slot_) {
+          return "a catch-up entry outside the slots asked for";
+        }
+        if (e.slot() > m.commit_index()) return "a catch-up entry beyond its sender's commit index";
+      }
+      return nullptr;
+    }
+    case Message::kSnapshotChunk: {
+      // Only the transfer this replica asked for, from the peer it asked, chunk after chunk.
+      const SnapshotChunk& chunk = m.snapshot_chunk();
+      const SnapshotMeta& meta = chunk.meta();
+      if (catchup_retry_ticks_ == 0 || m.from() != catchup_peer_) {
+        return "a snapshot chunk from a replica this one did not ask";
+      }
+      if (meta.index() <= commit_index_) return "a snapshot chunk with nothing this replica lacks";
+      if (meta.index() > m.commit_index()) return "a snapshot beyond its sender's commit index";
+      uint64_t size = meta.size_bytes();
+      if (chunk.offset() > size || chunk.data().size() > size - chunk.offset()) {
+        return "a snapshot chunk past the snapshot's size";
+      }
+      bool ends = chunk.offset() + chunk.data().size() == size;
+      if (chunk.last() != ends || (chunk.data().empty() && !ends)) {
+        return "a snapshot chunk whose last flag disagrees with its size";
+      }
+      bool same_transfer = incoming_snapshot_meta_ && incoming_snapshot_from_ == m.from() &&
+                           incoming_snapshot_meta_->index() == meta.index() &&
+                           incoming_snapshot_meta_->size_bytes() == size;
+      if (same_transfer && chunk.offset() != incoming_snapshot_data_.size()) {
+        return "a snapshot chunk out of order";
+      }
+      // A chunk at offset 0 of another snapshot starts a new transfer: the peer asked now is
+      // not the one of the transfer under way, or its snapshot changed since.
+      if (!same_transfer && chunk.offset() != 0) return "a snapshot chunk of no transfer under way";
+      return nullptr;
+    }
+    case Message::kSnapshotAck: {
+      const SnapshotAck& ack = m.snapshot_ack();
+      if (ack.index() > snapshot_meta_.index() ||
+          (ack.index() == snapshot_meta_.index() && ack.next_offset() > snapshot_data_.size())) {
+        return "a snapshot acknowledgement for a snapshot this replica does not hold";
+      }
+      return nullptr;
+    }
+    case Message::kForwardRequest:
+      for (const ClientRequest& r : m.forward_request().requests()) {
+        if (!IsPeer(r.origin_replica())) return "a forwarded request from no replica of the group";
+      }
+      return nullptr;
+    case Message::BODY_NOT_SET:
+      return "a message with no body";
+  }
+  return nullptr;
+}
+
+void Replica::CheckInvariants() const {
+  // Ballots: no round near overflow; a proposer holds its own ballot as its promise.
+  SYNOD_CHECK_LT(hard_.promised().round(), kMaxBallotRound);
+  SYNOD_CHECK_LT(hard_.max_round_used(), kMaxBallotRound);
+  SYNOD_CHECK_EQ(role_ == Role::kLeader, leader_id_ == config_.id);
+  if (role_ != Role::kFollower) {
+    SYNOD_CHECK(BallotEqual(ballot_, hard_.promised())) << "a proposer promised another ballot";
+    SYNOD_CHECK_EQ(ballot_.replica_id(), config_.id);
+    SYNOD_CHECK_LE(ballot_.round(), hard_.max_round_used()) << "a round used before recorded";
+  }
+  // The log: compacted below first_index_, chosen and held up to commit_index_, applied
+  // (and handed out for applying) no further.
+  SYNOD_CHECK_EQ(first_index_, snapshot_meta_.index() + 1);
+  SYNOD_CHECK_EQ(snapshot_data_.size(), snapshot_meta_.size_bytes());
+  SYNOD_CHECK(log_.empty() || log_.begin()->first >= first_index_);
+  SYNOD_CHECK_LE(snapshot_meta_.index(), commit_index_);
+  SYNOD_CHECK_LE(commit_index_, LastSlot()) << "a commit index past every slot held";
+  auto next = log_.find(commit_index_ + 1);
+  SYNOD_CHECK(next == log_.end() || !next->second.chosen()) << "the commit index lags";
+  SYNOD_CHECK_LE(applied_index_, handed_out_index_);
+  SYNOD_CHECK_LE(handed_out_index_, commit_index_);
+  if (role_ == Role::kLeader) {
+    SYNOD_CHECK_GT(next_slot_, commit_index_);
+    SYNOD_CHECK(inflight_.empty() || inflight_.begin()->first > commit_index_);
+  }
+  if (incoming_snapshot_meta_) {
+    SYNOD_CHECK(IsPeer(incoming_snapshot_from_) && !incoming_snapshot_data_.empty() &&
+                incoming_snapshot_data_.size() < incoming_snapshot_meta_->size_bytes())
+        << "a snapshot transfer that is complete, empty or from nobody";
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Role transitions.
 
 void Replica::BecomeFollower(uint32_t leader_id) {
@@ -176,7 +360,11 @@ void Replica::StartElection() {
       << "election while a lease granted to another proposer may still run";
   role_ = Role::kCandidate;
   leader_id_ = 0;
-  uint64_t round = std::max(hard_.max_round_used(), hard_.promised().round()) + 1;
+  uint64_t round = HighestRoundSeen() + 1;
+  // Every round held is below the cap (messages at or above it are dropped), so this never
+  // wraps. It reaches the cap only after 2^62 elections, or 2^30 messages each raising the
+  // round by the whole max_ballot_round_jump.
+  SYNOD_CHECK_LT(round, kMaxBallotRound) << "the ballot round space is used up";
   ballot_ = MakeBallot(round, config_.id);
   // The round is durable before any message carries it, so it is never reused.
   hard_.set_max_round_used(round);
@@ -275,7 +463,12 @@ void Replica::Tick() {
     }
     MaybeRequestCatchup(peer, catchup_wanted_until_);
   }
+  if (incoming_snapshot_meta_ && incoming_snapshot_meta_->index() <= commit_index_) {
+    incoming_snapshot_meta_.reset();  // caught up otherwise: nothing in it is missing now
+    incoming_snapshot_data_.clear();
+  }
   ExpireRequests();
+  CheckInvariants();
 }
 
 void Replica::ExpireRequests() {
@@ -344,7 +537,16 @@ void Replica::TickLeader() {
 // Step.
 
 void Replica::Step(const Message& m) {
-  if (m.to() != config_.id || m.from() == config_.id || !IsPeer(m.from())) return;
+  if (const char* reason = RejectReason(m)) {
+    ++rejected_message_count_;
+    last_rejection_ = reason;
+    return;
+  }
+  StepMessage(m);
+  CheckInvariants();
+}
+
+void Replica::StepMessage(const Message& m) {
   last_heard_tick_[m.from()] = now_ticks_;
   switch (m.body_case()) {
     case Message::kPrepare:
@@ -387,7 +589,7 @@ void Replica::Step(const Message& m) {
       StepForwardReply(m);
       break;
     case Message::BODY_NOT_SET:
-      return;
+      SYNOD_CHECK(false) << "RejectReason lets no message without a body through";
   }
   if (m.commit_index() > commit_index_) MaybeRequestCatchup(m.from(), m.commit_index());
 }
@@ -537,15 +739,13 @@ void Replica::AdvanceCommitIndex() {
 
 void Replica::LearnFromLeader(const Message& m) {
   // A leader proposes one value per slot in its ballot, so an entry accepted at the
-  // leader's ballot below its commit index holds the chosen value.
-  uint64_t until = std::min(m.commit_index(), LastSlot());
-  for (uint64_t slot = commit_index_ + 1; slot <= until; ++slot) {
-    auto it = log_.find(slot);
-    if (it == log_.end() || it->second.chosen()) continue;
-    if (BallotEqual(it->second.ballot(), m.ballot())) {
-      Value value = it->second.value();
-      LearnChosen(slot, value);
-    }
+  // leader's ballot below its commit index holds the chosen value. The walk is over the
+  // entries held, not the slots up to the commit index the message claims.
+  for (auto it = log_.upper_bound(commit_index_); it != log_.end() && it->first <= m.commit_index();
+       ++it) {
+    if (it->second.chosen() || !BallotEqual(it->second.ballot(), m.ballot())) continue;
+    Value value = it->second.value();
+    LearnChosen(it->first, value);  // changes this entry in place: `it` stays valid
   }
 }
 
@@ -554,11 +754,23 @@ void Replica::MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit) {
   catchup_wanted_until_ = std::max(catchup_wanted_until_, peer_commit);
   if (catchup_retry_ticks_ > 0) return;  // one request outstanding at a time
   catchup_peer_ = peer;
-  catchup_retry_ticks_ = config_.retry_ticks;
   Message m = NewMessage(peer);
-  m.mutable_catchup_request()->set_from_slot(commit_index_ + 1);
-  m.mutable_catchup_request()->set_to_slot(
-      std::min<uint64_t>(peer_commit, commit_index_ + config_.max_catchup_entries));
+  if (incoming_snapshot_meta_ && incoming_snapshot_from_ == peer) {
+    // A transfer from this peer stalled (a chunk was lost): ask for the rest of it rather
+    // than start over. A peer whose snapshot changed since answers with its new one.
+    catchup_from_slot_ = 1;
+    catchup_to_slot_ = 0;  // no entries asked for
+    catchup_retry_ticks_ = config_.retry_ticks * 4;
+    m.mutable_snapshot_ack()->set_index(incoming_snapshot_meta_->index());
+    m.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
+    Send(std::move(m));
+    return;
+  }
+  catchup_from_slot_ = commit_index_ + 1;
+  catchup_to_slot_ = std::min<uint64_t>(peer_commit, commit_index_ + config_.max_catchup_entries);
+  catchup_retry_ticks_ = config_.retry_ticks;
+  m.mutable_catchup_request()->set_from_slot(catchup_from_slot_);
+  m.mutable_catchup_request()->set_to_slot(catchup_to_slot_);
   Send(std::move(m));
 }
 
@@ -615,41 +827,25 @@ void Replica::SendSnapshotChunk(uint32_t peer, uint64_t offset) {
 }
 
 void Replica::StepSnapshotChunk(const Message& m) {
+  // RejectReason let through only the next chunk of the transfer under way, or the first
+  // chunk of a new one, from the peer this replica asked. Two replicas' snapshots at one
+  // index need not be byte-identical, so a transfer comes from one sender.
   const SnapshotChunk& chunk = m.snapshot_chunk();
   const SnapshotMeta& meta = chunk.meta();
-  if (meta.index() <= commit_index_) return;  // nothing in it this replica lacks
-  catchup_retry_ticks_ = config_.retry_ticks * 4;
-  auto ack = [&](uint64_t next_offset) {
-    Message a = NewMessage(m.from());
-    a.mutable_snapshot_ack()->set_index(meta.index());
-    a.mutable_snapshot_ack()->set_next_offset(next_offset);
-    Send(std::move(a));
-  };
-  // Two replicas' snapshots at one index need not be byte-identical, so a transfer comes
-  // from one sender. Another sender takes over only once the transfer has stalled; until
-  // then its chunks go unanswered, which stops its (ack-driven) stream.
-  bool same_transfer = incoming_snapshot_meta_ && incoming_snapshot_from_ == m.from() &&
-                       incoming_snapshot_meta_->index() == meta.index() &&
-                       incoming_snapshot_meta_->size_bytes() == meta.size_bytes();
-  if (!same_transfer) {
-    bool stalled = now_ticks_ - incoming_snapshot_tick_ > 2 * config_.retry_ticks;
-    if (incoming_snapshot_meta_ && incoming_snapshot_from_ != m.from() && !stalled) return;
-    if (chunk.offset() != 0) return ack(0);
+  catchup_retry_ticks_ = config_.retry_ticks * 4;  // the snapshot stream takes a while
+  if (chunk.offset() == 0) {
     incoming_snapshot_meta_ = meta;
     incoming_snapshot_from_ = m.from();
     incoming_snapshot_data_.clear();
   }
-  incoming_snapshot_tick_ = now_ticks_;
-  if (chunk.offset() != incoming_snapshot_data_.size()) return ack(incoming_snapshot_data_.size());
+  SYNOD_CHECK_EQ(chunk.offset(), incoming_snapshot_data_.size());
   incoming_snapshot_data_ += chunk.data();
-  bool complete = incoming_snapshot_data_.size() == meta.size_bytes();
-  if (incoming_snapshot_data_.size() > meta.size_bytes() || chunk.last() != complete) {
-    incoming_snapshot_meta_.reset();  // a malformed transfer: start again
-    incoming_snapshot_data_.clear();
-    return ack(0);
-  }
-  if (!complete) return ack(incoming_snapshot_data_.size());
-  ack(incoming_snapshot_data_.size());
+  Message ack = NewMessage(m.from());
+  ack.mutable_snapshot_ack()->set_index(meta.index());
+  ack.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
+  Send(std::move(ack));
+  if (!chunk.last()) return;
+  SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
   // A leader that lags behind a snapshot has been superseded (see LearnChosen).
   if (role_ == Role::kLeader) BecomeFollower(0);
 
@@ -859,6 +1055,11 @@ void Replica::ServeReads() {
 // Client requests -----------------------------------------------------------------------
 
 void Replica::Propose(ClientRequest request) {
+  ReceiveClientRequest(std::move(request));
+  CheckInvariants();
+}
+
+void Replica::ReceiveClientRequest(ClientRequest request) {
   if (request.origin_replica() == 0) request.set_origin_replica(config_.id);
   if (IsRead(request)) {
     Consistency level = request.command().read_barrier().consistency();
@@ -951,6 +1152,7 @@ Ready Replica::GetReady() {
   Ready ready = std::move(pending_);
   pending_ = Ready();
   awaiting_advance_ = true;
+  CheckInvariants();
   return ready;
 }
 
@@ -962,7 +1164,7 @@ void Replica::Advance(const Ready& ready) {
     SYNOD_CHECK_EQ(ready.committed.front().slot, applied_index_ + 1);
     applied_index_ = ready.committed.back().slot;
   }
-  SYNOD_CHECK_LE(applied_index_, commit_index_);
+  CheckInvariants();
 }
 
 void Replica::Compact(uint64_t index, std::string snapshot_data) {
@@ -974,6 +1176,7 @@ void Replica::Compact(uint64_t index, std::string snapshot_data) {
   snapshot_meta_.set_size_bytes(snapshot_data.size());
   snapshot_data_ = std::move(snapshot_data);
   pending_.compacted_through = index;
+  CheckInvariants();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1000,6 +1203,8 @@ ReplicaStatus Replica::Status() const {
   }
   s.pending_requests = queue_.size();
   s.inflight_slots = inflight_.size();
+  s.rejected_message_count = rejected_message_count_;
+  s.last_rejection = last_rejection_;
   return s;
 }
 

@@ -32,6 +32,11 @@
 
 namespace synod {
 
+// No replica uses a ballot round at or above this, and a message carrying one is dropped, so
+// that `round + 1` never wraps (a round of 2^64 - 1 would otherwise wrap to 0). Rounds grow by
+// one per election; an honest cluster never comes near it.
+inline constexpr uint64_t kMaxBallotRound = uint64_t{1} << 62;
+
 struct ReplicaConfig {
   uint32_t id = 0;
   std::vector<uint32_t> replica_ids;  // every replica of the group, this one included
@@ -62,6 +67,19 @@ struct ReplicaConfig {
   size_t max_catchup_bytes = 4 << 20;  // bytes per catch-up response
   size_t max_apply_entries = 256;      // committed entries per Ready
   size_t snapshot_chunk_bytes = 256 << 10;
+
+  // A message naming a slot more than this many slots beyond the commit index (an accept,
+  // an acknowledgement, a promise, a catch-up request or answer) is dropped. This bounds the
+  // log entries one message can make this replica hold, and the slots a new leader walks and
+  // proposes (it fills every gap up to the highest slot a promise reports). The cost: a
+  // replica that has fallen further behind than this accepts nothing, and cannot lead, until
+  // it has caught up. At 2^14, a gap a forged message opens costs a new leader of five about
+  // 35 MB and 0.2 s to fill (at 2^16: 120 MB, 1 s; the cost grows faster than the window).
+  // REQUIRES: >= max_inflight_slots and >= max_catchup_entries.
+  uint64_t max_slots_beyond_commit = 1 << 14;
+  // A message whose ballot round is more than this above the highest round this replica has
+  // seen is dropped, so no single message can use up the round space below kMaxBallotRound.
+  uint64_t max_ballot_round_jump = uint64_t{1} << 32;
 
 #ifdef SYNOD_TESTING_BUGS
   // Known-wrong behaviours, for testing the simulator's checkers. Compiled only into the
@@ -127,6 +145,11 @@ struct ReplicaStatus {
   std::map<uint32_t, uint64_t> peer_match_index;
   size_t pending_requests = 0;
   size_t inflight_slots = 0;
+  // Peer messages dropped by the sanity checks (see Replica::Step), and why the last one was.
+  // Forged or corrupt messages count here, and so do stale ones: a duplicated snapshot chunk,
+  // a catch-up answer that arrives after the request was sent elsewhere.
+  uint64_t rejected_message_count = 0;
+  std::string last_rejection;  // empty: none yet
 };
 
 class Replica {
@@ -140,7 +163,10 @@ class Replica {
 
   // One logical tick.
   void Tick();
-  // A message from a peer. Messages for another replica or with a bad body are ignored.
+  // A message from a peer. It first passes the sanity checks of RejectReason(); one that
+  // fails is dropped before it changes anything, and only counted in
+  // ReplicaStatus::rejected_message_count. The checks do not make a forged message harmless:
+  // the host must authenticate peers (see docs/consensus.md, "Sanity checks").
   void Step(const Message& message);
   // A client request: a write (queued, batched and proposed by the leader, forwarded by a
   // follower), or a read barrier (answered in Ready::replies with the revision at which
@@ -182,12 +208,21 @@ class Replica {
     int64_t arrived_tick = 0;
   };
 
+  // Why `m` must be dropped, or nullptr if it may be stepped. Every message passes through
+  // here before it changes any state; see docs/consensus.md, "Sanity checks".
+  const char* RejectReason(const Message& m) const;
+  // Why a ballot carried by a message must be refused, or nullptr.
+  const char* BallotRejectReason(const Ballot& ballot) const;
+  // Aborts unless the replica's state is consistent; called after every input.
+  void CheckInvariants() const;
+
   // Role transitions.
   void BecomeFollower(uint32_t leader_id);
   void StartElection();
   void BecomeLeader();
 
   // Step, by message and role.
+  void StepMessage(const Message& m);
   void StepPrepare(const Message& m);
   void StepPromise(const Message& m);
   void StepAccept(const Message& m);
@@ -206,6 +241,7 @@ class Replica {
   void TickCandidate();
   void TickFollower();
   void ExpireRequests();
+  void ReceiveClientRequest(ClientRequest request);
 
   // Acceptor.
   bool MayPromise(const Ballot& ballot, uint32_t from) const;
@@ -241,6 +277,7 @@ class Replica {
   void PersistHardState(bool must_sync);
   void PersistEntry(uint64_t slot, bool must_sync);
   uint64_t LastSlot() const;
+  uint64_t HighestRoundSeen() const;
   uint64_t RandomElectionTimeout();
   bool IsPeer(uint32_t id) const;
 
@@ -261,12 +298,20 @@ class Replica {
   bool unsynced_chosen_ = false;   // a chosen mark was written without an fsync since
   uint64_t catchup_wanted_until_ = 0;
   int catchup_retry_ticks_ = 0;  // > 0 while a catch-up request is outstanding
-  uint32_t catchup_peer_ = 0;
-  // Snapshot being received: meta and bytes so far.
+  uint32_t catchup_peer_ = 0;    // the peer asked; catch-up answers and chunks come from it
+  // The slots the outstanding catch-up request asked for (empty when it asked to resume a
+  // snapshot transfer): an answer holds no others.
+  uint64_t catchup_from_slot_ = 1;
+  uint64_t catchup_to_slot_ = 0;
+  // Snapshot being received from incoming_snapshot_from_: meta and bytes so far (at least
+  // one, fewer than the snapshot's size).
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
   uint32_t incoming_snapshot_from_ = 0;
-  int64_t incoming_snapshot_tick_ = 0;  // when its last chunk arrived
   std::string incoming_snapshot_data_;
+
+  // Sanity checks.
+  uint64_t rejected_message_count_ = 0;
+  const char* last_rejection_ = "";
 
   // Role state.
   Role role_ = Role::kFollower;

@@ -30,9 +30,13 @@ absl::Status CheckDatabaseName(std::string_view name) {
 }
 
 absl::Status CheckLength(std::string_view what, std::string_view value, size_t max_bytes) {
-  if (!value.empty() && value.size() <= max_bytes) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat(ToAbsl(what), " must have 1 to ", max_bytes, " bytes"));
+  if (value.empty() || value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(ToAbsl(what), " must have 1 to ", max_bytes, " bytes"));
+  }
+  if (!IsValidUtf8(value))
+    return absl::InvalidArgumentError(absl::StrCat(ToAbsl(what), " must be UTF-8"));
+  return absl::OkStatus();
 }
 
 absl::Status CheckSha256(std::string_view sha256) {
@@ -74,8 +78,16 @@ absl::Status CheckCommandFields(const Command& command) {
       if (command.execute().statements().empty()) {
         return absl::InvalidArgumentError("execute needs at least one statement");
       }
+      // A log entry holding a string field that is not UTF-8 could not be read back (proto3
+      // refuses it), and a replica that cannot read its log cannot start.
+      for (const Statement& statement : command.execute().statements()) {
+        bool valid = IsValidUtf8(statement.sql());
+        for (const SqlValue& param : statement.params()) valid = valid && IsValidUtf8(param.text());
+        if (!valid) return absl::InvalidArgumentError("SQL text and parameters must be UTF-8");
+      }
       return CheckDatabaseName(command.execute().database());
     case Command::kReadBarrier:
+    case Command::kCheckpoint:
       return absl::OkStatus();
     case Command::kPutMedia: {
       const PutMedia& put = command.put_media();
@@ -151,7 +163,8 @@ StateMachine::Impl::Outcome StateMachine::Impl::RunCommand(uint64_t slot, uint64
         outcome.result = Execute(slot, index, command.execute());
         break;
       case Command::kReadBarrier:
-        break;  // nothing to change: the result's revision is the answer
+      case Command::kCheckpoint:  // a vote for the host's divergence check: nothing to change
+        break;                    // the result's revision is the answer
       case Command::kPutMedia:
         outcome.result = PutMedia(slot, command.put_media());
         break;

@@ -30,6 +30,7 @@ constexpr const char* kUsage =
                     process crash but not a power failure
   --location LABEL  a label or coordinates reported in /v1/status
   --snapshot-every N           applied entries between log compactions (default 10000)
+  --checkpoint-every N         applied entries between divergence-check votes (default 1000)
   --max-body-bytes N           largest database upload accepted (default 3145728)
   --max-json-body-bytes N      largest exec, query or d3b body accepted (default 3145728)
   --query-timeout-ms N         a query running longer is interrupted, answered 503 (default 2000)
@@ -134,6 +135,11 @@ int main(int argc, char** argv) {
       absl::StatusOr<std::string> secret = synod::LoadClusterSecret(value);
       if (!secret.ok()) return Fail(std::string(secret.status().message()));
       options.cluster_secret = *std::move(secret);
+    } else if (arg == "--checkpoint-every") {
+      if (!absl::SimpleAtoi(value, &options.checkpoint_every_entries) ||
+          options.checkpoint_every_entries == 0) {
+        return Fail("--checkpoint-every must be a positive number");
+      }
     } else if (arg == "--max-json-body-bytes") {
       if (!absl::SimpleAtoi(value, &options.max_json_body_bytes) ||
           options.max_json_body_bytes == 0) {

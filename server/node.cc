@@ -179,6 +179,8 @@ absl::Status Node::Start() {
         absl::StrCat("the cluster secret must have at least ", kClusterSecretBytesMin, " bytes"));
   }
   peer_auth_ = std::make_unique<PeerAuthenticator>(options_.cluster_secret);
+  divergence_ = std::make_unique<DivergenceCheck>(options_.id, options_.peers.size(),
+                                                  options_.checkpoint_every_entries);
   uv_timeval64_t start;
   SYNOD_CHECK(uv_gettimeofday(&start) == 0);
   const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
@@ -358,8 +360,33 @@ void Node::Drain() {
   }
 }
 
+void Node::CheckDivergence(const CommittedEntry& entry) {
+  const bool was_diverged = divergence_->diverged().has_value();
+  for (const ClientRequest& request : entry.value.requests()) {
+    if (request.command().has_checkpoint()) divergence_->OnVote(request.command().checkpoint());
+  }
+  if (divergence_->WantsHashAt(entry.slot)) {
+    ClientRequest vote;
+    vote.set_client_id(NextClientId());
+    vote.set_sequence(1);
+    *vote.mutable_command() = divergence_->VoteFor(entry.slot, sm_->StateHash());
+    replica_->Propose(std::move(vote));  // no answer awaited: a lost vote judges nothing
+  }
+  if (!was_diverged && divergence_->diverged()) {
+    const Divergence& d = *divergence_->diverged();
+    fprintf(stderr,
+            "E DIVERGED: at revision %llu this replica's state hash is %016llx but a majority "
+            "of the group has %016llx; it stops serving reads. Re-sync it from a healthy "
+            "replica (docs/operations.md, \"Divergence\").\n",
+            static_cast<unsigned long long>(d.revision),
+            static_cast<unsigned long long>(d.own_hash),
+            static_cast<unsigned long long>(d.majority_hash));
+  }
+}
+
 void Node::ApplyCommitted(const CommittedEntry& entry) {
   std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  CheckDivergence(entry);
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != options_.id) continue;
     auto it = pending_.find({a.client_id, a.sequence});
@@ -593,6 +620,11 @@ void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responde
 void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
                           std::shared_ptr<HttpResponder> responder, std::function<void()> run) {
   ++counters_.reads;
+  if (divergence_->diverged()) {
+    return RespondError(responder, 503, "diverged",
+                        "this replica's state differs from the group's (see /v1/status); "
+                        "read from another replica");
+  }
   auto p = std::make_unique<Pending>();
   p->responder = responder;
   p->deadline_ms = now_ms_ + options_.request_timeout_ms;
@@ -659,7 +691,8 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
   if (path.size() == 1 && path[0] == "healthz") return Respond(responder, 200, "{\"ok\":true}");
   if (path.size() == 1 && path[0] == "readyz") {
     ReplicaStatus s = replica_->Status();
-    bool ready = s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index;
+    bool ready =
+        s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index && !divergence_->diverged();
     return Respond(responder, ready ? 200 : 503,
                    absl::StrCat("{\"ready\":", ready ? "true" : "false", "}"));
   }
@@ -930,6 +963,21 @@ void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
                    ",\"lease_valid\":", s.lease_valid ? "true" : "false");
   out += ",\"location\":";
   AppendJsonString(&out, options_.location);
+  if (const std::optional<Divergence>& d = divergence_->diverged()) {
+    absl::StrAppend(&out, ",\"diverged\":{\"revision\":", d->revision, ",\"own_hash\":\"",
+                    absl::Hex(d->own_hash, absl::kZeroPad16), "\",\"majority_hash\":\"",
+                    absl::Hex(d->majority_hash, absl::kZeroPad16), "\"}");
+  } else {
+    out += ",\"diverged\":null";
+  }
+  absl::StrAppend(&out, ",\"state_agreed_revision\":", divergence_->agreed_revision(),
+                  ",\"outvoted_replicas\":[");
+  bool first_outvoted = true;
+  for (uint32_t id : divergence_->outvoted_replicas()) {
+    absl::StrAppend(&out, first_outvoted ? "" : ",", id);
+    first_outvoted = false;
+  }
+  out += "]";
   out += ",\"peers\":[";
   bool first = true;
   for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {
@@ -971,6 +1019,11 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   gauge("synod_revision", "the last applied log index", sm_->revision());
   gauge("synod_commit_index", "the highest index known chosen", s.commit_index);
   gauge("synod_snapshot_index", "the index of the latest snapshot", s.snapshot_index);
+  gauge("synod_diverged", "1 if a majority's state hash differs from this replica's",
+        divergence_->diverged() ? 1 : 0);
+  gauge("synod_state_agreed_revision",
+        "the last revision at which a majority's state hash matched this replica's",
+        divergence_->agreed_revision());
   gauge("synod_pending_requests", "requests queued in the replica", s.pending_requests);
   counter("synod_http_requests_total", "HTTP requests answered", counters_.requests);
   counter("synod_http_errors_total", "HTTP requests answered with 5xx", counters_.errors);
@@ -978,6 +1031,9 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_reads_total", "consistent and local reads", counters_.reads);
   counter("synod_queries_timed_out_total", "queries interrupted at --query-timeout-ms",
           counters_.queries_timed_out);
+  counter("synod_peer_messages_rejected_total",
+          "authenticated peer messages the core dropped as malformed or stale",
+          s.rejected_message_count);
   counter("synod_peer_frames_refused_total",
           "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
           counters_.peer_frames_refused);

@@ -19,6 +19,7 @@
 #include "adapters/http_server.h"
 #include "adapters/log_store.h"
 #include "adapters/peer_auth.h"
+#include "core/divergence.h"
 #include "core/replica.h"
 #include "core/state_machine.h"
 
@@ -64,6 +65,9 @@ struct NodeOptions {
   // (the write-path and larger-than-memory issues).
   size_t max_body_bytes = 3 << 20;
   size_t max_json_body_bytes = 3 << 20;
+  // Applied entries between divergence-check votes (core/divergence.h): each replica hashes
+  // its whole state at every multiple of this revision.
+  uint64_t checkpoint_every_entries = 1000;
   // A query still running after this long is interrupted and answered 503.
   int query_timeout_ms = 2000;
   // Every replica's shared secret (at least 32 bytes): peer messages are authenticated
@@ -102,6 +106,9 @@ class Node {
   void CatchUpTicks();
   void Drain();
   void ApplyCommitted(const CommittedEntry& entry);
+  // The divergence check's part of applying `entry`: votes it carries, and this replica's
+  // own vote when the entry's revision is one the group hashes.
+  void CheckDivergence(const CommittedEntry& entry);
   void MaybeCompact();
   void CompactLog();
   void SendMessages(std::vector<Message> messages);
@@ -161,6 +168,7 @@ class Node {
     size_t pending_bytes = 0;
   };
   static constexpr size_t kMaxOutboxBytes = 256 << 20;
+  std::unique_ptr<DivergenceCheck> divergence_;
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
   std::map<uint32_t, ReplayWindow> peer_replay_windows_;

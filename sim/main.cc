@@ -4,6 +4,7 @@
 //   synod-sim --seeds A..B        a sweep; failing seeds with the command that replays them,
 //                                 then "P passed, F failed"
 //   --replicas 3|5  --clients 1..10  --ticks T  --mode safety|liveness
+//   --hostile (expensive and malformed SQL, local reads, forged messages beside the clients)
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
 #include <chrono>
@@ -26,11 +27,14 @@ using synod::sim::Mode;
 using synod::sim::SimOptions;
 using synod::sim::SimResult;
 
+constexpr const char* kUsage =
+    "usage: synod-sim (--seed N | --seeds A..B) [--replicas 3|5] [--clients 1..10]\n"
+    "                 [--ticks T] [--mode safety|liveness] [--hostile] [--bug NAME]... [--trace]\n"
+    "       synod-sim --list-bugs\n"
+    "       synod-sim --help\n";
+
 int Usage(const std::string& error) {
-  std::cerr << "synod-sim: " << error << "\n"
-            << "usage: synod-sim (--seed N | --seeds A..B) [--replicas 3|5] [--clients 1..10]\n"
-            << "                 [--ticks T] [--mode safety|liveness] [--bug NAME]... [--trace]\n"
-            << "       synod-sim --list-bugs\n";
+  std::cerr << "synod-sim: " << error << "\n" << kUsage;
   return 2;
 }
 
@@ -39,6 +43,7 @@ std::string ReplayCommand(const SimOptions& o) {
       absl::StrFormat("synod-sim --seed %d --replicas %d --ticks %d --mode %s", o.seed, o.replicas,
                       o.ticks, o.mode == Mode::kLiveness ? "liveness" : "safety");
   if (o.clients > 0) cmd += absl::StrFormat(" --clients %d", o.clients);
+  if (o.hostile) cmd += " --hostile";
   for (const std::string& b : o.bugs) cmd += " --bug " + b;
   return cmd;
 }
@@ -109,7 +114,10 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (arg == "--list-bugs") {
+    if (arg == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (arg == "--list-bugs") {
       for (const auto& [name, what] : synod::sim::KnownBugs()) {
         std::cout << name << "\t" << what << "\n";
       }
@@ -150,6 +158,8 @@ int main(int argc, char** argv) {
       for (const auto& [name, what] : synod::sim::KnownBugs()) known |= name == v;
       if (!known) return Usage("unknown bug '" + v + "' (see --list-bugs)");
       o.bugs.insert(v);
+    } else if (arg == "--hostile") {
+      o.hostile = true;
     } else if (arg == "--trace") {
       o.trace = &std::cout;
     } else {

@@ -30,6 +30,7 @@ SimOptions Options(uint64_t seed) {
   o.ticks = kTicks;
   o.replicas = seed % 4 == 0 ? 5 : 3;
   o.mode = seed % 2 == 0 ? Mode::kLiveness : Mode::kSafety;
+  o.hostile = seed % 5 == 3;  // both modes, both sizes
   return o;
 }
 
@@ -37,6 +38,7 @@ std::string Replay(const SimOptions& o) {
   std::string cmd = absl::StrCat("bazel run -c opt //sim:synod-sim -- --seed ", o.seed,
                                  " --replicas ", o.replicas, " --ticks ", o.ticks, " --mode ",
                                  o.mode == Mode::kLiveness ? "liveness" : "safety");
+  if (o.hostile) absl::StrAppend(&cmd, " --hostile");
   for (const std::string& b : o.bugs) absl::StrAppend(&cmd, " --bug ", b);
   return cmd;
 }

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/divergence.h"
 #include "core/log_codec.h"
 #include "core/replica.h"
 #include "core/stable_hash.h"
@@ -38,6 +39,34 @@ constexpr int64_t kThinkMaxUs = 400'000;
 // snapshot install): hashing the whole state after every entry would dominate the run.
 constexpr uint64_t kStateHashEveryRevisions = 8;
 constexpr const char* kDatabase = "sim";
+// Revisions between divergence-check votes (core/divergence.h): small, so that every run
+// votes many times.
+constexpr uint64_t kCheckpointEveryRevisions = 16;
+// Hostile mode: mean time between hostile actions, and the SQL they draw from. Every
+// fragment touches only its own tables (h, f), never the clients' (kv, list), and ?1 scales
+// its cost: most stay far under a request's work budget, a few spend it.
+constexpr int64_t kHostileEveryUs = 100'000;
+constexpr const char* kHostileSql[] = {
+    "CREATE TABLE IF NOT EXISTS h(id INTEGER PRIMARY KEY, v)",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS f USING fts4(x)",
+    "INSERT INTO f VALUES (printf('%.*c', ?1, 'w') || ' hello')",
+    "SELECT count(*) FROM f WHERE f MATCH 'hel*'",
+    "INSERT INTO h(v) SELECT randomblob(?1 * 100) FROM f WHERE f MATCH 'hello' LIMIT 3",
+    "INSERT INTO h(v) VALUES (printf('%.*c', ?1 * 100, 'x'))",
+    "SELECT length(printf('%.*c', ?1 * 100000000, 'x'))",
+    "SELECT printf('%.*c', ?1 * 1000, 'a') LIKE '%' || printf('%.*c', ?1 * 10, 'a') || 'b'",
+    "SELECT instr(printf('%.*c', ?1 * 1000, 'a'), printf('%.*c', ?1 * 10, 'a') || 'b')",
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?1 * 1000) "
+    "SELECT count(*) FROM c",
+    "UPDATE h SET v = replace(v, 'x', printf('%.*c', ?1, 'y')) WHERE id % 7 = ?1 % 7",
+    "SELECT trim(printf('%.*c', ?1 * 100, 'a'), printf('%.*c', ?1 * 10, 'b'))",
+    "DELETE FROM h WHERE id % 3 = ?1 % 3",
+    "SELECT group_concat(v) FROM h",
+    "SELEC 1",
+    "PRAGMA journal_mode = OFF",
+    "SELECT total_changes()",
+    "INSERT INTO kv(key, value) SELECT 'x', 1 FROM h WHERE 0",
+};
 
 // A deterministic generator; ranges come from the raw 64-bit output (the std distributions
 // differ between standard libraries). Probabilities are integer ratios.
@@ -194,7 +223,7 @@ class World {
   SimResult Run();
 
  private:
-  enum class EventKind { kTick, kDeliver, kClientRequest, kClientWake, kFault };
+  enum class EventKind { kTick, kDeliver, kClientRequest, kClientWake, kFault, kHostile };
   struct Event {
     int64_t time_us;
     uint64_t seq;
@@ -214,6 +243,7 @@ class World {
     std::unique_ptr<InMemoryDatabaseOpener> opener;
     std::unique_ptr<StateMachine> sm;
     std::unique_ptr<Replica> replica;
+    std::unique_ptr<DivergenceCheck> divergence;  // forgotten at a crash, as in the server
     SimDisk disk;
     int64_t tick_period_us = kTickUs;
     int64_t paused_since_us = 0;
@@ -257,11 +287,15 @@ class World {
   Statement StatementFor(const ClientOp& op) const;
   bool Setup();
   void FinalChecks();
+  void OnHostile();
+  Statement HostileStatement();
+  Message ForgedMessage();
 
   SimOptions options_;
   Prng root_;
   Prng net_, disk_, clock_, process_, workload_;
   Swarm swarm_;
+  Prng hostile_;  // drawn last from the root: runs without hostile mode are unchanged
   std::vector<Host> hosts_;
   std::vector<Client> clients_;
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
@@ -290,9 +324,11 @@ World::World(const SimOptions& options)
       clock_(root_.Next()),
       process_(root_.Next()),
       workload_(root_.Next()),
+      hostile_(0),
       chosen_(static_cast<size_t>(options.replicas)) {
   Prng swarm_prng(root_.Next());
   swarm_ = DrawSwarm(swarm_prng, options.clients);
+  hostile_ = Prng(root_.Next());
   hosts_.resize(options_.replicas);
   for (int i = 0; i < options_.replicas; ++i) {
     Host& h = hosts_[i];
@@ -387,6 +423,8 @@ void World::StartHost(Host& h) {
   absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(h.opener.get(), sm_options);
   SYNOD_CHECK(sm.ok()) << sm.status();
   h.sm = std::move(*sm);
+  h.divergence = std::make_unique<DivergenceCheck>(h.id, static_cast<size_t>(options_.replicas),
+                                                   kCheckpointEveryRevisions);
   // A crash between persisting a received snapshot and installing it: install it now.
   if (h.sm->revision() < state.snapshot_meta.index()) {
     absl::Status restored = h.sm->RestoreSnapshot(state.snapshot_data);
@@ -513,6 +551,21 @@ void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
   if (c.slot % kStateHashEveryRevisions == 0) {
     state_hashes_.Observe(h.id, c.slot, h.sm->StateHash(), &failure_);
   }
+  // The production divergence check runs too: with the same log, no replica may ever find
+  // itself outvoted.
+  for (const ClientRequest& request : c.value.requests()) {
+    if (request.command().has_checkpoint()) h.divergence->OnVote(request.command().checkpoint());
+  }
+  if (h.divergence->WantsHashAt(c.slot)) {
+    ClientRequest vote;
+    vote.set_origin_replica(h.id);
+    *vote.mutable_command() = h.divergence->VoteFor(c.slot, h.sm->StateHash());
+    h.replica->Propose(std::move(vote));
+  }
+  if (h.divergence->diverged() && !failure_) {
+    Fail(absl::StrCat("divergence check: replica ", h.id, " was outvoted at revision ",
+                      h.divergence->diverged()->revision));
+  }
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != h.id) continue;
     auto it = h.pending_writes.find({a.client_id, a.sequence});
@@ -628,6 +681,79 @@ void World::OnFault() {
   for (Host& h : hosts_) {
     if (h.up && h.paused && process_.Chance(1, 10)) Resume(h);
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile workload.
+
+Statement World::HostileStatement() {
+  constexpr size_t kFragments = sizeof(kHostileSql) / sizeof(kHostileSql[0]);
+  Statement s;
+  std::string sql = kHostileSql[hostile_.Range(0, kFragments - 1)];
+  if (hostile_.Chance(1, 8)) {  // malformed: a few arbitrary bytes somewhere
+    std::string noise(static_cast<size_t>(hostile_.Range(1, 6)), '\0');
+    // ASCII: the server's JSON layer only ever hands the core valid UTF-8.
+    for (char& c : noise) c = static_cast<char>(hostile_.Range(1, 127));
+    sql.insert(static_cast<size_t>(hostile_.Range(0, static_cast<int64_t>(sql.size()))), noise);
+  }
+  s.set_sql(sql);
+  if (sql.find("?1") != std::string::npos) {
+    // Mostly cheap; now and then a read spends a whole work budget (writes stay small, or
+    // every later snapshot and state hash of the run would carry their bulk).
+    bool reads = sql.starts_with("SELECT") || sql.starts_with("WITH");
+    s.add_params()->set_integer(reads && hostile_.Chance(1, 30) ? 100'000 : hostile_.Range(0, 40));
+  }
+  return s;
+}
+
+Message World::ForgedMessage() {
+  // What an authenticated channel can still carry: messages from replicas outside the
+  // group, or addressed to another replica, of any kind, with arbitrary slots and rounds.
+  Message m;
+  const uint32_t n = static_cast<uint32_t>(options_.replicas);
+  m.set_from(hostile_.Chance(1, 2) ? n + static_cast<uint32_t>(hostile_.Range(1, 3)) : 0);
+  m.set_to(static_cast<uint32_t>(hostile_.Range(1, n)));
+  std::string bytes(static_cast<size_t>(hostile_.Range(0, 64)), '\0');
+  for (char& c : bytes) c = static_cast<char>(hostile_.Range(0, 255));
+  Message body;
+  if (body.ParseFromString(bytes)) m.MergeFrom(body);     // random fields, when they parse
+  if (m.from() >= 1 && m.from() <= n) m.set_from(n + 1);  // never a member of the group
+  return m;
+}
+
+void World::OnHostile() {
+  if (!faults_on_) return;
+  Schedule(now_us_ + hostile_.Range(kHostileEveryUs / 2, 3 * kHostileEveryUs / 2),
+           EventKind::kHostile, 0);
+  Host& h = hosts_[hostile_.Range(0, options_.replicas - 1)];
+  if (!h.up || h.paused) return;
+  int action = static_cast<int>(hostile_.Range(0, 9));
+  if (action < 4) {
+    ClientRequest request;  // client 0: no session, never retried
+    request.set_origin_replica(h.id);
+    request.set_timestamp_unix_ms(now_us_ / 1000);
+    Execute* e = request.mutable_command()->mutable_execute();
+    e->set_database(kDatabase);
+    e->set_transaction(hostile_.Chance(1, 2));
+    for (int i = static_cast<int>(hostile_.Range(1, 3)); i > 0; --i) {
+      *e->add_statements() = HostileStatement();
+    }
+    // As the server does: what Validate refuses is answered 400 and never proposed.
+    if (StateMachine::Validate(request.command()).ok()) {
+      Trace(absl::StrCat("hostile write via replica ", h.id));
+      h.replica->Propose(std::move(request));
+    }
+  } else if (action < 7) {
+    // A local read on a replica that applies the log: it must not change what it applies.
+    Trace(absl::StrCat("hostile local read on replica ", h.id));
+    h.sm->Query(kDatabase, HostileStatement()).IgnoreError();
+  } else {
+    Message forged = ForgedMessage();
+    forged.set_to(h.id);
+    Trace(absl::StrCat("forged message to replica ", h.id, " from ", forged.from()));
+    h.replica->Step(forged);
+  }
+  DrainHost(h);
 }
 
 void World::Resume(Host& h) {
@@ -920,6 +1046,7 @@ SimResult World::Run() {
   faults_on_ = true;
   int64_t fault_end_us = now_us_ + options_.ticks * kTickUs;
   Schedule(now_us_ + 100'000, EventKind::kFault, 0);
+  if (options_.hostile) Schedule(now_us_ + kHostileEveryUs, EventKind::kHostile, 0);
   for (size_t i = 0; i < clients_.size(); ++i) ClientStartOp(i);
   int64_t end_us = fault_end_us + kLivenessBoundUs;
   bool healed = false;
@@ -966,6 +1093,9 @@ SimResult World::Run() {
       }
       case EventKind::kFault:
         OnFault();
+        break;
+      case EventKind::kHostile:
+        OnHostile();
         break;
     }
     CheckLeases();

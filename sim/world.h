@@ -25,6 +25,10 @@ struct SimOptions {
   int clients = 0;       // 1..10; 0: drawn from the seed
   int64_t ticks = 3000;  // simulated 10 ms ticks of the faulty phase
   Mode mode = Mode::kSafety;
+  // Hostile workload beside the clients: generated expensive and malformed SQL written
+  // through the log, local reads of the same on the replicas that apply, and forged peer
+  // messages (from replicas outside the group, or for other replicas) handed to the core.
+  bool hostile = false;
   // Deliberate bugs (see KnownBugs()), to test that the checkers catch them.
   std::set<std::string> bugs;
   // If set, a readable line per event is written here.

@@ -43,7 +43,8 @@ def damaged_fts4_image():
         return f.read()
 
 
-class HostileTest(unittest.TestCase):
+class ClusterCase(unittest.TestCase):
+    """A 3-replica cluster with database d and table t(x)."""
     flags = ("--query-timeout-ms", "300")
 
     def setUp(self):
@@ -72,6 +73,8 @@ class HostileTest(unittest.TestCase):
         self.assertIn("code", body["error"])
         return body
 
+
+class HostileTest(ClusterCase):
     def test_an_upload_with_a_damaged_full_text_index_is_refused(self):
         r = self.c.request(1, "PUT", "/v1/db/fb", body=damaged_fts4_image(),
                            headers={"Content-Type": "application/vnd.sqlite3"})
@@ -225,6 +228,37 @@ class HostileTest(unittest.TestCase):
         self.assert_json_error(self.c.exec(1, "d", "SELEC 1", transaction=False), 400)
         self.assert_json_error(self.c.exec(1, "d", "SELEC 1"), 400)
         self.assertEqual(self.c.request(1, "GET", "/v1/db/d").json()["revision"], before)
+
+
+class DivergenceTest(ClusterCase):
+    flags = ("--checkpoint-every", "5")
+
+    def test_a_replica_whose_files_changed_behind_its_back_reports_divergence(self):
+        file_id = self.c.request(1, "GET", "/v1/db/d").json()["id"]
+        for i in range(3):
+            self.assertEqual(self.c.exec(1, "d", "INSERT INTO t VALUES (?)", [i]).status, 200)
+        self.c.wait_revision(3, self.c.status(1)["revision"])
+        # A bad disk, as far as replica 3 can tell: its copy changes without a log entry.
+        damaged = sqlite3.connect(os.path.join(self.c.root, "3", "db", f"{file_id}.sqlite3"))
+        damaged.execute("UPDATE t SET x = 999")
+        damaged.commit()
+        damaged.close()
+        deadline = time.time() + 30
+        while time.time() < deadline and not self.c.status(3).get("diverged"):
+            self.c.exec(1, "d", "INSERT INTO t VALUES (0)")
+        diverged = self.c.status(3)["diverged"]
+        self.assertIsNotNone(diverged)
+        self.assertNotEqual(diverged["own_hash"], diverged["majority_hash"])
+        self.assert_json_error(self.c.query(3, "d", "SELECT 1"), 503)
+        self.assertEqual(self.c.request(3, "GET", "/readyz").status, 503)
+        self.assertIn("synod_diverged 1", self.c.request(3, "GET", "/metrics").body.decode())
+        for i in (1, 2):
+            self.assertIsNone(self.c.status(i)["diverged"])
+            self.assertEqual(self.c.query(i, "d", "SELECT count(*) FROM t WHERE x = 999").status,
+                             200)
+        self.assertIn(3, self.c.status(1)["outvoted_replicas"])
+        # Writes still commit: the diverged replica keeps its place in consensus.
+        self.assertEqual(self.c.exec(3, "d", "INSERT INTO t VALUES (5)").status, 200)
 
 
 if __name__ == "__main__":
