@@ -534,11 +534,15 @@ absl::StatusOr<std::string> StateMachine::Snapshot() {
   return snapshot;
 }
 
-absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
+namespace {
+
+using SnapshotImages = std::map<std::string, Db, std::less<>>;  // by file id
+
+// Decodes and checks a whole snapshot (framing, checksum, every image, the catalog).
+absl::StatusOr<SnapshotImages> LoadSnapshot(std::string_view snapshot) {
   absl::StatusOr<SnapshotFrames> frames = DecodeSnapshot(snapshot);
   if (!frames.ok()) return frames.status();
-  // Check everything before changing anything.
-  std::map<std::string, Db, std::less<>> images;  // by file id
+  SnapshotImages images;
   for (const auto& [file_id, bytes] : *frames) {
     absl::StatusOr<Db> image = LoadImage(bytes);
     if (!image.ok()) {
@@ -551,6 +555,29 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
     }
   }
   if (absl::Status checked = CheckSnapshotImages(images); !checked.ok()) return checked;
+  return images;
+}
+
+}  // namespace
+
+absl::Status StateMachine::CheckSnapshot(std::string_view snapshot, uint64_t revision) {
+  absl::StatusOr<SnapshotImages> images = LoadSnapshot(snapshot);
+  if (!images.ok()) return images.status();
+  Stmt stmt = MustPrepare(images->at(kSystemFileId).get(), "SELECT revision FROM _synod_revision");
+  SYNOD_CHECK(MustStep(stmt.get()));  // CheckSnapshotImages found the row
+  uint64_t held = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0));
+  if (held != revision) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the snapshot holds revision ", held, ", not ", revision));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
+  // Check everything before changing anything.
+  absl::StatusOr<SnapshotImages> loaded = LoadSnapshot(snapshot);
+  if (!loaded.ok()) return loaded.status();
+  SnapshotImages& images = *loaded;
 
   // Remove the system database first: a crash from here on leaves no catalog, so Open()
   // starts from an empty state (removing every user file) rather than from a mixed one.
@@ -573,8 +600,8 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   SYNOD_CHECK(system_db.ok()) << system_db.status();
   CopyDatabase(images.find(kSystemFileId)->second.get(), system_db->get());
   impl_->system = std::move(*system_db);
-  absl::Status loaded = impl_->Load();
-  SYNOD_CHECK(loaded.ok()) << loaded;
+  absl::Status reloaded = impl_->Load();
+  SYNOD_CHECK(reloaded.ok()) << reloaded;
   return absl::OkStatus();
 }
 

@@ -227,6 +227,10 @@ class StateMachine {
   // state, removing the databases the snapshot does not have.
   absl::StatusOr<std::string> Snapshot();
   absl::Status RestoreSnapshot(std::string_view snapshot);
+  // Whether RestoreSnapshot would accept `snapshot`, and it holds state at `revision`
+  // (InvalidArgument if not). Changes nothing: a host checks a snapshot from a peer with it
+  // before persisting anything, so that a bad one never reaches its disk.
+  static absl::Status CheckSnapshot(std::string_view snapshot, uint64_t revision);
 
   // A hash of the logical content of every database and the session table: equal on two
   // replicas exactly when they hold the same state. Stable across processes.

@@ -961,6 +961,19 @@ TEST(StateMachineTest, ADamagedSnapshotIsRejectedAndChangesNothing) {
   EXPECT_EQ(target.One("b", "SELECT 1"), "1");
 }
 
+TEST(StateMachineTest, ASnapshotIsCheckedWholeAndAgainstItsRevisionBeforeItIsKept) {
+  Replica source;
+  source.Apply(Create("a"));
+  source.Apply(Exec("a", "CREATE TABLE t(x)"));
+  std::string snapshot = *source.machine().Snapshot();
+  EXPECT_TRUE(StateMachine::CheckSnapshot(snapshot, 2).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::CheckSnapshot(snapshot, 3)));
+  std::string flipped = snapshot;
+  flipped[flipped.size() / 2] ^= 1;
+  EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::CheckSnapshot(flipped, 2)));
+  EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::CheckSnapshot("SYNODSS1", 2)));
+}
+
 TEST(StateMachineTest, DatabaseFileIdIsAStableHashOfTheName) {
   EXPECT_EQ(DatabaseFileId("a"), "af63dc4c8601ec8c");  // 64-bit FNV-1a of "a"
   EXPECT_NE(DatabaseFileId("a"), DatabaseFileId("b"));

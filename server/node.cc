@@ -213,7 +213,7 @@ absl::Status Node::Start() {
   state.applied_index = sm_->revision();
   last_snapshot_index_ = state.snapshot_meta.index();
 
-  ReplicaConfig config;
+  ReplicaConfig& config = replica_config_;
   config.id = options_.id;
   for (const auto& [id, address] : options_.peers) config.replica_ids.push_back(id);
   // 10 ms ticks: elections after 0.5-1 s of silence, heartbeats every 100 ms.
@@ -315,6 +315,16 @@ void Node::CatchUpTicks() {
 void Node::Drain() {
   while (!stopping_ && replica_->HasReady()) {
     Ready ready = replica_->GetReady();
+    // 0. A snapshot from a peer is checked whole before anything of this Ready is kept:
+    //    persisted, a bad one would stop this replica from starting ever again.
+    if (ready.snapshot) {
+      absl::Status valid =
+          StateMachine::CheckSnapshot(ready.snapshot->data, ready.snapshot->meta.index());
+      if (!valid.ok()) {
+        RefuseSnapshot(valid);
+        continue;
+      }
+    }
     // 1. Persist; an fsync when a promise or an accept depends on it.
     log_->Append(ready);
     if (ready.must_sync || ready.snapshot) {
@@ -328,7 +338,8 @@ void Node::Drain() {
     // 3. Install, apply.
     if (ready.snapshot) {
       absl::Status restored = sm_->RestoreSnapshot(ready.snapshot->data);
-      SYNOD_CHECK(restored.ok()) << "snapshot from a peer does not restore: " << restored;
+      // CheckSnapshot accepted it above: failing now is the machine's (disk, memory).
+      SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
       fprintf(stderr, "I installed a snapshot at revision %llu\n",
               static_cast<unsigned long long>(sm_->revision()));
     }
@@ -358,6 +369,25 @@ void Node::Drain() {
     ServeWaitingReads();
     MaybeCompact();
   }
+}
+
+void Node::RefuseSnapshot(const absl::Status& why) {
+  ++counters_.snapshots_refused;
+  fprintf(stderr,
+          "E refused a snapshot from a peer (%s): nothing of it was kept; the replica restarts "
+          "from its log and asks again\n",
+          why.ToString().c_str());
+  // The replica already counts the snapshot as installed (its log below it is gone from
+  // memory): it is rebuilt from what is durable, exactly as after a crash. Requests it held
+  // are answered 503 at their deadline.
+  absl::Status synced = log_->Sync();
+  SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
+  absl::StatusOr<PersistedState> state = log_->ReadBack();
+  SYNOD_CHECK(state.ok()) << "log read-back failed: " << state.status();
+  state->applied_index = sm_->revision();
+  std::random_device entropy;
+  replica_ = std::make_unique<Replica>(replica_config_, *std::move(state),
+                                       (static_cast<uint64_t>(entropy()) << 32) | entropy());
 }
 
 void Node::CheckDivergence(const CommittedEntry& entry) {
@@ -1031,6 +1061,9 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_reads_total", "consistent and local reads", counters_.reads);
   counter("synod_queries_timed_out_total", "queries interrupted at --query-timeout-ms",
           counters_.queries_timed_out);
+  counter("synod_snapshots_refused_total",
+          "snapshots from peers refused whole before anything of them was kept",
+          counters_.snapshots_refused);
   counter("synod_peer_messages_rejected_total",
           "authenticated peer messages the core dropped as malformed or stale",
           s.rejected_message_count);

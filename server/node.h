@@ -100,6 +100,7 @@ class Node {
     uint64_t reads = 0;
     uint64_t queries_timed_out = 0;
     uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
+    uint64_t snapshots_refused = 0;
   };
 
   void OnTick();
@@ -109,6 +110,8 @@ class Node {
   // The divergence check's part of applying `entry`: votes it carries, and this replica's
   // own vote when the entry's revision is one the group hashes.
   void CheckDivergence(const CommittedEntry& entry);
+  // Drops a Ready whose snapshot failed its check, and rebuilds the replica from the log.
+  void RefuseSnapshot(const absl::Status& why);
   void MaybeCompact();
   void CompactLog();
   void SendMessages(std::vector<Message> messages);
@@ -159,6 +162,7 @@ class Node {
   std::unique_ptr<LogStore> log_;
   std::unique_ptr<FileDatabaseOpener> opener_;
   std::unique_ptr<StateMachine> sm_;
+  ReplicaConfig replica_config_;
   std::unique_ptr<Replica> replica_;
   std::unique_ptr<HttpServer> http_;
   // Messages waiting for a peer while a POST to it is in flight.
