@@ -494,13 +494,26 @@ void Replica::ExpireRequests() {
   });
 }
 
+void Replica::TickAfterStall(int64_t ticks) {
+  SYNOD_CHECK_GE(ticks, 0);
+  replaying_stall_ = true;
+  for (int64_t i = 0; i < ticks; ++i) Tick();
+  replaying_stall_ = false;
+  if (role_ != Role::kLeader) {
+    election_deadline_ticks_ = now_ticks_ + static_cast<int64_t>(RandomElectionTimeout());
+  }
+  CheckInvariants();
+}
+
 void Replica::TickFollower() {
+  if (replaying_stall_) return;
   if (now_ticks_ >= election_deadline_ticks_ && now_ticks_ >= lease_granted_until_tick_) {
     StartElection();
   }
 }
 
 void Replica::TickCandidate() {
+  if (replaying_stall_) return;
   if (now_ticks_ >= election_deadline_ticks_) {
     StartElection();  // a higher round, after a randomized back-off
     return;

@@ -163,6 +163,12 @@ class Replica {
 
   // One logical tick.
   void Tick();
+  // `ticks` ticks at once, after the host's process did not run for that long (a pause, a
+  // long stall of its loop). The clock sees every one of them, so leases held or granted
+  // run out exactly as they would have. But a follower or candidate stands for election
+  // only after a fresh election timeout from now: what it missed while it was not running
+  // says nothing about the leader, whose heartbeats are likely waiting to be read.
+  void TickAfterStall(int64_t ticks);
   // A message from a peer. It first passes the sanity checks of RejectReason(); one that
   // fails is dropped before it changes anything, and only counted in
   // ReplicaStatus::rejected_message_count. The checks do not make a forged message harmless:
@@ -308,6 +314,8 @@ class Replica {
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
   uint32_t incoming_snapshot_from_ = 0;
   std::string incoming_snapshot_data_;
+
+  bool replaying_stall_ = false;  // inside TickAfterStall: no election starts
 
   // Sanity checks.
   uint64_t rejected_message_count_ = 0;

@@ -831,6 +831,37 @@ TEST(Cluster, ALeaderUnderSteadyLoadKeepsLeadingAndHoldsItsLease) {
   EXPECT_EQ(c.applied_writes().size(), 300u);
 }
 
+TEST(Cluster, AFollowerThatStalledHearsTheLeaderBeforeItStandsForElection) {
+  testing::Cluster c(3, 29);
+  uint32_t leader = ElectLeader(c);
+  ASSERT_NE(leader, 0u);
+  c.RunTicks(5);
+  leader = c.Leader();
+  Ballot ballot = c.replica(leader)->Status().ballot;
+  uint32_t stalled = leader % 3 + 1;
+  // Far more than an election timeout went by while its process did not run.
+  c.replica(stalled)->TickAfterStall(500);
+  EXPECT_EQ(c.replica(stalled)->role(), Role::kFollower);
+  EXPECT_TRUE(BallotEqual(c.replica(stalled)->Status().ballot, ballot));
+  c.RunTicks(30);  // the leader's heartbeats arrive within its fresh timeout
+  EXPECT_EQ(c.Leader(), leader);
+  EXPECT_TRUE(BallotEqual(c.replica(leader)->Status().ballot, ballot));
+}
+
+TEST(Cluster, AStalledFollowerStillStandsWhenTheLeaderIsReallyGone) {
+  testing::Cluster c(3, 31);
+  uint32_t leader = ElectLeader(c);
+  ASSERT_NE(leader, 0u);
+  c.RunTicks(5);
+  leader = c.Leader();
+  c.Crash(leader);
+  uint32_t stalled = leader % 3 + 1;
+  c.replica(stalled)->TickAfterStall(500);
+  c.RunTicks(300);
+  EXPECT_NE(c.Leader(), 0u);
+  EXPECT_NE(c.Leader(), leader);
+}
+
 TEST(Cluster, FollowerForwardsWritesAndEveryReplicaAppliesThem) {
   testing::Cluster c(3, 7);
   uint32_t leader = ElectLeader(c);

@@ -306,9 +306,16 @@ void Node::CatchUpTicks() {
   uv_update_time(loop_);
   now_ms_ = static_cast<int64_t>(uv_now(loop_));
   if (last_tick_ms_ == 0) last_tick_ms_ = now_ms_;
-  while (now_ms_ - last_tick_ms_ >= options_.tick_ms) {
-    replica_->Tick();
-    last_tick_ms_ += options_.tick_ms;
+  int64_t missed_ticks = (now_ms_ - last_tick_ms_) / options_.tick_ms;
+  last_tick_ms_ += missed_ticks * options_.tick_ms;
+  // A few ticks late is the loop's ordinary jitter; more is a stall (a pause, a long entry
+  // applied), after which the leader's heartbeats are waiting to be read: the replica gives
+  // it a fresh election timeout instead of standing at once.
+  constexpr int64_t kStallTicks = 5;
+  if (missed_ticks > kStallTicks) {
+    replica_->TickAfterStall(missed_ticks);
+  } else {
+    for (int64_t i = 0; i < missed_ticks; ++i) replica_->Tick();
   }
 }
 

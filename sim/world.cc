@@ -763,10 +763,15 @@ void World::Resume(Host& h) {
   // before it handles anything else.
   int64_t missed = (now_us_ - h.paused_since_us) / h.tick_period_us;
   Trace(absl::StrCat("replica ", h.id, " resumes after ", missed, " ticks"));
-  for (int64_t i = 0; i < missed && h.up; ++i) {
-    h.replica->Tick();
-    DrainHost(h);
+  // As the server's loop does (Node::CatchUpTicks): a stall longer than a few ticks is
+  // replayed at once, and gives the leader a fresh election timeout to be heard.
+  constexpr int64_t kStallTicks = 5;
+  if (missed > kStallTicks) {
+    h.replica->TickAfterStall(missed);
+  } else {
+    for (int64_t i = 0; i < missed; ++i) h.replica->Tick();
   }
+  DrainHost(h);
 }
 
 void World::CheckLeases() {
