@@ -53,9 +53,11 @@ void RandomBlobFunction(sqlite3_context* context, int argc, sqlite3_value** argv
   }
   const size_t size = static_cast<size_t>(size_bytes);
   for (size_t i = 0; i < size; i += 8) {
+    // Little-endian bytes of each word, on every machine.
+    unsigned char bytes[8];
     uint64_t word = random->Next();
-    size_t n = std::min<size_t>(8, size - i);
-    for (size_t j = 0; j < n; ++j) blob[i + j] = static_cast<unsigned char>(word >> (8 * j));
+    for (int j = 0; j < 8; ++j) bytes[j] = static_cast<unsigned char>(word >> (8 * j));
+    std::memcpy(blob + i, bytes, std::min<size_t>(8, size - i));
   }
   sqlite3_result_blob64(context, blob, size, sqlite3_free);
 }

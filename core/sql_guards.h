@@ -27,11 +27,14 @@
 namespace synod {
 
 // Most work units (about one SQLite step each) one request may use across its statements:
-// about a quarter of a second of CPU here (measured: 50 million steps took 1.1 s).
-constexpr int64_t kMaxRequestWorkUnits = 10'000'000;
+// about a tenth of a second of CPU here (measured: 50 million steps took 1.1 s). Every
+// replica applies every request on its event loop, so this bounds how long one request
+// can hold a replica's loop.
+constexpr int64_t kMaxRequestWorkUnits = 5'000'000;
 // Most bytes one request may obtain in allocations of at least kChargedAllocationBytes,
-// counted cumulatively (a freed and reallocated buffer counts again).
-constexpr int64_t kMaxRequestLargeAllocationBytes = 64 << 20;
+// counted cumulatively (a freed and reallocated buffer counts again): room for a 3 MiB
+// value bound, copied into a record and written.
+constexpr int64_t kMaxRequestLargeAllocationBytes = 32 << 20;
 // The smallest allocation charged. Above SQLite's page-cache bulk allocation (~90 KiB for
 // 20 pages of 4 KiB), which depends on what a connection has cached, so is not deterministic.
 constexpr int64_t kChargedAllocationBytes = 128 << 10;
