@@ -279,9 +279,12 @@ const char* Replica::RejectReason(const Message& m) const {
       return nullptr;
     }
     case Message::kSnapshotAck: {
+      // It continues the snapshot held, from an offset inside it; or it names another (this
+      // replica's snapshot changed, or it restarted with an older one) and is answered with
+      // the start of the one held, which must then be of use: above the sender's commit index.
       const SnapshotAck& ack = m.snapshot_ack();
-      if (ack.index() > snapshot_meta_.index() ||
-          (ack.index() == snapshot_meta_.index() && ack.next_offset() > snapshot_data_.size())) {
+      if (ack.index() == snapshot_meta_.index() ? ack.next_offset() > snapshot_data_.size()
+                                                : snapshot_meta_.index() <= m.commit_index()) {
         return "a snapshot acknowledgement for a snapshot this replica does not hold";
       }
       return nullptr;
@@ -451,21 +454,30 @@ void Replica::Tick() {
   }
   if (catchup_retry_ticks_ > 0 && --catchup_retry_ticks_ == 0 &&
       catchup_wanted_until_ > commit_index_) {
-    // Unanswered, or answered with nothing: ask the next peer in turn, so that one peer
-    // that cannot serve (dead, or lost its chosen marks) does not stall this replica.
-    auto it = std::find(config_.replica_ids.begin(), config_.replica_ids.end(), catchup_peer_);
     uint32_t peer = config_.id;
-    for (size_t i = 0; i < config_.replica_ids.size() && peer == config_.id; ++i) {
-      if (it == config_.replica_ids.end() || ++it == config_.replica_ids.end()) {
-        it = config_.replica_ids.begin();
+    if (incoming_snapshot_meta_ && incoming_snapshot_from_ == catchup_peer_ &&
+        !snapshot_resume_sent_) {
+      // A snapshot transfer stalled (a chunk or an acknowledgement was lost): ask its sender
+      // for the rest once more before moving on, as another peer would start over at offset 0.
+      snapshot_resume_sent_ = true;
+      peer = catchup_peer_;
+    } else {
+      // Unanswered, or answered with nothing: ask the next peer in turn, so that one peer
+      // that cannot serve (dead, or lost its chosen marks) does not stall this replica.
+      auto it = std::find(config_.replica_ids.begin(), config_.replica_ids.end(), catchup_peer_);
+      for (size_t i = 0; i < config_.replica_ids.size() && peer == config_.id; ++i) {
+        if (it == config_.replica_ids.end() || ++it == config_.replica_ids.end()) {
+          it = config_.replica_ids.begin();
+        }
+        peer = *it;
       }
-      peer = *it;
     }
     MaybeRequestCatchup(peer, catchup_wanted_until_);
   }
   if (incoming_snapshot_meta_ && incoming_snapshot_meta_->index() <= commit_index_) {
     incoming_snapshot_meta_.reset();  // caught up otherwise: nothing in it is missing now
     incoming_snapshot_data_.clear();
+    snapshot_resume_sent_ = false;
   }
   ExpireRequests();
   CheckInvariants();
@@ -501,6 +513,13 @@ void Replica::TickAfterStall(int64_t ticks) {
   replaying_stall_ = false;
   if (role_ != Role::kLeader) {
     election_deadline_ticks_ = now_ticks_ + static_cast<int64_t>(RandomElectionTimeout());
+  } else {
+    // The followers' acknowledgements are likely waiting to be read, as the leader's
+    // heartbeats are for a follower: half an election timeout to hear a majority before it
+    // steps down. Only stepping down depends on this; leases and reads have their own
+    // clocks, which the replay has advanced in full.
+    last_quorum_contact_tick_ =
+        std::max(last_quorum_contact_tick_, now_ticks_ - config_.election_timeout_ticks / 2);
   }
   CheckInvariants();
 }
@@ -529,7 +548,8 @@ void Replica::TickCandidate() {
 }
 
 void Replica::TickLeader() {
-  if (now_ticks_ - last_quorum_contact_tick_ > config_.election_timeout_ticks) {
+  if (!replaying_stall_ &&
+      now_ticks_ - last_quorum_contact_tick_ > config_.election_timeout_ticks) {
     // Cut off from a majority: stop acting as leader so clients are refused promptly.
     BecomeFollower(0);
     return;
@@ -544,6 +564,9 @@ void Replica::TickLeader() {
       if (peer != config_.id && !inflight.votes.Has(peer)) SendAccept(peer, slot);
     }
   }
+  // Requests held back at the edge of the slot window (or behind slots learned otherwise
+  // than by acknowledgement, as by catch-up) go out once there is room.
+  MaybeProposeBatches();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -769,8 +792,9 @@ void Replica::MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit) {
   catchup_peer_ = peer;
   Message m = NewMessage(peer);
   if (incoming_snapshot_meta_ && incoming_snapshot_from_ == peer) {
-    // A transfer from this peer stalled (a chunk was lost): ask for the rest of it rather
-    // than start over. A peer whose snapshot changed since answers with its new one.
+    // A transfer from this peer stalled (a chunk or an acknowledgement was lost): ask for
+    // the rest of it rather than start over. A peer whose snapshot changed since answers with
+    // the start of the one it holds.
     catchup_from_slot_ = 1;
     catchup_to_slot_ = 0;  // no entries asked for
     catchup_retry_ticks_ = config_.retry_ticks * 4;
@@ -846,6 +870,7 @@ void Replica::StepSnapshotChunk(const Message& m) {
   const SnapshotChunk& chunk = m.snapshot_chunk();
   const SnapshotMeta& meta = chunk.meta();
   catchup_retry_ticks_ = config_.retry_ticks * 4;  // the snapshot stream takes a while
+  snapshot_resume_sent_ = false;                   // it moves: the next stall asks again
   if (chunk.offset() == 0) {
     incoming_snapshot_meta_ = meta;
     incoming_snapshot_from_ = m.from();
@@ -880,6 +905,8 @@ void Replica::StepSnapshotChunk(const Message& m) {
 
 void Replica::StepSnapshotAck(const Message& m) {
   const SnapshotAck& ack = m.snapshot_ack();
+  // Another snapshot than the one held (RejectReason checked the one held is of use): start
+  // the one held over.
   if (ack.index() != snapshot_meta_.index()) return SendSnapshotChunk(m.from(), 0);
   if (ack.next_offset() < snapshot_data_.size()) SendSnapshotChunk(m.from(), ack.next_offset());
 }
@@ -935,7 +962,12 @@ void Replica::SendAccept(uint32_t peer, uint64_t slot) {
 
 void Replica::MaybeProposeBatches() {
   if (role_ != Role::kLeader) return;
-  while (!queue_.empty() && inflight_.size() < config_.max_inflight_slots) {
+  // max_inflight_slots counts slots not yet chosen only: while one stalls, later ones are
+  // chosen and the pipeline runs on. Followers drop accepts beyond their commit index plus
+  // max_slots_beyond_commit, so the leader proposes no further than that from its own.
+  // (A leader's next slot lies above its commit index, checked in CheckInvariants.)
+  while (!queue_.empty() && inflight_.size() < config_.max_inflight_slots &&
+         next_slot_ - commit_index_ <= config_.max_slots_beyond_commit) {
     Value batch;
     size_t bytes = 0;
     while (!queue_.empty() &&

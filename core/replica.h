@@ -58,9 +58,12 @@ struct ReplicaConfig {
   // A request waiting for a leader is refused (UNAVAILABLE) after this long.
   int request_timeout_ticks = 40;
 
-  size_t max_batch_requests = 256;     // client requests per log entry
-  size_t max_batch_bytes = 1 << 20;    // encoded bytes of client requests per log entry
-  size_t max_inflight_slots = 32;      // slots proposed and not yet chosen
+  size_t max_batch_requests = 256;   // client requests per log entry
+  size_t max_batch_bytes = 1 << 20;  // encoded bytes of client requests per log entry
+  // Slots proposed and not yet chosen. Chosen slots leave the count even while an earlier one
+  // stalls, so this alone does not bound how far the leader runs ahead of its commit index:
+  // max_slots_beyond_commit does.
+  size_t max_inflight_slots = 32;
   size_t max_pending_requests = 8192;  // requests queued at the leader or awaiting one
   size_t max_pending_reads = 8192;
   size_t max_catchup_entries = 64;     // entries per catch-up response
@@ -75,7 +78,12 @@ struct ReplicaConfig {
   // replica that has fallen further behind than this accepts nothing, and cannot lead, until
   // it has caught up. At 2^14, a gap a forged message opens costs a new leader of five about
   // 35 MB and 0.2 s to fill (at 2^16: 120 MB, 1 s; the cost grows faster than the window).
-  // REQUIRES: >= max_inflight_slots and >= max_catchup_entries.
+  // The leader proposes no slot beyond its own commit index plus this, so a follower that
+  // has learned that commit index takes every accept; while one slot stalls, later slots
+  // wait for it at the edge of the window rather than run on past it.
+  // The bound on a new leader's walk assumes storage syncs in order (docs/consensus.md).
+  // REQUIRES: >= max_inflight_slots (the window does not narrow the pipeline while nothing
+  // stalls) and >= max_catchup_entries.
   uint64_t max_slots_beyond_commit = 1 << 14;
   // A message whose ballot round is more than this above the highest round this replica has
   // seen is dropped, so no single message can use up the round space below kMaxBallotRound.
@@ -167,7 +175,9 @@ class Replica {
   // long stall of its loop). The clock sees every one of them, so leases held or granted
   // run out exactly as they would have. But a follower or candidate stands for election
   // only after a fresh election timeout from now: what it missed while it was not running
-  // says nothing about the leader, whose heartbeats are likely waiting to be read.
+  // says nothing about the leader, whose heartbeats are likely waiting to be read. A leader
+  // likewise waits half an election timeout for its followers' acknowledgements before it
+  // steps down for want of a quorum.
   void TickAfterStall(int64_t ticks);
   // A message from a peer. It first passes the sanity checks of RejectReason(); one that
   // fails is dropped before it changes anything, and only counted in
@@ -314,6 +324,9 @@ class Replica {
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
   uint32_t incoming_snapshot_from_ = 0;
   std::string incoming_snapshot_data_;
+  // The transfer stalled and its sender was asked again for the rest; no chunk has come
+  // since. The next stall moves on to another peer.
+  bool snapshot_resume_sent_ = false;
 
   bool replaying_stall_ = false;  // inside TickAfterStall: no election starts
 

@@ -56,6 +56,7 @@ class DeliberateBug : public ::testing::TestWithParam<std::string> {};
 TEST_P(DeliberateBug, IsCaughtByTheFixedSweep) {
   for (uint64_t seed = 1; seed <= kSeeds; ++seed) {
     SimOptions o = Options(seed);
+    o.hostile = false;  // the bugs are in consensus and sessions: keep these runs fast
     o.bugs.insert(GetParam());
     SimResult r = RunIsolated(o);
     if (!r.passed) {
