@@ -1,6 +1,7 @@
 // synod-server: one replica of a Synod cluster. See docs/operations.md.
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <uv.h>
 
 #include <cstdio>
@@ -169,6 +170,23 @@ int main(int argc, char** argv) {
     fprintf(stderr, "W an even number of replicas tolerates no more failures than one fewer\n");
   }
   signal(SIGPIPE, SIG_IGN);
+  // Connections must meet the connection cap (which evicts idle ones to make room) before
+  // they meet the file-descriptor limit (which refuses everyone, /healthz included): take
+  // the hard limit, and keep descriptors in reserve for the log, the databases and peers.
+  constexpr rlim_t kReservedDescriptors = 256;
+  struct rlimit files;
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+    getrlimit(RLIMIT_NOFILE, &files);
+    if (files.rlim_cur < options.max_connections + kReservedDescriptors) {
+      options.max_connections = files.rlim_cur > 2 * kReservedDescriptors
+                                    ? files.rlim_cur - kReservedDescriptors
+                                    : files.rlim_cur / 2;
+      fprintf(stderr, "W at most %zu open connections: the file-descriptor limit is %llu\n",
+              options.max_connections, static_cast<unsigned long long>(files.rlim_cur));
+    }
+  }
   // SQLite's 'localtime' modifier reads the process's time zone: the same on every replica
   // only if it is fixed.
   setenv("TZ", "UTC", 1);

@@ -242,6 +242,7 @@ absl::Status Node::Start() {
     return BodyLimit(method, target);
   };
   limits.request_timeout_ms = options_.http_request_timeout_ms;
+  limits.max_connections = options_.max_connections;
   http_ = std::make_unique<HttpServer>(
       loop_, limits, [this](HttpRequest request, std::shared_ptr<Responder> r) {
         Handle(request, std::make_shared<HttpResponder>(std::move(r)));

@@ -74,6 +74,9 @@ struct NodeOptions {
   // with it (adapters/peer_auth.h).
   std::string cluster_secret;
   int http_request_timeout_ms = 30000;  // a client must send a whole request within this
+  // Open HTTP connections at most; when full, the longest-idle one makes room. main() lowers
+  // it below the file-descriptor limit, so that the cap, not the kernel, decides.
+  size_t max_connections = 1024;
 };
 
 class Node {
