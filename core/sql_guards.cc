@@ -34,8 +34,83 @@ void* ChargedRealloc(void* old, int size_bytes) {
   return default_memory.xRealloc(old, size_bytes);
 }
 
-// Installed before main(), so before any SQLite use: SQLite accepts a new allocator only
-// while it is not initialized.
+// SQLite's own page cache, which the charging one wraps. Ephemeral tables (UNION,
+// DISTINCT, IN lists, materialized views and CTEs) keep their rows in pages of a cache of
+// their own, which an allocation threshold does not see: a UNION of 100 KB rows grew to
+// half a gigabyte in 75 thousand steps. A cache created while a budget is active (one of
+// those, created and dropped by the statement) is charged every page it adds; the caches of
+// database connections are created when the connection opens, outside any budget, so what
+// they hold (which depends on history) is never charged.
+sqlite3_pcache_methods2 default_pages{};
+
+struct ChargedCache {
+  sqlite3_pcache* inner;
+  int64_t page_bytes;
+  bool charged;
+};
+
+ChargedCache* Unwrap(sqlite3_pcache* cache) { return reinterpret_cast<ChargedCache*>(cache); }
+
+sqlite3_pcache* ChargedCreate(int page_bytes, int extra_bytes, int purgeable) {
+  sqlite3_pcache* inner = default_pages.xCreate(page_bytes, extra_bytes, purgeable);
+  if (inner == nullptr) return nullptr;
+  auto* cache = static_cast<ChargedCache*>(sqlite3_malloc(sizeof(ChargedCache)));
+  if (cache == nullptr) {
+    default_pages.xDestroy(inner);
+    return nullptr;
+  }
+  *cache = ChargedCache{.inner = inner,
+                        .page_bytes = static_cast<int64_t>(page_bytes) + extra_bytes,
+                        .charged = active_budget != nullptr};
+  return reinterpret_cast<sqlite3_pcache*>(cache);
+}
+
+void ChargedCachesize(sqlite3_pcache* cache, int pages) {
+  default_pages.xCachesize(Unwrap(cache)->inner, pages);
+}
+
+int ChargedPagecount(sqlite3_pcache* cache) {
+  return default_pages.xPagecount(Unwrap(cache)->inner);
+}
+
+sqlite3_pcache_page* ChargedFetch(sqlite3_pcache* cache, unsigned key, int create) {
+  ChargedCache* c = Unwrap(cache);
+  WorkBudget* budget = active_budget;
+  if (!c->charged || create == 0 || budget == nullptr) {
+    return default_pages.xFetch(c->inner, key, create);
+  }
+  int before = default_pages.xPagecount(c->inner);
+  sqlite3_pcache_page* page = default_pages.xFetch(c->inner, key, create);
+  if (page != nullptr && default_pages.xPagecount(c->inner) > before &&
+      !budget->ChargeAllocation(c->page_bytes)) {
+    default_pages.xUnpin(c->inner, page, /*discard=*/1);
+    return nullptr;  // SQLITE_NOMEM, alike on every replica
+  }
+  return page;
+}
+
+void ChargedUnpin(sqlite3_pcache* cache, sqlite3_pcache_page* page, int discard) {
+  default_pages.xUnpin(Unwrap(cache)->inner, page, discard);
+}
+
+void ChargedRekey(sqlite3_pcache* cache, sqlite3_pcache_page* page, unsigned old_key,
+                  unsigned new_key) {
+  default_pages.xRekey(Unwrap(cache)->inner, page, old_key, new_key);
+}
+
+void ChargedTruncate(sqlite3_pcache* cache, unsigned limit) {
+  default_pages.xTruncate(Unwrap(cache)->inner, limit);
+}
+
+void ChargedDestroy(sqlite3_pcache* cache) {
+  default_pages.xDestroy(Unwrap(cache)->inner);
+  sqlite3_free(cache);
+}
+
+void ChargedShrink(sqlite3_pcache* cache) { default_pages.xShrink(Unwrap(cache)->inner); }
+
+// Installed before main(), so before any SQLite use: SQLite accepts a new allocator and page
+// cache only while it is not initialized.
 const bool allocator_installed = [] {
   SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_GETMALLOC, &default_memory), SQLITE_OK);
   sqlite3_mem_methods charged = default_memory;
@@ -43,6 +118,18 @@ const bool allocator_installed = [] {
   charged.xRealloc = &ChargedRealloc;
   SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_MALLOC, &charged), SQLITE_OK)
       << "SQLite was used before the allocator could be installed";
+  SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_GETPCACHE2, &default_pages), SQLITE_OK);
+  sqlite3_pcache_methods2 pages = default_pages;
+  pages.xCreate = &ChargedCreate;
+  pages.xCachesize = &ChargedCachesize;
+  pages.xPagecount = &ChargedPagecount;
+  pages.xFetch = &ChargedFetch;
+  pages.xUnpin = &ChargedUnpin;
+  pages.xRekey = &ChargedRekey;
+  pages.xTruncate = &ChargedTruncate;
+  pages.xDestroy = &ChargedDestroy;
+  pages.xShrink = &ChargedShrink;
+  SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_PCACHE2, &pages), SQLITE_OK);
   return true;
 }();
 

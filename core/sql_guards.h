@@ -12,7 +12,9 @@
 //    worst-case cost before running the built-in on a private connection;
 //  - large allocations: every allocation of at least kChargedAllocationBytes that SQLite
 //    makes while a budget is active on the thread is charged its size, cumulatively. Pages
-//    and the lookaside (smaller, and dependent on what a connection cached) are not.
+//    and the lookaside (smaller, and dependent on what a connection cached) are not;
+//  - the pages of ephemeral tables (UNION, DISTINCT, materialized CTEs ...): every page a
+//    page cache created while a budget is active adds is charged, with the allocations.
 // Past the budget the statement fails RESOURCE_EXHAUSTED alike on every replica.
 //
 // SQLite's run-time limits (ApplySqliteLimits) are set identically on every connection.

@@ -1301,6 +1301,11 @@ TEST(HostileInput, ExpensiveStatementsFailAliveAndAlike) {
       {"WITH RECURSIVE c(n, x) AS (SELECT 1, zeroblob(10000000) UNION "
        "SELECT n + 1, x FROM c WHERE n < 1000) SELECT count(*) FROM c",
        RESOURCE_EXHAUSTED},
+      // Rows under the allocation threshold, kept in an ephemeral table's pages: 544 MB in
+      // 5000 rows, far under the step budget, until its pages were charged.
+      {"WITH RECURSIVE c(n, x) AS (SELECT 1, zeroblob(100000) UNION "
+       "SELECT n + 1, x FROM c WHERE n < 300000) SELECT count(*) FROM c",
+       RESOURCE_EXHAUSTED},
   };
   for (const auto& [sql, code] : attacks) {
     Replica a;
