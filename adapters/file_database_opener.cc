@@ -156,8 +156,12 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::OpenReadOnly(std::string_view file_
   // No SQLITE_OPEN_CREATE: a database that is gone is NotFound, never created empty.
   int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, vfs_name);
   if (rc != SQLITE_OK) {
-    absl::Status status = absl::NotFoundError(absl::StrCat(
-        "cannot open ", path, ": ", db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc)));
+    struct stat st;
+    std::string why = absl::StrCat("cannot open ", path, ": ",
+                                   db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+    absl::Status status = stat(path.c_str(), &st) != 0 && errno == ENOENT
+                              ? absl::NotFoundError(why)
+                              : absl::UnavailableError(why);  // descriptors, permissions
     sqlite3_close(db);
     return status;
   }

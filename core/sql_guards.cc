@@ -12,13 +12,16 @@ namespace synod {
 namespace {
 
 thread_local WorkBudget* active_budget = nullptr;
+// Set while the page cache runs on this thread: its allocations are charged per page (or not
+// at all, for a connection's own cache), never by size.
+thread_local bool in_page_cache = false;
 
 // SQLite's own allocator, which the charging one wraps.
 sqlite3_mem_methods default_memory{};
 
 void* ChargedMalloc(int size_bytes) {
   WorkBudget* budget = active_budget;
-  if (budget != nullptr && size_bytes >= kChargedAllocationBytes &&
+  if (budget != nullptr && !in_page_cache && size_bytes >= kChargedAllocationBytes &&
       !budget->ChargeAllocation(size_bytes)) {
     return nullptr;  // SQLITE_NOMEM, alike on every replica
   }
@@ -27,7 +30,7 @@ void* ChargedMalloc(int size_bytes) {
 
 void* ChargedRealloc(void* old, int size_bytes) {
   WorkBudget* budget = active_budget;
-  if (budget != nullptr && size_bytes >= kChargedAllocationBytes &&
+  if (budget != nullptr && !in_page_cache && size_bytes >= kChargedAllocationBytes &&
       !budget->ChargeAllocation(size_bytes)) {
     return nullptr;
   }
@@ -51,7 +54,20 @@ struct ChargedCache {
 
 ChargedCache* Unwrap(sqlite3_pcache* cache) { return reinterpret_cast<ChargedCache*>(cache); }
 
+// Marks the page cache's own work on this thread (see in_page_cache).
+class InPageCache {
+ public:
+  InPageCache() : outer_(in_page_cache) { in_page_cache = true; }
+  ~InPageCache() { in_page_cache = outer_; }
+  InPageCache(const InPageCache&) = delete;
+  InPageCache& operator=(const InPageCache&) = delete;
+
+ private:
+  bool outer_;
+};
+
 sqlite3_pcache* ChargedCreate(int page_bytes, int extra_bytes, int purgeable) {
+  InPageCache scope;
   sqlite3_pcache* inner = default_pages.xCreate(page_bytes, extra_bytes, purgeable);
   if (inner == nullptr) return nullptr;
   auto* cache = static_cast<ChargedCache*>(sqlite3_malloc(sizeof(ChargedCache)));
@@ -74,6 +90,7 @@ int ChargedPagecount(sqlite3_pcache* cache) {
 }
 
 sqlite3_pcache_page* ChargedFetch(sqlite3_pcache* cache, unsigned key, int create) {
+  InPageCache scope;
   ChargedCache* c = Unwrap(cache);
   WorkBudget* budget = active_budget;
   if (!c->charged || create == 0 || budget == nullptr) {

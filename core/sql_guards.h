@@ -10,9 +10,10 @@
 //  - the built-in functions whose cost is not linear in their input (LIKE, GLOB, instr,
 //    replace, trim, printf), which are replaced by guarded versions that charge their
 //    worst-case cost before running the built-in on a private connection;
-//  - large allocations: every allocation of at least kChargedAllocationBytes that SQLite
-//    makes while a budget is active on the thread is charged its size, cumulatively. Pages
-//    and the lookaside (smaller, and dependent on what a connection cached) are not;
+//  - allocations: every allocation of at least kChargedAllocationBytes that SQLite makes
+//    while a budget is active on the thread (sorter records, values, records) is charged its
+//    size, cumulatively. The lookaside and the page cache's own allocations (which depend
+//    on what a connection cached) are not;
 //  - the pages of ephemeral tables (UNION, DISTINCT, materialized CTEs ...): every page a
 //    page cache created while a budget is active adds is charged, with the allocations.
 // Past the budget the statement fails RESOURCE_EXHAUSTED alike on every replica.
@@ -21,6 +22,7 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -37,9 +39,11 @@ constexpr int64_t kMaxRequestWorkUnits = 5'000'000;
 // counted cumulatively (a freed and reallocated buffer counts again): room for a 3 MiB
 // value bound, copied into a record and written.
 constexpr int64_t kMaxRequestLargeAllocationBytes = 32 << 20;
-// The smallest allocation charged. Above SQLite's page-cache bulk allocation (~90 KiB for
-// 20 pages of 4 KiB), which depends on what a connection has cached, so is not deterministic.
-constexpr int64_t kChargedAllocationBytes = 128 << 10;
+// The smallest allocation charged: above SQLite's lookaside slots (1200 bytes), which serve
+// smaller allocations or not depending on what the connection holds. The page cache's own
+// allocations are never charged by size (its bulk allocation and its hash table depend on
+// what a connection has cached), only per page of an ephemeral table.
+constexpr int64_t kChargedAllocationBytes = 2 << 10;
 // Largest string or blob value (SQLITE_LIMIT_LENGTH).
 constexpr int kMaxValueBytes = 16 << 20;
 // Largest SQL text of one statement (SQLITE_LIMIT_SQL_LENGTH).
@@ -63,6 +67,11 @@ class WorkBudget {
   bool ChargeAllocation(int64_t bytes);
 
   bool exhausted() const { return work_units_left_ < 0 || allocation_bytes_left_ < 0; }
+  // A flag another thread may set to stop the work (a read past its deadline): checked
+  // every thousand steps, when it stops the statement with SQLITE_INTERRUPT. Reads only:
+  // replicated work never has one. REQUIRES: `cancelled` outlives the budget's use.
+  void set_cancel_flag(const std::atomic<bool>* cancelled) { cancelled_ = cancelled; }
+  bool cancelled() const { return cancelled_ != nullptr && cancelled_->load(); }
   // Why the budget is spent, for the error message. REQUIRES: exhausted().
   std::string Reason() const;
   int64_t work_units_used() const { return max_work_units_ - work_units_left_; }
@@ -72,6 +81,7 @@ class WorkBudget {
   const int64_t max_work_units_;
   int64_t allocation_bytes_left_;
   const int64_t max_allocation_bytes_;
+  const std::atomic<bool>* cancelled_ = nullptr;
 };
 
 // While this lives, the calling thread's large SQLite allocations and guarded-function costs

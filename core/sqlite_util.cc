@@ -206,7 +206,8 @@ class StatementScope {
   // Called every kVmStepsPerProgressCall steps; a non-zero return interrupts the statement.
   static int Progress(void* scope) {
     auto* self = static_cast<StatementScope*>(scope);
-    return self->budget_->ChargeWork(kVmStepsPerProgressCall) ? 0 : 1;
+    return self->budget_->ChargeWork(kVmStepsPerProgressCall) && !self->budget_->cancelled() ? 0
+                                                                                             : 1;
   }
 
   static constexpr int kVmStepsPerProgressCall = 1000;
@@ -517,7 +518,12 @@ void ConfigureConnection(sqlite3* db) {
   SYNOD_CHECK_EQ(sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, 1, &enabled), SQLITE_OK);
   SYNOD_CHECK_EQ(enabled, 1);
   ApplySqliteLimits(db);
-  MustExec(db, "PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;");
+  // The temp schema is opened now, outside any request's budget: opened lazily by a request
+  // (reading sqlite_temp_master), its page cache would be charged to that request on a
+  // fresh connection only (core/sql_guards.h).
+  MustExec(db,
+           "PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; "
+           "SELECT count(*) FROM temp.sqlite_master;");
 }
 
 Db OpenScratch() {

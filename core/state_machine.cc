@@ -415,7 +415,13 @@ DatabaseReader::DatabaseReader(std::string database, uint64_t generation)
 DatabaseReader::~DatabaseReader() = default;
 
 absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement) {
+  if (interrupted_.load()) {
+    return absl::DeadlineExceededError("the statement was interrupted: it ran out of time");
+  }
   WorkBudget budget;
+  // An Interrupt() between the check above and the statement's start would be forgotten by
+  // SQLite; the flag, checked as the statement runs, is not.
+  budget.set_cancel_flag(&interrupted_);
   absl::StatusOr<StatementResult> result =
       RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
   if (absl::IsPermissionDenied(result.status())) {
@@ -424,7 +430,10 @@ absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement
   return result;
 }
 
-void DatabaseReader::Interrupt() { sqlite3_interrupt(db_.get()); }
+void DatabaseReader::Interrupt() {
+  interrupted_.store(true);
+  sqlite3_interrupt(db_.get());
+}
 
 absl::StatusOr<std::unique_ptr<DatabaseReader>> StateMachine::AcquireReader(
     std::string_view database) {
@@ -449,6 +458,7 @@ absl::StatusOr<std::unique_ptr<DatabaseReader>> StateMachine::AcquireReader(
     reader->random_.InstallOn(reader->db_.get());
     reader->guarded_.InstallOn(reader->db_.get());
   }
+  reader->interrupted_.store(false);
   reader->now_unix_ms_ = impl_->now_unix_ms;
   reader->random_.Reset(impl_->revision, kQueryRequestIndex);
   return reader;
@@ -458,8 +468,13 @@ void StateMachine::ReleaseReader(std::unique_ptr<DatabaseReader> reader) {
   SYNOD_CHECK(reader != nullptr);
   auto it = impl_->databases.find(reader->database());
   if (it == impl_->databases.end() || it->second.generation != reader->generation_) return;
+  // Every reader holds file descriptors (the database, its -wal and -shm): few are kept.
+  size_t idle_total = 0;
+  for (const auto& [name, readers] : impl_->idle_readers) idle_total += readers.size();
   std::vector<std::unique_ptr<DatabaseReader>>& idle = impl_->idle_readers[reader->database()];
-  if (idle.size() < Impl::kMaxIdleReaders) idle.push_back(std::move(reader));
+  if (idle.size() < Impl::kMaxIdleReaders && idle_total < Impl::kMaxIdleReadersTotal) {
+    idle.push_back(std::move(reader));
+  }
 }
 
 absl::StatusOr<StatementResult> StateMachine::Query(std::string_view database,

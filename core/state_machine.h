@@ -35,6 +35,7 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -139,7 +140,8 @@ class DatabaseReader {
   // Runs a read-only statement under its own work budget (core/sql_guards.h). Errors as
   // StateMachine::Query, plus DeadlineExceeded after Interrupt().
   absl::StatusOr<StatementResult> Query(const Statement& statement);
-  // Makes the Query running now (if any) stop with DeadlineExceeded. Thread-safe.
+  // Makes the Query running now, or the next one to start, stop with DeadlineExceeded.
+  // Thread-safe.
   void Interrupt();
 
   const std::string& database() const { return database_; }
@@ -153,6 +155,7 @@ class DatabaseReader {
   // 'now' and random() of the reader's queries: the last applied request's time, and a
   // stream seeded from the revision at acquisition.
   int64_t now_unix_ms_ = 0;
+  std::atomic<bool> interrupted_{false};  // cleared when the reader is handed out again
   std::unique_ptr<TimeSourceVfs> vfs_;
   RequestRandom random_;
   GuardedFunctions guarded_;

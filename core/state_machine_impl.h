@@ -116,6 +116,7 @@ struct StateMachine::Impl {
   // Idle readers by database name, at most kMaxIdleReaders each; closed before the
   // databases (declared after them) and whenever their database goes away.
   static constexpr size_t kMaxIdleReaders = 4;
+  static constexpr size_t kMaxIdleReadersTotal = 16;
   std::map<std::string, std::vector<std::unique_ptr<DatabaseReader>>, std::less<>> idle_readers;
   uint64_t revision = 0;
   // The rows of _synod_sessions: counted by Load(), then kept up to date by StoreSession().

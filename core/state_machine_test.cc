@@ -1301,6 +1301,13 @@ TEST(HostileInput, ExpensiveStatementsFailAliveAndAlike) {
       {"WITH RECURSIVE c(n, x) AS (SELECT 1, zeroblob(10000000) UNION "
        "SELECT n + 1, x FROM c WHERE n < 1000) SELECT count(*) FROM c",
        RESOURCE_EXHAUSTED},
+      // Sorter records under the old 128 KiB threshold: 930 MB in 8000 rows.
+      {"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 8000) "
+       "SELECT count(*) FROM (SELECT randomblob(120000) b FROM c) GROUP BY b",
+       RESOURCE_EXHAUSTED},
+      {"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 1000000) "
+       "SELECT count(*) FROM (SELECT randomblob(3000) b FROM c ORDER BY b)",
+       RESOURCE_EXHAUSTED},
       // Rows under the allocation threshold, kept in an ephemeral table's pages: 544 MB in
       // 5000 rows, far under the step budget, until its pages were charged.
       {"WITH RECURSIVE c(n, x) AS (SELECT 1, zeroblob(100000) UNION "

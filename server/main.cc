@@ -173,7 +173,9 @@ int main(int argc, char** argv) {
   // Connections must meet the connection cap (which evicts idle ones to make room) before
   // they meet the file-descriptor limit (which refuses everyone, /healthz included): take
   // the hard limit, and keep descriptors in reserve for the log, the databases and peers.
-  constexpr rlim_t kReservedDescriptors = 256;
+  // The reserve: the log, three per open database (file, -wal, -shm), three per reader (64
+  // running queries, 16 idle readers), peers, the listener and libuv's own.
+  constexpr rlim_t kReservedDescriptors = 512;
   struct rlimit files;
   if (getrlimit(RLIMIT_NOFILE, &files) == 0) {
     files.rlim_cur = files.rlim_max;

@@ -513,9 +513,8 @@ size_t Node::PeerBodyLimit() const {
 size_t Node::BodyLimit(std::string_view method, std::string_view target) const {
   std::string_view path = target.substr(0, target.find('?'));
   if (method == "POST" && path == "/internal/v1/messages") return PeerBodyLimit();
-  if (method == "PUT" && path.starts_with("/v1/db/") &&
-      path.find('/', std::string_view("/v1/db/").size()) == std::string_view::npos) {
-    return options_.max_body_bytes;  // a database image
+  if (method == "PUT" && path.starts_with("/v1/db/")) {
+    return options_.max_body_bytes;  // a database image (or media, answered 501 for now)
   }
   if (method == "POST") return options_.max_json_body_bytes;
   return 0;  // GET, DELETE and the rest carry no body
@@ -557,8 +556,8 @@ void Node::RunQuery(const std::string& name, Statement statement,
   }
   absl::StatusOr<std::unique_ptr<DatabaseReader>> reader = sm_->AcquireReader(name);
   if (!reader.ok()) {
-    return RespondError(responder, absl::IsNotFound(reader.status()) ? 404 : 500,
-                        absl::IsNotFound(reader.status()) ? "not_found" : "internal",
+    bool missing = absl::IsNotFound(reader.status());
+    return RespondError(responder, missing ? 404 : 503, missing ? "not_found" : "unavailable",
                         reader.status().message());
   }
   auto* query = new RunningQuery();
@@ -606,7 +605,8 @@ void Node::OnQueryDone(uv_work_t* work, int status) {
   if (absl::IsResourceExhausted(error)) {
     return node->RespondError(query->responder, 429, "resource_exhausted", error.message());
   }
-  if (absl::IsInvalidArgument(error)) {
+  if (absl::IsInvalidArgument(error) || absl::IsFailedPrecondition(error)) {
+    // FailedPrecondition: the database is damaged, reported as an exec reports it.
     return node->RespondError(query->responder, 400, "invalid_argument", error.message());
   }
   node->RespondError(query->responder, 500, "internal", error.message());

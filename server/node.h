@@ -179,8 +179,9 @@ class Node {
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
   std::map<uint32_t, ReplayWindow> peer_replay_windows_;
-  // Queries on worker threads: at most kMaxRunningQueries; more are answered 503.
-  static constexpr size_t kMaxRunningQueries = 256;
+  // Queries on worker threads: at most kMaxRunningQueries; more are answered 503. Each holds
+  // a reader's file descriptors (main.cc keeps them in reserve).
+  static constexpr size_t kMaxRunningQueries = 64;
   std::map<uint64_t, RunningQuery*> running_queries_;  // by id
   uint64_t last_query_id_ = 0;
   std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
