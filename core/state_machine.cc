@@ -135,28 +135,68 @@ absl::StatusOr<SnapshotFrames> DecodeSnapshot(std::string_view snapshot) {
   return frames;
 }
 
-// Whether `sql` runs on `db` and returns a row.
-bool ReturnsRow(sqlite3* db, const char* sql) {
-  sqlite3_stmt* raw = nullptr;
-  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return false;
-  Stmt stmt(raw);
-  return sqlite3_step(stmt.get()) == SQLITE_ROW;
-}
-
 // Checks that the images of a snapshot (by file id) form a state: a system database whose
 // catalog names exactly the other images, each a user database.
+// The state machine's own tables in `db` (those named _synod_*), as SQLite stores them.
+std::string OwnSchema(sqlite3* db) {
+  std::string schema;
+  Stmt stmt = MustPrepare(db,
+                          "SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE name LIKE "
+                          "'\\_synod\\_%' ESCAPE '\\' ORDER BY type, name");
+  while (MustStep(stmt.get())) {
+    for (int i = 0; i < 4; ++i) absl::StrAppend(&schema, ColumnString(stmt.get(), i), "\n");
+  }
+  return schema;
+}
+
+// The own schema a database made by `sql` has.
+std::string OwnSchemaOf(const char* sql) {
+  Db scratch = OpenScratch();
+  MustExec(scratch.get(), sql);
+  return OwnSchema(scratch.get());
+}
+
+// The single integer `sql` returns from `db`, if it returns exactly that.
+std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql) {
+  sqlite3_stmt* raw = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return std::nullopt;
+  Stmt stmt(raw);
+  if (sqlite3_step(stmt.get()) != SQLITE_ROW ||
+      sqlite3_column_type(stmt.get(), 0) != SQLITE_INTEGER) {
+    return std::nullopt;
+  }
+  int64_t value = sqlite3_column_int64(stmt.get(), 0);
+  if (sqlite3_step(stmt.get()) != SQLITE_DONE) return std::nullopt;
+  return value;
+}
+
+// Checks everything the state machine relies on without checking when it loads a state
+// (it stops the process instead): the exact schema of its own tables, one position per
+// database no further than one entry ahead of the system's, and the session bound. A peer's
+// snapshot that passes is one this replica can restore and start from.
 absl::Status CheckSnapshotImages(const std::map<std::string, Db, std::less<>>& images) {
   auto system = images.find(kSystemFileId);
-  if (system == images.end() ||
-      !ReturnsRow(system->second.get(), "SELECT revision FROM _synod_revision")) {
-    return absl::InvalidArgumentError("the snapshot has no system database");
+  if (system == images.end() || OwnSchema(system->second.get()) != OwnSchemaOf(kSystemSchema)) {
+    return absl::InvalidArgumentError("the snapshot has no system database of this version");
   }
+  std::optional<int64_t> revision =
+      SingleInteger(system->second.get(), "SELECT revision FROM _synod_revision");
+  std::optional<int64_t> sessions =
+      SingleInteger(system->second.get(), "SELECT count(*) FROM _synod_sessions");
+  if (!revision || *revision < 0 || !sessions ||
+      *sessions > static_cast<int64_t>(StateMachine::kMaxSessions)) {
+    return absl::InvalidArgumentError("the snapshot's system database is inconsistent");
+  }
+  const std::string user_schema = OwnSchemaOf(kUserMetaSchema);
   std::set<std::string> user_images;
   for (const auto& [file_id, image] : images) {
     if (file_id == kSystemFileId) continue;
-    if (!ReturnsRow(image.get(), "SELECT revision FROM _synod_meta")) {
+    std::optional<int64_t> position =
+        SingleInteger(image.get(), "SELECT revision FROM _synod_meta");
+    if (OwnSchema(image.get()) != user_schema || !position || *position < 0 ||
+        *position > *revision + 1) {
       return absl::InvalidArgumentError(
-          absl::StrCat("snapshot database ", file_id, " has no _synod_meta row"));
+          absl::StrCat("snapshot database ", file_id, " has no valid _synod_meta row"));
     }
     user_images.insert(file_id);
   }

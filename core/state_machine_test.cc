@@ -5,6 +5,7 @@
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "core/sqlite_util.h"
+#include "core/stable_hash.h"
 
 namespace synod {
 namespace {
@@ -959,6 +961,66 @@ TEST(StateMachineTest, ADamagedSnapshotIsRejectedAndChangesNothing) {
   }
   EXPECT_EQ(target.machine().StateHash(), hash);
   EXPECT_EQ(target.One("b", "SELECT 1"), "1");
+}
+
+// `snapshot` with its system database changed by `sql`, framed and checksummed again.
+std::string WithSystemChanged(const std::string& snapshot, const char* sql) {
+  auto u64 = [](std::string_view bytes) {
+    uint64_t value = 0;
+    for (int i = 7; i >= 0; --i) value = value << 8 | static_cast<unsigned char>(bytes[i]);
+    return value;
+  };
+  auto append_u64 = [](std::string* out, uint64_t value) {
+    for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>(value >> (8 * i)));
+  };
+  std::string out = "SYNODSS1";
+  std::string_view body(snapshot);
+  body = body.substr(8, body.size() - 16);
+  while (!body.empty()) {
+    std::string file_id(body.substr(8, u64(body)));
+    body.remove_prefix(8 + file_id.size());
+    std::string image(body.substr(8, u64(body)));
+    body.remove_prefix(8 + image.size());
+    if (file_id == "system") {
+      sqlite3* db = nullptr;
+      EXPECT_EQ(sqlite3_open(":memory:", &db), SQLITE_OK);
+      auto* copy = static_cast<unsigned char*>(sqlite3_malloc64(image.size()));
+      std::memcpy(copy, image.data(), image.size());
+      EXPECT_EQ(sqlite3_deserialize(db, "main", copy, image.size(), image.size(),
+                                    SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE),
+                SQLITE_OK);
+      EXPECT_EQ(sqlite3_exec(db, sql, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+      sqlite3_int64 size = 0;
+      unsigned char* data = sqlite3_serialize(db, "main", &size, 0);
+      image.assign(reinterpret_cast<const char*>(data), static_cast<size_t>(size));
+      sqlite3_free(data);
+      sqlite3_close(db);
+    }
+    append_u64(&out, file_id.size());
+    out += file_id;
+    append_u64(&out, image.size());
+    out += image;
+  }
+  StableHash checksum;
+  checksum.Add(out);
+  append_u64(&out, checksum.value());
+  return out;
+}
+
+TEST(StateMachineTest, ASnapshotMissingWhatTheStateMachineReliesOnIsRefusedNotFatal) {
+  Replica source;
+  source.Apply(Create("a"));
+  std::string snapshot = *source.machine().Snapshot();
+  ASSERT_TRUE(StateMachine::CheckSnapshot(WithSystemChanged(snapshot, "SELECT 1"), 1).ok());
+  for (const char* sql :
+       {"DROP TABLE _synod_sessions", "DROP TABLE _synod_media",
+        "ALTER TABLE _synod_names ADD COLUMN extra", "DELETE FROM _synod_revision",
+        "UPDATE _synod_revision SET revision = 'x'"}) {
+    std::string changed = WithSystemChanged(snapshot, sql);
+    EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::CheckSnapshot(changed, 1))) << sql;
+    Replica target;
+    EXPECT_TRUE(absl::IsInvalidArgument(target.machine().RestoreSnapshot(changed))) << sql;
+  }
 }
 
 TEST(StateMachineTest, ASnapshotIsCheckedWholeAndAgainstItsRevisionBeforeItIsKept) {

@@ -346,7 +346,8 @@ void Node::Drain() {
     // 3. Install, apply.
     if (ready.snapshot) {
       absl::Status restored = sm_->RestoreSnapshot(ready.snapshot->data);
-      // CheckSnapshot accepted it above: failing now is the machine's (disk, memory).
+      // CheckSnapshot accepted it above (its schema, positions and bounds included):
+      // failing now is the machine's (disk, memory).
       SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
       fprintf(stderr, "I installed a snapshot at revision %llu\n",
               static_cast<unsigned long long>(sm_->revision()));
