@@ -116,6 +116,13 @@ class HostileTest(ClusterCase):
         statuses = [self.c.status(i) for i in (1, 2, 3)]
         self.assertEqual(len({s["ballot"]["round"] for s in statuses}), 1, statuses)
 
+    def test_a_query_over_a_limit_is_refused_with_its_status(self):
+        r = self.c.query(2, "d", "SELECT printf('%.*c', 2000000000, 'x')", consistency="local")
+        self.assert_json_error(r, 400)
+        r = self.c.query(2, "d", "SELECT printf('%.*c', 1000000, 'a') LIKE '%' || "
+                         "printf('%.*c', 9000, 'a') || 'b'", consistency="local")
+        self.assert_json_error(r, 429)
+
     def test_deeply_nested_json_is_refused_at_once(self):
         body = ('{"statements":[{"sql":"SELECT ?","params":[' + "[" * 20000 + "]" * 20000 +
                 "]}]}")
@@ -235,12 +242,6 @@ class QueryTimeoutTest(ClusterCase):
             self.assertEqual(body["error"]["code"], "query_timeout")
         metrics = self.c.request(2, "GET", "/metrics").body.decode()
         self.assertIn("synod_queries_timed_out_total 8\n", metrics)
-        # Resource limits of a query are 429.
-        r = self.c.query(2, "d", "SELECT printf('%.*c', 2000000000, 'x')", consistency="local")
-        self.assert_json_error(r, 400)
-        r = self.c.query(2, "d", "SELECT printf('%.*c', 1000000, 'a') LIKE '%' || "
-                         "printf('%.*c', 9000, 'a') || 'b'", consistency="local")
-        self.assert_json_error(r, 429)
 
 
 class DivergenceTest(ClusterCase):
