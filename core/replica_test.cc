@@ -987,12 +987,17 @@ TEST(Cluster, ALeaderUnderSteadyLoadKeepsLeadingAndHoldsItsLease) {
   EXPECT_EQ(c.applied_writes().size(), 300u);
 }
 
+// A leader elected and past its first heartbeat round.
+uint32_t SettledLeader(testing::Cluster& c) {
+  if (ElectLeader(c) == 0) return 0;
+  c.RunTicks(5);
+  return c.Leader();
+}
+
 TEST(Cluster, AFollowerThatStalledHearsTheLeaderBeforeItStandsForElection) {
   testing::Cluster c(3, 29);
-  uint32_t leader = ElectLeader(c);
+  uint32_t leader = SettledLeader(c);
   ASSERT_NE(leader, 0u);
-  c.RunTicks(5);
-  leader = c.Leader();
   Ballot ballot = c.replica(leader)->Status().ballot;
   uint32_t stalled = leader % 3 + 1;
   // Far more than an election timeout went by while its process did not run.
@@ -1006,10 +1011,8 @@ TEST(Cluster, AFollowerThatStalledHearsTheLeaderBeforeItStandsForElection) {
 
 TEST(Cluster, ALeaderThatStalledWaitsForItsFollowersBeforeSteppingDown) {
   testing::Cluster c(3, 37);
-  uint32_t leader = ElectLeader(c);
+  uint32_t leader = SettledLeader(c);
   ASSERT_NE(leader, 0u);
-  c.RunTicks(5);
-  leader = c.Leader();
   Ballot ballot = c.replica(leader)->Status().ballot;
   c.replica(leader)->TickAfterStall(500);
   EXPECT_EQ(c.replica(leader)->role(), Role::kLeader);
@@ -1021,10 +1024,8 @@ TEST(Cluster, ALeaderThatStalledWaitsForItsFollowersBeforeSteppingDown) {
 
 TEST(Cluster, AStalledFollowerStillStandsWhenTheLeaderIsReallyGone) {
   testing::Cluster c(3, 31);
-  uint32_t leader = ElectLeader(c);
+  uint32_t leader = SettledLeader(c);
   ASSERT_NE(leader, 0u);
-  c.RunTicks(5);
-  leader = c.Leader();
   c.Crash(leader);
   uint32_t stalled = leader % 3 + 1;
   c.replica(stalled)->TickAfterStall(500);

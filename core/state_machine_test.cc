@@ -103,6 +103,16 @@ std::string Hex(const std::string& bytes) {
   return hex;
 }
 
+// The image of `db`'s main database; closes `db`.
+std::string SerializeAndClose(sqlite3* db) {
+  sqlite3_int64 size = 0;
+  unsigned char* data = sqlite3_serialize(db, "main", &size, 0);
+  std::string image(reinterpret_cast<const char*>(data), static_cast<size_t>(size));
+  sqlite3_free(data);
+  sqlite3_close(db);
+  return image;
+}
+
 // The image of a database built by `sql` in a private in-memory database.
 std::string ImageOf(const std::string& sql) {
   sqlite3* db = nullptr;
@@ -110,12 +120,7 @@ std::string ImageOf(const std::string& sql) {
             SQLITE_OK);
   EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK)
       << sqlite3_errmsg(db);
-  sqlite3_int64 size = 0;
-  unsigned char* data = sqlite3_serialize(db, "main", &size, 0);
-  std::string image(reinterpret_cast<const char*>(data), static_cast<size_t>(size));
-  sqlite3_free(data);
-  sqlite3_close(db);
-  return image;
+  return SerializeAndClose(db);
 }
 
 // A replica's "disk": an InMemoryDatabaseOpener that also lets a test open a database the
@@ -990,11 +995,7 @@ std::string WithSystemChanged(const std::string& snapshot, const char* sql) {
                                     SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE),
                 SQLITE_OK);
       EXPECT_EQ(sqlite3_exec(db, sql, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
-      sqlite3_int64 size = 0;
-      unsigned char* data = sqlite3_serialize(db, "main", &size, 0);
-      image.assign(reinterpret_cast<const char*>(data), static_cast<size_t>(size));
-      sqlite3_free(data);
-      sqlite3_close(db);
+      image = SerializeAndClose(db);
     }
     append_u64(&out, file_id.size());
     out += file_id;
@@ -1279,20 +1280,10 @@ TEST(HostileInput, SoundFullTextAndRtreeImagesUpload) {
 }
 
 TEST(HostileInput, AnUploadWithAVirtualTableThatCannotBeCheckedIsRefused) {
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open(":memory:", &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db,
-                         "PRAGMA writable_schema = ON; CREATE TABLE x(a);"
-                         "UPDATE sqlite_schema SET sql = 'CREATE VIRTUAL TABLE x USING "
-                         "nosuchmodule(a)' WHERE name = 'x';",
-                         nullptr, nullptr, nullptr),
-            SQLITE_OK)
-      << sqlite3_errmsg(db);
-  sqlite3_int64 size = 0;
-  unsigned char* data = sqlite3_serialize(db, "main", &size, 0);
-  std::string image(reinterpret_cast<const char*>(data), static_cast<size_t>(size));
-  sqlite3_free(data);
-  sqlite3_close(db);
+  std::string image = ImageOf(
+      "PRAGMA writable_schema = ON; CREATE TABLE x(a);"
+      "UPDATE sqlite_schema SET sql = 'CREATE VIRTUAL TABLE x USING nosuchmodule(a)' "
+      "WHERE name = 'x';");
   absl::Status validated = StateMachine::Validate(Create("v", image));
   EXPECT_TRUE(absl::IsInvalidArgument(validated)) << validated;
 }

@@ -72,6 +72,12 @@ int HttpStatusFor(ErrorCode code) {
   }
 }
 
+// 64 bits from the system's entropy source, for the replica's PRNG and client ids.
+uint64_t RandomSeed() {
+  std::random_device entropy;
+  return (static_cast<uint64_t>(entropy()) << 32) | entropy();
+}
+
 std::string CodeName(ErrorCode code) { return absl::AsciiStrToLower(ErrorCode_Name(code)); }
 
 std::string Header(const HttpRequest& request, std::string_view name) {
@@ -223,10 +229,8 @@ absl::Status Node::Start() {
   config.lease_duration_ticks = 40;
   config.clock_drift_bound_ticks = 4;  // 10% of the lease, for commodity clocks
   config.request_timeout_ticks = options_.request_timeout_ms / options_.tick_ms;
-  std::random_device entropy;
-  uint64_t seed = (static_cast<uint64_t>(entropy()) << 32) | entropy();
-  client_nonce_ = ((static_cast<uint64_t>(entropy()) << 32) | entropy()) & ~0xffffffffull;
-  replica_ = std::make_unique<Replica>(config, std::move(state), seed);
+  client_nonce_ = RandomSeed() & ~0xffffffffull;
+  replica_ = std::make_unique<Replica>(config, std::move(state), RandomSeed());
 
   for (const auto& [id, address] : options_.peers) {
     if (id == options_.id) continue;
@@ -394,9 +398,7 @@ void Node::RefuseSnapshot(const absl::Status& why) {
   absl::StatusOr<PersistedState> state = log_->ReadBack();
   SYNOD_CHECK(state.ok()) << "log read-back failed: " << state.status();
   state->applied_index = sm_->revision();
-  std::random_device entropy;
-  replica_ = std::make_unique<Replica>(replica_config_, *std::move(state),
-                                       (static_cast<uint64_t>(entropy()) << 32) | entropy());
+  replica_ = std::make_unique<Replica>(replica_config_, *std::move(state), RandomSeed());
 }
 
 void Node::CheckDivergence(const CommittedEntry& entry) {
