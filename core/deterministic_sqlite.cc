@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "core/check.h"
+#include "core/sql_guards.h"
 
 namespace synod {
 namespace {
@@ -45,7 +46,9 @@ void RandomBlobFunction(sqlite3_context* context, int argc, sqlite3_value** argv
     sqlite3_result_error_toobig(context);
     return;
   }
-  // SQLite's allocator, so that the request's budget is charged for it (sql_guards.h).
+  // Work by size, and SQLite's allocator, so that the request's budget is charged for both
+  // (sql_guards.h).
+  if (!ChargeValueBytes(context, size_bytes)) return;
   auto* blob = static_cast<unsigned char*>(sqlite3_malloc64(static_cast<uint64_t>(size_bytes)));
   if (blob == nullptr) {
     sqlite3_result_error_nomem(context);

@@ -16,6 +16,18 @@ thread_local WorkBudget* active_budget = nullptr;
 // at all, for a connection's own cache), never by size.
 thread_local bool in_page_cache = false;
 
+// While this lives, nothing on this thread is charged (see its use).
+class ScopedUncharged {
+ public:
+  ScopedUncharged() : outer_(active_budget) { active_budget = nullptr; }
+  ~ScopedUncharged() { active_budget = outer_; }
+  ScopedUncharged(const ScopedUncharged&) = delete;
+  ScopedUncharged& operator=(const ScopedUncharged&) = delete;
+
+ private:
+  WorkBudget* outer_;
+};
+
 // SQLite's own allocator, which the charging one wraps.
 sqlite3_mem_methods default_memory{};
 
@@ -199,6 +211,17 @@ void GuardedReplace(sqlite3_context* context, int argc, sqlite3_value** argv) {
 }
 
 // trim(text, characters) and its kin: each end character is compared with the set.
+// zeroblob(N): SQLite's own makes N zero bytes lazily, but every copy of the value into a
+// record or a result writes them all.
+void GuardedZeroblob(sqlite3_context* context, int argc, sqlite3_value** argv) {
+  SYNOD_CHECK_EQ(argc, 1);
+  const int64_t size_bytes = std::max<int64_t>(0, sqlite3_value_int64(argv[0]));
+  if (!ChargeValueBytes(context, size_bytes)) return;
+  if (sqlite3_result_zeroblob64(context, static_cast<sqlite3_uint64>(size_bytes)) != SQLITE_OK) {
+    sqlite3_result_error_toobig(context);
+  }
+}
+
 template <const char* kName>
 void GuardedTrim(sqlite3_context* context, int argc, sqlite3_value** argv) {
   if (!Charge(context, Bytes(argv[0]) * std::max<int64_t>(Bytes(argv[1]), 1))) return;
@@ -320,6 +343,10 @@ ScopedWorkBudget::~ScopedWorkBudget() { active_budget = outer_; }
 
 WorkBudget* ActiveWorkBudget() { return active_budget; }
 
+bool ChargeValueBytes(sqlite3_context* context, int64_t bytes) {
+  return Charge(context, bytes / kValueBytesPerWorkUnit * kByteComparesPerWorkUnit);
+}
+
 void ApplySqliteLimits(sqlite3* db) {
   constexpr std::pair<int, int> kLimits[] = {
       {SQLITE_LIMIT_LENGTH, kMaxValueBytes},
@@ -367,6 +394,7 @@ void GuardedFunctions::InstallOn(sqlite3* db) {
       {"rtrim", 2, &GuardedTrim<kRtrim>},
       {"printf", -1, &GuardedPrintf<kPrintf>},
       {"format", -1, &GuardedPrintf<kFormat>},
+      {"zeroblob", 1, &GuardedZeroblob},
   };
   for (const auto& [name, argc, function] : kGuarded) {
     SYNOD_CHECK_EQ(sqlite3_create_function_v2(db, name, argc, kFlags, this, function, nullptr,
@@ -380,6 +408,9 @@ void GuardedFunctions::CallBuiltin(sqlite3_context* context, const char* name, i
                                    sqlite3_value** argv) {
   sqlite3_stmt*& stmt = calls_[{name, argc}];
   if (stmt == nullptr) {
+    // Prepared once per connection, so whether this request or an earlier one pays for it
+    // depends on the replica's history: never charged.
+    ScopedUncharged uncharged;
     std::string sql = absl::StrCat("SELECT ", name, "(");
     for (int i = 1; i <= argc; ++i) absl::StrAppend(&sql, i > 1 ? ", ?" : "?", i);
     sql += ")";

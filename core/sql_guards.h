@@ -44,6 +44,32 @@ constexpr int64_t kMaxRequestLargeAllocationBytes = 32 << 20;
 // allocations are never charged by size (its bulk allocation and its hash table depend on
 // what a connection has cached), only per page of an ephemeral table.
 constexpr int64_t kChargedAllocationBytes = 2 << 10;
+// Costly work is rationed across the whole group. Every replica applies every write on its
+// event loop, one after another; a stream of budget-spending writes, even one per log
+// entry, would queue every other write behind it. So a write may always use an allowance
+// of work units that grows with its own size (what an ordinary write of that many bytes
+// needs); what it uses beyond that comes from a ration the group shares, which refills at
+// a fixed rate in the requests' own (replicated) time, up to a cap. A write that needs
+// more than its allowance while the ration is spent fails RESOURCE_EXHAUSTED (429, retry
+// later), alike on every replica; cheap writes never wait for it. The ration is replicated
+// state (stored and hashed with the revision), so it is the same on every replica.
+//
+// Only work units draw on it: they are exactly the same on every replica. (Allocation sizes
+// are not, quite: a connection's lazily built caches, such as a full-text index's, are
+// allocated by whichever request first needs them, and a restarted replica's connection
+// builds them again. At the request's own limit that matters only at the boundary; a
+// shared ration would carry the difference into every later request.) Functions that make
+// large values from small arguments (randomblob, zeroblob) charge work by size for that
+// reason.
+constexpr int64_t kAllowanceWorkUnits = 10'000;
+constexpr int64_t kAllowanceWorkUnitsPerByte = 4;
+// Refill per second of request time, and cap: one request's whole budget per second, and
+// two in a burst.
+constexpr int64_t kCostlyWorkUnitsPerSecond = kMaxRequestWorkUnits;
+constexpr int64_t kMaxCostlyWorkUnits = 2 * kMaxRequestWorkUnits;
+// Work charged per byte of a value made by randomblob() or zeroblob(): about what copying
+// and generating it costs next to a VM step.
+constexpr int64_t kValueBytesPerWorkUnit = 16;
 // Largest string or blob value (SQLITE_LIMIT_LENGTH).
 constexpr int kMaxValueBytes = 16 << 20;
 // Largest SQL text of one statement (SQLITE_LIMIT_SQL_LENGTH).
@@ -66,7 +92,8 @@ class WorkBudget {
   bool ChargeWork(int64_t units);
   bool ChargeAllocation(int64_t bytes);
 
-  bool exhausted() const { return work_units_left_ < 0 || allocation_bytes_left_ < 0; }
+  bool exhausted() const { return work_exhausted() || allocation_bytes_left_ < 0; }
+  bool work_exhausted() const { return work_units_left_ < 0; }
   // A flag another thread may set to stop the work (a read past its deadline): checked
   // every thousand steps, when it stops the statement with SQLITE_INTERRUPT. Reads only:
   // replicated work never has one. REQUIRES: `cancelled` outlives the budget's use.
@@ -75,6 +102,7 @@ class WorkBudget {
   // Why the budget is spent, for the error message. REQUIRES: exhausted().
   std::string Reason() const;
   int64_t work_units_used() const { return max_work_units_ - work_units_left_; }
+  int64_t max_work_units() const { return max_work_units_; }
 
  private:
   int64_t work_units_left_;
@@ -100,6 +128,10 @@ class ScopedWorkBudget {
 // The budget active on this thread, or nullptr.
 WorkBudget* ActiveWorkBudget();
 
+// Charges the active budget (if any) for making a value of `bytes` bytes; false, with the
+// budget's error set on `context`, when it is spent.
+bool ChargeValueBytes(sqlite3_context* context, int64_t bytes);
+
 // Sets SQLite's run-time limits on `db`, the same on every replica: value length, SQL length,
 // expression depth, compound SELECT terms, VDBE program size, LIKE pattern length, trigger
 // depth, attached databases (none) and worker threads (none). docs/api.md lists them.
@@ -108,8 +140,8 @@ void ApplySqliteLimits(sqlite3* db);
 // The guarded LIKE, GLOB, instr, replace, trim, ltrim, rtrim, printf and format: each charges
 // its worst-case cost to the active budget (and refuses printf widths above
 // kMaxPrintfWidth), then computes the built-in's result on a private connection, so results
-// are exactly SQLite's. (A LIKE that is not SQLite's own cannot use an index: the price of
-// a bounded cost.) One object per thread of use.
+// are exactly SQLite's. zeroblob charges its size (kValueBytesPerWorkUnit). (A LIKE that is not
+// SQLite's own cannot use an index: the price of a bounded cost.) One object per thread of use.
 class GuardedFunctions {
  public:
   GuardedFunctions();

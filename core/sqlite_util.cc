@@ -144,6 +144,14 @@ class StatementScope {
     // A connection that has not read its schema yet (a restarted replica's) reads it now,
     // outside the budget: what a statement is charged must not depend on the cache.
     sqlite3_exec(db_, "SELECT 1 FROM sqlite_schema LIMIT 0", nullptr, nullptr, nullptr);
+    // SQLite calls the progress handler at multiples of each statement's own step count,
+    // which survives sqlite3_reset. A full-text index keeps statements prepared on the
+    // connection across requests (a restarted replica prepares them afresh): counted from
+    // zero for every user statement, they make the same calls on every replica.
+    for (sqlite3_stmt* kept = sqlite3_next_stmt(db_, nullptr); kept != nullptr;
+         kept = sqlite3_next_stmt(db_, kept)) {
+      sqlite3_stmt_status(kept, SQLITE_STMTSTATUS_VM_STEP, /*resetFlg=*/1);
+    }
     charging_.emplace(budget_);
     SYNOD_CHECK_EQ(sqlite3_set_authorizer(db_, &StatementScope::Authorize, this), SQLITE_OK);
     sqlite3_progress_handler(db_, kVmStepsPerProgressCall, &StatementScope::Progress, this);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
 #include "core/deterministic_sqlite.h"
+#include "core/sql_guards.h"
 #include "core/sqlite_util.h"
 #include "core/stable_hash.h"
 #include "core/state_machine_impl.h"
@@ -55,6 +56,10 @@ constexpr char kSystemSchema[] = R"sql(
     revision INTEGER NOT NULL,
     now_unix_ms INTEGER NOT NULL);
   INSERT OR IGNORE INTO _synod_revision VALUES (0, 0, 0);
+  CREATE TABLE IF NOT EXISTS _synod_costly_budget(
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    work_units INTEGER NOT NULL,
+    as_of_unix_ms INTEGER NOT NULL);
   CREATE TABLE IF NOT EXISTS _synod_catalog(
     name TEXT PRIMARY KEY,
     file_id TEXT NOT NULL UNIQUE) WITHOUT ROWID;
@@ -183,7 +188,11 @@ absl::Status CheckSnapshotImages(const std::map<std::string, Db, std::less<>>& i
       SingleInteger(system->second.get(), "SELECT revision FROM _synod_revision");
   std::optional<int64_t> sessions =
       SingleInteger(system->second.get(), "SELECT count(*) FROM _synod_sessions");
-  if (!revision || *revision < 0 || !sessions ||
+  std::optional<int64_t> costly_rows = SingleInteger(
+      system->second.get(),
+      "SELECT count(*) FROM _synod_costly_budget WHERE typeof(work_units) = 'integer' AND "
+      "typeof(as_of_unix_ms) = 'integer'");
+  if (!revision || *revision < 0 || !sessions || costly_rows != 1 ||
       *sessions > static_cast<int64_t>(StateMachine::kMaxSessions)) {
     return absl::InvalidArgumentError("the snapshot's system database is inconsistent");
   }
@@ -240,6 +249,10 @@ absl::Status StateMachine::Impl::Load() {
   SYNOD_CHECK(MustStep(stmt.get()));
   revision = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0));
   now_unix_ms = sqlite3_column_int64(stmt.get(), 1);
+  stmt = MustPrepare(system.get(), "SELECT work_units, as_of_unix_ms FROM _synod_costly_budget");
+  SYNOD_CHECK(MustStep(stmt.get()));
+  costly = {.work_units = sqlite3_column_int64(stmt.get(), 0),
+            .as_of_unix_ms = sqlite3_column_int64(stmt.get(), 1)};
   stmt = MustPrepare(system.get(), "SELECT count(*) FROM _synod_entry_results");
   SYNOD_CHECK(MustStep(stmt.get()));
   mid_entry = sqlite3_column_int64(stmt.get(), 0) > 0;
@@ -287,7 +300,11 @@ absl::Status StateMachine::Impl::Load() {
 CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
                                                const ClientRequest& request) {
   now_unix_ms = request.timestamp_unix_ms();
-  if (std::optional<CommandResult> stored = EntryResult(index)) return *std::move(stored);
+  RefillCostlyBudget();
+  if (std::optional<CommandResult> stored = EntryResult(index)) {
+    ChargeCostlyBudget(*stored);
+    return *std::move(stored);
+  }
   random.Reset(slot, index);
   // SQLite's own generator picks rowids once a table holds the largest one: seed it from
   // the request too. (It is process-wide: one state machine applies at a time.)
@@ -301,6 +318,7 @@ CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
   SYNOD_CHECK(!MustStep(stmt.get()));
   stmt.reset();
   MustExec(system.get(), "COMMIT");
+  ChargeCostlyBudget(outcome.result);
   if (!outcome.file_to_remove.empty()) {
     absl::Status removed = opener->Remove(outcome.file_to_remove);
     SYNOD_CHECK(removed.ok()) << removed;
@@ -318,7 +336,9 @@ StateMachine::Impl::Outcome StateMachine::Impl::ApplyWithSession(uint64_t slot, 
   dedup = !options.testing_no_session_dedup;
 #endif
   if (dedup && session.has_value() && request.sequence() == session->sequence) {
-    return {.result = session->result};
+    Outcome repeated{.result = session->result};
+    repeated.result.clear_costly_work_units();  // answered from the session: costs nothing now
+    return repeated;
   }
   if (session.has_value() ? request.sequence() < session->sequence : request.sequence() != 1) {
     CommandResult expired =
@@ -365,6 +385,24 @@ void StateMachine::Impl::StoreSession(uint64_t client_id, uint64_t sequence, uin
   SYNOD_CHECK(!MustStep(stmt.get()));
 }
 
+void StateMachine::Impl::RefillCostlyBudget() {
+  // Request time goes forward only: timestamps come from the clocks of several replicas.
+  if (now_unix_ms <= costly.as_of_unix_ms) return;
+  const int64_t elapsed_ms = now_unix_ms - costly.as_of_unix_ms;
+  costly.as_of_unix_ms = now_unix_ms;
+  // Past a full refill's worth of time the ration is full (and nothing overflows).
+  if (elapsed_ms >= (kMaxCostlyWorkUnits / kCostlyWorkUnitsPerSecond + 1) * 1000) {
+    costly.work_units = kMaxCostlyWorkUnits;
+  } else {
+    costly.work_units = std::min(kMaxCostlyWorkUnits,
+                                 costly.work_units + elapsed_ms * kCostlyWorkUnitsPerSecond / 1000);
+  }
+}
+
+void StateMachine::Impl::ChargeCostlyBudget(const CommandResult& result) {
+  costly.work_units -= static_cast<int64_t>(result.costly_work_units());
+}
+
 std::optional<CommandResult> StateMachine::Impl::EntryResult(uint64_t index) {
   Stmt stmt =
       MustPrepare(system.get(), "SELECT result FROM _synod_entry_results WHERE request_index = ?");
@@ -379,6 +417,13 @@ void StateMachine::Impl::FinishEntry(uint64_t slot) {
                           "UPDATE _synod_revision SET revision = ?, now_unix_ms = ? WHERE id = 0");
   MustBindInt64(stmt.get(), 1, static_cast<int64_t>(slot));
   MustBindInt64(stmt.get(), 2, now_unix_ms);
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
+  stmt = MustPrepare(system.get(),
+                     "UPDATE _synod_costly_budget SET work_units = ?, as_of_unix_ms = ? "
+                     "WHERE id = 0");
+  MustBindInt64(stmt.get(), 1, costly.work_units);
+  MustBindInt64(stmt.get(), 2, costly.as_of_unix_ms);
   SYNOD_CHECK(!MustStep(stmt.get()));
   SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
   stmt.reset();
@@ -399,6 +444,11 @@ absl::StatusOr<std::unique_ptr<StateMachine>> StateMachine::Open(DatabaseOpener*
   impl.system = std::move(*system);
   MustExec(impl.system.get(), "BEGIN");
   MustExec(impl.system.get(), kSystemSchema);
+  Stmt costly =
+      MustPrepare(impl.system.get(), "INSERT OR IGNORE INTO _synod_costly_budget VALUES (0, ?, 0)");
+  MustBindInt64(costly.get(), 1, kMaxCostlyWorkUnits);  // a new group starts with it full
+  SYNOD_CHECK(!MustStep(costly.get()));
+  costly.reset();
   MustExec(impl.system.get(), "COMMIT");
   absl::Status loaded = impl.Load();
   if (!loaded.ok()) return loaded;

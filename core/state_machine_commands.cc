@@ -1,6 +1,7 @@
 // What each command does. How the commands of an entry are applied and made to survive a
 // crash is in state_machine.cc.
 
+#include <algorithm>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -281,7 +282,17 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   MustExec(handle, "BEGIN; DELETE FROM _synod_meta WHERE 0;");
   CommandResult result;
   size_t result_bytes = 0;
-  WorkBudget budget;  // one for the whole request, across its statements
+  // One budget for the whole request, across its statements: its allowance of work, plus
+  // what the group's ration of costly work holds, up to a request's limit (sql_guards.h).
+  const int64_t allowance = kAllowanceWorkUnits + kAllowanceWorkUnitsPerByte *
+                                                      static_cast<int64_t>(execute.ByteSizeLong());
+  WorkBudget budget(
+      std::min(kMaxRequestWorkUnits, allowance + std::max<int64_t>(0, costly.work_units)));
+  // What it drew from the ration, recorded before the result is stored anywhere.
+  auto spent = [&](CommandResult* result) {
+    result->set_costly_work_units(
+        static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
+  };
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) MustExec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
@@ -304,6 +315,12 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     SYNOD_CHECK(!absl::IsInternal(statement.status()) &&
                 !absl::IsDeadlineExceeded(statement.status()))
         << "a statement failed in a way that may differ between replicas: " << statement.status();
+    // Stopped short of its own limit, because the group's ration of costly work is spent.
+    if (budget.work_exhausted() && budget.max_work_units() < kMaxRequestWorkUnits) {
+      statement = absl::ResourceExhaustedError(
+          "the group is busy with costly writes: this one needs more work than it has left "
+          "now; retry later");
+    }
     result.set_code(absl::IsResourceExhausted(statement.status()) ? RESOURCE_EXHAUSTED
                                                                   : INVALID_ARGUMENT);
     result.set_message(absl::StrCat("statement ", i + 1, ": ", statement.status().message()));
@@ -313,11 +330,13 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     if (execute.transaction() || sqlite3_get_autocommit(handle) || i == 0) {
       if (!sqlite3_get_autocommit(handle)) MustExec(handle, "ROLLBACK");
       result.clear_results();
+      spent(&result);
       return result;
     }
     MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
     break;
   }
+  spent(&result);  // before it is stored: a replay after a crash charges the same
   Stmt meta = MustPrepare(
       handle, "UPDATE _synod_meta SET revision = ?, request_index = ?, result = ? WHERE id = 0");
   MustBindInt64(meta.get(), 1, static_cast<int64_t>(slot));

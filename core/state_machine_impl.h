@@ -100,6 +100,10 @@ struct StateMachine::Impl {
   void StoreSession(uint64_t client_id, uint64_t sequence, uint64_t slot,
                     const CommandResult& result, bool is_new);
   std::optional<CommandResult> EntryResult(uint64_t index);
+  // The group's budget for costly work (sql_guards.h): refilled to the time of the request
+  // being applied, then charged what its result records.
+  void RefillCostlyBudget();
+  void ChargeCostlyBudget(const CommandResult& result);
   void FinishEntry(uint64_t slot);
 
   DatabaseOpener* const opener;
@@ -123,6 +127,13 @@ struct StateMachine::Impl {
   size_t session_count = 0;
   // Open() found the entry at revision + 1 half applied; cleared when it is applied.
   bool mid_entry = false;
+  // The group's budget for costly work, as of the request being applied: loaded with the
+  // revision, stored when an entry finishes (so a half-applied entry replays from its start).
+  struct CostlyBudget {
+    int64_t work_units = 0;
+    int64_t as_of_unix_ms = 0;
+  };
+  CostlyBudget costly;
 };
 
 }  // namespace synod

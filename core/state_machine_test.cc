@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/sql_guards.h"
 #include "core/sqlite_util.h"
 #include "core/stable_hash.h"
 
@@ -1395,6 +1396,99 @@ TEST(HostileInput, TheWorkBudgetIsPerRequestNotPerStatement) {
   CommandResult result = replica.Apply(Exec("d", counts, /*transaction=*/false));
   EXPECT_EQ(result.code(), RESOURCE_EXHAUSTED) << result.message();
   EXPECT_NE(result.message().find("SQLite steps"), std::string::npos) << result.message();
+}
+
+// Counts 125,000 rows into t: about 2 million work units, far over a write's allowance.
+// (Checked below: the figure depends on SQLite's code generation.)
+Command CostlyInsert() {
+  return Exec("d",
+              "INSERT INTO t SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+              "SELECT x+1 FROM c LIMIT 125000) SELECT x FROM c)");
+}
+
+const Statement kEndless =
+    Sql("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c");
+
+bool IsRationed(const CommandResult& result) {
+  return result.code() == RESOURCE_EXHAUSTED &&
+         result.message().find("busy with costly writes") != std::string::npos;
+}
+
+TEST(HostileInput, CostlyWritesDrawOnARationThatRefillsWithRequestTime) {
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE t(x)")).code(), OK);
+  const int64_t t = kTimestampMs;
+  ASSERT_GT(kMaxCostlyWorkUnits, 2 * kMaxRequestWorkUnits - 1) << "the figures below assume it";
+  ASSERT_EQ(kCostlyWorkUnitsPerSecond, kMaxRequestWorkUnits);
+
+  // The group's budget starts full (two requests' worth). The endless request spends its
+  // own limit; two costly inserts fit in what is left, a third does not. Cheap writes pass.
+  std::vector<AppliedRequest> applied = replica.ApplyEntry(Entry(
+      {Request(Exec("d", {kEndless}), 0, 0, t), Request(CostlyInsert(), 0, 0, t),
+       Request(CostlyInsert(), 0, 0, t), Request(Exec("d", "INSERT INTO t VALUES (-1)"), 0, 0, t),
+       Request(CostlyInsert(), 0, 0, t)}));
+  ASSERT_EQ(applied.size(), 5u);
+  EXPECT_EQ(applied[0].result.code(), RESOURCE_EXHAUSTED);
+  EXPECT_NE(applied[0].result.message().find("SQLite steps"), std::string::npos)
+      << applied[0].result.message();
+  for (int i : {1, 2, 3}) EXPECT_EQ(applied[i].result.code(), OK) << applied[i].result.message();
+  EXPECT_GT(applied[1].result.costly_work_units(), kMaxRequestWorkUnits / 3);
+  EXPECT_LT(applied[1].result.costly_work_units(), kMaxRequestWorkUnits / 2);
+  EXPECT_EQ(applied[3].result.costly_work_units(), 0u) << "within its allowance";
+  EXPECT_TRUE(IsRationed(applied[4].result)) << applied[4].result.message();
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "3");
+
+  // Still spent at the same time, even in an entry of its own; cheap writes still pass.
+  EXPECT_TRUE(IsRationed(replica.Apply(CostlyInsert(), 0, 0, t)));
+  EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO t VALUES (-2)"), 0, 0, t).code(), OK);
+  // Request time goes forward only: an earlier timestamp refills nothing.
+  EXPECT_TRUE(IsRationed(replica.Apply(CostlyInsert(), 0, 0, t - 60'000)));
+  // A second later it has refilled by a request's worth.
+  EXPECT_EQ(replica.Apply(CostlyInsert(), 0, 0, t + 1000).code(), OK);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "5");
+}
+
+TEST(HostileInput, ARetriedCostlyWriteAnsweredFromItsSessionCostsNothing) {
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE t(x)")).code(), OK);
+  CommandResult first = replica.Apply(CostlyInsert(), /*client_id=*/7, 1);
+  ASSERT_EQ(first.code(), OK) << first.message();
+  EXPECT_GT(first.costly_work_units(), 0u);
+  CommandResult again = replica.Apply(CostlyInsert(), /*client_id=*/7, 1);
+  EXPECT_EQ(again.code(), OK);
+  EXPECT_EQ(again.costly_work_units(), 0u);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "1");
+}
+
+TEST(HostileInput, AnEntryReplayedAfterACrashDrawsWhatItsRequestsDrewBefore) {
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE t(x)")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", {kEndless})).code(), RESOURCE_EXHAUSTED);  // half spent
+  const Value entry =
+      Entry({Request(CostlyInsert()), Request(CostlyInsert()), Request(CostlyInsert())});
+  SystemDatabase before(replica.opener());
+  std::vector<AppliedRequest> first = replica.ApplyEntry(entry);
+  ASSERT_EQ(first.size(), 3u);
+  EXPECT_EQ(first[1].result.code(), OK) << first[1].result.message();
+  EXPECT_TRUE(IsRationed(first[2].result)) << first[2].result.message();
+  uint64_t hash = replica.machine().StateHash();
+
+  // The crash: the system database had stored the result of request 0; request 1 committed
+  // in d (its result is in d's own table) before the system database did. Both draw again
+  // what they stored, so request 2 is refused again.
+  before.Restore("INSERT INTO _synod_entry_results VALUES (0, x'" +
+                 Hex(first[0].result.SerializeAsString()) + "')");
+  replica.Restart();
+  std::vector<AppliedRequest> again = replica.ApplyEntry(entry);
+  ASSERT_EQ(again.size(), 3u);
+  for (size_t i = 0; i < again.size(); ++i) {
+    EXPECT_EQ(Serialized(again[i].result), Serialized(first[i].result)) << i;
+  }
+  EXPECT_EQ(replica.machine().StateHash(), hash);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "2");
 }
 
 TEST(HostileInput, AFailedRequestThatChangedNothingLeavesTheRevisionAlone) {

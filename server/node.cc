@@ -47,6 +47,11 @@ struct Node::RunningQuery {
 
 namespace {
 
+// Committed entries are applied for about this long at a time; then the loop handles its
+// I/O (heartbeats, requests, peers) before the next slice.
+constexpr uint64_t kApplySliceMs = 20;
+// Applying one entry for longer than this is logged: it delays everything on the loop.
+constexpr uint64_t kSlowApplyMs = 200;
 // The nice value of the threads that run queries (the loop keeps the process's own).
 constexpr int kQueryNice = 10;
 
@@ -266,6 +271,7 @@ absl::Status Node::Start() {
   uv_check_init(loop_, &drain_check_);
   drain_check_.data = this;
   uv_check_start(&drain_check_, [](uv_check_t* c) { static_cast<Node*>(c->data)->Drain(); });
+  uv_idle_init(loop_, &apply_idle_);
   now_ms_ = static_cast<int64_t>(uv_now(loop_));
   fprintf(stderr, "I replica %u serving on %s:%d, revision %llu, data in %s\n", options_.id,
           options_.listen_host.c_str(), http_->port(),
@@ -282,6 +288,8 @@ void Node::Stop(std::function<void()> done) {
     tick_timer_started_ = false;
     uv_check_stop(&drain_check_);
     uv_close(reinterpret_cast<uv_handle_t*>(&drain_check_), nullptr);
+    uv_idle_stop(&apply_idle_);
+    uv_close(reinterpret_cast<uv_handle_t*>(&apply_idle_), nullptr);
   }
   if (log_) {
     absl::Status synced = log_->Sync();
@@ -318,6 +326,10 @@ void Node::CatchUpTicks() {
   // it a fresh election timeout instead of standing at once.
   constexpr int64_t kStallTicks = 5;
   if (missed_ticks > kStallTicks) {
+    if (missed_ticks * options_.tick_ms >= static_cast<int64_t>(kSlowApplyMs)) {
+      fprintf(stderr, "W the loop stalled for %lld ms\n",
+              static_cast<long long>(missed_ticks * options_.tick_ms));
+    }
     replica_->TickAfterStall(missed_ticks);
   } else {
     for (int64_t i = 0; i < missed_ticks; ++i) replica_->Tick();
@@ -347,8 +359,9 @@ void Node::Drain() {
     if (ready.compacted_through > 0) CompactLog();
     // 2. Send.
     SendMessages(std::move(ready.messages));
-    // 3. Install, apply.
+    // 3. Install, queue for apply.
     if (ready.snapshot) {
+      ApplyQueued(/*all=*/true);
       absl::Status restored = sm_->RestoreSnapshot(ready.snapshot->data);
       // CheckSnapshot accepted it above (its schema, positions and bounds included):
       // failing now is the machine's (disk, memory).
@@ -356,7 +369,7 @@ void Node::Drain() {
       fprintf(stderr, "I installed a snapshot at revision %llu\n",
               static_cast<unsigned long long>(sm_->revision()));
     }
-    for (const CommittedEntry& c : ready.committed) ApplyCommitted(c);
+    for (CommittedEntry& c : ready.committed) to_apply_.push_back(std::move(c));
     // 4. Answers to read barriers and refusals.
     for (const ForwardReply& reply : ready.replies) {
       auto it = pending_.find({reply.client_id(), reply.sequence()});
@@ -378,9 +391,26 @@ void Node::Drain() {
         p->on_write(refused);
       }
     }
+    // The replica counts the entries as applied from here; reads and answers wait for the
+    // state machine's own revision, which is what ApplyQueued advances.
     replica_->Advance(ready);
-    ServeWaitingReads();
-    MaybeCompact();
+  }
+  if (!stopping_) ApplyQueued(/*all=*/false);
+}
+
+void Node::ApplyQueued(bool all) {
+  const uint64_t start_ns = uv_hrtime();
+  while (!to_apply_.empty()) {
+    ApplyCommitted(to_apply_.front());
+    to_apply_.pop_front();
+    if (!all && uv_hrtime() - start_ns >= kApplySliceMs * 1'000'000) break;
+  }
+  ServeWaitingReads();
+  MaybeCompact();
+  if (to_apply_.empty()) {
+    uv_idle_stop(&apply_idle_);
+  } else {
+    uv_idle_start(&apply_idle_, [](uv_idle_t*) {});
   }
 }
 
@@ -392,7 +422,9 @@ void Node::RefuseSnapshot(const absl::Status& why) {
           why.ToString().c_str());
   // The replica already counts the snapshot as installed (its log below it is gone from
   // memory): it is rebuilt from what is durable, exactly as after a crash. Requests it held
-  // are answered 503 at their deadline.
+  // are answered 503 at their deadline. The entries it already handed out are applied
+  // first: the rebuilt replica starts from the state machine's revision.
+  ApplyQueued(/*all=*/true);
   absl::Status synced = log_->Sync();
   SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
   absl::StatusOr<PersistedState> state = log_->ReadBack();
@@ -426,7 +458,14 @@ void Node::CheckDivergence(const CommittedEntry& entry) {
 }
 
 void Node::ApplyCommitted(const CommittedEntry& entry) {
+  uint64_t start_ns = uv_hrtime();
   std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  uint64_t took_ms = (uv_hrtime() - start_ns) / 1'000'000;
+  if (took_ms >= kSlowApplyMs) {
+    fprintf(stderr, "W applying entry %llu (%d requests) held the loop for %llu ms\n",
+            static_cast<unsigned long long>(entry.slot), entry.value.requests_size(),
+            static_cast<unsigned long long>(took_ms));
+  }
   CheckDivergence(entry);
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != options_.id) continue;

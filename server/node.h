@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -109,6 +110,10 @@ class Node {
   void OnTick();
   void CatchUpTicks();
   void Drain();
+  // Committed entries wait in to_apply_ and are applied in slices of about kApplySliceMs,
+  // so that a run of costly entries does not hold the loop (heartbeats, /healthz, peers)
+  // for their sum. `all` applies the whole queue (before a snapshot replaces the state).
+  void ApplyQueued(bool all);
   void ApplyCommitted(const CommittedEntry& entry);
   // The divergence check's part of applying `entry`: votes it carries, and this replica's
   // own vote when the entry's revision is one the group hashes.
@@ -188,6 +193,10 @@ class Node {
   std::map<uint32_t, PeerOutbox> outboxes_;
   uv_timer_t tick_timer_;
   uv_check_t drain_check_;
+  // Runs while to_apply_ holds entries: the loop then polls without waiting, and Drain (a
+  // check handle) applies the next slice after each round of I/O.
+  uv_idle_t apply_idle_;
+  std::deque<CommittedEntry> to_apply_;
   bool tick_timer_started_ = false;
   bool stopping_ = false;
   uint64_t last_snapshot_index_ = 0;

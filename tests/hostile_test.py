@@ -116,6 +116,24 @@ class HostileTest(ClusterCase):
         statuses = [self.c.status(i) for i in (1, 2, 3)]
         self.assertEqual(len({s["ballot"]["round"] for s in statuses}), 1, statuses)
 
+    def test_costly_writes_are_rationed_while_cheap_writes_go_on(self):
+        endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) "
+                   "SELECT count(*) FROM c")
+        # The group's ration holds two whole budgets and refills one per second: of six
+        # back to back, the later ones find it spent.
+        results = [self.c.exec(1 + i % 3, "d", endless, timeout=30) for i in range(6)]
+        for r in results:
+            self.assert_json_error(r, 429)
+        rationed = [r for r in results if b"busy with costly writes" in r.body]
+        self.assertTrue(rationed, [r.body for r in results])
+        self.assertEqual(self.c.exec(2, "d", "INSERT INTO t VALUES (3)").status, 200)
+        # A second later the ration has refilled: a costly write within its own limit runs.
+        time.sleep(1.5)
+        costly = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 200000) "
+                  "SELECT count(*) FROM c")
+        r = self.c.exec(3, "d", costly, timeout=30)
+        self.assertEqual(r.status, 200, r.body)
+
     def test_a_query_over_a_limit_is_refused_with_its_status(self):
         r = self.c.query(2, "d", "SELECT printf('%.*c', 2000000000, 'x')", consistency="local")
         self.assert_json_error(r, 400)
