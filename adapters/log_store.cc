@@ -181,6 +181,12 @@ void LogStore::Append(const Ready& ready) {
 absl::Status LogStore::Sync() {
   if (!failure_.ok()) return failure_;
   if (pending_.empty()) return absl::OkStatus();
+  // A mark follows every batch of records and is made durable by the same fsync, so the
+  // last record of a synced log is always a mark: corruption of the last record that holds
+  // state is told from a torn write (see core/log_codec.h). It carries the count of records
+  // before it.
+  pending_ += EncodeSyncMark(records_);
+  ++records_;
   if (absl::Status written = WriteAll(log_fd_, pending_, log_path_); !written.ok()) {
     return Fail(written);
   }
@@ -188,14 +194,11 @@ absl::Status LogStore::Sync() {
   if (options_.fsync) {
     if (absl::Status synced = DataSync(log_fd_, log_path_); !synced.ok()) return Fail(synced);
   }
-  // The mark follows every synced record, so that corruption of the last synced record is
-  // told from a torn tail. It carries the count of records before it, and reaches the disk
-  // with the next Sync().
-  if (absl::Status written = WriteAll(log_fd_, EncodeSyncMark(records_), log_path_);
-      !written.ok()) {
-    return Fail(written);
+  if (options_.after_log_fsync) {
+    struct stat st;
+    SYNOD_CHECK_EQ(fstat(log_fd_, &st), 0);
+    options_.after_log_fsync(static_cast<uint64_t>(st.st_size));
   }
-  ++records_;
   return absl::OkStatus();
 }
 

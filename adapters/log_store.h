@@ -26,6 +26,7 @@
 // Not thread-safe: one thread uses a LogStore at a time.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -41,6 +42,9 @@ struct LogStoreOptions {
   // for, but a power failure or kernel crash may lose or tear any recent write: the replica
   // may then forget promises and accepted values it acknowledged. For tests and benchmarks.
   bool fsync = true;
+  // Called right after each fdatasync of the log, with the log's size at that moment: what
+  // a power failure then would leave. For tests of what Sync() makes durable.
+  std::function<void(uint64_t log_bytes)> after_log_fsync;
 };
 
 class LogStore {

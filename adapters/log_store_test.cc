@@ -186,6 +186,30 @@ TEST_F(LogStoreTest, AFlippedByteInAnEarlyRecordFailsOpenWithDataLoss) {
   EXPECT_EQ(ReadFile(LogPath()), log);  // left as found, for the operator to inspect
 }
 
+TEST_F(LogStoreTest, TheSyncMarkIsDurableWithTheBatchItEnds) {
+  std::vector<uint64_t> durable_sizes;
+  LogStoreOptions options;
+  options.after_log_fsync = [&](uint64_t bytes) { durable_sizes.push_back(bytes); };
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, options);
+    WriteTwoBatches(*store);
+  }
+  ASSERT_EQ(durable_sizes.size(), 2u);
+  // Nothing Sync() wrote waits for a later fsync.
+  EXPECT_EQ(durable_sizes.back(), fs::file_size(LogPath()));
+
+  // A power failure right after the second batch's fsync, then damage to its last record
+  // of state (the promise and the chosen mark): the mark after it shows that record was
+  // synced, so it is lost state, not a torn write, and the replica refuses to start.
+  std::string log = ReadFile(LogPath()).substr(0, durable_sizes.back());
+  const size_t mark_bytes = EncodeSyncMark(5).size();
+  log[log.size() - mark_bytes - 3] ^= 0x10;
+  WriteFile(LogPath(), log);
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+}
+
 TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
   std::unique_ptr<LogStore> store = MustOpen(dir_);
   for (uint64_t round = 1; round <= 20; ++round) {
@@ -243,10 +267,10 @@ TEST_F(LogStoreTest, ASecondStoreOnTheSameDirectoryIsRefused) {
 
 TEST_F(LogStoreTest, WithoutFsyncTheLogIsStillWrittenAtEachSync) {
   {
-    std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false});
+    std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false, .after_log_fsync = nullptr});
     WriteTwoBatches(*store);
   }
-  std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false});
+  std::unique_ptr<LogStore> store = MustOpen(dir_, {.fsync = false, .after_log_fsync = nullptr});
   EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
 }
 

@@ -6,8 +6,9 @@
 //
 // A log is a sequence of records, each framed as
 //   [u32 payload length, little endian][u64 StableHash of the payload][payload]
-// where the payload is a serialized StorageRecord. After each fsync the host appends a
-// SyncMark record (itself written before the next fsync).
+// where the payload is a serialized StorageRecord. The host ends each batch of records with
+// a SyncMark record, written before the fsync that makes the batch durable: the last record
+// of a log whose writes all reached the disk is a mark.
 //
 // Recovery rules (see docs/simulation.md, "Storage faults"):
 // - A record whose frame is cut short at the end of the log is a torn tail: a write the
@@ -15,7 +16,9 @@
 // - A record whose checksum fails, followed by any valid record, is corruption: data that
 //   was durable and acknowledged is gone. The replica must not vote on what it lost, so
 //   recovery fails with DataLoss and the replica refuses to start.
-// - A bad checksum on the very last record is treated as a torn tail too.
+// - A bad checksum on the very last record is treated as a torn tail too. Since every
+//   synced batch ends with its mark, that record is a mark or a write that was never synced
+//   (so never acknowledged), not state the replica promised on.
 
 #include <cstdint>
 #include <string>
@@ -34,7 +37,7 @@ std::string EncodeReady(const Ready& ready);
 // snapshot, and the compaction of the log entries it covers. (Then Replica::Compact.)
 Ready SnapshotReady(uint64_t index, std::string data);
 
-// A framed SyncMark, to append after an fsync that made `records` records durable.
+// A framed SyncMark, to end a batch before its fsync; `records` records precede it.
 std::string EncodeSyncMark(uint64_t records);
 
 std::string EncodeRecord(const StorageRecord& record);

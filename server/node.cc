@@ -196,7 +196,7 @@ absl::Status Node::Start() {
   SYNOD_CHECK(uv_gettimeofday(&start) == 0);
   const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
   absl::StatusOr<std::unique_ptr<LogStore>> log =
-      LogStore::Open(options_.data_dir, LogStoreOptions{.fsync = options_.fsync});
+      LogStore::Open(options_.data_dir, LogStoreOptions{.fsync = options_.fsync, .after_log_fsync = nullptr});
   if (!log.ok()) {
     return absl::Status(
         log.status().code(),
