@@ -582,6 +582,17 @@ std::vector<std::pair<std::string, uint64_t>> StateMachine::ListDatabases() cons
   return databases;
 }
 
+absl::StatusOr<uint64_t> StateMachine::ImageBytes(std::string_view database) {
+  auto it = impl_->databases.find(database);
+  if (it == impl_->databases.end()) {
+    return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
+  }
+  std::optional<int64_t> pages = SingleInteger(it->second.handle.get(), "PRAGMA page_count");
+  std::optional<int64_t> page_bytes = SingleInteger(it->second.handle.get(), "PRAGMA page_size");
+  SYNOD_CHECK(pages.has_value() && page_bytes.has_value()) << "database " << database;
+  return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
+}
+
 absl::StatusOr<std::string> StateMachine::Backup(std::string_view database) {
   auto it = impl_->databases.find(database);
   if (it == impl_->databases.end()) {

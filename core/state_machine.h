@@ -213,6 +213,10 @@ class StateMachine {
   // that changed each).
   std::vector<std::pair<std::string, uint64_t>> ListDatabases() const;
 
+  // The size of `database`'s image, page count times page size, read without copying it
+  // (NotFound if there is none). Equals the size of Backup(database).
+  absl::StatusOr<uint64_t> ImageBytes(std::string_view database);
+
   // A consistent .sqlite3 image of `database` (NotFound if there is none). It includes the
   // database's _synod_meta table, which CreateDatabase replaces when the image is uploaded.
   absl::StatusOr<std::string> Backup(std::string_view database);

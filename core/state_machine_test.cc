@@ -257,6 +257,28 @@ TEST(StateMachineTest, CreatedDatabaseCanBeWrittenQueriedAndDropped) {
   EXPECT_EQ(replica.opener().List(), std::vector<std::string>{"system"});
 }
 
+TEST(StateMachineTest, ImageBytesIsTheSizeOfTheBackupWithoutMakingOne) {
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  for (int rows : {0, 2000}) {
+    ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE IF NOT EXISTS t(x)")).code(), OK);
+    ASSERT_EQ(replica
+                  .Apply(Exec("d",
+                              "INSERT INTO t SELECT randomblob(100) FROM (WITH RECURSIVE "
+                              "c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT n "
+                              "FROM c LIMIT " +
+                                  std::to_string(rows + 1) + ")"))
+                  .code(),
+              OK);
+    absl::StatusOr<std::string> backup = replica.machine().Backup("d");
+    ASSERT_TRUE(backup.ok()) << backup.status();
+    absl::StatusOr<uint64_t> bytes = replica.machine().ImageBytes("d");
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    EXPECT_EQ(*bytes, backup->size());
+  }
+  EXPECT_TRUE(absl::IsNotFound(replica.machine().ImageBytes("nope").status()));
+}
+
 TEST(StateMachineTest, ATransactionAppliesNothingWhenAStatementHasASyntaxError) {
   Replica replica;
   replica.Apply(Create("d"));

@@ -195,8 +195,8 @@ absl::Status Node::Start() {
   uv_timeval64_t start;
   SYNOD_CHECK(uv_gettimeofday(&start) == 0);
   const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
-  absl::StatusOr<std::unique_ptr<LogStore>> log =
-      LogStore::Open(options_.data_dir, LogStoreOptions{.fsync = options_.fsync, .after_log_fsync = nullptr});
+  absl::StatusOr<std::unique_ptr<LogStore>> log = LogStore::Open(
+      options_.data_dir, LogStoreOptions{.fsync = options_.fsync, .after_log_fsync = nullptr});
   if (!log.ok()) {
     return absl::Status(
         log.status().code(),
@@ -789,15 +789,15 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
         std::string out = "{\"databases\":[";
         bool first = true;
         for (const auto& [name, revision] : sm_->ListDatabases()) {
-          absl::StatusOr<std::string> image = sm_->Backup(name);
+          absl::StatusOr<uint64_t> bytes = sm_->ImageBytes(name);
           if (!first) out.push_back(',');
           first = false;
           out += "{\"name\":";
           AppendJsonString(&out, name);
           out += ",\"id\":";
           AppendJsonString(&out, DatabaseFileId(name));
-          absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
-                          ",\"revision\":", revision, "}");
+          absl::StrAppend(&out, ",\"size\":", bytes.ok() ? *bytes : 0, ",\"revision\":", revision,
+                          "}");
         }
         absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
         Respond(responder, 200, out);
@@ -889,13 +889,13 @@ void Node::HandleDatabase(const std::string& method, const std::string& name,
     return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
       for (const auto& [db, revision] : sm_->ListDatabases()) {
         if (db != name) continue;
-        absl::StatusOr<std::string> image = sm_->Backup(name);
+        absl::StatusOr<uint64_t> bytes = sm_->ImageBytes(name);
         std::string out = "{\"name\":";
         AppendJsonString(&out, name);
         out += ",\"id\":";
         AppendJsonString(&out, DatabaseFileId(name));
-        absl::StrAppend(&out, ",\"size\":", image.ok() ? image->size() : 0,
-                        ",\"revision\":", revision, "}");
+        absl::StrAppend(&out, ",\"size\":", bytes.ok() ? *bytes : 0, ",\"revision\":", revision,
+                        "}");
         return Respond(responder, 200, out);
       }
       RespondError(responder, 404, "not_found", absl::StrCat("no database ", name));
