@@ -163,12 +163,26 @@ bool IsValidPath(const std::string& path) {
 
 }  // namespace
 
+namespace http_internal {
+
+uint64_t JitteredBackoffMs(uint64_t backoff_ms, uint64_t* state) {
+  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const uint64_t half = backoff_ms / 2;
+  return half + z % (backoff_ms - half + 1);
+}
+
+}  // namespace http_internal
+
 HttpClient::HttpClient(uv_loop_t* loop, std::string host, int port, HttpClientOptions options)
     : loop_(loop),
       host_(std::move(host)),
       port_(port),
       options_(options),
       backoff_ms_(options.initial_backoff_ms),
+      jitter_state_(options.backoff_jitter_seed),
       backoff_timer_(new uv_timer_t),
       deadline_timer_(new uv_timer_t) {
   SYNOD_CHECK(loop_ != nullptr);
@@ -329,7 +343,10 @@ void HttpClient::DropConnection(const absl::Status& error, bool backoff) {
           self->backing_off_ = false;
           self->Pump();
         },
-        backoff_ms_, 0);
+        options_.backoff_jitter_seed == 0
+            ? backoff_ms_
+            : http_internal::JitteredBackoffMs(backoff_ms_, &jitter_state_),
+        0);
     backoff_ms_ = std::min(backoff_ms_ * 2, options_.max_backoff_ms);
   } else {
     Pump();

@@ -35,12 +35,20 @@ struct HttpClientOptions {
   uint64_t request_timeout_ms = 5'000;
   uint64_t initial_backoff_ms = 50;
   uint64_t max_backoff_ms = 2'000;
+  // Nonzero: each back-off waits a random time between half the current back-off and all
+  // of it, drawn from a generator seeded with this, so that clients of a peer that comes
+  // back do not all reconnect at once.
+  uint64_t backoff_jitter_seed = 0;
   size_t max_queued_requests = 1024;
   size_t max_response_bytes = 64 * 1024 * 1024;
 };
 
 namespace http_internal {
 struct ClientConnection;
+
+// The wait for a back-off of `backoff_ms` with jitter: in [backoff_ms / 2, backoff_ms],
+// drawn from `state` (a splitmix64 state, advanced).
+uint64_t JitteredBackoffMs(uint64_t backoff_ms, uint64_t* state);
 }  // namespace http_internal
 
 class HttpClient {
@@ -97,6 +105,7 @@ class HttpClient {
   bool connected_ = false;
   bool backing_off_ = false;
   uint64_t backoff_ms_;
+  uint64_t jitter_state_;
   uv_timer_t* backoff_timer_;   // heap-allocated: freed when its close completes
   uv_timer_t* deadline_timer_;  // likewise
 };

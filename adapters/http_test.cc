@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -746,6 +747,21 @@ TEST_F(HttpTest, GarbageNeverCrashesAndLeavesNoConnections) {
     client.Send(Get("/alive"));
     EXPECT_TRUE(client.Read());
   });
+}
+
+TEST(HttpClientBackoff, JitteredWaitsStayBetweenHalfAndAllOfTheBackoffAndVary) {
+  uint64_t state = 42;
+  std::set<uint64_t> seen;
+  for (int i = 0; i < 1000; ++i) {
+    uint64_t wait = http_internal::JitteredBackoffMs(125, &state);
+    EXPECT_GE(wait, 62u);
+    EXPECT_LE(wait, 125u);
+    seen.insert(wait);
+  }
+  EXPECT_GT(seen.size(), 50u) << "the waits are spread, not one value";
+  EXPECT_TRUE(seen.contains(62u) && seen.contains(125u)) << "both ends are reachable";
+  EXPECT_LE(http_internal::JitteredBackoffMs(1, &state), 1u);
+  EXPECT_EQ(http_internal::JitteredBackoffMs(0, &state), 0u);
 }
 
 TEST_F(HttpTest, ClientPostsInOrderAndGetsResponses) {

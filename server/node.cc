@@ -239,7 +239,17 @@ absl::Status Node::Start() {
 
   for (const auto& [id, address] : options_.peers) {
     if (id == options_.id) continue;
-    peer_clients_[id] = std::make_unique<HttpClient>(loop_, address.host, address.port);
+    // A peer that comes back (restarted, or reachable again) must hear from this replica
+    // well within an election timeout, or it stands for election although a leader is
+    // healthy: reconnection backs off to a quarter of the (shortest) election timeout at
+    // most, with jitter (docs/consensus.md, "Timing").
+    HttpClientOptions peer_options;
+    peer_options.initial_backoff_ms = static_cast<uint64_t>(options_.tick_ms);
+    peer_options.max_backoff_ms =
+        static_cast<uint64_t>(options_.tick_ms * config.election_timeout_ticks / 4);
+    peer_options.backoff_jitter_seed = RandomSeed() | 1;
+    peer_clients_[id] =
+        std::make_unique<HttpClient>(loop_, address.host, address.port, peer_options);
     outboxes_[id];
     peer_send_sequences_.emplace(id, PeerSequence(start_unix_ms));
     peer_replay_windows_[id];
