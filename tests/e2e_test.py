@@ -268,6 +268,20 @@ class Failures(ClusterTest):
             time.sleep(0.2)
         self.assertEqual(r.status, 200, r)
 
+    def test_a_follower_restarted_after_a_long_outage_does_not_depose_the_leader(self):
+        self.create("s")
+        statuses = {i: self.c.status(i) for i in (1, 2, 3)}
+        leader = next(i for i, s in statuses.items() if s["role"] == "leader")
+        rounds = {s["ballot"]["round"] for s in statuses.values()}
+        follower = 1 if leader != 1 else 2
+        self.c.kill(follower)
+        time.sleep(6)  # long enough for the leader's reconnection to back off fully
+        self.c.start(follower)
+        time.sleep(3)
+        statuses = {i: self.c.status(i) for i in (1, 2, 3)}
+        self.assertEqual(statuses[leader]["role"], "leader", statuses)
+        self.assertEqual({s["ballot"]["round"] for s in statuses.values()}, rounds, statuses)
+
 
 if __name__ == "__main__":
     SERVER = os.path.abspath(sys.argv.pop(1))
