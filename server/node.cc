@@ -376,6 +376,9 @@ void Node::Drain() {
       // CheckSnapshot accepted it above (its schema, positions and bounds included):
       // failing now is the machine's (disk, memory).
       SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
+      // The installed image is this replica's snapshot at that index now: one of its own at
+      // the same index would differ in its bytes from the one the replica serves to peers.
+      last_snapshot_index_ = std::max(last_snapshot_index_, ready.snapshot->meta.index());
       fprintf(stderr, "I installed a snapshot at revision %llu\n",
               static_cast<unsigned long long>(sm_->revision()));
     }
