@@ -386,10 +386,14 @@ void StateMachine::Impl::StoreSession(uint64_t client_id, uint64_t sequence, uin
 }
 
 void StateMachine::Impl::RefillCostlyBudget() {
-  // Request time goes forward only: timestamps come from the clocks of several replicas.
-  if (now_unix_ms <= costly.as_of_unix_ms) return;
+  // Timestamps come from the clocks of the replicas that received the requests. Time that
+  // goes back refills nothing, but the ration follows it back: one replica whose clock ran
+  // far ahead must not starve costly writes until the others' clocks catch up. (Skewed
+  // clocks can only refill it faster, never stop it.) A request with no time says nothing.
+  if (now_unix_ms <= 0) return;
   const int64_t elapsed_ms = now_unix_ms - costly.as_of_unix_ms;
   costly.as_of_unix_ms = now_unix_ms;
+  if (elapsed_ms <= 0) return;
   // Past a full refill's worth of time the ration is full (and nothing overflows).
   if (elapsed_ms >= (kMaxCostlyWorkUnits / kCostlyWorkUnitsPerSecond + 1) * 1000) {
     costly.work_units = kMaxCostlyWorkUnits;

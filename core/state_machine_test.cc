@@ -1464,11 +1464,22 @@ TEST(HostileInput, CostlyWritesDrawOnARationThatRefillsWithRequestTime) {
   // Still spent at the same time, even in an entry of its own; cheap writes still pass.
   EXPECT_TRUE(IsRationed(replica.Apply(CostlyInsert(), 0, 0, t)));
   EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO t VALUES (-2)"), 0, 0, t).code(), OK);
-  // Request time goes forward only: an earlier timestamp refills nothing.
+  // An earlier timestamp (a replica whose clock is behind) refills nothing.
   EXPECT_TRUE(IsRationed(replica.Apply(CostlyInsert(), 0, 0, t - 60'000)));
-  // A second later it has refilled by a request's worth.
+  // Time runs on from there: two seconds later it has refilled by two requests' worth.
+  EXPECT_EQ(replica.Apply(CostlyInsert(), 0, 0, t - 58'000).code(), OK);
+  EXPECT_EQ(replica.Apply(CostlyInsert(), 0, 0, t - 58'000).code(), OK);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "6");
+
+  // A clock far ahead does not stop the ration for the others: the ration follows time
+  // back, and the next second refills it again.
+  for (int i = 0; i < 2; ++i) {
+    CommandResult ahead = replica.Apply(Exec("d", {kEndless}), 0, 0, t + 86'400'000);
+    EXPECT_NE(ahead.message().find("SQLite steps"), std::string::npos) << ahead.message();
+  }
+  EXPECT_TRUE(IsRationed(replica.Apply(CostlyInsert(), 0, 0, t)));
   EXPECT_EQ(replica.Apply(CostlyInsert(), 0, 0, t + 1000).code(), OK);
-  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "5");
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "7");
 }
 
 TEST(HostileInput, ARetriedCostlyWriteAnsweredFromItsSessionCostsNothing) {
