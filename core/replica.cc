@@ -37,7 +37,7 @@ const char* RoleName(Role role) {
 }
 
 Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed)
-    : config_(std::move(config)), prng_(prng_seed), promises_(config_.replica_ids.size()) {
+    : config_(std::move(config)), prng_(prng_seed), promises_(VotingGroupSize()) {
   SYNOD_CHECK(config_.id != 0) << "replica ids start at 1";
   SYNOD_CHECK(IsPeer(config_.id)) << "replica " << config_.id << " is not in its own group";
   SYNOD_CHECK(std::set<uint32_t>(config_.replica_ids.begin(), config_.replica_ids.end()).size() ==
@@ -50,6 +50,14 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   SYNOD_CHECK(config_.clock_drift_bound_ticks >= 1 &&
               config_.clock_drift_bound_ticks < config_.lease_duration_ticks);
   SYNOD_CHECK(config_.heartbeat_interval_ticks > 0 && config_.retry_ticks > 0);
+  // Otherwise the leader's lease, counted from the start of the last round a quorum
+  // acknowledged, runs out before the next round can renew it.
+  SYNOD_CHECK(config_.heartbeat_interval_ticks <
+              config_.lease_duration_ticks - config_.clock_drift_bound_ticks)
+      << "the heartbeat interval (" << config_.heartbeat_interval_ticks
+      << " ticks) must be shorter than the lease the leader can count on (lease_duration_ticks "
+      << config_.lease_duration_ticks << " - clock_drift_bound_ticks "
+      << config_.clock_drift_bound_ticks << ")";
   SYNOD_CHECK(config_.max_inflight_slots > 0 && config_.max_batch_requests > 0);
   SYNOD_CHECK(config_.max_catchup_entries > 0);
   // The catch-up requests and the pipeline of a replica must fit in its peers' window.
@@ -92,6 +100,16 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
 bool Replica::IsPeer(uint32_t id) const {
   return std::find(config_.replica_ids.begin(), config_.replica_ids.end(), id) !=
          config_.replica_ids.end();
+}
+
+size_t Replica::VotingGroupSize() const {
+  size_t size = config_.replica_ids.size();
+#ifdef SYNOD_TESTING_BUGS
+  // VoteSet's majority of one replica fewer, size / 2 + 1 of size - 1, is (size + 1) / 2 of
+  // the group: half of an even group passes for a quorum.
+  if (config_.bugs.majority_off_by_one && size > 1) return size - 1;
+#endif
+  return size;
 }
 
 uint64_t Replica::LastSlot() const {
@@ -374,7 +392,7 @@ void Replica::StartElection() {
   *hard_.mutable_promised() = ballot_;
   PersistHardState(/*must_sync=*/true);
 
-  promises_ = VoteSet(config_.replica_ids.size());
+  promises_ = VoteSet(VotingGroupSize());
   promises_.Add(config_.id);
   promised_entries_.clear();
   for (auto it = log_.upper_bound(commit_index_); it != log_.end(); ++it) {
@@ -643,7 +661,19 @@ bool Replica::MayPromise(const Ballot& ballot, uint32_t from) const {
 void Replica::RaisePromise(const Ballot& ballot) {
   if (!BallotLess(hard_.promised(), ballot)) return;
   *hard_.mutable_promised() = ballot;
-  PersistHardState(/*must_sync=*/true);
+  bool must_sync = true;  // the promise is durable before any message says it was made
+#ifdef SYNOD_TESTING_BUGS
+  if (config_.bugs.promise_before_durable) must_sync = false;
+#endif
+  PersistHardState(must_sync);
+}
+
+void Replica::GrantLease(const Ballot& ballot) {
+#ifdef SYNOD_TESTING_BUGS
+  if (config_.testing_no_acceptor_lease) return;
+#endif
+  lease_ballot_ = ballot;
+  lease_granted_until_tick_ = now_ticks_ + config_.lease_duration_ticks;
 }
 
 void Replica::AcceptEntry(uint64_t slot, const Ballot& ballot, const Value& value) {
@@ -697,8 +727,7 @@ void Replica::StepAccept(const Message& m) {
   RaisePromise(m.ballot());
   if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
-  lease_ballot_ = m.ballot();
-  lease_granted_until_tick_ = now_ticks_ + config_.lease_duration_ticks;
+  GrantLease(m.ballot());
 
   Message reply = NewMessage(m.from());
   Accepted* accepted = reply.mutable_accepted();
@@ -721,8 +750,7 @@ void Replica::StepHeartbeat(const Message& m) {
   RaisePromise(m.ballot());
   if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
-  lease_ballot_ = m.ballot();
-  lease_granted_until_tick_ = now_ticks_ + config_.lease_duration_ticks;
+  GrantLease(m.ballot());
   LearnFromLeader(m);
   Message ack = NewMessage(m.from());
   ack.mutable_heartbeat_ack()->set_read_context(m.heartbeat().read_context());
@@ -943,7 +971,7 @@ void Replica::ProposeSlot(uint64_t slot, Value value) {
   SYNOD_CHECK(role_ == Role::kLeader);
   SYNOD_CHECK_GT(slot, commit_index_);
   AcceptEntry(slot, ballot_, value);
-  auto [it, inserted] = inflight_.emplace(slot, Inflight(config_.replica_ids.size()));
+  auto [it, inserted] = inflight_.emplace(slot, Inflight(VotingGroupSize()));
   SYNOD_CHECK(inserted) << "slot " << slot << " proposed twice in one ballot";
   it->second.votes.Add(config_.id);
   for (uint32_t peer : config_.replica_ids) {
@@ -1038,6 +1066,12 @@ void Replica::StepHeartbeatAck(const Message& m) {
   for (uint32_t peer : config_.replica_ids) {
     contexts.push_back(peer == config_.id ? read_context_ : acked_context_[peer]);
   }
+#ifdef SYNOD_TESTING_BUGS
+  // The lowest acknowledgement left out: a "majority" of one replica fewer (VotingGroupSize).
+  if (config_.bugs.majority_off_by_one && contexts.size() > 1) {
+    contexts.erase(std::min_element(contexts.begin(), contexts.end()));
+  }
+#endif
   uint64_t quorum_context = QuorumMin(std::move(contexts));
   if (quorum_context <= quorum_acked_context_) return;
   quorum_acked_context_ = quorum_context;
@@ -1081,10 +1115,16 @@ void Replica::ServeReads() {
   if (role_ != Role::kLeader) return;
   if (ReadSafe() && !waiting_reads_.empty()) {
     // The read index is taken now; the read is valid once a quorum confirms, in a
-    // heartbeat round started after this point, that this replica is still the leader.
+    // heartbeat round started after this point, that this replica is still the leader. (The
+    // round under way may have been acknowledged before the read arrived, by followers that
+    // have promised a new leader since.)
+    uint64_t confirming_round = read_context_ + 1;
+#ifdef SYNOD_TESTING_BUGS
+    if (config_.bugs.read_confirmed_by_old_round) confirming_round = read_context_;
+#endif
     for (PendingRead& r : waiting_reads_) {
       r.read_index = commit_index_;
-      reads_by_context_.emplace(read_context_ + 1, std::move(r));
+      reads_by_context_.emplace(confirming_round, std::move(r));
     }
     waiting_reads_.clear();
     read_round_wanted_ = true;

@@ -44,6 +44,11 @@ struct ReplicaConfig {
   // A follower that hears nothing from a leader for this many ticks (plus a random extra
   // of up to as many again) starts an election.
   int election_timeout_ticks = 10;
+  // A leader starts a heartbeat round this often (and at every commit announcement). Each
+  // round a quorum acknowledges renews its lease for lease_duration_ticks -
+  // clock_drift_bound_ticks from the round's start, so the interval must be shorter than
+  // that, or the lease lapses between every two rounds.
+  // REQUIRES: > 0 and < lease_duration_ticks - clock_drift_bound_ticks.
   int heartbeat_interval_ticks = 2;
   // Unanswered prepares, accepts and catch-up requests are sent again after this long.
   int retry_ticks = 3;
@@ -95,7 +100,17 @@ struct ReplicaConfig {
   struct Bugs {
     bool skip_repropose = false;       // a new leader proposes no-ops instead of accepted values
     bool lease_ignores_drift = false;  // the lease runs from the ack, without the drift bound
+    // A raised promise is written without an fsync, so the Promise leaves before it is durable.
+    bool promise_before_durable = false;
+    bool majority_off_by_one = false;  // a quorum is (n + 1) / 2 replicas instead of n / 2 + 1
+    // A linearizable read is confirmed by the heartbeat round under way when it arrived, whose
+    // acknowledgements may predate it, rather than by a round started after it.
+    bool read_confirmed_by_old_round = false;
   } bugs;
+  // A test mode, not a bug (the simulator's --leases off): an acceptor grants no lease, as if
+  // its clock ran arbitrarily fast. Lease reads are then unsafe and the simulator does not
+  // check them; linearizable reads must stay linearizable without any lease.
+  bool testing_no_acceptor_lease = false;
 #endif
 };
 
@@ -261,6 +276,9 @@ class Replica {
 
   // Acceptor.
   bool MayPromise(const Ballot& ballot, uint32_t from) const;
+  // Promises nobody but `ballot` for lease_duration_ticks from now (on receiving an accept or
+  // a heartbeat from its proposer).
+  void GrantLease(const Ballot& ballot);
   void RaisePromise(const Ballot& ballot);
   void AcceptEntry(uint64_t slot, const Ballot& ballot, const Value& value);
 
@@ -296,6 +314,8 @@ class Replica {
   uint64_t HighestRoundSeen() const;
   uint64_t RandomElectionTimeout();
   bool IsPeer(uint32_t id) const;
+  // The number of replicas whose majority every VoteSet of this replica counts: the group.
+  size_t VotingGroupSize() const;
 
   const ReplicaConfig config_;
   std::mt19937_64 prng_;

@@ -460,6 +460,24 @@ TEST(Proposer, TheLeaderProposesNoSlotBeyondTheSlotWindowOfItsCommitIndex) {
   EXPECT_EQ(r.Status().rejected_message_count, 0u);
 }
 
+// Proposes a linearizable read (client 9) to leader `r`, expects no answer yet, and returns
+// the read context of the heartbeat round it started.
+uint64_t ProposeLinearizableRead(Replica& r) {
+  ClientRequest read;
+  read.set_client_id(9);
+  read.set_sequence(1);
+  read.mutable_command()->mutable_read_barrier()->set_consistency(LINEARIZABLE);
+  r.Propose(read);
+  Ready ready = r.GetReady();
+  EXPECT_TRUE(ready.replies.empty()) << "answered before a round confirmed the leadership";
+  uint64_t context = 0;
+  for (const Message& m : ready.messages) {
+    if (m.has_heartbeat()) context = m.heartbeat().read_context();
+  }
+  r.Advance(ready);
+  return context;
+}
+
 TEST(Reads, LinearizableReadWaitsForAQuorumRoundAfterItArrived) {
   Replica r(ConfigFor(1), PersistedState(), 1);
   std::vector<Message> prepares = TickUntilPrepare(r);
@@ -469,27 +487,57 @@ TEST(Reads, LinearizableReadWaitsForAQuorumRoundAfterItArrived) {
   r.Step(p);
   ASSERT_EQ(r.role(), Role::kLeader);
   Drain(r);
-  ClientRequest read;
-  read.set_client_id(9);
-  read.set_sequence(1);
-  read.mutable_command()->mutable_read_barrier()->set_consistency(LINEARIZABLE);
-  r.Propose(read);
-  Ready ready = r.GetReady();
-  EXPECT_TRUE(ready.replies.empty()) << "answered before confirming leadership";
-  uint64_t context = 0;
-  for (const Message& m : ready.messages) {
-    if (m.has_heartbeat()) context = m.heartbeat().read_context();
-  }
-  r.Advance(ready);
+  uint64_t context = ProposeLinearizableRead(r);
   ASSERT_GT(context, 0u);
   Message ack = From(2, 1, ballot);
   ack.mutable_heartbeat_ack()->set_read_context(context);
   r.Step(ack);
-  ready = r.GetReady();
+  Ready ready = r.GetReady();
   ASSERT_EQ(ready.replies.size(), 1u);
   EXPECT_EQ(ready.replies[0].code(), OK);
   EXPECT_EQ(ready.replies[0].client_id(), 9u);
   r.Advance(ready);
+}
+
+// The round under way when a read arrives may have been acknowledged before it, by a follower
+// that has promised a new leader since (nothing stops it without leases): only a later round
+// confirms the read.
+TEST(Reads, LinearizableReadIsNotConfirmedByARoundAcknowledgedBeforeItArrived) {
+  Replica r(ConfigFor(1), PersistedState(), 1);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
+  ASSERT_EQ(r.role(), Role::kLeader);
+  const Ballot ballot = r.Status().ballot;
+  uint64_t context = ProposeLinearizableRead(r);
+  ASSERT_GT(context, 1u) << "no new round started for the read";
+  auto acknowledge = [&](uint64_t round) {
+    Message ack = From(2, 1, ballot);
+    ack.mutable_heartbeat_ack()->set_read_context(round);
+    r.Step(ack);
+    std::vector<ForwardReply> replies;
+    while (r.HasReady()) {
+      Ready next = r.GetReady();
+      replies.insert(replies.end(), next.replies.begin(), next.replies.end());
+      r.Advance(next);
+    }
+    return replies;
+  };
+  EXPECT_TRUE(acknowledge(context - 1).empty()) << "confirmed by a repeated old acknowledgement";
+  std::vector<ForwardReply> replies = acknowledge(context);
+  ASSERT_EQ(replies.size(), 1u);
+  EXPECT_EQ(replies[0].code(), OK);
+  EXPECT_EQ(replies[0].client_id(), 9u);
+}
+
+// Each round renews the leader's lease for lease_duration_ticks - clock_drift_bound_ticks:
+// heartbeats at that interval or slower would let it lapse between every two rounds.
+TEST(Reads, AHeartbeatIntervalAsLongAsTheLeaderCountsOnItsLeaseIsRefused) {
+  ReplicaConfig config = ConfigFor(1);
+  config.lease_duration_ticks = 8;
+  config.clock_drift_bound_ticks = 3;
+  config.heartbeat_interval_ticks = 4;
+  { Replica fits(config, PersistedState(), 1); }
+  config.heartbeat_interval_ticks = 5;
+  EXPECT_DEATH(Replica(config, PersistedState(), 1), "heartbeat interval");
 }
 
 TEST(Reads, LeaseReadIsRefusedWhenTheLeaseMayHaveExpired) {

@@ -71,6 +71,33 @@ void AcceptorChecker::Sent(const Message& message) {
   }
 }
 
+std::optional<std::string> CheckDurableBeforeSend(const Message& message,
+                                                  const DurableAcceptorState& durable,
+                                                  const ChosenChecker& chosen) {
+  const Ballot& b = message.ballot();
+  auto ballot_text = [](const Ballot& x) {
+    return absl::StrCat("(", x.round(), ",", x.replica_id(), ")");
+  };
+  if (message.has_promise() && BallotLess(durable.promised, b)) {
+    return absl::StrCat("replica ", message.from(), " sent a promise of ballot ", ballot_text(b),
+                        " to replica ", message.to(), " while its durable promise was ",
+                        ballot_text(durable.promised), ": a crash now would forget the promise");
+  }
+  if (!message.has_accepted()) return std::nullopt;
+  for (uint64_t slot : message.accepted().slots()) {
+    auto it = durable.accepted.find(slot);
+    if (it != durable.accepted.end() && BallotEqual(it->second, b)) continue;
+    if (chosen.IsChosen(slot)) continue;
+    return absl::StrCat("replica ", message.from(), " acknowledged slot ", slot, " at ballot ",
+                        ballot_text(b), " to replica ", message.to(), " while its durable log ",
+                        it == durable.accepted.end()
+                            ? std::string("held nothing there")
+                            : absl::StrCat("held it at ballot ", ballot_text(it->second)),
+                        ": a crash now would forget the acceptance");
+  }
+  return std::nullopt;
+}
+
 void StateHashChecker::Observe(uint32_t replica, uint64_t revision, uint64_t hash,
                                std::optional<std::string>* failure) {
   auto [it, inserted] = first_.emplace(revision, std::make_pair(hash, replica));

@@ -31,6 +31,9 @@ class ChosenChecker {
   void Accepted(uint32_t replica, const LogEntry& entry);
   // `replica` applied `value` at `slot`.
   void Committed(uint32_t replica, uint64_t slot, const Value& value);
+  // Whether a value is known chosen at `slot` (a majority durably accepted it, or a replica
+  // applied it).
+  bool IsChosen(uint64_t slot) const { return chosen_.count(slot) > 0; }
   const std::optional<std::string>& violation() const { return violation_; }
 
  private:
@@ -59,6 +62,26 @@ class AcceptorChecker {
   std::map<uint32_t, Ballot> promised_;  // highest durable promise per replica
   std::optional<std::string> violation_;
 };
+
+// What one replica's storage holds durably (synced), as recovery would read it back: kept by
+// the simulated disk beside the bytes, so that the check at the send point need not decode
+// the log.
+struct DurableAcceptorState {
+  // The highest ballot recovery would hold as promised: the promise in the hard state, or
+  // the ballot of an entry accepted at a higher one (the replica takes that for a promise).
+  Ballot promised;
+  std::map<uint64_t, Ballot> accepted;  // slot -> the ballot its durable entry was accepted at
+};
+
+// Durability before send: a Promise or an Accepted leaving `message.from()` must be covered
+// by `durable`, that replica's durable state at that instant. A Promise's ballot is at most
+// the durable promise; every slot an Accepted acknowledges is held durably at the Accepted's
+// ballot, unless its value is chosen already (a replica that learned the chosen value
+// acknowledges a repeated accept without writing anything: its vote changes nothing).
+// Returns what is not covered, or nothing.
+std::optional<std::string> CheckDurableBeforeSend(const Message& message,
+                                                  const DurableAcceptorState& durable,
+                                                  const ChosenChecker& chosen);
 
 // Every replica's state hash at revision r is the same.
 class StateHashChecker {

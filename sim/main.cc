@@ -3,7 +3,8 @@
 //   synod-sim --seed N            one run; last line: seed=N result=pass|fail trace=HEX
 //   synod-sim --seeds A..B        a sweep; failing seeds with the command that replays them,
 //                                 then "P passed, F failed"
-//   --replicas 3|5  --clients 1..10  --ticks T  --mode safety|liveness
+//   --replicas 1..7  --clients 1..10  --ticks T  --mode safety|liveness
+//   --workload mixed|reads  --leases on|off
 //   --hostile (expensive and malformed SQL, local reads, forged messages beside the clients)
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
@@ -26,10 +27,12 @@ namespace {
 using synod::sim::Mode;
 using synod::sim::SimOptions;
 using synod::sim::SimResult;
+using synod::sim::Workload;
 
 constexpr const char* kUsage =
-    "usage: synod-sim (--seed N | --seeds A..B) [--replicas 3|5] [--clients 1..10]\n"
-    "                 [--ticks T] [--mode safety|liveness] [--hostile] [--bug NAME]... [--trace]\n"
+    "usage: synod-sim (--seed N | --seeds A..B) [--replicas 1..7] [--clients 1..10]\n"
+    "                 [--ticks T] [--mode safety|liveness] [--workload mixed|reads]\n"
+    "                 [--leases on|off] [--hostile] [--bug NAME]... [--trace]\n"
     "       synod-sim --list-bugs\n"
     "       synod-sim --help\n";
 
@@ -43,6 +46,8 @@ std::string ReplayCommand(const SimOptions& o) {
       absl::StrFormat("synod-sim --seed %d --replicas %d --ticks %d --mode %s", o.seed, o.replicas,
                       o.ticks, o.mode == Mode::kLiveness ? "liveness" : "safety");
   if (o.clients > 0) cmd += absl::StrFormat(" --clients %d", o.clients);
+  if (o.workload == Workload::kReads) cmd += " --workload reads";
+  if (!o.leases) cmd += " --leases off";
   if (o.hostile) cmd += " --hostile";
   for (const std::string& b : o.bugs) cmd += " --bug " + b;
   return cmd;
@@ -134,8 +139,8 @@ int main(int argc, char** argv) {
       }
       have_sweep = true;
     } else if (arg == "--replicas") {
-      if (!absl::SimpleAtoi(value(), &o.replicas) || (o.replicas != 3 && o.replicas != 5)) {
-        return Usage("--replicas must be 3 or 5");
+      if (!absl::SimpleAtoi(value(), &o.replicas) || o.replicas < 1 || o.replicas > 7) {
+        return Usage("--replicas must be 1..7");
       }
     } else if (arg == "--clients") {
       if (!absl::SimpleAtoi(value(), &o.clients) || o.clients < 1 || o.clients > 10) {
@@ -152,6 +157,19 @@ int main(int argc, char** argv) {
       } else {
         return Usage("--mode must be safety or liveness");
       }
+    } else if (arg == "--workload") {
+      std::string v = value();
+      if (v == "mixed") {
+        o.workload = Workload::kMixed;
+      } else if (v == "reads") {
+        o.workload = Workload::kReads;
+      } else {
+        return Usage("--workload must be mixed or reads");
+      }
+    } else if (arg == "--leases") {
+      std::string v = value();
+      if (v != "on" && v != "off") return Usage("--leases must be on or off");
+      o.leases = v == "on";
     } else if (arg == "--bug") {
       std::string v = value();
       bool known = false;

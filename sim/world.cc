@@ -96,13 +96,24 @@ struct Swarm {
   int64_t crash_every_us;       // mean time between replica crashes (0: none)
   uint64_t restart_per_100;     // chance per 100 ms that a crashed replica restarts
   int64_t pause_every_us;
-  uint64_t torn_write_per_100;  // a crash leaves the first unsynced record torn
-  uint64_t corruption_per_100;  // a crash also corrupts a synced record (bounded, below)
-  int64_t max_drift_ppm;        // per-replica clock rate error
-  uint64_t compact_every;       // applied entries between snapshots
-  int lease_duration_ticks;     // up to one tick below the election timeout
+  uint64_t torn_write_per_100;   // a crash leaves the first unsynced record torn
+  uint64_t corruption_per_100;   // a crash also corrupts a synced record (bounded, below)
+  int64_t max_drift_ppm;         // per-replica clock rate error
+  uint64_t compact_every;        // applied entries between snapshots
+  int lease_duration_ticks;      // up to one tick below the election timeout
+  int clock_drift_bound_ticks;   // covers max_drift_ppm over a lease
+  int heartbeat_interval_ticks;  // shorter than the lease minus the drift bound
   int clients;
+  // A replica crashes right after it sent a promise or an acknowledgement, before anything
+  // else reaches its disk (per 10,000 Readys that carry one).
+  uint64_t crash_after_send_per_10k;
 };
+
+// Two clocks drift apart by up to twice the per-replica bound over a lease, plus a tick of
+// rounding.
+int DriftBoundTicks(int lease_duration_ticks, int64_t max_drift_ppm) {
+  return 1 + static_cast<int>((lease_duration_ticks * 2 * max_drift_ppm + 999'999) / 1'000'000);
+}
 
 Swarm DrawSwarm(Prng& p, int clients_option) {
   Swarm s;
@@ -121,6 +132,21 @@ Swarm DrawSwarm(Prng& p, int clients_option) {
   s.compact_every = static_cast<uint64_t>(p.Range(10, 60));
   s.lease_duration_ticks = static_cast<int>(p.Range(5, ReplicaConfig().election_timeout_ticks - 1));
   s.clients = clients_option > 0 ? clients_option : static_cast<int>(p.Range(1, 10));
+  s.crash_after_send_per_10k = p.Chance(1, 2) ? 0 : p.Range(1, 30);
+  // The leader's lease (the lease minus the drift bound) must outlast the heartbeat interval
+  // (ReplicaConfig): with bad clocks, heartbeats come every tick, and the lease grows if
+  // that is not enough.
+  s.heartbeat_interval_ticks = ReplicaConfig().heartbeat_interval_ticks;
+  for (;;) {
+    s.clock_drift_bound_ticks = DriftBoundTicks(s.lease_duration_ticks, s.max_drift_ppm);
+    if (s.heartbeat_interval_ticks < s.lease_duration_ticks - s.clock_drift_bound_ticks) break;
+    if (s.heartbeat_interval_ticks > 1) {
+      --s.heartbeat_interval_ticks;
+    } else {
+      ++s.lease_duration_ticks;
+    }
+  }
+  SYNOD_CHECK_LT(s.lease_duration_ticks, ReplicaConfig().election_timeout_ticks);
   return s;
 }
 
@@ -129,14 +155,22 @@ Swarm DrawSwarm(Prng& p, int clients_option) {
 
 class SimDisk {
  public:
-  void Write(std::string bytes) {
+  // Appends what `ready` persists, unsynced.
+  void Write(const Ready& ready) {
+    std::string bytes = EncodeReady(ready);
     if (bytes.empty()) return;
-    unsynced_.push_back(std::move(bytes));
+    unsynced_.push_back({std::move(bytes), ready.hard_state, {}});
+    for (const LogEntry& e : ready.entries) unsynced_.back().entries.emplace(e.slot(), e.ballot());
   }
   void Sync() {
-    for (std::string& b : unsynced_) {
+    for (UnsyncedWrite& w : unsynced_) {
       record_offsets_.push_back(durable_.size());
-      durable_ += b;
+      durable_ += w.bytes;
+      if (w.hard_state) RaiseDurablePromise(w.hard_state->promised());
+      for (const auto& [slot, ballot] : w.entries) {
+        durable_state_.accepted[slot] = ballot;
+        RaiseDurablePromise(ballot);
+      }
     }
     if (!unsynced_.empty()) {
       record_offsets_.push_back(durable_.size());
@@ -144,10 +178,11 @@ class SimDisk {
     }
     unsynced_.clear();
   }
-  // A crash: every unsynced write is lost; the first may survive torn.
+  // A crash: every unsynced write is lost; the first may survive torn (recovery drops it).
   void Crash(Prng& p, bool tear) {
-    if (tear && !unsynced_.empty() && unsynced_.front().size() > 1) {
-      durable_ += unsynced_.front().substr(0, p.Range(1, unsynced_.front().size() - 1));
+    if (tear && !unsynced_.empty() && unsynced_.front().bytes.size() > 1) {
+      const std::string& first = unsynced_.front().bytes;
+      durable_ += first.substr(0, p.Range(1, first.size() - 1));
     }
     unsynced_.clear();
   }
@@ -162,25 +197,39 @@ class SimDisk {
     durable_[at] = static_cast<char>(durable_[at] ^ (1 << p.Range(0, 7)));
   }
   const std::string& durable() const { return durable_; }
+  // What the synced records hold, as recovery would read it back.
+  const DurableAcceptorState& durable_state() const { return durable_state_; }
   // After recovery: keep the valid prefix, and rewrite compactly from a recovered state.
   void Rewrite(const PersistedState& state) {
     durable_.clear();
     record_offsets_.clear();
     unsynced_.clear();
+    durable_state_ = DurableAcceptorState();
     Ready r;
     r.hard_state = state.hard_state;
     if (state.snapshot_meta.index() > 0) {
       r.snapshot = SnapshotToInstall{state.snapshot_meta, state.snapshot_data};
     }
     r.entries = state.entries;
-    Write(EncodeReady(r));
+    Write(r);
     Sync();
   }
 
  private:
+  struct UnsyncedWrite {
+    std::string bytes;
+    std::optional<HardState> hard_state;
+    std::map<uint64_t, Ballot> entries;  // slot -> ballot, as DurableAcceptorState::accepted
+  };
+
+  void RaiseDurablePromise(const Ballot& ballot) {
+    if (BallotLess(durable_state_.promised, ballot)) durable_state_.promised = ballot;
+  }
+
   std::string durable_;
   std::vector<size_t> record_offsets_;
-  std::vector<std::string> unsynced_;
+  std::vector<UnsyncedWrite> unsynced_;
+  DurableAcceptorState durable_state_;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -207,6 +256,11 @@ struct Client {
   int64_t attempt_deadline_us = 0;
   uint32_t target = 0;
   uint64_t op_index = 0;  // into history
+  // Workload::kReads: the replicas this client writes and reads through, and the key of the
+  // write it saw acknowledged last, which it reads back next (empty: none).
+  uint32_t write_replica = 0;
+  uint32_t read_replica = 0;
+  std::string read_back_key;
 };
 
 struct PendingRead {
@@ -272,6 +326,8 @@ class World {
 
   void OnTick(Host& h, uint64_t incarnation);
   void OnFault();
+  // Whether a replica may crash now: faults are on, and another replica would stay up.
+  bool MayCrash() const;
   uint32_t CurrentLeader() const;  // the replica that believes it leads (0: none)
   // While a leader believes its lease valid (and may answer lease reads without a round
   // trip), no other replica may lead at a higher ballot.
@@ -280,6 +336,13 @@ class World {
   void Resume(Host& h);
   void OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence);
   void ClientStartOp(uint64_t client_index);
+  // The next operation of a client, and the replica it goes to.
+  ClientOp MixedWorkloadOp(uint32_t* target);
+  ClientOp ReadsWorkloadOp(Client& c, uint32_t* target);
+  // A read of key `k` of one of the three models; of ten consistency levels drawn, those
+  // below `linearizable_levels` are linearizable, then those below `lease_levels` lease,
+  // the rest local.
+  ClientOp RandomRead(int k, int linearizable_levels, int lease_levels);
   void ClientSend(uint64_t client_index);
   void ClientWake(uint64_t client_index);
   void ClientDone(uint64_t client_index, uint64_t sequence, bool ok, const CommandResult* result,
@@ -295,7 +358,8 @@ class World {
   Prng root_;
   Prng net_, disk_, clock_, process_, workload_;
   Swarm swarm_;
-  Prng hostile_;  // drawn last from the root: runs without hostile mode are unchanged
+  Prng hostile_;     // drawn from the root after the others: runs without it are unchanged
+  Prng send_crash_;  // drawn last: crashes right after a send (Swarm::crash_after_send_per_10k)
   std::vector<Host> hosts_;
   std::vector<Client> clients_;
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
@@ -325,10 +389,17 @@ World::World(const SimOptions& options)
       process_(root_.Next()),
       workload_(root_.Next()),
       hostile_(0),
+      send_crash_(0),
       chosen_(static_cast<size_t>(options.replicas)) {
+  SYNOD_CHECK(options_.replicas >= 1 && options_.replicas <= 7) << options_.replicas;
   Prng swarm_prng(root_.Next());
   swarm_ = DrawSwarm(swarm_prng, options.clients);
   hostile_ = Prng(root_.Next());
+  send_crash_ = Prng(root_.Next());
+  // Many readers: at least five clients, unless the option names a number.
+  if (options_.workload == Workload::kReads && options_.clients == 0) {
+    swarm_.clients = std::max(swarm_.clients, 5);
+  }
   hosts_.resize(options_.replicas);
   for (int i = 0; i < options_.replicas; ++i) {
     Host& h = hosts_[i];
@@ -338,12 +409,24 @@ World::World(const SimOptions& options)
     h.tick_period_us = kTickUs + kTickUs * drift / 1'000'000;
   }
   clients_.resize(swarm_.clients);
-  for (size_t i = 0; i < clients_.size(); ++i) clients_[i].id = 100 + i;
+  for (size_t i = 0; i < clients_.size(); ++i) {
+    Client& c = clients_[i];
+    c.id = 100 + i;
+    if (options_.workload != Workload::kReads) continue;
+    // Writes through one replica, reads through another (when there is another).
+    const int n = options_.replicas;
+    c.write_replica = static_cast<uint32_t>(workload_.Range(1, n));
+    c.read_replica =
+        n == 1 ? c.write_replica
+               : static_cast<uint32_t>((c.write_replica + workload_.Range(0, n - 2)) % n + 1);
+  }
   Trace(absl::StrCat(
       "world seed=", options_.seed, " replicas=", options_.replicas, " clients=", swarm_.clients,
       " drop/10k=", swarm_.drop_per_10k, " dup/10k=", swarm_.duplicate_per_10k,
       " partition_every_us=", swarm_.partition_every_us, " crash_every_us=", swarm_.crash_every_us,
-      " max_drift_ppm=", swarm_.max_drift_ppm));
+      " max_drift_ppm=", swarm_.max_drift_ppm,
+      options_.workload == Workload::kReads ? " workload=reads" : "",
+      options_.leases ? "" : " leases=off"));
 }
 
 void World::TraceMessage(const Message& m) {
@@ -382,14 +465,15 @@ ReplicaConfig World::ConfigFor(uint32_t id) const {
   c.max_catchup_entries = 8;
   c.snapshot_chunk_bytes = 4096;
   c.lease_duration_ticks = swarm_.lease_duration_ticks;
-  // Two clocks drift apart by up to twice the per-replica bound over a lease, plus a tick
-  // of rounding.
-  c.clock_drift_bound_ticks =
-      1 +
-      static_cast<int>((c.lease_duration_ticks * 2 * swarm_.max_drift_ppm + 999'999) / 1'000'000);
+  c.clock_drift_bound_ticks = swarm_.clock_drift_bound_ticks;
+  c.heartbeat_interval_ticks = swarm_.heartbeat_interval_ticks;
 #ifdef SYNOD_TESTING_BUGS
   c.bugs.skip_repropose = options_.bugs.count("skip-repropose") > 0;
   c.bugs.lease_ignores_drift = options_.bugs.count("lease-ignores-drift") > 0;
+  c.bugs.promise_before_durable = options_.bugs.count("promise-before-durable") > 0;
+  c.bugs.majority_off_by_one = options_.bugs.count("majority-off-by-one") > 0;
+  c.bugs.read_confirmed_by_old_round = options_.bugs.count("read-confirmed-by-old-round") > 0;
+  c.testing_no_acceptor_lease = !options_.leases;
 #endif
   return c;
 }
@@ -480,7 +564,7 @@ void World::DrainHost(Host& h) {
   while (h.up && !h.paused && h.replica->HasReady()) {
     Ready ready = h.replica->GetReady();
     // 1. Persist.
-    h.disk.Write(EncodeReady(ready));
+    h.disk.Write(ready);
     if (ready.must_sync) {
       h.disk.Sync();
       if (ready.hard_state) acceptors_.Persisted(h.id, *ready.hard_state);
@@ -495,10 +579,24 @@ void World::DrainHost(Host& h) {
       SYNOD_CHECK(state.ok()) << state.status();
       h.disk.Rewrite(state->state);
     }
-    // 2. Send.
+    // 2. Send. A promise or an acknowledgement must be durable by now.
+    bool acceptor_spoke = false;
     for (const Message& m : ready.messages) {
+      if (std::optional<std::string> uncovered =
+              CheckDurableBeforeSend(m, h.disk.durable_state(), chosen_)) {
+        Fail(*uncovered);
+      }
+      acceptor_spoke |= m.has_promise() || m.has_accepted();
       acceptors_.Sent(m);
       SendMessage(m);
+    }
+    // A crash right after an acceptor spoke, before anything else reaches the disk: what it
+    // promised or accepted must survive it.
+    if (acceptor_spoke && MayCrash() &&
+        send_crash_.Chance(swarm_.crash_after_send_per_10k, 10'000)) {
+      Trace(absl::StrCat("replica ", h.id, " crashes right after sending"));
+      CrashHost(h);
+      return;
     }
     // 3. Install, apply.
     if (ready.snapshot) {
@@ -601,7 +699,7 @@ void World::MaybeCompact(Host& h) {
   absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
   if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
   uint64_t index = h.sm->revision();
-  h.disk.Write(EncodeReady(SnapshotReady(index, *snapshot)));
+  h.disk.Write(SnapshotReady(index, *snapshot));
   h.disk.Sync();
   h.replica->Compact(index, std::move(*snapshot));
   h.last_snapshot = index;
@@ -628,7 +726,11 @@ void World::OnFault() {
   int n = options_.replicas;
   if (fires(swarm_.partition_every_us)) {
     blocked_.clear();
-    int kind = static_cast<int>(net_.Range(0, 3));
+    int kind = static_cast<int>(net_.Range(0, 4));
+    // Without leases, half the partitions cut one link: its two ends take turns leading,
+    // each elected through the replicas that hear both, while the other still believes in
+    // its last heartbeat round (what a lease would have made safe).
+    if (!options_.leases && net_.Chance(1, 2)) kind = 4;
     uint32_t a = static_cast<uint32_t>(net_.Range(1, n));
     // Half the time the fault is aimed at the leader: that is where the protocol is tested.
     if (uint32_t leader = CurrentLeader(); leader != 0 && net_.Chance(1, 2)) a = leader;
@@ -650,9 +752,13 @@ void World::OnFault() {
       for (int i = 1; i <= n; ++i) {
         if (static_cast<uint32_t>(i) != a) blocked_.insert({static_cast<uint32_t>(i), a});
       }
-    } else {  // clog one path
+    } else if (kind == 3) {  // clog one path
       uint32_t b = static_cast<uint32_t>(net_.Range(1, n));
       if (a != b) blocked_.insert({a, b});
+    } else if (n > 1) {  // cut one link both ways: the others still hear both ends
+      uint32_t b = static_cast<uint32_t>((a + net_.Range(0, n - 2)) % n + 1);  // not a
+      blocked_.insert({a, b});
+      blocked_.insert({b, a});
     }
     Trace(absl::StrCat("partition kind=", kind, " around ", a, " paths cut=", blocked_.size()));
   } else if (!blocked_.empty() && net_.Chance(1, 10)) {
@@ -663,9 +769,7 @@ void World::OnFault() {
     uint32_t leader = CurrentLeader();
     Host& h = leader != 0 && process_.Chance(1, 2) ? hosts_[leader - 1]
                                                    : hosts_[process_.Range(0, n - 1)];
-    int down = 0;
-    for (const Host& o : hosts_) down += !o.up;
-    if (h.up && down < n - 1) CrashHost(h);
+    if (h.up && MayCrash()) CrashHost(h);
   }
   for (Host& h : hosts_) {
     if (!h.up && !h.refused && process_.Chance(swarm_.restart_per_100, 100)) StartHost(h);
@@ -681,6 +785,12 @@ void World::OnFault() {
   for (Host& h : hosts_) {
     if (h.up && h.paused && process_.Chance(1, 10)) Resume(h);
   }
+}
+
+bool World::MayCrash() const {
+  int down = 0;
+  for (const Host& o : hosts_) down += !o.up;
+  return faults_on_ && down < options_.replicas - 1;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -775,6 +885,7 @@ void World::Resume(Host& h) {
 }
 
 void World::CheckLeases() {
+  if (!options_.leases) return;  // acceptors grant none: a leader's lease means nothing
   for (const Host& h : hosts_) {
     if (!h.up || h.paused || h.replica->role() != Role::kLeader) continue;
     ReplicaStatus mine = h.replica->Status();
@@ -853,12 +964,7 @@ Statement World::StatementFor(const ClientOp& op) const {
   return s;
 }
 
-void World::ClientStartOp(uint64_t client_index) {
-  Client& c = clients_[client_index];
-  if (!clients_issue_) return;
-  c.busy = true;
-  c.attempts = 0;
-  c.call_us = now_us_;
+ClientOp World::MixedWorkloadOp(uint32_t* target) {
   int k = static_cast<int>(workload_.Range(0, 2));
   int which = static_cast<int>(workload_.Range(0, 9));
   ClientOp op;
@@ -875,12 +981,58 @@ void World::ClientStartOp(uint64_t client_index) {
     op.key = absl::StrCat("l", k);
     op.argument = next_value_++;
   } else {
-    int target = static_cast<int>(workload_.Range(0, 2));
-    op.kind = target == 2 ? ClientOpKind::kReadList : ClientOpKind::kRead;
-    op.key = absl::StrCat(target == 0 ? "r" : target == 1 ? "c" : "l", k);
-    int level = static_cast<int>(workload_.Range(0, 9));
-    op.consistency = level < 5 ? LINEARIZABLE : level < 8 ? LEASE : LOCAL;
+    op = RandomRead(k, /*linearizable_levels=*/5, /*lease_levels=*/8);
   }
+  *target = static_cast<uint32_t>(workload_.Range(1, options_.replicas));
+  return op;
+}
+
+ClientOp World::ReadsWorkloadOp(Client& c, uint32_t* target) {
+  ClientOp op;
+  *target = c.read_replica;
+  if (!c.read_back_key.empty()) {
+    // Reads back, through another replica, the write acknowledged a moment ago.
+    op.key = std::move(c.read_back_key);
+    c.read_back_key.clear();
+    op.kind = op.key[0] == 'l' ? ClientOpKind::kReadList : ClientOpKind::kRead;
+    return op;
+  }
+  int k = static_cast<int>(workload_.Range(0, 2));
+  int which = static_cast<int>(workload_.Range(0, 9));
+  if (which < 3) {
+    *target = c.write_replica;
+    int model = static_cast<int>(workload_.Range(0, 2));
+    op.kind = model == 0   ? ClientOpKind::kWrite
+              : model == 1 ? ClientOpKind::kIncrement
+                           : ClientOpKind::kAppend;
+    op.key = absl::StrCat(model == 0 ? "r" : model == 1 ? "c" : "l", k);
+    op.argument = op.kind == ClientOpKind::kIncrement ? 1 : next_value_++;
+    return op;
+  }
+  return RandomRead(k, /*linearizable_levels=*/8, /*lease_levels=*/9);
+}
+
+ClientOp World::RandomRead(int k, int linearizable_levels, int lease_levels) {
+  ClientOp op;
+  int model = static_cast<int>(workload_.Range(0, 2));
+  op.kind = model == 2 ? ClientOpKind::kReadList : ClientOpKind::kRead;
+  op.key = absl::StrCat(model == 0 ? "r" : model == 1 ? "c" : "l", k);
+  int level = static_cast<int>(workload_.Range(0, 9));
+  op.consistency = level < linearizable_levels ? LINEARIZABLE
+                   : level < lease_levels      ? LEASE
+                                               : LOCAL;
+  return op;
+}
+
+void World::ClientStartOp(uint64_t client_index) {
+  Client& c = clients_[client_index];
+  if (!clients_issue_) return;
+  c.busy = true;
+  c.attempts = 0;
+  c.call_us = now_us_;
+  uint32_t target = 0;
+  ClientOp op = options_.workload == Workload::kReads ? ReadsWorkloadOp(c, &target)
+                                                      : MixedWorkloadOp(&target);
   c.op = op;
   bool is_read = op.kind == ClientOpKind::kRead || op.kind == ClientOpKind::kReadList;
   c.sequence = is_read ? kReadSequenceBase + ++c.reads : ++c.writes;
@@ -910,7 +1062,7 @@ void World::ClientStartOp(uint64_t client_index) {
   }
   c.op_index = history_.size();
   history_.push_back(h);
-  c.target = static_cast<uint32_t>(workload_.Range(1, options_.replicas));
+  c.target = target;
   ClientSend(client_index);
 }
 
@@ -990,9 +1142,20 @@ void World::ClientDone(uint64_t client_index, uint64_t sequence, bool ok,
       local_reads_.back().value = h.kind == OpKind::kRead ? h.read_value : 0;
       h.ambiguous = true;  // local reads are not linearizable; checked on their own
     }
+    // Without leases a lease read may be stale, by design: it is not checked.
+    if (c.op.consistency == LEASE && !options_.leases) h.ambiguous = true;
   }
   Trace(absl::StrCat("client ", c.id, " seq ", sequence, " ok at revision ", revision));
   c.busy = false;
+  if (options_.workload == Workload::kReads) {
+    if (rows == nullptr) c.read_back_key = c.op.key;
+    // No think time, but the next operation starts a microsecond later: one called at the
+    // instant another returned counts as concurrent with it, and a read-back must follow the
+    // write it reads back.
+    Schedule(now_us_ + 1, EventKind::kClientWake, static_cast<uint32_t>(client_index), Message(),
+             0);
+    return;
+  }
   Schedule(now_us_ + workload_.Range(kThinkMinUs, kThinkMaxUs), EventKind::kClientWake,
            static_cast<uint32_t>(client_index), Message(), 0);
 }
@@ -1168,6 +1331,11 @@ std::vector<std::pair<std::string, std::string>> KnownBugs() {
       {"skip-repropose", "a new leader proposes no-ops instead of values already accepted"},
       {"lease-ignores-drift", "a lease runs from the acknowledgement, without the drift bound"},
       {"no-session-dedup", "the state machine applies a retried request again"},
+      {"promise-before-durable",
+       "a raised promise is not synced: the promise is sent before it is durable"},
+      {"majority-off-by-one", "a quorum is (n+1)/2 replicas instead of n/2+1 (wrong for even n)"},
+      {"read-confirmed-by-old-round",
+       "a linearizable read is confirmed by a heartbeat round that started before it arrived"},
   };
 }
 

@@ -19,12 +19,27 @@ enum class Mode {
   kLiveness,  // as safety, then faults stop and every pending operation must complete
 };
 
+enum class Workload {
+  // Clients think 20-400 ms between operations; half of them write, half read at every
+  // consistency level, each operation through a replica drawn at random.
+  kMixed,
+  // No think time and mostly reads. Each client writes through one replica and reads
+  // through another, and after each write reads back, linearizably, the key it wrote: a
+  // read that misses a write acknowledged just before it is a linearizability failure.
+  kReads,
+};
+
 struct SimOptions {
   uint64_t seed = 0;
-  int replicas = 3;      // 3 or 5
-  int clients = 0;       // 1..10; 0: drawn from the seed
+  int replicas = 3;      // 1..7
+  int clients = 0;       // 1..10; 0: drawn from the seed (at least 5 with kReads)
   int64_t ticks = 3000;  // simulated 10 ms ticks of the faulty phase
   Mode mode = Mode::kSafety;
+  Workload workload = Workload::kMixed;
+  // false: acceptors grant no lease, as if clocks drifted beyond any bound. Lease reads may
+  // then be stale and are not checked (nor are overlapping leases); linearizable reads still
+  // are, and must not depend on leases.
+  bool leases = true;
   // Hostile workload beside the clients: generated expensive and malformed SQL written
   // through the log, local reads of the same on the replicas that apply, and forged peer
   // messages (from replicas outside the group, or for other replicas) handed to the core.
