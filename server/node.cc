@@ -419,7 +419,10 @@ void Node::ApplyQueued(bool all) {
     if (!all && uv_hrtime() - start_ns >= kApplySliceMs * 1'000'000) break;
   }
   ServeWaitingReads();
-  MaybeCompact();
+  // `all` runs in the middle of a Ready (before a snapshot replaces the state): a snapshot
+  // of this replica's own appended now would follow the Ready's records in the log, and an
+  // older image after a newer one would win at recovery. The next Drain compacts.
+  if (!all) MaybeCompact();
   if (to_apply_.empty()) {
     uv_idle_stop(&apply_idle_);
   } else {
