@@ -162,6 +162,7 @@ absl::Status LogStore::Recover() {
     if (absl::Status synced = SyncDirectory(dir_); !synced.ok()) return synced;
   }
   records_ = log->records;
+  bytes_ = log->valid_bytes;
   recovered_ = std::move(log->state);
   return absl::OkStatus();
 }
@@ -175,6 +176,7 @@ absl::Status LogStore::Fail(absl::Status status) {
 void LogStore::Append(const Ready& ready) {
   std::string framed = EncodeReady(ready);
   records_ += CountRecords(framed);
+  bytes_ += framed.size();
   pending_ += framed;
 }
 
@@ -185,8 +187,10 @@ absl::Status LogStore::Sync() {
   // last record of a synced log is always a mark: corruption of the last record that holds
   // state is told from a torn write (see core/log_codec.h). It carries the count of records
   // before it.
-  pending_ += EncodeSyncMark(records_);
+  std::string mark = EncodeSyncMark(records_, bytes_);
   ++records_;
+  bytes_ += mark.size();
+  pending_ += mark;
   if (absl::Status written = WriteAll(log_fd_, pending_, log_path_); !written.ok()) {
     return Fail(written);
   }
@@ -227,7 +231,7 @@ absl::Status LogStore::Rewrite(const PersistedState& state) {
   compact.entries = state.entries;
   std::string framed = EncodeReady(compact);
   uint64_t records = CountRecords(framed);
-  framed += EncodeSyncMark(records);
+  framed += EncodeSyncMark(records, framed.size());
 
   std::string tmp_path = absl::StrCat(log_path_, ".tmp");
   absl::StatusOr<int> fd = OpenFile(tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_APPEND);
@@ -245,6 +249,7 @@ absl::Status LogStore::Rewrite(const PersistedState& state) {
   close(log_fd_);
   log_fd_ = *fd;
   records_ = records + 1;
+  bytes_ = framed.size();
   if (options_.fsync) {
     if (absl::Status synced = SyncDirectory(dir_); !synced.ok()) return Fail(synced);
   }

@@ -109,6 +109,7 @@ class LogStore {
 
   std::string pending_;   // framed records appended since the last Sync()
   uint64_t records_ = 0;  // records in the file, pending ones included
+  uint64_t bytes_ = 0;    // the file's size, pending records included
 };
 
 }  // namespace synod

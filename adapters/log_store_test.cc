@@ -202,7 +202,7 @@ TEST_F(LogStoreTest, TheSyncMarkIsDurableWithTheBatchItEnds) {
   // of state (the promise and the chosen mark): the mark after it shows that record was
   // synced, so it is lost state, not a torn write, and the replica refuses to start.
   std::string log = ReadFile(LogPath()).substr(0, durable_sizes.back());
-  const size_t mark_bytes = EncodeSyncMark(5).size();
+  const size_t mark_bytes = EncodeSyncMark(5, log.size()).size();
   log[log.size() - mark_bytes - 3] ^= 0x10;
   WriteFile(LogPath(), log);
   absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);

@@ -41,6 +41,28 @@ Frame ReadFrame(std::string_view log, std::string_view* payload, size_t* frame_b
   return Checksum(*payload) == GetFixed(log.substr(4), 8) ? Frame::kValid : Frame::kBadChecksum;
 }
 
+// A mark's payload is two small varints and their tags.
+constexpr size_t kMaxSyncMarkPayloadBytes = 32;
+
+// Whether a genuine sync mark (a valid frame holding a mark that names its own offset)
+// starts anywhere in log[from, end). Only short frames are hashed, so this costs a few dozen
+// bytes of hashing per byte scanned, and it runs only when recovery meets damage.
+bool GenuineSyncMarkAfter(std::string_view log, size_t from) {
+  for (size_t at = from; at + kFrameHeaderBytes <= log.size(); ++at) {
+    uint64_t length = GetFixed(log.substr(at), 4);
+    if (length == 0 || length > kMaxSyncMarkPayloadBytes) continue;
+    std::string_view payload;
+    size_t frame_bytes = 0;
+    if (ReadFrame(log.substr(at), &payload, &frame_bytes) != Frame::kValid) continue;
+    StorageRecord record;
+    if (record.ParseFromArray(payload.data(), static_cast<int>(payload.size())) &&
+        record.has_sync_mark() && record.sync_mark().offset() == at) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 std::string EncodeRecord(const StorageRecord& record) {
@@ -91,9 +113,10 @@ Ready SnapshotReady(uint64_t index, std::string data) {
   return r;
 }
 
-std::string EncodeSyncMark(uint64_t records) {
+std::string EncodeSyncMark(uint64_t records, uint64_t offset) {
   StorageRecord r;
   r.mutable_sync_mark()->set_records(records);
+  r.mutable_sync_mark()->set_offset(offset);
   return EncodeRecord(r);
 }
 
@@ -105,19 +128,20 @@ absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
     std::string_view payload;
     size_t frame_bytes = 0;
     Frame frame = ReadFrame(log.substr(offset), &payload, &frame_bytes);
-    if (frame == Frame::kTruncated) {
-      out.torn_tail = true;
-      break;
-    }
     StorageRecord record;
-    if (frame == Frame::kBadChecksum || !record.ParseFromArray(payload.data(), payload.size())) {
-      // Corruption unless nothing valid follows (then it is a torn last write).
-      std::string_view rest = log.substr(offset + frame_bytes);
-      std::string_view next_payload;
-      size_t next_bytes = 0;
-      if (!rest.empty() && ReadFrame(rest, &next_payload, &next_bytes) == Frame::kValid) {
+    if (frame != Frame::kValid ||
+        !record.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+      // Corruption if a synced batch lies beyond the damage; a torn last write otherwise.
+      bool valid_next = false;
+      if (frame != Frame::kTruncated) {
+        std::string_view rest = log.substr(offset + frame_bytes);
+        std::string_view next_payload;
+        size_t next_bytes = 0;
+        valid_next = !rest.empty() && ReadFrame(rest, &next_payload, &next_bytes) == Frame::kValid;
+      }
+      if (valid_next || GenuineSyncMarkAfter(log, offset + 1)) {
         return absl::DataLossError(absl::StrCat("log record ", out.records, " at byte ", offset,
-                                                " is corrupt and records follow it"));
+                                                " is corrupt and synced records follow it"));
       }
       out.torn_tail = true;
       break;

@@ -11,14 +11,15 @@
 // of a log whose writes all reached the disk is a mark.
 //
 // Recovery rules (see docs/simulation.md, "Storage faults"):
-// - A record whose frame is cut short at the end of the log is a torn tail: a write the
-//   crash interrupted, never synced. It is dropped, and the host truncates it.
-// - A record whose checksum fails, followed by any valid record, is corruption: data that
-//   was durable and acknowledged is gone. The replica must not vote on what it lost, so
-//   recovery fails with DataLoss and the replica refuses to start.
-// - A bad checksum on the very last record is treated as a torn tail too. Since every
-//   synced batch ends with its mark, that record is a mark or a write that was never synced
-//   (so never acknowledged), not state the replica promised on.
+// - A record that is damaged (its checksum fails, it does not parse, or its length runs
+//   past the end of the log) is corruption if a synced batch lies beyond it: the next
+//   record is valid, or a genuine mark (one that sits at the offset it names) follows
+//   anywhere after it. Data that was durable and acknowledged is then gone; the replica must
+//   not vote on what it lost, so recovery fails with DataLoss and the replica refuses to
+//   start. A damaged length field is caught this way too: it can make a record look cut
+//   short, or hide where the next record starts.
+// - Otherwise the damage is a torn tail: a write the crash interrupted, never synced (every
+//   synced batch ends with its mark). It is dropped, and the host truncates it.
 
 #include <cstdint>
 #include <string>
@@ -37,8 +38,9 @@ std::string EncodeReady(const Ready& ready);
 // snapshot, and the compaction of the log entries it covers. (Then Replica::Compact.)
 Ready SnapshotReady(uint64_t index, std::string data);
 
-// A framed SyncMark, to end a batch before its fsync; `records` records precede it.
-std::string EncodeSyncMark(uint64_t records);
+// A framed SyncMark, to end a batch before its fsync: `records` records precede it, and the
+// mark's frame starts at byte `offset` of the log.
+std::string EncodeSyncMark(uint64_t records, uint64_t offset);
 
 std::string EncodeRecord(const StorageRecord& record);
 

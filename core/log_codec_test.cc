@@ -21,9 +21,30 @@ Ready SomeReady(uint64_t slot, uint64_t round) {
   return r;
 }
 
+// Appends `ready` and its sync mark to `log`, as a host's Sync() does.
+void AppendSynced(std::string* log, const Ready& ready) {
+  *log += EncodeReady(ready);
+  *log += EncodeSyncMark(0, log->size());
+}
+
 std::string TwoSyncedReadys() {
-  return EncodeReady(SomeReady(1, 3)) + EncodeSyncMark(2) + EncodeReady(SomeReady(2, 4)) +
-         EncodeSyncMark(4);
+  std::string log;
+  AppendSynced(&log, SomeReady(1, 3));
+  AppendSynced(&log, SomeReady(2, 4));
+  return log;
+}
+
+// The frame header's u32 payload length of the record at `offset`.
+void SetFrameLength(std::string* log, size_t offset, uint32_t length) {
+  for (int i = 0; i < 4; ++i) (*log)[offset + i] = static_cast<char>(length >> (8 * i));
+}
+
+uint32_t FrameLength(const std::string& log, size_t offset) {
+  uint32_t length = 0;
+  for (int i = 0; i < 4; ++i) {
+    length |= static_cast<uint32_t>(static_cast<unsigned char>(log[offset + i])) << (8 * i);
+  }
+  return length;
 }
 
 TEST(LogCodec, RecoversWhatWasWritten) {
@@ -52,6 +73,58 @@ TEST(LogCodec, ACorruptRecordFollowedByValidOnesIsDataLoss) {
   absl::StatusOr<RecoveredLog> got = RecoverLog(log);
   ASSERT_FALSE(got.ok());
   EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(LogCodec, ALengthDamagedToRunPastTheEndIsDataLossNotATornTail) {
+  // The first record now seems cut short by the end of the log. The synced mark beyond it
+  // shows it is not a torn write.
+  std::string log = TwoSyncedReadys();
+  SetFrameLength(&log, 0, FrameLength(log, 0) | 0x00100000);
+  absl::StatusOr<RecoveredLog> got = RecoverLog(log);
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(LogCodec, ALengthDamagedToEndEarlyIsDataLoss) {
+  // The first record's checksum now fails, and the next frame starts in the wrong place.
+  std::string log = TwoSyncedReadys();
+  SetFrameLength(&log, 0, FrameLength(log, 0) - 1);
+  absl::StatusOr<RecoveredLog> got = RecoverLog(log);
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(LogCodec, DamageToTheLastMarkLosesNoSyncedRecord) {
+  std::string log;
+  AppendSynced(&log, SomeReady(1, 3));
+  log += EncodeReady(SomeReady(2, 4));
+  const size_t state_bytes = log.size();
+  log += EncodeSyncMark(0, state_bytes);
+  log[log.size() - 1] ^= 0x01;
+  absl::StatusOr<RecoveredLog> got = RecoverLog(log);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->torn_tail);
+  EXPECT_EQ(got->valid_bytes, state_bytes);
+  EXPECT_EQ(got->state.hard_state.promised().round(), 4u);
+  EXPECT_EQ(got->state.entries.size(), 2u);
+}
+
+TEST(LogCodec, AMarkInsideAClientsPayloadDoesNotTurnATornWriteIntoDataLoss) {
+  // A client can put any bytes in a request, a well-formed mark among them. Torn after
+  // that copy, the write is still a torn tail: the copy does not sit at the offset it names.
+  std::string log = TwoSyncedReadys();
+  Ready ready = SomeReady(3, 5);
+  ready.hard_state.reset();
+  Command* command = ready.entries[0].mutable_value()->add_requests()->mutable_command();
+  std::string fake_marks;
+  for (uint64_t at = 0; at < 4096; ++at) fake_marks += EncodeSyncMark(9, at);
+  command->mutable_create_database()->set_image(fake_marks);
+  std::string torn = log + EncodeReady(ready);
+  torn.resize(torn.size() - 10);
+  absl::StatusOr<RecoveredLog> got = RecoverLog(torn);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->torn_tail);
+  EXPECT_EQ(got->valid_bytes, log.size());
 }
 
 TEST(LogCodec, CompactionDropsEntriesUpToTheSnapshot) {

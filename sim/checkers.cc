@@ -98,6 +98,37 @@ std::optional<std::string> CheckDurableBeforeSend(const Message& message,
   return std::nullopt;
 }
 
+std::optional<std::string> CheckRecoveryKeepsDurableState(uint32_t replica,
+                                                          const PersistedState& recovered,
+                                                          const DurableAcceptorState& durable) {
+  auto ballot_text = [](const Ballot& x) {
+    return absl::StrCat("(", x.round(), ",", x.replica_id(), ")");
+  };
+  Ballot promised = recovered.hard_state.promised();
+  std::map<uint64_t, Ballot> accepted;
+  for (const LogEntry& e : recovered.entries) {
+    accepted[e.slot()] = e.ballot();
+    if (BallotLess(promised, e.ballot())) promised = e.ballot();
+  }
+  if (BallotLess(promised, durable.promised)) {
+    return absl::StrCat("replica ", replica, " recovered promise ", ballot_text(promised),
+                        " from a log whose synced records promised ", ballot_text(durable.promised),
+                        ", and started");
+  }
+  for (const auto& [slot, ballot] : durable.accepted) {
+    if (slot <= recovered.snapshot_meta.index()) continue;
+    auto it = accepted.find(slot);
+    if (it == accepted.end() || !BallotEqual(it->second, ballot)) {
+      return absl::StrCat("replica ", replica, " recovered ",
+                          it == accepted.end() ? std::string("nothing")
+                                               : absl::StrCat("ballot ", ballot_text(it->second)),
+                          " at slot ", slot, " from a log whose synced records accepted it at ",
+                          ballot_text(ballot), ", and started");
+    }
+  }
+  return std::nullopt;
+}
+
 void StateHashChecker::Observe(uint32_t replica, uint64_t revision, uint64_t hash,
                                std::optional<std::string>* failure) {
   auto [it, inserted] = first_.emplace(revision, std::make_pair(hash, replica));

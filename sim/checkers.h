@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/replica.h"
 #include "core/synod.pb.h"
 #include "sim/linearizability.h"
 
@@ -82,6 +83,14 @@ struct DurableAcceptorState {
 std::optional<std::string> CheckDurableBeforeSend(const Message& message,
                                                   const DurableAcceptorState& durable,
                                                   const ChosenChecker& chosen);
+
+// Recovery keeps what was synced: when a replica's log recovers without an error, what it
+// read back (`recovered`) holds at least the durable promise and every durably accepted
+// entry not compacted away. A log that lost synced records must fail recovery instead (the
+// replica then refuses to start). Returns what was forgotten, or nothing.
+std::optional<std::string> CheckRecoveryKeepsDurableState(uint32_t replica,
+                                                          const PersistedState& recovered,
+                                                          const DurableAcceptorState& durable);
 
 // Every replica's state hash at revision r is the same.
 class StateHashChecker {

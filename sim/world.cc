@@ -174,7 +174,8 @@ class SimDisk {
     }
     if (!unsynced_.empty()) {
       record_offsets_.push_back(durable_.size());
-      durable_ += EncodeSyncMark(record_offsets_.size());
+      durable_ += EncodeSyncMark(record_offsets_.size() - 1, durable_.size());
+      synced_bytes_ = durable_.size();
     }
     unsynced_.clear();
   }
@@ -186,12 +187,13 @@ class SimDisk {
     }
     unsynced_.clear();
   }
-  // Flips a bit inside a synced record's payload (found later by its checksum).
+  // Flips a bit anywhere in a synced record, its frame header and the last record included
+  // (found later by its checksum, or by the synced mark beyond it).
   void Corrupt(Prng& p) {
-    if (record_offsets_.size() < 2) return;
-    size_t i = static_cast<size_t>(p.Range(0, record_offsets_.size() - 2));
-    size_t begin = record_offsets_[i] + 12;  // past the frame header
-    size_t end = record_offsets_[i + 1];
+    if (record_offsets_.empty()) return;
+    size_t i = static_cast<size_t>(p.Range(0, record_offsets_.size() - 1));
+    size_t begin = record_offsets_[i];
+    size_t end = i + 1 < record_offsets_.size() ? record_offsets_[i + 1] : synced_bytes_;
     if (begin >= end) return;
     size_t at = static_cast<size_t>(p.Range(begin, end - 1));
     durable_[at] = static_cast<char>(durable_[at] ^ (1 << p.Range(0, 7)));
@@ -203,6 +205,7 @@ class SimDisk {
   void Rewrite(const PersistedState& state) {
     durable_.clear();
     record_offsets_.clear();
+    synced_bytes_ = 0;
     unsynced_.clear();
     durable_state_ = DurableAcceptorState();
     Ready r;
@@ -227,7 +230,8 @@ class SimDisk {
   }
 
   std::string durable_;
-  std::vector<size_t> record_offsets_;
+  std::vector<size_t> record_offsets_;  // of every synced record, marks included
+  size_t synced_bytes_ = 0;             // where the synced records end (a torn write follows)
   std::vector<UnsyncedWrite> unsynced_;
   DurableAcceptorState durable_state_;
 };
@@ -277,7 +281,17 @@ class World {
   SimResult Run();
 
  private:
-  enum class EventKind { kTick, kDeliver, kClientRequest, kClientWake, kFault, kHostile };
+  // kClientDeadline: an attempt's time is up (or its retry pause is over); kClientWake: the
+  // think time after an operation is over, and the client starts its next one.
+  enum class EventKind {
+    kTick,
+    kDeliver,
+    kClientRequest,
+    kClientDeadline,
+    kClientWake,
+    kFault,
+    kHostile
+  };
   struct Event {
     int64_t time_us;
     uint64_t seq;
@@ -285,6 +299,9 @@ class World {
     uint32_t target;  // replica or client index
     Message message;
     uint64_t client_sequence = 0;  // kClientRequest: client index; kTick: incarnation
+    // Client events: the sequence of the operation they belong to. One that arrives after
+    // its operation is over does nothing, so every operation starts exactly once.
+    uint64_t op_sequence = 0;
     bool operator>(const Event& o) const {
       return std::tie(time_us, seq) > std::tie(o.time_us, o.seq);
     }
@@ -310,7 +327,7 @@ class World {
   };
 
   void Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m = Message(),
-                uint64_t client_sequence = 0);
+                uint64_t client_sequence = 0, uint64_t op_sequence = 0);
   void Trace(const std::string& line);
   void TraceMessage(const Message& m);
   void Fail(const std::string& what);
@@ -451,8 +468,8 @@ void World::Fail(const std::string& what) {
 }
 
 void World::Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m,
-                     uint64_t client_sequence) {
-  events_.push(Event{at_us, next_seq_++, kind, target, std::move(m), client_sequence});
+                     uint64_t client_sequence, uint64_t op_sequence) {
+  events_.push(Event{at_us, next_seq_++, kind, target, std::move(m), client_sequence, op_sequence});
 }
 
 ReplicaConfig World::ConfigFor(uint32_t id) const {
@@ -489,6 +506,12 @@ void World::StartHost(Host& h) {
     // not vote again: it refuses to start (docs/simulation.md, "Storage faults").
     h.refused = true;
     Trace(absl::StrCat("replica ", h.id, " refuses to start: ", recovered.status().ToString()));
+    return;
+  }
+  if (std::optional<std::string> forgotten =
+          CheckRecoveryKeepsDurableState(h.id, recovered->state, h.disk.durable_state())) {
+    Fail(*forgotten);
+    h.refused = true;  // the run has failed; starting on a forgetful log proves nothing more
     return;
   }
   PersistedState state = std::move(recovered->state);
@@ -1073,8 +1096,9 @@ void World::ClientSend(uint64_t client_index) {
   Trace(absl::StrCat("client ", c.id, " seq ", c.sequence, " attempt ", c.attempts, " -> ",
                      c.target, " key ", c.op.key));
   Schedule(now_us_ + net_.Range(100, 1'000), EventKind::kClientRequest, c.target, Message(),
-           client_index);
-  Schedule(c.attempt_deadline_us, EventKind::kClientWake, static_cast<uint32_t>(client_index));
+           client_index, c.sequence);
+  Schedule(c.attempt_deadline_us, EventKind::kClientDeadline, static_cast<uint32_t>(client_index),
+           Message(), 0, c.sequence);
 }
 
 void World::OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence) {
@@ -1126,7 +1150,8 @@ void World::ClientDone(uint64_t client_index, uint64_t sequence, bool ok,
       Fail(absl::StrCat("client ", c.id, " seq ", sequence, " failed: ", result->message()));
     }
     c.attempt_deadline_us = now_us_ + kRetryPauseUs;
-    Schedule(c.attempt_deadline_us, EventKind::kClientWake, static_cast<uint32_t>(client_index));
+    Schedule(c.attempt_deadline_us, EventKind::kClientDeadline, static_cast<uint32_t>(client_index),
+             Message(), 0, sequence);
     return;
   }
   Operation& h = history_[c.op_index];
@@ -1152,12 +1177,12 @@ void World::ClientDone(uint64_t client_index, uint64_t sequence, bool ok,
     // No think time, but the next operation starts a microsecond later: one called at the
     // instant another returned counts as concurrent with it, and a read-back must follow the
     // write it reads back.
-    Schedule(now_us_ + 1, EventKind::kClientWake, static_cast<uint32_t>(client_index), Message(),
-             0);
+    Schedule(now_us_ + 1, EventKind::kClientWake, static_cast<uint32_t>(client_index), Message(), 0,
+             sequence);
     return;
   }
   Schedule(now_us_ + workload_.Range(kThinkMinUs, kThinkMaxUs), EventKind::kClientWake,
-           static_cast<uint32_t>(client_index), Message(), 0);
+           static_cast<uint32_t>(client_index), Message(), 0, sequence);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1247,16 +1272,16 @@ SimResult World::Run() {
         break;
       }
       case EventKind::kClientRequest:
-        OnClientRequest(hosts_[ev.target - 1], ev.client_sequence,
-                        clients_[ev.client_sequence].sequence);
+        OnClientRequest(hosts_[ev.target - 1], ev.client_sequence, ev.op_sequence);
         break;
+      case EventKind::kClientDeadline: {
+        Client& c = clients_[ev.target];
+        if (c.busy && c.sequence == ev.op_sequence) ClientWake(ev.target);
+        break;
+      }
       case EventKind::kClientWake: {
         Client& c = clients_[ev.target];
-        if (c.busy) {
-          ClientWake(ev.target);
-        } else {
-          ClientStartOp(ev.target);
-        }
+        if (!c.busy && c.sequence == ev.op_sequence) ClientStartOp(ev.target);
         break;
       }
       case EventKind::kFault:
