@@ -37,7 +37,10 @@ const char* RoleName(Role role) {
 }
 
 Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed)
-    : config_(std::move(config)), prng_(prng_seed), promises_(VotingGroupSize()) {
+    : config_(std::move(config)),
+      prng_(prng_seed),
+      promises_(VotingGroupSize()),
+      pre_votes_(VotingGroupSize()) {
   SYNOD_CHECK(config_.id != 0) << "replica ids start at 1";
   SYNOD_CHECK(IsPeer(config_.id)) << "replica " << config_.id << " is not in its own group";
   SYNOD_CHECK(std::set<uint32_t>(config_.replica_ids.begin(), config_.replica_ids.end()).size() ==
@@ -218,6 +221,8 @@ const char* Replica::RejectReason(const Message& m) const {
       return nullptr;
     case Message::kNack:  // its slot is informational and never used
     case Message::kForwardReply:
+    case Message::kPreVote:
+    case Message::kPreVoteReply:
       return nullptr;
     case Message::kPromise: {
       const Promise& p = m.promise();
@@ -372,15 +377,58 @@ void Replica::BecomeFollower(uint32_t leader_id) {
   }
   role_ = Role::kFollower;
   leader_id_ = leader_id;
+  pre_voting_ = false;
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
-  if (leader_id_ != 0) ForwardQueued();
+  if (leader_id_ != 0) {
+    // Requests forwarded to a leader that is gone go to this one, without waiting for a
+    // timeout.
+    RequeueForwarded(leader_id_);
+    ForwardQueued();
+  }
+}
+
+void Replica::RequeueForwarded(uint32_t leader) {
+  for (ForwardedRequests* forwarded : {&forwarded_writes_, &forwarded_reads_}) {
+    for (auto it = forwarded->begin(); it != forwarded->end();) {
+      ForwardedRequest& f = it->second;
+      if (leader != 0 && f.leader == leader) {
+        ++it;
+        continue;
+      }
+      queue_.push_back({std::move(f.request), f.arrived_tick});
+      it = forwarded->erase(it);
+    }
+  }
+}
+
+void Replica::StartPreVote() {
+#ifdef SYNOD_TESTING_BUGS
+  if (config_.testing_no_pre_vote) return StartElection();
+#endif
+  leader_id_ = 0;
+  pre_voting_ = true;
+  ++pre_vote_attempt_;
+  ++pre_votes_started_;
+  pre_votes_ = VoteSet(VotingGroupSize());
+  pre_votes_.Add(config_.id);
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  for (uint32_t peer : config_.replica_ids) {
+    if (peer == config_.id) continue;
+    Message m = NewMessage(peer);
+    m.mutable_pre_vote()->set_attempt(pre_vote_attempt_);
+    Send(std::move(m));
+  }
+  if (pre_votes_.HasQuorum()) StartElection();
 }
 
 void Replica::StartElection() {
+  SYNOD_CHECK(role_ != Role::kLeader) << "a leader stands for election without stepping down";
   SYNOD_CHECK(now_ticks_ >= lease_granted_until_tick_ || lease_ballot_.replica_id() == config_.id)
       << "election while a lease granted to another proposer may still run";
   role_ = Role::kCandidate;
   leader_id_ = 0;
+  pre_voting_ = false;
+  ++elections_started_;
   uint64_t round = HighestRoundSeen() + 1;
   // Every round held is below the cap (messages at or above it are dropped), so this never
   // wraps. It reaches the cap only after 2^62 elections, or 2^30 messages each raising the
@@ -434,6 +482,7 @@ void Replica::BecomeLeader() {
   // fill the gaps with no-ops.
   uint64_t floor = std::max(commit_index_, promised_chosen_floor_);
   uint64_t last = std::max({promised_last_slot_, floor, LastSlot()});
+  first_slot_of_ballot_ = floor + 1;
   for (uint64_t slot = floor + 1; slot <= last; ++slot) {
     auto known = log_.find(slot);
     if (known != log_.end() && known->second.chosen()) continue;
@@ -449,6 +498,9 @@ void Replica::BecomeLeader() {
   // Reads are linearizable only once everything that may have been chosen before this
   // ballot is chosen here too.
   read_floor_ = last;
+  // What this replica forwarded to an earlier leader and has not seen answered, it now
+  // handles itself.
+  RequeueForwarded(0);
   if (floor > commit_index_) MaybeRequestCatchup(promised_floor_peer_, floor);
   BroadcastHeartbeat();
   MaybeProposeBatches();
@@ -519,8 +571,13 @@ void Replica::ExpireRequests() {
     return refuse_expired(r.request, r.arrived_tick, "the leader could not confirm the read");
   });
   std::erase_if(forwarded_reads_, [&](const auto& entry) {
-    const QueuedRequest& q = entry.second;
-    return refuse_expired(q.request, q.arrived_tick, "the leader did not confirm the read");
+    const ForwardedRequest& f = entry.second;
+    return refuse_expired(f.request, f.arrived_tick, "the leader did not confirm the read");
+  });
+  // A forwarded write is not refused here: it may be chosen yet, and the host answers it
+  // when it applies it or when its own timeout runs out. It is only no longer sent on.
+  std::erase_if(forwarded_writes_, [&](const auto& entry) {
+    return now_ticks_ - entry.second.arrived_tick > config_.request_timeout_ticks;
   });
 }
 
@@ -545,14 +602,20 @@ void Replica::TickAfterStall(int64_t ticks) {
 void Replica::TickFollower() {
   if (replaying_stall_) return;
   if (now_ticks_ >= election_deadline_ticks_ && now_ticks_ >= lease_granted_until_tick_) {
-    StartElection();
+    StartPreVote();  // again after each timeout, until a majority would support it
   }
 }
 
 void Replica::TickCandidate() {
   if (replaying_stall_) return;
   if (now_ticks_ >= election_deadline_ticks_) {
-    StartElection();  // a higher round, after a randomized back-off
+    // Lost, or no majority answered: ask again before a higher round, after a randomized
+    // back-off. A leader may have been elected meanwhile, or the old one heard again.
+#ifdef SYNOD_TESTING_BUGS
+    if (config_.testing_no_pre_vote) return StartElection();
+#endif
+    BecomeFollower(0);
+    StartPreVote();
     return;
   }
   if (++prepare_retry_ticks_ < config_.retry_ticks) return;
@@ -642,6 +705,12 @@ void Replica::StepMessage(const Message& m) {
     case Message::kForwardReply:
       StepForwardReply(m);
       break;
+    case Message::kPreVote:
+      StepPreVote(m);
+      break;
+    case Message::kPreVoteReply:
+      StepPreVoteReply(m);
+      break;
     case Message::BODY_NOT_SET:
       SYNOD_CHECK(false) << "RejectReason lets no message without a body through";
   }
@@ -703,6 +772,7 @@ void Replica::StepPrepare(const Message& m) {
   if (higher && role_ != Role::kFollower) BecomeFollower(0);
   if (higher) {
     leader_id_ = 0;
+    pre_voting_ = false;  // another replica stands: let it
     election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
   }
   Message reply = NewMessage(m.from());
@@ -717,6 +787,31 @@ void Replica::StepPrepare(const Message& m) {
   Send(std::move(reply));
 }
 
+void Replica::StepPreVote(const Message& m) {
+  // No while this replica leads, or heard a leader within the election timeout: that leader
+  // is likely alive, and an election would only depose it. (The asker's log does not matter:
+  // any proposer that wins adopts what a majority accepted.)
+  bool heard_leader = last_leader_heard_tick_ != std::numeric_limits<int64_t>::min() &&
+                      now_ticks_ - last_leader_heard_tick_ < config_.election_timeout_ticks;
+  Message reply = NewMessage(m.from());
+  reply.mutable_pre_vote_reply()->set_attempt(m.pre_vote().attempt());
+  reply.mutable_pre_vote_reply()->set_granted(role_ != Role::kLeader && !heard_leader);
+  Send(std::move(reply));
+}
+
+void Replica::StepPreVoteReply(const Message& m) {
+  const PreVoteReply& r = m.pre_vote_reply();
+  if (!pre_voting_ || role_ != Role::kFollower || r.attempt() != pre_vote_attempt_ ||
+      !r.granted()) {
+    return;
+  }
+  // A lease granted since the pre-vote began (it then heard a leader, which ends the
+  // pre-vote) holds this replica back.
+  if (now_ticks_ < lease_granted_until_tick_ && lease_ballot_.replica_id() != config_.id) return;
+  pre_votes_.Add(m.from());
+  if (pre_votes_.HasQuorum()) StartElection();
+}
+
 void Replica::StepAccept(const Message& m) {
   if (BallotLess(m.ballot(), hard_.promised())) {
     Message nack = NewMessage(m.from());
@@ -727,6 +822,7 @@ void Replica::StepAccept(const Message& m) {
   RaisePromise(m.ballot());
   if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  last_leader_heard_tick_ = now_ticks_;
   GrantLease(m.ballot());
 
   Message reply = NewMessage(m.from());
@@ -750,6 +846,7 @@ void Replica::StepHeartbeat(const Message& m) {
   RaisePromise(m.ballot());
   if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  last_leader_heard_tick_ = now_ticks_;
   GrantLease(m.ballot());
   LearnFromLeader(m);
   Message ack = NewMessage(m.from());
@@ -912,8 +1009,11 @@ void Replica::StepSnapshotChunk(const Message& m) {
   Send(std::move(ack));
   if (!chunk.last()) return;
   SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
-  // A leader that lags behind a snapshot has been superseded (see LearnChosen).
-  if (role_ == Role::kLeader) BecomeFollower(0);
+  // A new leader catches up to the highest commit index its promisers reported, which may
+  // take a snapshot: it proposed nothing up to there, so it leads on. A snapshot that
+  // covers a slot it proposed means another leader chose there: it has been superseded
+  // (see LearnChosen).
+  if (role_ == Role::kLeader && meta.index() >= first_slot_of_ballot_) BecomeFollower(0);
 
   // Install: everything up to meta.index is chosen and summarized by the snapshot.
   log_.erase(log_.begin(), log_.upper_bound(meta.index()));
@@ -964,6 +1064,18 @@ void Replica::StepNack(const Message& m) {
   if (!BallotLess(ballot_, m.ballot())) return;
   hard_.set_max_round_used(std::max(hard_.max_round_used(), m.ballot().round()));
   PersistHardState(/*must_sync=*/false);
+  if (role_ == Role::kLeader && LeaseValid()) {
+    // One acceptor promised a higher ballot (a candidate that got no further, before a
+    // partition healed), while a majority still follows this leader: win that acceptor back
+    // at a higher round rather than leave the group leaderless. The followers' leases name
+    // this replica, so they promise it at once. A leader elected at that higher ballot
+    // would have been heard from here, or would hold leases this prepare cannot break.
+    // It stops leading first: its waiting reads and requests go back to the queue, to be
+    // served in the new ballot.
+    BecomeFollower(0);
+    StartElection();
+    return;
+  }
   BecomeFollower(0);
 }
 
@@ -1180,8 +1292,11 @@ void Replica::ForwardQueued() {
       size_t size = r.ByteSizeLong();
       if (fwd->requests_size() > 0 && bytes + size > config_.max_batch_bytes) break;
       bytes += size;
-      if (IsRead(r) && r.origin_replica() == config_.id) {
-        forwarded_reads_[{r.client_id(), r.sequence()}] = queue_.front();
+      if (r.origin_replica() == config_.id) {
+        ForwardedRequests& forwarded = IsRead(r) ? forwarded_reads_ : forwarded_writes_;
+        if (forwarded.size() < config_.max_pending_requests) {
+          forwarded[{r.client_id(), r.sequence()}] = {r, queue_.front().arrived_tick, leader_id_};
+        }
       }
       *fwd->add_requests() = std::move(r);
       queue_.pop_front();
@@ -1208,6 +1323,7 @@ void Replica::StepForwardReply(const Message& m) {
   if (reply.read_barrier() && forwarded_reads_.erase({reply.client_id(), reply.sequence()}) == 0) {
     return;
   }
+  if (!reply.read_barrier()) forwarded_writes_.erase({reply.client_id(), reply.sequence()});
   pending_.replies.push_back(reply);
 }
 
@@ -1228,6 +1344,13 @@ Ready Replica::GetReady() {
   for (uint64_t slot = handed_out_index_ + 1; slot <= until; ++slot) {
     const LogEntry& e = log_.at(slot);
     SYNOD_CHECK(e.chosen());
+    if (!forwarded_writes_.empty()) {
+      for (const ClientRequest& r : e.value().requests()) {
+        if (r.origin_replica() == config_.id) {
+          forwarded_writes_.erase({r.client_id(), r.sequence()});
+        }
+      }
+    }
     pending_.committed.push_back({slot, e.value()});
   }
   handed_out_index_ = std::max(handed_out_index_, until);
@@ -1290,6 +1413,8 @@ ReplicaStatus Replica::Status() const {
   s.inflight_slots = inflight_.size();
   s.rejected_message_count = rejected_message_count_;
   s.last_rejection = last_rejection_;
+  s.elections_started = elections_started_;
+  s.pre_votes_started = pre_votes_started_;
   return s;
 }
 

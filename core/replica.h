@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -111,6 +112,10 @@ struct ReplicaConfig {
   // its clock ran arbitrarily fast. Lease reads are then unsafe and the simulator does not
   // check them; linearizable reads must stay linearizable without any lease.
   bool testing_no_acceptor_lease = false;
+  // A test mode too (the simulator's --pre-vote off, and its no-pre-vote bug): a follower
+  // whose election timer runs out raises its ballot at once, as if every peer granted its
+  // pre-vote. Safety must hold without pre-votes; leader stability needs them.
+  bool testing_no_pre_vote = false;
 #endif
 };
 
@@ -173,6 +178,10 @@ struct ReplicaStatus {
   // a catch-up answer that arrives after the request was sent elsewhere.
   uint64_t rejected_message_count = 0;
   std::string last_rejection;  // empty: none yet
+  // Elections this replica started (ballots it raised to stand), and pre-votes it asked
+  // for, since it started.
+  uint64_t elections_started = 0;
+  uint64_t pre_votes_started = 0;
 };
 
 class Replica {
@@ -219,6 +228,18 @@ class Replica {
   ReplicaStatus Status() const;
   uint32_t id() const { return config_.id; }
   Role role() const { return role_; }
+  uint32_t leader_id() const { return leader_id_; }
+  const Ballot& promised_ballot() const { return hard_.promised(); }  // ReplicaStatus::ballot
+  // A leader whose last heartbeat rounds a majority acknowledged (see LeaseValid).
+  bool lease_valid() const { return LeaseValid(); }
+  // Whether a lease this acceptor granted (or the one a restart assumes) keeps it from
+  // promising any proposer but `proposer` now (checkers: a leader's lease must rest on a
+  // majority of these).
+  bool LeaseBinds(uint32_t proposer) const {
+    return now_ticks_ < lease_granted_until_tick_ &&
+           (lease_ballot_.replica_id() == 0 || lease_ballot_.replica_id() == proposer);
+  }
+  uint64_t elections_started() const { return elections_started_; }
   uint64_t commit_index() const { return commit_index_; }
   // The chosen value of `slot`, if this replica holds it (tests and checkers).
   const Value* ChosenValue(uint64_t slot) const;
@@ -249,12 +270,17 @@ class Replica {
 
   // Role transitions.
   void BecomeFollower(uint32_t leader_id);
+  // The election timer ran out: ask the peers whether they would support an election (see
+  // PreVote in core/synod.proto); StartElection once a majority would.
+  void StartPreVote();
   void StartElection();
   void BecomeLeader();
 
   // Step, by message and role.
   void StepMessage(const Message& m);
   void StepPrepare(const Message& m);
+  void StepPreVote(const Message& m);
+  void StepPreVoteReply(const Message& m);
   void StepPromise(const Message& m);
   void StepAccept(const Message& m);
   void StepAccepted(const Message& m);
@@ -360,7 +386,11 @@ class Replica {
   Ballot ballot_;  // the ballot this replica proposes with (candidate, leader)
   int64_t now_ticks_ = 0;
   int64_t election_deadline_ticks_ = 0;
-  int64_t last_leader_contact_tick_ = 0;
+  // When this replica last took a heartbeat or an accept from a leader (its own clock); the
+  // minimum: never. A peer's pre-vote is refused while this is within the election timeout.
+  int64_t last_leader_heard_tick_ = std::numeric_limits<int64_t>::min();
+  uint64_t elections_started_ = 0;
+  uint64_t pre_votes_started_ = 0;
   // Lease granted by this acceptor: promise nobody but lease_ballot_ before this tick.
   Ballot lease_ballot_;
   int64_t lease_granted_until_tick_ = 0;
@@ -374,9 +404,15 @@ class Replica {
   uint64_t promised_last_slot_ = 0;
   int prepare_retry_ticks_ = 0;
 
+  // Pre-vote (a follower whose election timer ran out).
+  bool pre_voting_ = false;
+  uint64_t pre_vote_attempt_ = 0;
+  VoteSet pre_votes_;
+
   // Leader.
   uint64_t next_slot_ = 1;
-  uint64_t read_floor_ = 0;  // reads are safe once commit_index_ reaches this
+  uint64_t read_floor_ = 0;            // reads are safe once commit_index_ reaches this
+  uint64_t first_slot_of_ballot_ = 1;  // the lowest slot this leader may propose in its ballot
   std::map<uint64_t, Inflight> inflight_;
   std::map<uint32_t, uint64_t> match_index_;
   int heartbeat_elapsed_ticks_ = 0;
@@ -391,8 +427,22 @@ class Replica {
   std::deque<QueuedRequest> queue_;         // leader: to propose; follower: to forward
   std::vector<PendingRead> waiting_reads_;  // leader: reads waiting for ReadSafe()
   std::multimap<uint64_t, PendingRead> reads_by_context_;  // leader: awaiting quorum ack
-  // Follower: reads of this replica's clients forwarded to the leader, by (client, sequence).
-  std::map<std::pair<uint64_t, uint64_t>, QueuedRequest> forwarded_reads_;
+  // Follower: requests of this replica's clients forwarded to a leader and not yet answered
+  // (reads) or seen chosen (writes), by (client, sequence). When another leader takes over
+  // they are forwarded to it (or handled here, if this replica leads): a read is answered
+  // once, and the session table applies a write at most once, so a write the old leader got
+  // chosen is not applied twice.
+  struct ForwardedRequest {
+    ClientRequest request;
+    int64_t arrived_tick = 0;
+    uint32_t leader = 0;  // the replica it was last sent to
+  };
+  using ForwardedRequests = std::map<std::pair<uint64_t, uint64_t>, ForwardedRequest>;
+  ForwardedRequests forwarded_reads_;
+  ForwardedRequests forwarded_writes_;
+  // Moves the forwarded requests not last sent to `leader` back to the queue (all of them
+  // when `leader` is 0).
+  void RequeueForwarded(uint32_t leader);
 
   Ready pending_;
   bool commit_announce_ = false;    // leader: the commit index advanced since it was sent

@@ -61,11 +61,24 @@ std::vector<Message> Drain(Replica& r) {
   return out;
 }
 
-// Ticks until the replica starts an election; returns its Prepare messages.
+// The answer of `pre_vote.to()` to a PreVote.
+Message PreVoteAnswer(const Message& pre_vote, bool granted) {
+  Message m = From(pre_vote.to(), pre_vote.from(), Ballot());
+  m.mutable_pre_vote_reply()->set_attempt(pre_vote.pre_vote().attempt());
+  m.mutable_pre_vote_reply()->set_granted(granted);
+  return m;
+}
+
+// Ticks until the replica starts an election (every peer grants its pre-vote); returns its
+// Prepare messages.
 std::vector<Message> TickUntilPrepare(Replica& r) {
   for (int i = 0; i < 1000; ++i) {
     r.Tick();
     std::vector<Message> out = Drain(r);
+    if (!out.empty() && out[0].has_pre_vote()) {
+      for (const Message& m : out) r.Step(PreVoteAnswer(m, true));
+      out = Drain(r);
+    }
     if (!out.empty() && out[0].has_prepare()) return out;
   }
   ADD_FAILURE() << "no election started";
@@ -339,13 +352,16 @@ TEST(Proposer, BallotRoundIsDurableBeforeThePrepareAndNeverReused) {
         EXPECT_TRUE(ready.must_sync);
         durable = *ready.hard_state;
       }
+      std::vector<Message> pre_votes;
       for (const Message& m : ready.messages) {
         if (m.has_prepare()) {
           first = m.ballot();
           EXPECT_GE(durable.max_round_used(), first.round()) << "round used before durable";
         }
+        if (m.has_pre_vote()) pre_votes.push_back(m);
       }
       r.Advance(ready);
+      for (const Message& m : pre_votes) r.Step(PreVoteAnswer(m, true));
     }
   }
   ASSERT_GT(first.round(), 0u);
@@ -355,6 +371,106 @@ TEST(Proposer, BallotRoundIsDurableBeforeThePrepareAndNeverReused) {
   std::vector<Message> again = TickUntilPrepare(restarted);
   ASSERT_FALSE(again.empty());
   EXPECT_GT(again[0].ballot().round(), first.round());
+}
+
+// The first messages a replica sends once its election timer runs out.
+std::vector<Message> TickUntilMessages(Replica& r) {
+  for (int i = 0; i < 1000; ++i) {
+    r.Tick();
+    std::vector<Message> out = Drain(r);
+    if (!out.empty()) return out;
+  }
+  ADD_FAILURE() << "no message sent";
+  return {};
+}
+
+Message PreVoteFrom(uint32_t from, uint32_t to, uint64_t attempt) {
+  Message m = From(from, to, Ballot());
+  m.mutable_pre_vote()->set_attempt(attempt);
+  return m;
+}
+
+std::optional<PreVoteReply> PreVoteReplyIn(const std::vector<Message>& messages) {
+  for (const Message& m : messages) {
+    if (m.has_pre_vote_reply()) return m.pre_vote_reply();
+  }
+  return std::nullopt;
+}
+
+TEST(Elections, AFollowerAsksItsPeersBeforeItRaisesItsBallot) {
+  Replica r(ConfigFor(1), PersistedState(), 1);
+  std::vector<Message> asked = TickUntilMessages(r);
+  ASSERT_EQ(asked.size(), 2u);
+  for (const Message& m : asked) ASSERT_TRUE(m.has_pre_vote()) << m.ShortDebugString();
+  EXPECT_EQ(r.Status().ballot.round(), 0u) << "the ballot rose before a majority agreed";
+
+  // Both peers refuse: no prepare, and the ballot stays where it was.
+  for (const Message& m : asked) r.Step(PreVoteAnswer(m, false));
+  EXPECT_TRUE(Drain(r).empty());
+  EXPECT_EQ(r.role(), Role::kFollower);
+  EXPECT_EQ(r.Status().ballot.round(), 0u);
+
+  // It asks again after another timeout. A grant to the earlier attempt, arriving late, is
+  // not counted; one peer granting this attempt makes a majority of three with itself.
+  std::vector<Message> again = TickUntilMessages(r);
+  ASSERT_FALSE(again.empty());
+  ASSERT_TRUE(again[0].has_pre_vote());
+  EXPECT_GT(again[0].pre_vote().attempt(), asked[0].pre_vote().attempt());
+  r.Step(PreVoteAnswer(asked[0], true));
+  EXPECT_TRUE(Drain(r).empty());
+  r.Step(PreVoteAnswer(again[0], true));
+  std::vector<Message> prepares = Drain(r);
+  ASSERT_FALSE(prepares.empty());
+  EXPECT_TRUE(prepares[0].has_prepare());
+  EXPECT_EQ(prepares[0].ballot().round(), 1u);
+  EXPECT_EQ(r.Status().elections_started, 1u);
+}
+
+TEST(Elections, AReplicaThatHeardALeaderWithinTheElectionTimeoutRefusesAPreVote) {
+  ReplicaConfig config = ConfigFor(2);
+  Replica r(config, PersistedState(), 1);
+  Message heartbeat = From(1, 2, MakeBallot(1, 1));
+  heartbeat.mutable_heartbeat();
+  r.Step(heartbeat);
+  Drain(r);
+  r.Step(PreVoteFrom(3, 2, 7));
+  std::optional<PreVoteReply> reply = PreVoteReplyIn(Drain(r));
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->attempt(), 7u);
+  EXPECT_FALSE(reply->granted());
+  // An election timeout without a word from the leader: it may be gone.
+  for (int i = 0; i < config.election_timeout_ticks; ++i) r.Tick();
+  Drain(r);
+  r.Step(PreVoteFrom(3, 2, 8));
+  reply = PreVoteReplyIn(Drain(r));
+  ASSERT_TRUE(reply);
+  EXPECT_TRUE(reply->granted());
+}
+
+TEST(Elections, ALeaderRefusesAPreVote) {
+  Replica r(ConfigFor(1), PersistedState(), 1);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
+  ASSERT_EQ(r.role(), Role::kLeader);
+  r.Step(PreVoteFrom(3, 1, 1));
+  std::optional<PreVoteReply> reply = PreVoteReplyIn(Drain(r));
+  ASSERT_TRUE(reply);
+  EXPECT_FALSE(reply->granted());
+}
+
+TEST(Elections, ALeaderAMajorityFollowsWinsBackAnAcceptorThatPromisedAHigherBallot) {
+  Replica r(ConfigFor(1), PersistedState(), 1);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
+  ASSERT_TRUE(r.Status().lease_valid);
+  // Replica 3 promised a candidate that got no further (before a partition healed).
+  Message nack = From(3, 1, MakeBallot(5, 2));
+  nack.mutable_nack();
+  r.Step(nack);
+  std::vector<Message> out = Drain(r);
+  ASSERT_FALSE(out.empty());
+  EXPECT_TRUE(out[0].has_prepare());
+  EXPECT_EQ(out[0].ballot().round(), 6u);
+  EXPECT_EQ(out[0].ballot().replica_id(), 1u);
+  EXPECT_EQ(r.role(), Role::kCandidate);
 }
 
 TEST(Proposer, LeaderStepsDownWhenItHearsAHigherBallot) {
@@ -623,7 +739,10 @@ TEST(Sanity, RefusesABallotRoundThatWouldOverflow) {
   uint64_t next_round = 1;
   for (int i = 0; i < 1000 && next_round == 1; ++i) {
     r.Tick();
-    for (const Message& m : Drain(r)) next_round = std::max(next_round, m.ballot().round());
+    for (const Message& m : Drain(r)) {
+      next_round = std::max(next_round, m.ballot().round());
+      if (m.has_pre_vote()) r.Step(PreVoteAnswer(m, true));
+    }
   }
   EXPECT_EQ(next_round, 2u);
 }
@@ -1080,6 +1199,44 @@ TEST(Cluster, AStalledFollowerStillStandsWhenTheLeaderIsReallyGone) {
   c.RunTicks(300);
   EXPECT_NE(c.Leader(), 0u);
   EXPECT_NE(c.Leader(), leader);
+}
+
+TEST(Cluster, AHealedReplicaDoesNotRaiseItsBallotWhileTheLeaderIsHeardByAMajority) {
+  testing::Cluster c(3, 41);
+  uint32_t leader = SettledLeader(c);
+  ASSERT_NE(leader, 0u);
+  Ballot ballot = c.replica(leader)->Status().ballot;
+  uint32_t cut = leader % 3 + 1;
+  uint64_t elections_before = c.replica(cut)->Status().elections_started;
+  c.Isolate(cut, true);
+  c.RunTicks(200);  // ten or more election timeouts
+  ReplicaStatus isolated = c.replica(cut)->Status();
+  EXPECT_GT(isolated.pre_votes_started, 0u) << "it never noticed the leader was gone";
+  EXPECT_EQ(isolated.elections_started, elections_before);
+  EXPECT_TRUE(BallotEqual(isolated.ballot, ballot));
+  c.Isolate(cut, false);
+  c.RunTicks(50);
+  EXPECT_EQ(c.Leader(), leader);
+  EXPECT_TRUE(BallotEqual(c.replica(leader)->Status().ballot, ballot));
+  EXPECT_EQ(c.replica(cut)->Status().leader_id, leader);
+  EXPECT_FALSE(c.violation());
+}
+
+TEST(Cluster, WritesForwardedToALeaderThatDiedGoToTheNextOne) {
+  for (uint64_t seed : {43, 44, 45, 46}) {
+    testing::Cluster c(3, seed);
+    uint32_t leader = SettledLeader(c);
+    ASSERT_NE(leader, 0u);
+    c.Crash(leader);
+    uint32_t follower = leader % 3 + 1;
+    // The follower still takes the dead replica for the leader and forwards to it: the
+    // request is lost with it. No client timeout here: only the failover can save it.
+    for (uint64_t seq = 1; seq <= 3; ++seq) c.Write(follower, 9, seq, "w" + std::to_string(seq));
+    c.RunTicks(200);
+    ASSERT_NE(c.Leader(), 0u) << "seed " << seed;
+    EXPECT_EQ(c.applied_writes().size(), 3u) << "seed " << seed;
+    EXPECT_FALSE(c.violation());
+  }
 }
 
 TEST(Cluster, FollowerForwardsWritesAndEveryReplicaAppliesThem) {

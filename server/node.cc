@@ -1133,6 +1133,12 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_peer_messages_rejected_total",
           "authenticated peer messages the core dropped as malformed or stale",
           s.rejected_message_count);
+  counter("synod_elections_started_total",
+          "elections this replica stood in (ballots it raised) since it started",
+          s.elections_started);
+  counter("synod_pre_votes_started_total",
+          "times this replica asked whether it could win an election since it started",
+          s.pre_votes_started);
   counter("synod_peer_frames_refused_total",
           "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
           counters_.peer_frames_refused);

@@ -27,7 +27,8 @@ SimResult RunIsolated(const SimOptions& options) {
   if (pid == 0) {
     close(fds[0]);
     SimResult r = RunSimulation(options);
-    std::string report = absl::StrCat(r.passed ? 1 : 0, " ", r.simulated_ms, " ", r.failure);
+    std::string report = absl::StrCat(r.passed ? 1 : 0, " ", r.simulated_ms, " ",
+                                      r.needless_elections, " ", r.failure);
     size_t sent = 0;
     while (sent < report.size()) {
       ssize_t n = write(fds[1], report.data() + sent, report.size() - sent);
@@ -45,7 +46,8 @@ SimResult RunIsolated(const SimOptions& options) {
   waitpid(pid, &status, 0);
   size_t first = report.find(' ');
   size_t second = first == std::string::npos ? first : report.find(' ', first + 1);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || second == std::string::npos) {
+  size_t third = second == std::string::npos ? second : report.find(' ', second + 1);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || third == std::string::npos) {
     result.failure = WIFSIGNALED(status)
                          ? absl::StrCat("the process died (signal ", WTERMSIG(status),
                                         "): replay the seed to see the check that failed")
@@ -54,7 +56,8 @@ SimResult RunIsolated(const SimOptions& options) {
   }
   result.passed = report[0] == '1';
   (void)absl::SimpleAtoi(report.substr(first + 1, second - first - 1), &result.simulated_ms);
-  result.failure = report.substr(second + 1);
+  (void)absl::SimpleAtoi(report.substr(second + 1, third - second - 1), &result.needless_elections);
+  result.failure = report.substr(third + 1);
   return result;
 }
 

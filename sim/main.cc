@@ -4,7 +4,7 @@
 //   synod-sim --seeds A..B        a sweep; failing seeds with the command that replays them,
 //                                 then "P passed, F failed"
 //   --replicas 1..7  --clients 1..10  --ticks T  --mode safety|liveness
-//   --workload mixed|reads  --leases on|off
+//   --workload mixed|reads  --leases on|off  --pre-vote on|off
 //   --hostile (expensive and malformed SQL, local reads, forged messages beside the clients)
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
@@ -32,7 +32,8 @@ using synod::sim::Workload;
 constexpr const char* kUsage =
     "usage: synod-sim (--seed N | --seeds A..B) [--replicas 1..7] [--clients 1..10]\n"
     "                 [--ticks T] [--mode safety|liveness] [--workload mixed|reads]\n"
-    "                 [--leases on|off] [--hostile] [--bug NAME]... [--trace]\n"
+    "                 [--leases on|off] [--pre-vote on|off] [--hostile] [--bug NAME]...\n"
+    "                 [--trace]\n"
     "       synod-sim --list-bugs\n"
     "       synod-sim --help\n";
 
@@ -48,6 +49,7 @@ std::string ReplayCommand(const SimOptions& o) {
   if (o.clients > 0) cmd += absl::StrFormat(" --clients %d", o.clients);
   if (o.workload == Workload::kReads) cmd += " --workload reads";
   if (!o.leases) cmd += " --leases off";
+  if (!o.pre_vote) cmd += " --pre-vote off";
   if (o.hostile) cmd += " --hostile";
   for (const std::string& b : o.bugs) cmd += " --bug " + b;
   return cmd;
@@ -69,9 +71,10 @@ int RunOne(const SimOptions& o) {
   SimResult r = synod::sim::RunSimulation(o);
   double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cout << absl::StrFormat(
-      "simulated %.1f s in %.2f s wall (%.0fx), %d events, %d operations, revision %d\n",
+      "simulated %.1f s in %.2f s wall (%.0fx), %d events, %d operations, revision %d, "
+      "%d needless elections\n",
       r.simulated_ms / 1000.0, wall_s, wall_s > 0 ? r.simulated_ms / 1000.0 / wall_s : 0.0,
-      r.events, r.operations, r.revision);
+      r.events, r.operations, r.revision, r.needless_elections);
   if (!r.passed) {
     std::cout << "FAILED: " << r.failure << "\n";
     if (o.trace == nullptr) std::cout << "full trace: " << WriteTrace(o) << "\n";
@@ -85,13 +88,15 @@ int RunOne(const SimOptions& o) {
 // Each seed runs in a child process (RunIsolated), so that a SYNOD_CHECK abort in the core
 // fails that seed rather than the sweep.
 int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
-  uint64_t passed = 0, failed = 0;
+  uint64_t passed = 0, failed = 0, needless_elections = 0, seeds_with_needless = 0;
   int64_t simulated_ms = 0;
   auto start = std::chrono::steady_clock::now();
   for (uint64_t seed = first; seed <= last; ++seed) {
     o.seed = seed;
     SimResult r = synod::sim::RunIsolated(o);
     simulated_ms += r.simulated_ms;
+    needless_elections += r.needless_elections;
+    seeds_with_needless += r.needless_elections > 0;
     if (r.passed) {
       ++passed;
       continue;
@@ -104,6 +109,8 @@ int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
   std::cout << absl::StrFormat("simulated %.0f s in %.1f s wall: %.0f simulated s per wall s\n",
                                simulated_ms / 1000.0, wall_s,
                                wall_s > 0 ? simulated_ms / 1000.0 / wall_s : 0.0);
+  std::cout << absl::StrFormat("needless elections after the faults stopped: %d in %d seeds\n",
+                               needless_elections, seeds_with_needless);
   std::cout << absl::StrFormat("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
@@ -170,6 +177,10 @@ int main(int argc, char** argv) {
       std::string v = value();
       if (v != "on" && v != "off") return Usage("--leases must be on or off");
       o.leases = v == "on";
+    } else if (arg == "--pre-vote") {
+      std::string v = value();
+      if (v != "on" && v != "off") return Usage("--pre-vote must be on or off");
+      o.pre_vote = v == "on";
     } else if (arg == "--bug") {
       std::string v = value();
       bool known = false;

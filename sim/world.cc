@@ -30,6 +30,12 @@ constexpr int64_t kRetryPauseUs = 50'000;  // before resending a refused request
 // (a client's writes are numbered 1, 2, 3, ... for the state machine's session).
 constexpr uint64_t kReadSequenceBase = 1ull << 40;
 constexpr int64_t kLivenessBoundUs = 30'000'000;  // pending operations complete within 30 s
+// Liveness mode: how long a leader that a majority follows is watched, once the faults
+// stop, for a needless election (about ten election timeouts).
+constexpr int64_t kQuietUs = 2'000'000;
+// Liveness mode: how long one replica is cut off just before the faults stop (about four
+// of its longest election timeouts).
+constexpr int64_t kFinalIsolationUs = 800'000;
 constexpr uint64_t kLinearizabilityBudgetSteps = 5'000'000;
 // A client waits this long between operations: enough load to keep batches and pipelines
 // busy, little enough that thousands of simulated seconds fit in a CI run.
@@ -350,6 +356,10 @@ class World {
   // trip), no other replica may lead at a higher ballot.
   void CheckLeases();
   void HealAll();
+  // Once the faults stop: finds the first healthy leader a majority follows, then counts every
+  // election any replica starts after that (a needless election: nothing justifies it in a
+  // quiet network). Called after every event.
+  void WatchLeaderStability();
   void Resume(Host& h);
   void OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence);
   void ClientStartOp(uint64_t client_index);
@@ -383,6 +393,13 @@ class World {
   uint64_t next_seq_ = 0;
   int64_t now_us_ = 0;
   bool faults_on_ = true;
+  bool final_isolation_ = false;  // liveness mode: one replica cut off until the faults stop
+  // Leader stability after the faults stop (WatchLeaderStability).
+  uint32_t stable_leader_ = 0;
+  int64_t stable_since_us_ = 0;
+  std::vector<uint64_t> elections_when_stable_;  // per replica, elections started by then
+  uint64_t needless_elections_ = 0;
+  std::string first_needless_election_;
   bool clients_issue_ = true;
   std::set<std::pair<uint32_t, uint32_t>> blocked_;  // (from, to) paths cut
   int corrupted_hosts_ = 0;
@@ -490,6 +507,7 @@ ReplicaConfig World::ConfigFor(uint32_t id) const {
   c.bugs.promise_before_durable = options_.bugs.count("promise-before-durable") > 0;
   c.bugs.majority_off_by_one = options_.bugs.count("majority-off-by-one") > 0;
   c.bugs.read_confirmed_by_old_round = options_.bugs.count("read-confirmed-by-old-round") > 0;
+  c.testing_no_pre_vote = !options_.pre_vote || options_.bugs.count("no-pre-vote") > 0;
   c.testing_no_acceptor_lease = !options_.leases;
 #endif
   return c;
@@ -747,7 +765,9 @@ void World::OnFault() {
     return every_us > 0 && process_.Chance(100'000, static_cast<uint64_t>(every_us));
   };
   int n = options_.replicas;
-  if (fires(swarm_.partition_every_us)) {
+  if (final_isolation_) {
+    // The network stays as Run cut it until the faults stop.
+  } else if (fires(swarm_.partition_every_us)) {
     blocked_.clear();
     int kind = static_cast<int>(net_.Range(0, 4));
     // Without leases, half the partitions cut one link: its two ends take turns leading,
@@ -911,14 +931,27 @@ void World::CheckLeases() {
   if (!options_.leases) return;  // acceptors grant none: a leader's lease means nothing
   for (const Host& h : hosts_) {
     if (!h.up || h.paused || h.replica->role() != Role::kLeader) continue;
-    ReplicaStatus mine = h.replica->Status();
-    if (!mine.lease_valid) continue;
+    if (!h.replica->lease_valid()) continue;
+    const Ballot& mine = h.replica->promised_ballot();
+    // The lease rests on a majority bound to this leader right now (itself included): each
+    // refuses to promise anyone else, or is down or paused (a restarted acceptor waits out
+    // a whole lease before it promises anyone). This catches a lease that outlasts the
+    // acceptors' grants even when no election happens to test it.
+    size_t bound = 0;
+    for (const Host& o : hosts_) {
+      bound += o.id == h.id || !o.up || o.paused || o.replica->LeaseBinds(h.id);
+    }
+    if (bound < hosts_.size() / 2 + 1) {
+      Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.round(), ",",
+                        mine.replica_id(), ") that only ", bound, " of ", hosts_.size(),
+                        " replicas still grant"));
+    }
     for (const Host& o : hosts_) {
       if (o.id == h.id || !o.up || o.replica->role() != Role::kLeader) continue;
-      Ballot theirs = o.replica->Status().ballot;
-      if (BallotLess(mine.ballot, theirs)) {
-        Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.ballot.round(), ",",
-                          mine.ballot.replica_id(), ") while replica ", o.id,
+      const Ballot& theirs = o.replica->promised_ballot();
+      if (BallotLess(mine, theirs)) {
+        Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.round(), ",",
+                          mine.replica_id(), ") while replica ", o.id,
                           " leads at the higher ballot (", theirs.round(), ",", theirs.replica_id(),
                           "): the leases overlap"));
       }
@@ -931,6 +964,46 @@ uint32_t World::CurrentLeader() const {
     if (h.up && !h.paused && h.replica->role() == Role::kLeader) return h.id;
   }
   return 0;
+}
+
+void World::WatchLeaderStability() {
+  const size_t n = hosts_.size();
+  if (stable_leader_ == 0) {
+    // A healthy, connected leader: a majority acknowledged its heartbeats lately (its lease
+    // runs), and a majority takes it for the leader.
+    uint32_t leader = CurrentLeader();
+    if (leader == 0 || !hosts_[leader - 1].replica->lease_valid()) return;
+    size_t following = 0;
+    for (const Host& h : hosts_) {
+      following += h.up && !h.paused && h.replica->leader_id() == leader;
+    }
+    if (following < n / 2 + 1) return;
+    stable_leader_ = leader;
+    stable_since_us_ = now_us_;
+    elections_when_stable_.assign(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      if (hosts_[i].up) elections_when_stable_[i] = hosts_[i].replica->elections_started();
+    }
+    Trace(absl::StrCat("replica ", leader, " leads a majority in a quiet network"));
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const Host& h = hosts_[i];
+    // The leader's own elections count too: it raises its ballot only to win back an
+    // acceptor that promised a higher one (Replica::StepNack), a ballot some replica raised
+    // needlessly.
+    if (!h.up) continue;
+    uint64_t started = h.replica->elections_started();
+    if (started <= elections_when_stable_[i]) continue;
+    needless_elections_ += started - elections_when_stable_[i];
+    elections_when_stable_[i] = started;
+    if (first_needless_election_.empty()) {
+      first_needless_election_ = absl::StrCat(
+          "at ", now_us_, "us replica ", h.id, " started an election while replica ",
+          stable_leader_, " led a majority in a quiet network (since ", stable_since_us_, "us)");
+    }
+    Trace(absl::StrCat("needless election by replica ", h.id));
+  }
 }
 
 void World::HealAll() {
@@ -1243,8 +1316,27 @@ SimResult World::Run() {
   for (size_t i = 0; i < clients_.size(); ++i) ClientStartOp(i);
   int64_t end_us = fault_end_us + kLivenessBoundUs;
   bool healed = false;
+  // Liveness mode ends its faults with one replica cut off from the rest for several
+  // election timeouts, the case a pre-vote is for: when the network heals, that replica
+  // must rejoin without replacing the leader.
+  const int64_t isolate_us = fault_end_us - kFinalIsolationUs;
+  bool isolated = options_.mode != Mode::kLiveness || options_.replicas < 2;
   while (!failure_ && !events_.empty()) {
     Event ev = events_.top();
+    if (!isolated && ev.time_us >= isolate_us) {
+      now_us_ = isolate_us;
+      isolated = true;
+      final_isolation_ = true;
+      blocked_.clear();
+      uint32_t cut = static_cast<uint32_t>(net_.Range(1, options_.replicas));
+      for (uint32_t other = 1; other <= static_cast<uint32_t>(options_.replicas); ++other) {
+        if (other == cut) continue;
+        blocked_.insert({cut, other});
+        blocked_.insert({other, cut});
+      }
+      Trace(absl::StrCat("replica ", cut, " is cut off from every other until the faults stop"));
+      continue;
+    }
     if (!healed && ev.time_us >= fault_end_us) {
       now_us_ = fault_end_us;
       healed = true;
@@ -1294,9 +1386,14 @@ SimResult World::Run() {
     CheckLeases();
     if (acceptors_.violation()) Fail(*acceptors_.violation());
     if (healed) {
+      if (options_.pre_vote) WatchLeaderStability();
       bool idle = true;
       for (const Client& c : clients_) idle = idle && !c.busy;
-      if (idle) break;
+      // In liveness mode the run goes on in a quiet network until a leader has led a
+      // majority for kQuietUs, to see that nothing replaces it.
+      bool quiet_enough = options_.mode != Mode::kLiveness || !options_.pre_vote ||
+                          (stable_leader_ != 0 && now_us_ >= stable_since_us_ + kQuietUs);
+      if (idle && quiet_enough) break;
     }
   }
   if (!failure_ && options_.mode == Mode::kLiveness) {
@@ -1309,6 +1406,16 @@ SimResult World::Run() {
       }
     }
   }
+  if (!failure_ && options_.mode == Mode::kLiveness && options_.pre_vote) {
+    if (stable_leader_ == 0) {
+      Fail(absl::StrCat("liveness: no leader led a majority within ", kLivenessBoundUs / 1'000'000,
+                        " s after the faults stopped"));
+    } else if (needless_elections_ > 0) {
+      Fail(absl::StrCat("liveness: ", needless_elections_, " needless election(s); the first ",
+                        first_needless_election_));
+    }
+  }
+  result.needless_elections = needless_elections_;
   if (!failure_) FinalChecks();
   result.passed = !failure_;
   result.failure = failure_.value_or("");
@@ -1361,6 +1468,8 @@ std::vector<std::pair<std::string, std::string>> KnownBugs() {
       {"majority-off-by-one", "a quorum is (n+1)/2 replicas instead of n/2+1 (wrong for even n)"},
       {"read-confirmed-by-old-round",
        "a linearizable read is confirmed by a heartbeat round that started before it arrived"},
+      {"no-pre-vote",
+       "a replica whose election timer runs out raises its ballot without asking its peers"},
   };
 }
 

@@ -40,6 +40,10 @@ struct SimOptions {
   // then be stale and are not checked (nor are overlapping leases); linearizable reads still
   // are, and must not depend on leases.
   bool leases = true;
+  // Off: replicas raise their ballot without a pre-vote, as if every peer granted it. Safety
+  // must not depend on pre-votes (they rest on timing); the needless-election check of
+  // liveness mode, which does, is then skipped.
+  bool pre_vote = true;
   // Hostile workload beside the clients: generated expensive and malformed SQL written
   // through the log, local reads of the same on the replicas that apply, and forged peer
   // messages (from replicas outside the group, or for other replicas) handed to the core.
@@ -58,6 +62,9 @@ struct SimResult {
   uint64_t events = 0;
   uint64_t operations = 0;  // client operations completed (any outcome)
   uint64_t revision = 0;    // highest revision applied by any replica
+  // Elections started, after the faults stopped, by a replica other than a leader that a
+  // majority followed (liveness mode fails on any).
+  uint64_t needless_elections = 0;
 };
 
 // Names and one-line descriptions of the deliberate bugs.

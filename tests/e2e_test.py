@@ -283,6 +283,28 @@ class Failures(ClusterTest):
         self.assertEqual({s["ballot"]["round"] for s in statuses.values()}, rounds, statuses)
 
 
+    def test_a_follower_paused_and_resumed_rejoins_without_an_election(self):
+        # SIGSTOP cuts a follower off for six election timeouts: its peers hear nothing from
+        # it, and it hears nothing. Resumed, it must follow the leader it left.
+        self.create("p")
+        leader = self.c.wait_leader()
+        statuses = {i: self.c.status(i) for i in (1, 2, 3)}
+        rounds = {s["ballot"]["round"] for s in statuses.values()}
+        follower = 1 + leader % 3
+        self.c.kill(follower, signal.SIGSTOP)
+        try:
+            time.sleep(3)
+        finally:
+            self.c.kill(follower, signal.SIGCONT)
+        time.sleep(3)
+        statuses = {i: self.c.status(i) for i in (1, 2, 3)}
+        self.assertEqual(statuses[leader]["role"], "leader", statuses)
+        self.assertEqual(statuses[follower]["leader"], leader, statuses)
+        self.assertEqual({s["ballot"]["round"] for s in statuses.values()}, rounds, statuses)
+        r = self.c.exec(follower, "p", "CREATE TABLE t(x)")
+        self.assertEqual(r.status, 200, r)
+
+
 if __name__ == "__main__":
     SERVER = os.path.abspath(sys.argv.pop(1))
     unittest.main(verbosity=2)

@@ -199,7 +199,7 @@ void Cluster::Drain(uint32_t id) {
 
 void Cluster::Deliver(const Message& m) {
   Node& n = nodes_.at(m.to());
-  if (!n.replica) return;
+  if (!n.replica || n.isolated || nodes_.at(m.from()).isolated) return;
   n.replica->Step(m);
   Drain(m.to());
 }

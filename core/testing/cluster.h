@@ -39,6 +39,8 @@ class Cluster {
   void Crash(uint32_t id);
   void Restart(uint32_t id);
   bool IsUp(uint32_t id) const { return nodes_.at(id).replica != nullptr; }
+  // Cuts replica `id` off from every other (it keeps running, and hears nobody), or heals it.
+  void Isolate(uint32_t id, bool isolated) { nodes_.at(id).isolated = isolated; }
 
   // Submits a write of `payload` at replica `id`; returns its (client_id, sequence).
   void Write(uint32_t id, uint64_t client_id, uint64_t sequence, const std::string& payload);
@@ -89,6 +91,7 @@ class Cluster {
     uint64_t last_compacted = 0;
     std::vector<Ready> ready_log;
     int restarts = 0;
+    bool isolated = false;
   };
 
   void Drain(uint32_t id);
