@@ -33,9 +33,9 @@ constexpr int64_t kLivenessBoundUs = 30'000'000;  // pending operations complete
 // Liveness mode: how long a leader that a majority follows is watched, once the faults
 // stop, for a needless election (about ten election timeouts).
 constexpr int64_t kQuietUs = 2'000'000;
-// Liveness mode: how long one replica is cut off just before the faults stop (about four
-// of its longest election timeouts).
-constexpr int64_t kFinalIsolationUs = 800'000;
+// Liveness mode: how long the last network cut lasts before the faults stop (about four of
+// the longest election timeouts).
+constexpr int64_t kFinalCutUs = 800'000;
 constexpr uint64_t kLinearizabilityBudgetSteps = 5'000'000;
 // A client waits this long between operations: enough load to keep batches and pipelines
 // busy, little enough that thousands of simulated seconds fit in a CI run.
@@ -393,7 +393,7 @@ class World {
   uint64_t next_seq_ = 0;
   int64_t now_us_ = 0;
   bool faults_on_ = true;
-  bool final_isolation_ = false;  // liveness mode: one replica cut off until the faults stop
+  bool final_cut_ = false;  // liveness mode: the last network cut holds until the faults stop
   // Leader stability after the faults stop (WatchLeaderStability).
   uint32_t stable_leader_ = 0;
   int64_t stable_since_us_ = 0;
@@ -765,7 +765,7 @@ void World::OnFault() {
     return every_us > 0 && process_.Chance(100'000, static_cast<uint64_t>(every_us));
   };
   int n = options_.replicas;
-  if (final_isolation_) {
+  if (final_cut_) {
     // The network stays as Run cut it until the faults stop.
   } else if (fires(swarm_.partition_every_us)) {
     blocked_.clear();
@@ -1316,25 +1316,36 @@ SimResult World::Run() {
   for (size_t i = 0; i < clients_.size(); ++i) ClientStartOp(i);
   int64_t end_us = fault_end_us + kLivenessBoundUs;
   bool healed = false;
-  // Liveness mode ends its faults with one replica cut off from the rest for several
-  // election timeouts, the case a pre-vote is for: when the network heals, that replica
-  // must rejoin without replacing the leader.
-  const int64_t isolate_us = fault_end_us - kFinalIsolationUs;
-  bool isolated = options_.mode != Mode::kLiveness || options_.replicas < 2;
+  // Liveness mode ends its faults with one of the cuts a pre-vote is for, held for several
+  // election timeouts: one replica isolated, one that hears nobody (its own messages still
+  // go out), or one link cut both ways while the others hear both ends (a bridge). When
+  // the network heals, nothing may replace the leader the majority kept.
+  const int64_t final_cut_us = fault_end_us - kFinalCutUs;
+  bool final_cut_done = options_.mode != Mode::kLiveness || options_.replicas < 2;
   while (!failure_ && !events_.empty()) {
     Event ev = events_.top();
-    if (!isolated && ev.time_us >= isolate_us) {
-      now_us_ = isolate_us;
-      isolated = true;
-      final_isolation_ = true;
+    if (!final_cut_done && ev.time_us >= final_cut_us) {
+      now_us_ = final_cut_us;
+      final_cut_done = true;
+      final_cut_ = true;
       blocked_.clear();
-      uint32_t cut = static_cast<uint32_t>(net_.Range(1, options_.replicas));
-      for (uint32_t other = 1; other <= static_cast<uint32_t>(options_.replicas); ++other) {
-        if (other == cut) continue;
+      const uint32_t n = static_cast<uint32_t>(options_.replicas);
+      uint32_t cut = static_cast<uint32_t>(net_.Range(1, n));
+      int kind = static_cast<int>(net_.Range(0, 2));
+      if (kind == 2) {
+        uint32_t other = static_cast<uint32_t>((cut + net_.Range(0, n - 2)) % n + 1);  // not cut
         blocked_.insert({cut, other});
         blocked_.insert({other, cut});
+      } else {
+        for (uint32_t other = 1; other <= n; ++other) {
+          if (other == cut) continue;
+          blocked_.insert({other, cut});
+          if (kind == 0) blocked_.insert({cut, other});
+        }
       }
-      Trace(absl::StrCat("replica ", cut, " is cut off from every other until the faults stop"));
+      static const char* const kKinds[] = {"is cut off from every other",
+                                           "hears nobody (one way)", "loses one link (a bridge)"};
+      Trace(absl::StrCat("replica ", cut, " ", kKinds[kind], " until the faults stop"));
       continue;
     }
     if (!healed && ev.time_us >= fault_end_us) {
