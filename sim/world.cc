@@ -1343,8 +1343,8 @@ SimResult World::Run() {
           if (kind == 0) blocked_.insert({cut, other});
         }
       }
-      static const char* const kKinds[] = {"is cut off from every other",
-                                           "hears nobody (one way)", "loses one link (a bridge)"};
+      static const char* const kKinds[] = {"is cut off from every other", "hears nobody (one way)",
+                                           "loses one link (a bridge)"};
       Trace(absl::StrCat("replica ", cut, " ", kKinds[kind], " until the faults stop"));
       continue;
     }
