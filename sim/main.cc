@@ -8,6 +8,8 @@
 //   --hostile (expensive and malformed SQL, local reads, forged messages beside the clients)
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
+#include <malloc.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -118,6 +120,12 @@ int RunSweep(SimOptions o, uint64_t first, uint64_t last) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A run allocates and frees in bursts (snapshot images, a log read back and rewritten at
+  // each compaction). Keep freed memory for the next burst rather than hand it back to the
+  // kernel and fault it in again: that churn was a sixth of the run time.
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 64 << 20);
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
   setenv("TZ", "UTC", 1);  // as the server: 'localtime' in SQL must not depend on the host
   tzset();
   SimOptions o;
