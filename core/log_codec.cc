@@ -108,6 +108,7 @@ Ready SnapshotReady(uint64_t index, std::string data) {
   r.snapshot = SnapshotToInstall{};
   r.snapshot->meta.set_index(index);
   r.snapshot->meta.set_size_bytes(data.size());
+  r.snapshot->meta.set_checksum(SnapshotChecksum(data));
   r.snapshot->data = std::move(data);
   r.compacted_through = index;
   return r;

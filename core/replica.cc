@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "core/check.h"
+#include "core/stable_hash.h"
 
 namespace synod {
 namespace {
@@ -34,6 +35,13 @@ const char* RoleName(Role role) {
       return "leader";
   }
   return "unknown";
+}
+
+uint64_t SnapshotChecksum(std::string_view image) {
+  StableHash h;
+  h.AddU64(image.size());
+  h.Add(image);
+  return h.value() == 0 ? 1 : h.value();
 }
 
 Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed)
@@ -72,6 +80,10 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   snapshot_meta_ = persisted.snapshot_meta;
   snapshot_data_ = std::move(persisted.snapshot_data);
   SYNOD_CHECK_EQ(snapshot_data_.size(), snapshot_meta_.size_bytes());
+  // A snapshot stored before checksums: name it now, so transfers of it can be resumed.
+  if (snapshot_meta_.index() > 0 && snapshot_meta_.checksum() == 0) {
+    snapshot_meta_.set_checksum(SnapshotChecksum(snapshot_data_));
+  }
   first_index_ = snapshot_meta_.index() + 1;
   commit_index_ = snapshot_meta_.index();
   for (LogEntry& e : persisted.entries) {
@@ -290,9 +302,11 @@ const char* Replica::RejectReason(const Message& m) const {
       if (chunk.last() != ends || (chunk.data().empty() && !ends)) {
         return "a snapshot chunk whose last flag disagrees with its size";
       }
+      if (meta.checksum() == 0) return "a snapshot chunk whose image has no checksum";
       bool same_transfer = incoming_snapshot_meta_ && incoming_snapshot_from_ == m.from() &&
                            incoming_snapshot_meta_->index() == meta.index() &&
-                           incoming_snapshot_meta_->size_bytes() == size;
+                           incoming_snapshot_meta_->size_bytes() == size &&
+                           incoming_snapshot_meta_->checksum() == meta.checksum();
       if (same_transfer && chunk.offset() != incoming_snapshot_data_.size()) {
         return "a snapshot chunk out of order";
       }
@@ -306,8 +320,10 @@ const char* Replica::RejectReason(const Message& m) const {
       // replica's snapshot changed, or it restarted with an older one) and is answered with
       // the start of the one held, which must then be of use: above the sender's commit index.
       const SnapshotAck& ack = m.snapshot_ack();
-      if (ack.index() == snapshot_meta_.index() ? ack.next_offset() > snapshot_data_.size()
-                                                : snapshot_meta_.index() <= m.commit_index()) {
+      bool held =
+          ack.index() == snapshot_meta_.index() && ack.checksum() == snapshot_meta_.checksum();
+      if (held ? ack.next_offset() > snapshot_data_.size()
+               : snapshot_meta_.index() <= m.commit_index()) {
         return "a snapshot acknowledgement for a snapshot this replica does not hold";
       }
       return nullptr;
@@ -925,6 +941,7 @@ void Replica::MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit) {
     catchup_retry_ticks_ = config_.retry_ticks * 4;
     m.mutable_snapshot_ack()->set_index(incoming_snapshot_meta_->index());
     m.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
+    m.mutable_snapshot_ack()->set_checksum(incoming_snapshot_meta_->checksum());
     Send(std::move(m));
     return;
   }
@@ -1006,9 +1023,21 @@ void Replica::StepSnapshotChunk(const Message& m) {
   Message ack = NewMessage(m.from());
   ack.mutable_snapshot_ack()->set_index(meta.index());
   ack.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
-  Send(std::move(ack));
-  if (!chunk.last()) return;
+  ack.mutable_snapshot_ack()->set_checksum(meta.checksum());
+  if (!chunk.last()) return Send(std::move(ack));
   SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
+  // The whole image must be the one its meta names before anything of it is kept: pieces
+  // of two images (a sender that restarted with another image at the same index and size
+  // between two chunks) or damaged bytes are dropped here, never handed to the host.
+  if (SnapshotChecksum(incoming_snapshot_data_) != meta.checksum()) {
+    ++rejected_message_count_;
+    last_rejection_ = "a snapshot whose bytes do not match its checksum";
+    incoming_snapshot_meta_.reset();
+    incoming_snapshot_data_.clear();
+    snapshot_resume_sent_ = true;  // the next stall asks another peer, from the start
+    return;
+  }
+  Send(std::move(ack));
   // A new leader catches up to the highest commit index its promisers reported, which may
   // take a snapshot: it proposed nothing up to there, so it leads on. A snapshot that
   // covers a slot it proposed means another leader chose there: it has been superseded
@@ -1033,9 +1062,11 @@ void Replica::StepSnapshotChunk(const Message& m) {
 
 void Replica::StepSnapshotAck(const Message& m) {
   const SnapshotAck& ack = m.snapshot_ack();
-  // Another snapshot than the one held (RejectReason checked the one held is of use): start
+  // Another image than the one held (RejectReason checked the one held is of use): start
   // the one held over.
-  if (ack.index() != snapshot_meta_.index()) return SendSnapshotChunk(m.from(), 0);
+  if (ack.index() != snapshot_meta_.index() || ack.checksum() != snapshot_meta_.checksum()) {
+    return SendSnapshotChunk(m.from(), 0);
+  }
   if (ack.next_offset() < snapshot_data_.size()) SendSnapshotChunk(m.from(), ack.next_offset());
 }
 
@@ -1382,6 +1413,7 @@ void Replica::Compact(uint64_t index, std::string snapshot_data) {
   first_index_ = index + 1;
   snapshot_meta_.set_index(index);
   snapshot_meta_.set_size_bytes(snapshot_data.size());
+  snapshot_meta_.set_checksum(SnapshotChecksum(snapshot_data));
   snapshot_data_ = std::move(snapshot_data);
   pending_.compacted_through = index;
   CheckInvariants();

@@ -26,6 +26,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/quorum.h"
@@ -153,6 +154,10 @@ struct Ready {
            messages.empty() && committed.empty() && replies.empty();
   }
 };
+
+// The checksum that names a snapshot image (SnapshotMeta::checksum): a StableHash of its
+// bytes, never 0.
+uint64_t SnapshotChecksum(std::string_view image);
 
 enum class Role { kFollower, kCandidate, kLeader };
 const char* RoleName(Role role);

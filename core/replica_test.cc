@@ -150,12 +150,16 @@ Message HearCommitAndAskForCatchup(Replica& r, uint32_t leader, uint64_t commit)
   return request;
 }
 
+// The snapshot image the transfer tests move, in chunks of 4 bytes.
+const char kImage[] = "abcdefgh";
+
 Message Chunk(uint32_t from, uint32_t to, uint64_t index, uint64_t size_bytes, uint64_t offset,
-              const std::string& data, bool last) {
+              const std::string& data, bool last, uint64_t checksum = SnapshotChecksum(kImage)) {
   Message m = From(from, to, MakeBallot(1, from), /*commit=*/index);
   SnapshotChunk* chunk = m.mutable_snapshot_chunk();
   chunk->mutable_meta()->set_index(index);
   chunk->mutable_meta()->set_size_bytes(size_bytes);
+  chunk->mutable_meta()->set_checksum(checksum);
   chunk->set_offset(offset);
   chunk->set_data(data);
   chunk->set_last(last);
@@ -917,6 +921,55 @@ TEST(Sanity, TakesSnapshotChunksOnlyFromThePeerAskedAndInOrder) {
   EXPECT_EQ(r.Status().rejected_message_count, 7u);
 }
 
+TEST(Sanity, ASnapshotSplicedFromTwoImagesIsDroppedWholeNeverInstalled) {
+  // The sender restarted between two chunks with another image at the same index and of the
+  // same size. Its checksum names it: a chunk of it does not continue the transfer of the
+  // first, and an image whose bytes do not match the checksum its chunks named is dropped.
+  const std::string other = "abcdWXYZ";
+  Replica r(ConfigFor(2), PersistedState(), 1);
+  HearCommitAndAskForCatchup(r, 1, /*commit=*/10);
+  Message needs_snapshot = From(1, 2, MakeBallot(1, 1), /*commit=*/10);
+  needs_snapshot.mutable_catchup_response()->set_needs_snapshot(true);
+  r.Step(needs_snapshot);
+  Drain(r);
+  r.Step(Chunk(1, 2, 10, 8, 0, "abcd", false));
+  Drain(r);
+  ExpectDropped(r, Chunk(1, 2, 10, 8, 4, "WXYZ", true, SnapshotChecksum(other)),
+                "no transfer under way");
+  ExpectDropped(r, Chunk(1, 2, 10, 8, 0, "abcd", false, 0), "no checksum");
+
+  // A sender that names one image and sends bytes of another.
+  r.Step(Chunk(1, 2, 10, 8, 4, "WXYZ", true));
+  Ready ready = r.GetReady();
+  EXPECT_FALSE(ready.snapshot.has_value()) << "a spliced image reached the host";
+  EXPECT_EQ(ready.compacted_through, 0u);
+  r.Advance(ready);
+  EXPECT_EQ(r.commit_index(), 0u);
+  EXPECT_EQ(r.Status().last_rejection, "a snapshot whose bytes do not match its checksum");
+}
+
+TEST(Sanity, AResumeOfAnotherImageAtTheSameIndexStartsOver) {
+  ReplicaConfig config = ConfigFor(1);
+  config.snapshot_chunk_bytes = 4;
+  Replica r(config, SnapshotHeld(10, "abcdWXYZ"), 1);
+  Message resume = From(2, 1, Ballot(), /*commit=*/5);
+  resume.mutable_snapshot_ack()->set_index(10);
+  resume.mutable_snapshot_ack()->set_next_offset(4);
+  resume.mutable_snapshot_ack()->set_checksum(SnapshotChecksum(kImage));  // the image it had
+  r.Step(resume);
+  std::vector<Message> out = Drain(r);
+  ASSERT_EQ(out.size(), 1u);
+  ASSERT_TRUE(out[0].has_snapshot_chunk());
+  EXPECT_EQ(out[0].snapshot_chunk().offset(), 0u) << "bytes of two images would be spliced";
+  EXPECT_EQ(out[0].snapshot_chunk().meta().checksum(), SnapshotChecksum("abcdWXYZ"));
+  // The same image resumes where the receiver stopped.
+  resume.mutable_snapshot_ack()->set_checksum(SnapshotChecksum("abcdWXYZ"));
+  r.Step(resume);
+  out = Drain(r);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].snapshot_chunk().offset(), 4u);
+}
+
 TEST(Sanity, AStalledSnapshotTransferAsksItsSenderForTheRestBeforeAnotherPeer) {
   ReplicaConfig config = ConfigFor(2);
   config.election_timeout_ticks = 100;  // no election gets in the way
@@ -1021,6 +1074,7 @@ TEST(Sanity, AResumeOfASnapshotTheSenderNoLongerHoldsGetsTheStartOfTheOneItHolds
   Message past_end = From(2, 1, Ballot(), /*commit=*/5);
   past_end.mutable_snapshot_ack()->set_index(10);
   past_end.mutable_snapshot_ack()->set_next_offset(9);
+  past_end.mutable_snapshot_ack()->set_checksum(SnapshotChecksum(kImage));
   ExpectDropped(r, past_end, "does not hold");
 }
 

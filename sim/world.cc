@@ -644,6 +644,9 @@ void World::DrainHost(Host& h) {
       absl::Status restored = h.sm->RestoreSnapshot(ready.snapshot->data);
       SYNOD_CHECK(restored.ok()) << restored;
       SYNOD_CHECK_EQ(h.sm->revision(), ready.snapshot->meta.index());
+      // The host's latest snapshot is now this one: it must not write its own image over it
+      // at the same index (MaybeCompact), or the log and the replica would disagree.
+      h.last_snapshot = ready.snapshot->meta.index();
       Trace(absl::StrCat("replica ", h.id, " installs snapshot at ", h.sm->revision()));
       state_hashes_.Observe(h.id, h.sm->revision(), h.sm->StateHash(), &failure_);
     }

@@ -119,9 +119,20 @@ class HostileTest(ClusterCase):
     def test_costly_writes_are_rationed_while_cheap_writes_go_on(self):
         endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) "
                    "SELECT count(*) FROM c")
-        # The group's ration holds two whole budgets and refills one per second: of six
-        # back to back, the later ones find it spent.
-        results = [self.c.exec(1 + i % 3, "d", endless, timeout=30) for i in range(6)]
+        # The group's ration holds two whole budgets and refills one per second of request
+        # time: of eight sent at once, the later ones find it spent. (Sent one after another,
+        # each could find it refilled on a slow machine, where each takes a second or more.)
+        results = []
+
+        def send(i):
+            results.append(self.c.exec(1 + i % 3, "d", endless, timeout=30))
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 8)
         for r in results:
             self.assert_json_error(r, 429)
         rationed = [r for r in results if b"busy with costly writes" in r.body]
