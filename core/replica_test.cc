@@ -177,6 +177,25 @@ std::optional<Message> TickUntilCatchupMessage(Replica& r) {
   return std::nullopt;
 }
 
+// Replica `r` asks `peer` to catch up to `commit` and hears that it needs a snapshot.
+void AskForSnapshot(Replica& r, uint32_t peer, uint64_t commit) {
+  HearCommitAndAskForCatchup(r, peer, commit);
+  Message needs_snapshot = From(peer, r.id(), MakeBallot(1, peer), commit);
+  needs_snapshot.mutable_catchup_response()->set_needs_snapshot(true);
+  r.Step(needs_snapshot);
+  Drain(r);
+}
+
+// A SnapshotAck from replica 2 to replica 1, at commit index `commit`.
+Message SnapshotAckFrom2(uint64_t commit, uint64_t index, uint64_t next_offset,
+                         uint64_t checksum = 0) {
+  Message m = From(2, 1, Ballot(), commit);
+  m.mutable_snapshot_ack()->set_index(index);
+  m.mutable_snapshot_ack()->set_next_offset(next_offset);
+  m.mutable_snapshot_ack()->set_checksum(checksum);
+  return m;
+}
+
 // A replica that has compacted its log into a snapshot at `index` holding `data`.
 PersistedState SnapshotHeld(uint64_t index, const std::string& data) {
   PersistedState p;
@@ -888,11 +907,7 @@ TEST(Sanity, DropsASnapshotChunkNobodyAskedFor) {
 
 TEST(Sanity, TakesSnapshotChunksOnlyFromThePeerAskedAndInOrder) {
   Replica r(ConfigFor(2), PersistedState(), 1);
-  HearCommitAndAskForCatchup(r, 1, /*commit=*/10);
-  Message needs_snapshot = From(1, 2, MakeBallot(1, 1), /*commit=*/10);
-  needs_snapshot.mutable_catchup_response()->set_needs_snapshot(true);
-  r.Step(needs_snapshot);
-  Drain(r);
+  AskForSnapshot(r, 1, /*commit=*/10);
 
   ExpectDropped(r, Chunk(3, 2, 10, 8, 0, "abcd", false), "did not ask");
   ExpectDropped(r, Chunk(1, 2, 10, 8, 4, "efgh", true), "no transfer under way");
@@ -927,11 +942,7 @@ TEST(Sanity, ASnapshotSplicedFromTwoImagesIsDroppedWholeNeverInstalled) {
   // first, and an image whose bytes do not match the checksum its chunks named is dropped.
   const std::string other = "abcdWXYZ";
   Replica r(ConfigFor(2), PersistedState(), 1);
-  HearCommitAndAskForCatchup(r, 1, /*commit=*/10);
-  Message needs_snapshot = From(1, 2, MakeBallot(1, 1), /*commit=*/10);
-  needs_snapshot.mutable_catchup_response()->set_needs_snapshot(true);
-  r.Step(needs_snapshot);
-  Drain(r);
+  AskForSnapshot(r, 1, /*commit=*/10);
   r.Step(Chunk(1, 2, 10, 8, 0, "abcd", false));
   Drain(r);
   ExpectDropped(r, Chunk(1, 2, 10, 8, 4, "WXYZ", true, SnapshotChecksum(other)),
@@ -952,10 +963,8 @@ TEST(Sanity, AResumeOfAnotherImageAtTheSameIndexStartsOver) {
   ReplicaConfig config = ConfigFor(1);
   config.snapshot_chunk_bytes = 4;
   Replica r(config, SnapshotHeld(10, "abcdWXYZ"), 1);
-  Message resume = From(2, 1, Ballot(), /*commit=*/5);
-  resume.mutable_snapshot_ack()->set_index(10);
-  resume.mutable_snapshot_ack()->set_next_offset(4);
-  resume.mutable_snapshot_ack()->set_checksum(SnapshotChecksum(kImage));  // the image it had
+  // The image it had.
+  Message resume = SnapshotAckFrom2(/*commit=*/5, 10, 4, SnapshotChecksum(kImage));
   r.Step(resume);
   std::vector<Message> out = Drain(r);
   ASSERT_EQ(out.size(), 1u);
@@ -1056,9 +1065,7 @@ TEST(Sanity, AResumeOfASnapshotTheSenderNoLongerHoldsGetsTheStartOfTheOneItHolds
   ReplicaConfig config = ConfigFor(1);
   config.snapshot_chunk_bytes = 4;
   Replica r(config, SnapshotHeld(10, "abcdefgh"), 1);
-  Message resume = From(2, 1, Ballot(), /*commit=*/5);
-  resume.mutable_snapshot_ack()->set_index(12);
-  resume.mutable_snapshot_ack()->set_next_offset(4);
+  Message resume = SnapshotAckFrom2(/*commit=*/5, 12, 4);
   r.Step(resume);
   std::vector<Message> out = Drain(r);
   ASSERT_EQ(out.size(), 1u);
@@ -1071,10 +1078,7 @@ TEST(Sanity, AResumeOfASnapshotTheSenderNoLongerHoldsGetsTheStartOfTheOneItHolds
   // Of no use to a replica that has reached 10, and past the end of the one held: dropped.
   resume.set_commit_index(10);
   ExpectDropped(r, resume, "does not hold");
-  Message past_end = From(2, 1, Ballot(), /*commit=*/5);
-  past_end.mutable_snapshot_ack()->set_index(10);
-  past_end.mutable_snapshot_ack()->set_next_offset(9);
-  past_end.mutable_snapshot_ack()->set_checksum(SnapshotChecksum(kImage));
+  Message past_end = SnapshotAckFrom2(/*commit=*/5, 10, 9, SnapshotChecksum(kImage));
   ExpectDropped(r, past_end, "does not hold");
 }
 
