@@ -395,25 +395,43 @@ void Replica::BecomeFollower(uint32_t leader_id) {
   leader_id_ = leader_id;
   pre_voting_ = false;
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  leader_ballot_floor_.reset();
   if (leader_id_ != 0) {
-    // Requests forwarded to a leader that is gone go to this one, without waiting for a
-    // timeout.
-    RequeueForwarded(leader_id_);
+    // Reads forwarded to a leader that is gone go to this one, without waiting for a
+    // timeout; writes once it is safe (MaybeRequeueForwardedWrites).
+    RequeueForwarded(hard_.promised(), /*writes=*/false);
     ForwardQueued();
   }
 }
 
-void Replica::RequeueForwarded(uint32_t leader) {
-  for (ForwardedRequests* forwarded : {&forwarded_writes_, &forwarded_reads_}) {
+void Replica::RequeueForwarded(const Ballot& current, bool writes) {
+  for (ForwardedRequests* forwarded : {&forwarded_reads_, &forwarded_writes_}) {
+    if (forwarded == &forwarded_writes_ && !writes) continue;
     for (auto it = forwarded->begin(); it != forwarded->end();) {
       ForwardedRequest& f = it->second;
-      if (leader != 0 && f.leader == leader) {
+      if (BallotEqual(f.ballot, current)) {
         ++it;
         continue;
       }
       queue_.push_back({std::move(f.request), f.arrived_tick});
       it = forwarded->erase(it);
     }
+  }
+}
+
+void Replica::MaybeRequeueForwardedWrites() {
+  if (forwarded_writes_.empty()) return;
+  // Every value chosen under an earlier ballot lies at or below the current leader's floor,
+  // and no slot above it can still be chosen at such a ballot (a majority promised the
+  // current one). So once every slot up to the floor has been handed out here, a forwarded
+  // write not seen among them was not chosen, and never will be under its old ballot.
+  if (role_ == Role::kLeader && handed_out_index_ >= read_floor_) {
+    RequeueForwarded(ballot_, /*writes=*/true);
+    MaybeProposeBatches();
+  } else if (role_ == Role::kFollower && leader_id_ != 0 && leader_ballot_floor_ &&
+             handed_out_index_ >= *leader_ballot_floor_) {
+    RequeueForwarded(hard_.promised(), /*writes=*/true);
+    ForwardQueued();
   }
 }
 
@@ -515,8 +533,8 @@ void Replica::BecomeLeader() {
   // ballot is chosen here too.
   read_floor_ = last;
   // What this replica forwarded to an earlier leader and has not seen answered, it now
-  // handles itself.
-  RequeueForwarded(0);
+  // handles itself: reads now, writes once it has handed out every slot up to its floor.
+  RequeueForwarded(ballot_, /*writes=*/false);
   if (floor > commit_index_) MaybeRequestCatchup(promised_floor_peer_, floor);
   BroadcastHeartbeat();
   MaybeProposeBatches();
@@ -565,6 +583,7 @@ void Replica::Tick() {
     incoming_snapshot_data_.clear();
     snapshot_resume_sent_ = false;
   }
+  MaybeRequeueForwardedWrites();
   ExpireRequests();
   CheckInvariants();
 }
@@ -863,6 +882,7 @@ void Replica::StepHeartbeat(const Message& m) {
   if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
   election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
   last_leader_heard_tick_ = now_ticks_;
+  leader_ballot_floor_ = m.heartbeat().ballot_floor();
   GrantLease(m.ballot());
   LearnFromLeader(m);
   Message ack = NewMessage(m.from());
@@ -1045,6 +1065,9 @@ void Replica::StepSnapshotChunk(const Message& m) {
   if (role_ == Role::kLeader && meta.index() >= first_slot_of_ballot_) BecomeFollower(0);
 
   // Install: everything up to meta.index is chosen and summarized by the snapshot.
+  // Forwarded writes it may hold cannot be told from the others: none is sent again (their
+  // clients get the host's timeout, which says a write may or may not have been applied).
+  forwarded_writes_.clear();
   log_.erase(log_.begin(), log_.upper_bound(meta.index()));
   first_index_ = meta.index() + 1;
   snapshot_meta_ = meta;
@@ -1190,6 +1213,7 @@ void Replica::BroadcastHeartbeat() {
     if (peer == config_.id) continue;
     Message m = NewMessage(peer);
     m.mutable_heartbeat()->set_read_context(read_context_);
+    m.mutable_heartbeat()->set_ballot_floor(read_floor_);
     Send(std::move(m));
   }
   if (config_.replica_ids.size() == 1) {
@@ -1326,7 +1350,8 @@ void Replica::ForwardQueued() {
       if (r.origin_replica() == config_.id) {
         ForwardedRequests& forwarded = IsRead(r) ? forwarded_reads_ : forwarded_writes_;
         if (forwarded.size() < config_.max_pending_requests) {
-          forwarded[{r.client_id(), r.sequence()}] = {r, queue_.front().arrived_tick, leader_id_};
+          forwarded[{r.client_id(), r.sequence()}] = {r, queue_.front().arrived_tick,
+                                                      hard_.promised()};
         }
       }
       *fwd->add_requests() = std::move(r);
@@ -1354,7 +1379,15 @@ void Replica::StepForwardReply(const Message& m) {
   if (reply.read_barrier() && forwarded_reads_.erase({reply.client_id(), reply.sequence()}) == 0) {
     return;
   }
-  if (!reply.read_barrier()) forwarded_writes_.erase({reply.client_id(), reply.sequence()});
+  if (!reply.read_barrier()) {
+    // A refusal from a leader the write is no longer with (it was sent on to the next one,
+    // which may get it chosen) is stale: the client must not hear it.
+    auto it = forwarded_writes_.find({reply.client_id(), reply.sequence()});
+    if (it != forwarded_writes_.end()) {
+      if (!BallotEqual(it->second.ballot, m.ballot())) return;
+      forwarded_writes_.erase(it);
+    }
+  }
   pending_.replies.push_back(reply);
 }
 

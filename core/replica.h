@@ -440,14 +440,20 @@ class Replica {
   struct ForwardedRequest {
     ClientRequest request;
     int64_t arrived_tick = 0;
-    uint32_t leader = 0;  // the replica it was last sent to
+    Ballot ballot;  // of the leader it was last sent to
   };
   using ForwardedRequests = std::map<std::pair<uint64_t, uint64_t>, ForwardedRequest>;
   ForwardedRequests forwarded_reads_;
   ForwardedRequests forwarded_writes_;
-  // Moves the forwarded requests not last sent to `leader` back to the queue (all of them
-  // when `leader` is 0).
-  void RequeueForwarded(uint32_t leader);
+  // Follower: the current leader's ballot floor (Heartbeat::ballot_floor), once heard.
+  std::optional<uint64_t> leader_ballot_floor_;
+  // Moves the forwarded requests last sent under another ballot than `current` back to the
+  // queue: the reads, and the writes too if `writes`.
+  void RequeueForwarded(const Ballot& current, bool writes);
+  // Sends the writes forwarded under an earlier ballot to the current leader (or proposes
+  // them, if this replica leads) once every slot chosen before its ballot has been handed
+  // out here: a write chosen then was seen chosen and dropped, so none is sent twice.
+  void MaybeRequeueForwardedWrites();
 
   Ready pending_;
   bool commit_announce_ = false;    // leader: the commit index advanced since it was sent

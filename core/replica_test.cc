@@ -1259,6 +1259,83 @@ TEST(Cluster, AStalledFollowerStillStandsWhenTheLeaderIsReallyGone) {
   EXPECT_NE(c.Leader(), leader);
 }
 
+// Replica 2 follows leader 1 and forwards a write to it; then leader 3 takes over at a
+// higher ballot, announcing slot 1 chosen and its ballot floor at 1. Returns the write.
+ClientRequest ForwardThenHearANewLeader(Replica& r) {
+  Message old_leader = From(1, 2, MakeBallot(1, 1));
+  old_leader.mutable_heartbeat();
+  r.Step(old_leader);
+  Drain(r);
+  r.Propose(Write(7, 1, "INSERT INTO t VALUES (1)"));
+  std::vector<Message> out = Drain(r);
+  EXPECT_TRUE(!out.empty() && out[0].has_forward_request() && out[0].to() == 1u);
+  Message new_leader = From(3, 2, MakeBallot(2, 3), /*commit=*/1);
+  new_leader.mutable_heartbeat()->set_ballot_floor(1);
+  r.Step(new_leader);
+  ClientRequest forwarded = out.empty() ? ClientRequest() : out[0].forward_request().requests(0);
+  return forwarded;
+}
+
+bool ForwardsTo(const std::vector<Message>& messages, uint32_t to) {
+  for (const Message& m : messages) {
+    if (m.has_forward_request() && m.to() == to) return true;
+  }
+  return false;
+}
+
+TEST(Forwarding, AWriteTheOldLeaderGotChosenIsNotSentToTheNewOne) {
+  Replica r(ConfigFor(2), PersistedState(), 1);
+  ClientRequest write = ForwardThenHearANewLeader(r);
+  std::vector<Message> out = Drain(r);
+  EXPECT_FALSE(ForwardsTo(out, 3)) << "sent on before slot 1 was seen";
+  // Slot 1, chosen under the old ballot, holds the write: seen chosen, it is dropped.
+  Message answer = From(3, 2, MakeBallot(2, 3), /*commit=*/1);
+  LogEntry* e = answer.mutable_catchup_response()->add_entries();
+  e->set_slot(1);
+  e->set_chosen(true);
+  *e->mutable_value()->add_requests() = write;
+  r.Step(answer);
+  for (int i = 0; i < 5; ++i) {
+    r.Tick();
+    out = Drain(r);
+    EXPECT_FALSE(ForwardsTo(out, 3)) << "a write chosen under the old ballot was sent again";
+  }
+  EXPECT_EQ(r.commit_index(), 1u);
+}
+
+TEST(Forwarding, AWriteTheOldLeaderDidNotGetChosenGoesToTheNewOne) {
+  Replica r(ConfigFor(2), PersistedState(), 1);
+  ClientRequest write = ForwardThenHearANewLeader(r);
+  Drain(r);
+  Message answer = From(3, 2, MakeBallot(2, 3), /*commit=*/1);
+  LogEntry* e = answer.mutable_catchup_response()->add_entries();
+  e->set_slot(1);
+  e->set_chosen(true);
+  e->mutable_value()->set_noop(true);
+  r.Step(answer);
+  std::vector<Message> sent;
+  for (int i = 0; i < 5 && !ForwardsTo(sent, 3); ++i) {
+    r.Tick();
+    sent = Drain(r);
+  }
+  ASSERT_TRUE(ForwardsTo(sent, 3));
+  for (const Message& m : sent) {
+    if (!m.has_forward_request()) continue;
+    ASSERT_EQ(m.forward_request().requests_size(), 1);
+    EXPECT_EQ(m.forward_request().requests(0).client_id(), write.client_id());
+    EXPECT_EQ(m.forward_request().requests(0).sequence(), write.sequence());
+  }
+  // A late refusal from the old leader is stale: the client does not hear it.
+  Message refusal = From(1, 2, MakeBallot(1, 1));
+  refusal.mutable_forward_reply()->set_client_id(write.client_id());
+  refusal.mutable_forward_reply()->set_sequence(write.sequence());
+  refusal.mutable_forward_reply()->set_code(RESOURCE_EXHAUSTED);
+  r.Step(refusal);
+  Ready ready = r.GetReady();
+  EXPECT_TRUE(ready.replies.empty());
+  r.Advance(ready);
+}
+
 TEST(Cluster, AHealedReplicaDoesNotRaiseItsBallotWhileTheLeaderIsHeardByAMajority) {
   testing::Cluster c(3, 41);
   uint32_t leader = SettledLeader(c);
