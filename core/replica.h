@@ -246,6 +246,7 @@ class Replica {
   }
   uint64_t elections_started() const { return elections_started_; }
   uint64_t commit_index() const { return commit_index_; }
+  uint64_t snapshot_index() const { return snapshot_meta_.index(); }
   // The chosen value of `slot`, if this replica holds it (tests and checkers).
   const Value* ChosenValue(uint64_t slot) const;
 

@@ -37,13 +37,111 @@ std::pair<uint64_t, uint64_t> DecodeApp(const std::string& s) {
 
 }  // namespace
 
+class Cluster::Host : public LogStorage,
+                      public PeerTransport,
+                      public AppliedState,
+                      public ClientAnswers {
+ public:
+  Host(Cluster* cluster, uint32_t id) : cluster_(cluster), id_(id) {}
+
+  // Writes land in the unsynced image; a sync makes them durable. Done at once.
+  void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) override {
+    Node& n = node();
+    if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
+    for (const LogEntry& e : ready.entries) n.unsynced.log[e.slot()] = e;
+    if (ready.snapshot) {
+      n.unsynced.snapshot_meta = ready.snapshot->meta;
+      n.unsynced.snapshot_data = ready.snapshot->data;
+    }
+    if (ready.compacted_through > 0) {
+      auto& log = n.unsynced.log;
+      log.erase(log.begin(), log.upper_bound(ready.compacted_through));
+    }
+    if (options.sync) {
+      for (const LogEntry& e : ready.entries) cluster_->RecordAcceptance(id_, e);
+      n.synced = n.unsynced;
+    }
+    done();
+  }
+
+  void Send(std::vector<Message> messages) override {
+    for (Message& m : messages) {
+      if (Chance(cluster_->prng_) < cluster_->faults_.drop_per_mille) continue;
+      if (Chance(cluster_->prng_) < cluster_->faults_.duplicate_per_mille) {
+        cluster_->network_.push_back(m);
+      }
+      cluster_->network_.push_back(std::move(m));
+    }
+  }
+
+  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  void RefuseSnapshot(const absl::Status& why) override {
+    SYNOD_CHECK(false) << "the test cluster refuses no snapshot: " << why;
+  }
+  void InstallSnapshot(const SnapshotToInstall& snapshot) override {
+    Node& n = node();
+    auto [index, hash] = DecodeApp(snapshot.data);
+    SYNOD_CHECK_EQ(index, snapshot.meta.index());
+    n.app_index = index;
+    n.app_hash = hash;
+    KeepApplied();
+  }
+  void Apply(CommittedEntry c) override {
+    Node& n = node();
+    SYNOD_CHECK_EQ(c.slot, n.app_index + 1);
+    std::string encoded = Encode(c.value);
+    cluster_->Record(id_, c.slot, encoded);
+    StableHash h;
+    h.AddU64(n.app_hash);
+    h.AddField(encoded);
+    n.app_index = c.slot;
+    n.app_hash = h.value();
+    for (const ClientRequest& r : c.value.requests()) {
+      if (r.origin_replica() == id_)
+        cluster_->applied_writes_[{r.client_id(), r.sequence()}] = c.slot;
+    }
+    KeepApplied();
+  }
+
+  void Answer(const ForwardReply& reply) override {
+    cluster_->replies_[{reply.client_id(), reply.sequence()}] = reply;
+  }
+  void Advanced() override {
+    Node& n = node();
+    const uint64_t every = cluster_->compact_every_;
+    if (every > 0 && n.app_index >= n.driver->last_snapshot_index() + every) {
+      n.driver->Compact(n.app_index, EncodeApp(n.app_index, n.app_hash));
+    }
+  }
+
+ private:
+  Node& node() { return cluster_->nodes_.at(id_); }
+  // The applied state is durable on its own (as the server's SQLite commits are); the
+  // log's unsynced writes are not.
+  void KeepApplied() {
+    Node& n = node();
+    n.synced.app_index = n.unsynced.app_index = n.app_index;
+    n.synced.app_hash = n.unsynced.app_hash = n.app_hash;
+  }
+
+  Cluster* const cluster_;
+  const uint32_t id_;
+};
+
 Cluster::Cluster(size_t size, uint64_t seed, ReplicaConfig base)
     : base_(std::move(base)), prng_(seed) {
   for (uint32_t id = 1; id <= size; ++id) ids_.push_back(id);
-  for (uint32_t id : ids_) {
-    Node& n = nodes_[id];
-    n.replica = std::make_unique<Replica>(ConfigFor(id), PersistedState(), prng_());
-  }
+  for (uint32_t id : ids_) Start(id, PersistedState());
+}
+
+Cluster::~Cluster() = default;
+
+void Cluster::Start(uint32_t id, PersistedState state) {
+  Node& n = nodes_[id];
+  if (!n.host) n.host = std::make_unique<Host>(this, id);
+  Host* h = n.host.get();
+  n.driver = std::make_unique<HostDriver>(
+      std::make_unique<Replica>(ConfigFor(id), std::move(state), prng_()), h, h, h, h);
 }
 
 ReplicaConfig Cluster::ConfigFor(uint32_t id) const {
@@ -65,7 +163,7 @@ PersistedState Cluster::Persisted(const Durable& d) const {
 
 void Cluster::Crash(uint32_t id) {
   Node& n = nodes_.at(id);
-  n.replica.reset();
+  n.driver.reset();
   n.unsynced = n.synced;
   n.app_index = n.synced.app_index;
   n.app_hash = n.synced.app_hash;
@@ -73,9 +171,8 @@ void Cluster::Crash(uint32_t id) {
 
 void Cluster::Restart(uint32_t id) {
   Node& n = nodes_.at(id);
-  SYNOD_CHECK(n.replica == nullptr);
-  n.replica = std::make_unique<Replica>(ConfigFor(id), Persisted(n.synced), prng_());
-  n.last_compacted = n.synced.snapshot_meta.index();
+  SYNOD_CHECK(n.driver == nullptr);
+  Start(id, Persisted(n.synced));
   ++n.restarts;
 }
 
@@ -105,7 +202,7 @@ void Cluster::Read(uint32_t id, uint64_t client_id, uint64_t sequence, Consisten
 
 uint32_t Cluster::Leader() const {
   for (const auto& [id, n] : nodes_) {
-    if (n.replica && n.replica->role() == Role::kLeader) return id;
+    if (n.driver && n.driver->replica().role() == Role::kLeader) return id;
   }
   return 0;
 }
@@ -133,81 +230,20 @@ void Cluster::RecordAcceptance(uint32_t id, const LogEntry& e) {
 
 void Cluster::Drain(uint32_t id) {
   Node& n = nodes_.at(id);
-  while (n.replica && n.replica->HasReady()) {
-    Ready ready = n.replica->GetReady();
-    // 1. Persist: writes land in the unsynced image; a sync makes them durable.
-    if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
-    for (const LogEntry& e : ready.entries) n.unsynced.log[e.slot()] = e;
-    if (ready.must_sync) {
-      for (const LogEntry& e : ready.entries) RecordAcceptance(id, e);
-    }
-    if (ready.snapshot) {
-      n.unsynced.snapshot_meta = ready.snapshot->meta;
-      n.unsynced.snapshot_data = ready.snapshot->data;
-    }
-    if (ready.compacted_through > 0) {
-      auto& log = n.unsynced.log;
-      log.erase(log.begin(), log.upper_bound(ready.compacted_through));
-    }
-    if (ready.must_sync) n.synced = n.unsynced;
-    // 2. Send.
-    for (const Message& m : ready.messages) {
-      if (Chance(prng_) < faults_.drop_per_mille) continue;
-      network_.push_back(m);
-      if (Chance(prng_) < faults_.duplicate_per_mille) network_.push_back(m);
-    }
-    // 3. Install the snapshot, then apply.
-    if (ready.snapshot) {
-      auto [index, hash] = DecodeApp(ready.snapshot->data);
-      SYNOD_CHECK_EQ(index, ready.snapshot->meta.index());
-      n.app_index = index;
-      n.app_hash = hash;
-    }
-    for (const CommittedEntry& c : ready.committed) {
-      SYNOD_CHECK_EQ(c.slot, n.app_index + 1);
-      Record(id, c.slot, Encode(c.value));
-      StableHash h;
-      h.AddU64(n.app_hash);
-      h.AddField(Encode(c.value));
-      n.app_index = c.slot;
-      n.app_hash = h.value();
-      for (const ClientRequest& r : c.value.requests()) {
-        if (r.origin_replica() == id) applied_writes_[{r.client_id(), r.sequence()}] = c.slot;
-      }
-    }
-    // The applied state is durable on its own (as the server's SQLite commits are); the
-    // log's unsynced writes are not.
-    n.synced.app_index = n.unsynced.app_index = n.app_index;
-    n.synced.app_hash = n.unsynced.app_hash = n.app_hash;
-    for (const ForwardReply& reply : ready.replies) {
-      replies_[{reply.client_id(), reply.sequence()}] = reply;
-    }
-    n.replica->Advance(ready);
-    if (keep_ready_log_) n.ready_log.push_back(std::move(ready));
-    if (compact_every_ > 0 && n.app_index >= n.last_compacted + compact_every_) {
-      std::string data = EncodeApp(n.app_index, n.app_hash);
-      n.synced.snapshot_meta.set_index(n.app_index);
-      n.synced.snapshot_meta.set_size_bytes(data.size());
-      n.synced.snapshot_data = data;
-      n.unsynced.snapshot_meta = n.synced.snapshot_meta;
-      n.unsynced.snapshot_data = data;
-      n.replica->Compact(n.app_index, data);
-      n.last_compacted = n.app_index;
-    }
-  }
+  if (n.driver) n.driver->Drain();
 }
 
 void Cluster::Deliver(const Message& m) {
   Node& n = nodes_.at(m.to());
-  if (!n.replica || n.isolated || nodes_.at(m.from()).isolated) return;
-  n.replica->Step(m);
+  if (!n.driver || n.isolated || nodes_.at(m.from()).isolated) return;
+  n.driver->replica().Step(m);
   Drain(m.to());
 }
 
 void Cluster::Step() {
   for (uint32_t id : ids_) {
-    if (!nodes_.at(id).replica) continue;
-    nodes_.at(id).replica->Tick();
+    if (!nodes_.at(id).driver) continue;
+    nodes_.at(id).driver->replica().Tick();
     Drain(id);
   }
   std::vector<Message> batch = std::move(network_);

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/driver.h"
 #include "core/replica.h"
 
 namespace synod::testing {
@@ -29,6 +30,7 @@ struct NetworkFaults {
 class Cluster {
  public:
   Cluster(size_t size, uint64_t seed, ReplicaConfig base = ReplicaConfig());
+  ~Cluster();
 
   // Advances one tick: every live replica ticks, then every message sent before this tick
   // is delivered in a random order (or held back, by the delay fault), and Ready drained.
@@ -38,7 +40,7 @@ class Cluster {
   // Crashes replica `id`: its in-memory state and unsynced writes are lost.
   void Crash(uint32_t id);
   void Restart(uint32_t id);
-  bool IsUp(uint32_t id) const { return nodes_.at(id).replica != nullptr; }
+  bool IsUp(uint32_t id) const { return nodes_.at(id).driver != nullptr; }
   // Cuts replica `id` off from every other (it keeps running, and hears nobody), or heals it.
   void Isolate(uint32_t id, bool isolated) { nodes_.at(id).isolated = isolated; }
 
@@ -51,7 +53,10 @@ class Cluster {
   // `every` entries since its last one.
   void set_compact_every(uint64_t every) { compact_every_ = every; }
 
-  Replica* replica(uint32_t id) { return nodes_.at(id).replica.get(); }
+  Replica* replica(uint32_t id) {
+    Node& n = nodes_.at(id);
+    return n.driver ? &n.driver->replica() : nullptr;
+  }
   uint32_t Leader() const;  // a live replica that believes it leads (0: none)
   uint64_t Applied(uint32_t id) const { return nodes_.at(id).app_index; }
   uint64_t AppHash(uint32_t id) const { return nodes_.at(id).app_hash; }
@@ -69,9 +74,6 @@ class Cluster {
   const std::map<std::pair<uint64_t, uint64_t>, uint64_t>& applied_writes() const {
     return applied_writes_;
   }
-  // All Readys drained, for tests that look at the host contract.
-  const std::vector<Ready>& ready_log(uint32_t id) const { return nodes_.at(id).ready_log; }
-  void set_keep_ready_log(bool keep) { keep_ready_log_ = keep; }
 
  private:
   struct Durable {
@@ -82,19 +84,22 @@ class Cluster {
     uint64_t app_index = 0;
     uint64_t app_hash = 0;
   };
+  // The node's side of the host driver's interfaces: storage with an fsync boundary that
+  // completes at once, the test network, and the stand-in state machine.
+  class Host;
   struct Node {
-    std::unique_ptr<Replica> replica;
+    std::unique_ptr<Host> host;
+    std::unique_ptr<HostDriver> driver;  // owns the replica; null while crashed
     Durable synced;
     Durable unsynced;  // synced plus writes not yet fsynced
     uint64_t app_index = 0;
     uint64_t app_hash = 0;
-    uint64_t last_compacted = 0;
-    std::vector<Ready> ready_log;
     int restarts = 0;
     bool isolated = false;
   };
 
   void Drain(uint32_t id);
+  void Start(uint32_t id, PersistedState state);
   void Deliver(const Message& m);
   PersistedState Persisted(const Durable& d) const;
   ReplicaConfig ConfigFor(uint32_t id) const;
@@ -108,7 +113,6 @@ class Cluster {
   std::mt19937_64 prng_;
   NetworkFaults faults_;
   uint64_t compact_every_ = 0;
-  bool keep_ready_log_ = false;
   std::map<uint64_t, std::string> chosen_;
   // (slot, ballot round, ballot replica) -> value and the acceptors that accepted it.
   std::map<std::tuple<uint64_t, uint64_t, uint32_t>, std::pair<std::string, std::set<uint32_t>>>

@@ -1,0 +1,148 @@
+#ifndef SYNOD_CORE_DRIVER_H_
+#define SYNOD_CORE_DRIVER_H_
+
+// The host driver: the one implementation of the Ready contract (core/replica.h), shared by
+// the server (server/node.cc), the simulator (sim/world.cc) and the core's test cluster
+// (core/testing/cluster.cc). For each Ready it does, in this order:
+//
+//   0. check a snapshot from a peer whole (a bad one is refused before anything is kept);
+//   1. persist: hand the Ready's records to the log storage, with an fsync when a promise,
+//      an accept or an installed snapshot depends on it, and a log rewrite when the Ready
+//      compacts; then wait for the storage to say it is done;
+//   2. send the Ready's messages;
+//   3. install its snapshot, hand its committed entries to the state machine;
+//   4. answer the clients it has replies for;
+//   5. Replica::Advance.
+//
+// Persisting is asynchronous: the storage may finish on another thread (the server's log
+// writer) or after a simulated delay, and calls back on the host's thread. While a Ready is
+// being persisted the host keeps stepping messages, requests and ticks into the replica;
+// they gather into the next Ready, which is persisted in one write and one fsync when the
+// current one is done (group commit). One storage operation is in flight at a time.
+//
+// The host's own snapshots go through the driver too (Compact), so that a snapshot record
+// never overtakes or trails a Ready's records in the log out of order.
+//
+// The driver does no I/O: it talks only to the interfaces below. It is single-threaded:
+// every call, and every callback it makes, is on the host's thread.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "core/replica.h"
+
+namespace synod {
+
+// How a Ready is to be persisted.
+struct PersistOptions {
+  // An fsync must make the records durable before done() is called.
+  bool sync = false;
+  // After the sync, the storage drops what ready.compacted_through covers (a log rewrite).
+  bool compact = false;
+};
+
+class LogStorage {
+ public:
+  virtual ~LogStorage() = default;
+  // Starts writing the records of `ready` (see EncodeReady in core/log_codec.h). Calls
+  // done() on the host's thread once they are written, made durable when options.sync,
+  // and the log rewritten when options.compact. Operations finish in the order they were
+  // started; done() may be called before Persist returns. `ready` stays valid until done().
+  // A storage that fails stops the process: a failed fsync cannot be retried safely.
+  virtual void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) = 0;
+};
+
+class PeerTransport {
+ public:
+  virtual ~PeerTransport() = default;
+  // Sends to peers; delivery is best effort (the protocol retries what is lost).
+  virtual void Send(std::vector<Message> messages) = 0;
+};
+
+class AppliedState {
+ public:
+  virtual ~AppliedState() = default;
+  // A snapshot from a peer, checked whole before anything of its Ready is persisted.
+  virtual absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) = 0;
+  // CheckSnapshot failed. The replica already counts the snapshot as installed, so the
+  // host must rebuild it from what is durable (HostDriver::ReplaceReplica) before it returns.
+  virtual void RefuseSnapshot(const absl::Status& why) = 0;
+  // The snapshot is durable: the state machine becomes it.
+  virtual void InstallSnapshot(const SnapshotToInstall& snapshot) = 0;
+  // A committed entry, in slot order. The host may apply it now or queue it.
+  virtual void Apply(CommittedEntry entry) = 0;
+};
+
+class ClientAnswers {
+ public:
+  virtual ~ClientAnswers() = default;
+  // An answer to a read barrier, or a refused request.
+  virtual void Answer(const ForwardReply& reply) = 0;
+  // After each Ready is done (Replica::Advance): serve what waited for it.
+  virtual void Advanced() {}
+};
+
+struct DriverCounters {
+  uint64_t readys = 0;    // Readys handled
+  uint64_t persists = 0;  // storage operations started (Readys and own snapshots)
+  uint64_t synced = 0;    // of them, with an fsync
+  uint64_t snapshots_refused = 0;
+};
+
+class HostDriver {
+ public:
+  // The interfaces must outlive the driver.
+  HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage, PeerTransport* transport,
+             AppliedState* state, ClientAnswers* answers);
+  HostDriver(const HostDriver&) = delete;
+  HostDriver& operator=(const HostDriver&) = delete;
+
+  Replica& replica() { return *replica_; }
+  const Replica& replica() const { return *replica_; }
+
+  // Handles every Ready the replica has, as far as storage allows. Call it after stepping,
+  // proposing or ticking. Safe to call from inside the driver's own callbacks (it then
+  // returns at once; the outer call goes on).
+  void Drain();
+
+  // Persists the host's snapshot `image` of its state machine at revision `index`, then
+  // Replica::Compact. Refused (false) while a storage operation is in flight or when
+  // `index` is not above the replica's snapshot; the host asks again later.
+  bool Compact(uint64_t index, std::string image);
+  // The index of the last snapshot persisted or installed here (0: none).
+  uint64_t last_snapshot_index() const { return last_snapshot_index_; }
+
+  // Replaces the replica with one rebuilt from durable state (from RefuseSnapshot).
+  // REQUIRES: no storage operation in flight.
+  void ReplaceReplica(std::unique_ptr<Replica> replica);
+
+  // Whether a storage operation is in flight.
+  bool persisting() const { return persisting_; }
+  const DriverCounters& counters() const { return counters_; }
+
+ private:
+  void OnPersisted();
+  void Finish(Ready ready);
+
+  std::unique_ptr<Replica> replica_;
+  LogStorage* const storage_;
+  PeerTransport* const transport_;
+  AppliedState* const state_;
+  ClientAnswers* const answers_;
+
+  bool persisting_ = false;
+  bool in_drain_ = false;           // a Drain loop or a Finish runs: nested Drains return
+  std::optional<Ready> in_flight_;  // the Ready being persisted (empty for own snapshots)
+  std::function<void()> after_persist_;
+  uint64_t last_snapshot_index_ = 0;
+  DriverCounters counters_;
+};
+
+}  // namespace synod
+
+#endif  // SYNOD_CORE_DRIVER_H_

@@ -1,0 +1,197 @@
+#include "core/driver.h"
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace synod {
+namespace {
+
+// A host whose storage finishes only when the test says so.
+class FakeHost : public LogStorage,
+                 public PeerTransport,
+                 public AppliedState,
+                 public ClientAnswers {
+ public:
+  struct Persisted {
+    PersistOptions options;
+    bool has_snapshot = false;
+    std::vector<std::pair<uint64_t, uint64_t>> requests;  // (client, sequence) written
+  };
+
+  void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) override {
+    Persisted p;
+    p.options = options;
+    p.has_snapshot = ready.snapshot.has_value();
+    for (const LogEntry& e : ready.entries) {
+      for (const ClientRequest& r : e.value().requests()) {
+        p.requests.emplace_back(r.client_id(), r.sequence());
+      }
+    }
+    persisted.push_back(p);
+    if (complete_at_once) {
+      done();
+    } else {
+      completions.push_back(std::move(done));
+    }
+  }
+  void Send(std::vector<Message> messages) override {
+    for (Message& m : messages) sent.push_back(std::move(m));
+  }
+  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  void RefuseSnapshot(const absl::Status&) override { ADD_FAILURE() << "nothing is refused"; }
+  void InstallSnapshot(const SnapshotToInstall&) override {}
+  void Apply(CommittedEntry entry) override {
+    for (const ClientRequest& r : entry.value.requests()) applied.push_back(r.sequence());
+    applied_index = entry.slot;
+  }
+  void Answer(const ForwardReply& reply) override { answers.push_back(reply); }
+
+  // Finishes the oldest storage operation.
+  void CompleteOne() {
+    ASSERT_FALSE(completions.empty());
+    std::function<void()> done = std::move(completions.front());
+    completions.pop_front();
+    done();
+  }
+  void CompleteAll() {
+    while (!completions.empty()) CompleteOne();
+  }
+
+  bool complete_at_once = true;
+  std::deque<std::function<void()>> completions;
+  std::vector<Persisted> persisted;
+  std::vector<Message> sent;
+  std::vector<uint64_t> applied;  // sequences, in apply order
+  uint64_t applied_index = 0;
+  std::vector<ForwardReply> answers;
+};
+
+ReplicaConfig ConfigOf(uint32_t id, std::vector<uint32_t> ids) {
+  ReplicaConfig c;
+  c.id = id;
+  c.replica_ids = std::move(ids);
+  return c;
+}
+
+ClientRequest WriteRequest(uint64_t sequence) {
+  ClientRequest r;
+  r.set_client_id(7);
+  r.set_sequence(sequence);
+  r.mutable_command()->mutable_execute()->add_statements()->set_sql("INSERT INTO t VALUES (1)");
+  return r;
+}
+
+std::unique_ptr<HostDriver> LeaderAlone(FakeHost& host) {
+  auto driver = std::make_unique<HostDriver>(
+      std::make_unique<Replica>(ConfigOf(1, {1}), PersistedState(), 1), &host, &host, &host, &host);
+  for (int i = 0; i < 100 && driver->replica().role() != Role::kLeader; ++i) {
+    driver->replica().Tick();
+    driver->Drain();
+  }
+  EXPECT_EQ(driver->replica().role(), Role::kLeader);
+  return driver;
+}
+
+TEST(Driver, NothingOfAReadyIsDoneBeforeItsRecordsAreDurable) {
+  FakeHost host;
+  HostDriver driver(std::make_unique<Replica>(ConfigOf(1, {1, 2, 3}), PersistedState(), 1), &host,
+                    &host, &host, &host);
+  // Past the lease a restarted acceptor assumes, before any election of its own.
+  for (int i = 0; i < ConfigOf(1, {1}).lease_duration_ticks + 1; ++i) {
+    driver.replica().Tick();
+    driver.Drain();
+  }
+  host.sent.clear();
+  host.complete_at_once = false;
+  // A prepare at a higher ballot: the promise must be durable before it leaves.
+  Message prepare;
+  prepare.set_from(2);
+  prepare.set_to(1);
+  prepare.mutable_ballot()->set_round(5);
+  prepare.mutable_ballot()->set_replica_id(2);
+  prepare.mutable_prepare()->set_from_slot(1);
+  driver.replica().Step(prepare);
+  driver.Drain();
+  ASSERT_EQ(host.persisted.size(), 1u);
+  EXPECT_TRUE(host.persisted[0].options.sync);
+  EXPECT_TRUE(host.sent.empty()) << "a promise left before it was durable";
+  EXPECT_TRUE(driver.persisting());
+  host.CompleteOne();
+  ASSERT_EQ(host.sent.size(), 1u);
+  EXPECT_TRUE(host.sent[0].has_promise());
+  EXPECT_EQ(host.sent[0].ballot().round(), 5u);
+  EXPECT_FALSE(driver.persisting());
+}
+
+TEST(Driver, RequestsThatArriveDuringAWriteShareTheNextOne) {
+  FakeHost host;
+  std::unique_ptr<HostDriver> driver = LeaderAlone(host);
+  host.complete_at_once = false;
+  const size_t before = host.persisted.size();
+  driver->replica().Propose(WriteRequest(1));
+  driver->Drain();
+  ASSERT_EQ(host.persisted.size(), before + 1);
+  EXPECT_TRUE(host.applied.empty()) << "applied before the leader's accept was durable";
+  // While that write is in flight, more requests arrive: no second write starts.
+  for (uint64_t s = 2; s <= 5; ++s) {
+    driver->replica().Propose(WriteRequest(s));
+    driver->Drain();
+  }
+  EXPECT_EQ(host.persisted.size(), before + 1);
+  host.CompleteAll();
+  host.complete_at_once = true;
+  driver->Drain();
+  // The four that waited went to storage together, in one operation with one fsync.
+  int operations_with_them = 0;
+  for (size_t i = before; i < host.persisted.size(); ++i) {
+    for (const auto& [client, sequence] : host.persisted[i].requests) {
+      if (sequence >= 2) {
+        ++operations_with_them;
+        EXPECT_TRUE(host.persisted[i].options.sync);
+        break;
+      }
+    }
+  }
+  EXPECT_EQ(operations_with_them, 1);
+  EXPECT_EQ(host.applied, (std::vector<uint64_t>{1, 2, 3, 4, 5}));
+}
+
+TEST(Driver, AnOwnSnapshotWaitsForTheWriteInFlightAndIsDurableBeforeTheReplicaCompacts) {
+  FakeHost host;
+  std::unique_ptr<HostDriver> driver = LeaderAlone(host);
+  for (uint64_t s = 1; s <= 3; ++s) {
+    driver->replica().Propose(WriteRequest(s));
+    driver->Drain();
+  }
+  ASSERT_EQ(host.applied.size(), 3u);
+  host.complete_at_once = false;
+  driver->replica().Propose(WriteRequest(4));
+  driver->Drain();
+  ASSERT_TRUE(driver->persisting());
+  EXPECT_FALSE(driver->Compact(host.applied_index, "image")) << "overtook the write in flight";
+  host.CompleteAll();
+  ASSERT_FALSE(driver->persisting());
+  const uint64_t index = host.applied_index;
+  ASSERT_TRUE(driver->Compact(index, "image"));
+  ASSERT_EQ(host.persisted.back().options.sync, true);
+  EXPECT_TRUE(host.persisted.back().has_snapshot);
+  EXPECT_EQ(driver->replica().snapshot_index(), 0u) << "compacted before the image was durable";
+  EXPECT_FALSE(driver->Compact(index, "image"));  // one storage operation at a time
+  host.CompleteOne();
+  EXPECT_EQ(driver->replica().snapshot_index(), index);
+  EXPECT_EQ(driver->last_snapshot_index(), index);
+  // The next Ready rewrites the log without what the snapshot covers.
+  driver->Drain();
+  ASSERT_FALSE(host.completions.empty());
+  EXPECT_TRUE(host.persisted.back().options.compact);
+  host.CompleteAll();
+  EXPECT_FALSE(driver->Compact(index, "image")) << "a second image at the same index";
+}
+
+}  // namespace
+}  // namespace synod
