@@ -173,8 +173,9 @@ absl::Status LogStore::Fail(absl::Status status) {
   return status;
 }
 
-void LogStore::Append(const Ready& ready) {
-  std::string framed = EncodeReady(ready);
+void LogStore::Append(const Ready& ready) { AppendFramed(EncodeReady(ready)); }
+
+void LogStore::AppendFramed(std::string framed) {
   records_ += CountRecords(framed);
   bytes_ += framed.size();
   pending_ += framed;

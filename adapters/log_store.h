@@ -73,6 +73,8 @@ class LogStore {
   // Buffers the records of `ready` (hard state, snapshot, entries, compaction). Nothing
   // reaches the file before the next Sync().
   void Append(const Ready& ready);
+  // The same, for records already framed (EncodeReady).
+  void AppendFramed(std::string framed);
 
   // Writes every buffered record, makes it durable (unless options.fsync is false), then
   // writes a sync mark. Returns at once when nothing was appended since the last Sync().

@@ -202,10 +202,10 @@ absl::Status Node::Start() {
         log.status().code(),
         absl::StrCat("cannot open the log in ", options_.data_dir, ": ", log.status().message()));
   }
-  log_ = std::move(*log);
-  if (log_->truncated_tail_bytes() > 0) {
+  std::unique_ptr<LogStore> store = std::move(*log);
+  if (store->truncated_tail_bytes() > 0) {
     fprintf(stderr, "W the log ended in a torn write (%llu bytes, never acknowledged): dropped\n",
-            static_cast<unsigned long long>(log_->truncated_tail_bytes()));
+            static_cast<unsigned long long>(store->truncated_tail_bytes()));
   }
   absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> opener =
       FileDatabaseOpener::Create(options_.data_dir, options_.fsync);
@@ -215,14 +215,14 @@ absl::Status Node::Start() {
   if (!sm.ok()) return sm.status();
   sm_ = std::move(*sm);
 
-  PersistedState state = log_->recovered();
+  PersistedState state = std::move(store->recovered());
+  log_ = std::make_unique<LogWriter>(loop_, std::move(store));
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
     absl::Status restored = sm_->RestoreSnapshot(state.snapshot_data);
     if (!restored.ok()) return restored;
   }
   state.applied_index = sm_->revision();
-  last_snapshot_index_ = state.snapshot_meta.index();
 
   ReplicaConfig& config = replica_config_;
   config.id = options_.id;
@@ -235,7 +235,10 @@ absl::Status Node::Start() {
   config.clock_drift_bound_ticks = 4;  // 10% of the lease, for commodity clocks
   config.request_timeout_ticks = options_.request_timeout_ms / options_.tick_ms;
   client_nonce_ = RandomSeed() & ~0xffffffffull;
-  replica_ = std::make_unique<Replica>(config, std::move(state), RandomSeed());
+  driver_ = std::make_unique<HostDriver>(
+      std::make_unique<Replica>(config, std::move(state), RandomSeed()), log_.get(),
+      static_cast<PeerTransport*>(this), static_cast<AppliedState*>(this),
+      static_cast<ClientAnswers*>(this));
 
   for (const auto& [id, address] : options_.peers) {
     if (id == options_.id) continue;
@@ -301,10 +304,7 @@ void Node::Stop(std::function<void()> done) {
     uv_idle_stop(&apply_idle_);
     uv_close(reinterpret_cast<uv_handle_t*>(&apply_idle_), nullptr);
   }
-  if (log_) {
-    absl::Status synced = log_->Sync();
-    if (!synced.ok()) fprintf(stderr, "E final log sync failed: %s\n", synced.ToString().c_str());
-  }
+  if (log_) log_->Close();  // the last records made durable; nothing more is sent
   for (auto& [id, client] : peer_clients_) client->Close();
   if (http_) {
     http_->Close(std::move(done));
@@ -340,75 +340,55 @@ void Node::CatchUpTicks() {
       fprintf(stderr, "W the loop stalled for %lld ms\n",
               static_cast<long long>(missed_ticks * options_.tick_ms));
     }
-    replica_->TickAfterStall(missed_ticks);
+    replica().TickAfterStall(missed_ticks);
   } else {
-    for (int64_t i = 0; i < missed_ticks; ++i) replica_->Tick();
+    for (int64_t i = 0; i < missed_ticks; ++i) replica().Tick();
   }
 }
 
 void Node::Drain() {
-  while (!stopping_ && replica_->HasReady()) {
-    Ready ready = replica_->GetReady();
-    // 0. A snapshot from a peer is checked whole before anything of this Ready is kept:
-    //    persisted, a bad one would stop this replica from starting ever again.
-    if (ready.snapshot) {
-      absl::Status valid =
-          StateMachine::CheckSnapshot(ready.snapshot->data, ready.snapshot->meta.index());
-      if (!valid.ok()) {
-        RefuseSnapshot(valid);
-        continue;
-      }
-    }
-    // 1. Persist; an fsync when a promise or an accept depends on it.
-    log_->Append(ready);
-    if (ready.must_sync || ready.snapshot) {
-      absl::Status synced = log_->Sync();
-      // The promise in this Ready must not be acknowledged: stop rather than go on.
-      SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
-    }
-    if (ready.compacted_through > 0) CompactLog();
-    // 2. Send.
-    SendMessages(std::move(ready.messages));
-    // 3. Install, queue for apply.
-    if (ready.snapshot) {
-      ApplyQueued(/*all=*/true);
-      absl::Status restored = sm_->RestoreSnapshot(ready.snapshot->data);
-      // CheckSnapshot accepted it above (its schema, positions and bounds included):
-      // failing now is the machine's (disk, memory).
-      SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
-      // The installed image is this replica's snapshot at that index now: one of its own at
-      // the same index would differ in its bytes from the one the replica serves to peers.
-      last_snapshot_index_ = std::max(last_snapshot_index_, ready.snapshot->meta.index());
-      fprintf(stderr, "I installed a snapshot at revision %llu\n",
-              static_cast<unsigned long long>(sm_->revision()));
-    }
-    for (CommittedEntry& c : ready.committed) to_apply_.push_back(std::move(c));
-    // 4. Answers to read barriers and refusals.
-    for (const ForwardReply& reply : ready.replies) {
-      auto it = pending_.find({reply.client_id(), reply.sequence()});
-      if (it == pending_.end()) continue;
-      std::unique_ptr<Pending> p = std::move(it->second);
-      pending_.erase(it);
-      if (reply.code() != OK) {
-        RespondError(p->responder, HttpStatusFor(reply.code()), CodeName(reply.code()),
-                     reply.message());
-        continue;
-      }
-      if (p->is_read) {
-        p->min_revision = std::max(p->min_revision, reply.read_revision());
-        waiting_reads_.push_back(std::move(p));
-      } else {
-        CommandResult refused;
-        refused.set_code(UNAVAILABLE);
-        refused.set_message(reply.message());
-        p->on_write(refused);
-      }
-    }
-    // The replica counts the entries as applied from here; reads and answers wait for the
-    // state machine's own revision, which is what ApplyQueued advances.
-    replica_->Advance(ready);
+  if (stopping_) return;
+  driver_->Drain();
+  ApplyQueued(/*all=*/false);
+}
+
+// The driver's interfaces: the peer transport, the state machine and the client answers.
+
+absl::Status Node::CheckSnapshot(const SnapshotToInstall& snapshot) {
+  return StateMachine::CheckSnapshot(snapshot.data, snapshot.meta.index());
+}
+
+void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
+  ApplyQueued(/*all=*/true);
+  absl::Status restored = sm_->RestoreSnapshot(snapshot.data);
+  // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
+  // the machine's (disk, memory).
+  SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
+  fprintf(stderr, "I installed a snapshot at revision %llu\n",
+          static_cast<unsigned long long>(sm_->revision()));
+}
+
+void Node::Apply(CommittedEntry entry) { to_apply_.push_back(std::move(entry)); }
+
+void Node::Answer(const ForwardReply& reply) {
+  auto it = pending_.find({reply.client_id(), reply.sequence()});
+  if (it == pending_.end()) return;
+  std::unique_ptr<Pending> p = std::move(it->second);
+  pending_.erase(it);
+  if (reply.code() != OK) {
+    RespondError(p->responder, HttpStatusFor(reply.code()), CodeName(reply.code()),
+                 reply.message());
+    return;
   }
-  if (!stopping_) ApplyQueued(/*all=*/false);
+  if (p->is_read) {
+    p->min_revision = std::max(p->min_revision, reply.read_revision());
+    waiting_reads_.push_back(std::move(p));
+  } else {
+    CommandResult refused;
+    refused.set_code(UNAVAILABLE);
+    refused.set_message(reply.message());
+    p->on_write(refused);
+  }
 }
 
 void Node::ApplyQueued(bool all) {
@@ -441,12 +421,14 @@ void Node::RefuseSnapshot(const absl::Status& why) {
   // are answered 503 at their deadline. The entries it already handed out are applied
   // first: the rebuilt replica starts from the state machine's revision.
   ApplyQueued(/*all=*/true);
-  absl::Status synced = log_->Sync();
+  LogStore& store = log_->Flush();
+  absl::Status synced = store.Sync();
   SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
-  absl::StatusOr<PersistedState> state = log_->ReadBack();
+  absl::StatusOr<PersistedState> state = store.ReadBack();
   SYNOD_CHECK(state.ok()) << "log read-back failed: " << state.status();
   state->applied_index = sm_->revision();
-  replica_ = std::make_unique<Replica>(replica_config_, *std::move(state), RandomSeed());
+  driver_->ReplaceReplica(
+      std::make_unique<Replica>(replica_config_, *std::move(state), RandomSeed()));
 }
 
 void Node::CheckDivergence(const CommittedEntry& entry) {
@@ -459,7 +441,7 @@ void Node::CheckDivergence(const CommittedEntry& entry) {
     vote.set_client_id(NextClientId());
     vote.set_sequence(1);
     *vote.mutable_command() = divergence_->VoteFor(entry.slot, sm_->StateHash());
-    replica_->Propose(std::move(vote));  // no answer awaited: a lost vote judges nothing
+    replica().Propose(std::move(vote));  // no answer awaited: a lost vote judges nothing
   }
   if (!was_diverged && divergence_->diverged()) {
     const Divergence& d = *divergence_->diverged();
@@ -494,31 +476,18 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
 }
 
 void Node::MaybeCompact() {
-  if (sm_->revision() < last_snapshot_index_ + options_.snapshot_every_entries) return;
+  if (driver_->persisting() ||
+      sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries) {
+    return;
+  }
   absl::StatusOr<std::string> snapshot = sm_->Snapshot();
   if (!snapshot.ok()) return;
-  uint64_t index = sm_->revision();
-  log_->Append(SnapshotReady(index, *snapshot));
-  absl::Status synced = log_->Sync();
-  SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
-  // The log is rewritten without the entries the snapshot covers when the replica's next
-  // Ready reports compacted_through.
-  replica_->Compact(index, std::move(*snapshot));
-  last_snapshot_index_ = index;
+  // Durable in the log first (the log writer's thread), then the replica compacts; the log
+  // is rewritten without what the snapshot covers when its next Ready reports it.
+  driver_->Compact(sm_->revision(), std::move(*snapshot));
 }
 
-void Node::CompactLog() {
-  // Durable first, then the log is rewritten without what the snapshot covers (an atomic
-  // rename: a crash leaves the old log or the new one).
-  absl::Status synced = log_->Sync();
-  SYNOD_CHECK(synced.ok()) << "log fsync failed: " << synced;
-  absl::StatusOr<PersistedState> state = log_->ReadBack();
-  SYNOD_CHECK(state.ok()) << "log read-back failed: " << state.status();
-  absl::Status rewritten = log_->Rewrite(*state);
-  SYNOD_CHECK(rewritten.ok()) << "log rewrite failed: " << rewritten;
-}
-
-void Node::SendMessages(std::vector<Message> messages) {
+void Node::Send(std::vector<Message> messages) {
   // Messages for a peer wait in its outbox while a POST to it is in flight, and go out
   // together when it returns: under load, batches grow instead of queues.
   for (Message& m : messages) {
@@ -710,7 +679,7 @@ void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responde
   p->deadline_ms = now_ms_ + options_.request_timeout_ms;
   p->on_write = std::move(on_result);
   pending_[{request.client_id(), request.sequence()}] = std::move(p);
-  replica_->Propose(std::move(request));  // drained after this loop iteration's I/O
+  replica().Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
 void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
@@ -736,7 +705,7 @@ void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
   request.set_sequence(1);
   request.mutable_command()->mutable_read_barrier()->set_consistency(consistency);
   pending_[{request.client_id(), request.sequence()}] = std::move(p);
-  replica_->Propose(std::move(request));  // drained after this loop iteration's I/O
+  replica().Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
 // ---------------------------------------------------------------------------------------
@@ -786,7 +755,7 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
   }
   if (path.size() == 1 && path[0] == "healthz") return Respond(responder, 200, "{\"ok\":true}");
   if (path.size() == 1 && path[0] == "readyz") {
-    ReplicaStatus s = replica_->Status();
+    ReplicaStatus s = replica().Status();
     bool ready =
         s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index && !divergence_->diverged();
     return Respond(responder, ready ? 200 : 503,
@@ -851,7 +820,7 @@ void Node::HandlePeerMessages(const HttpRequest& request,
     ++counters_.peer_frames_refused;
     return RespondError(responder, 400, "bad_request", "not a message batch");
   }
-  for (const Message& m : batch.messages()) replica_->Step(m);
+  for (const Message& m : batch.messages()) replica().Step(m);
   HttpResponse response;
   response.status = 204;
   responder->Send(std::move(response));
@@ -1050,7 +1019,7 @@ void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> 
 }
 
 void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
-  ReplicaStatus s = replica_->Status();
+  ReplicaStatus s = replica().Status();
   std::string out =
       absl::StrCat("{\"id\":", options_.id, ",\"role\":\"", RoleName(s.role),
                    "\",\"leader\":", s.leader_id, ",\"ballot\":{\"round\":", s.ballot.round(),
@@ -1099,7 +1068,7 @@ void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
 }
 
 void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
-  ReplicaStatus s = replica_->Status();
+  ReplicaStatus s = replica().Status();
   std::string out;
   auto gauge = [&](const char* name, const char* help, double value) {
     absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ",

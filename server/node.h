@@ -19,8 +19,10 @@
 #include "adapters/http_client.h"
 #include "adapters/http_server.h"
 #include "adapters/log_store.h"
+#include "adapters/log_writer.h"
 #include "adapters/peer_auth.h"
 #include "core/divergence.h"
+#include "core/driver.h"
 #include "core/replica.h"
 #include "core/state_machine.h"
 
@@ -80,10 +82,12 @@ struct NodeOptions {
   size_t max_connections = 1024;
 };
 
-class Node {
+// The Node is the host driver's peer transport, state machine and client answers
+// (core/driver.h); its log storage is a LogWriter.
+class Node : private PeerTransport, private AppliedState, private ClientAnswers {
  public:
   Node(uv_loop_t* loop, NodeOptions options);
-  ~Node();
+  ~Node() override;
   Node(const Node&) = delete;
   Node& operator=(const Node&) = delete;
 
@@ -107,6 +111,16 @@ class Node {
     uint64_t snapshots_refused = 0;
   };
 
+  // The driver's interfaces.
+  void Send(std::vector<Message> messages) override;
+  absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) override;
+  // Drops a Ready whose snapshot failed its check, and rebuilds the replica from the log.
+  void RefuseSnapshot(const absl::Status& why) override;
+  void InstallSnapshot(const SnapshotToInstall& snapshot) override;
+  void Apply(CommittedEntry entry) override;
+  void Answer(const ForwardReply& reply) override;
+
+  Replica& replica() { return driver_->replica(); }
   void OnTick();
   void CatchUpTicks();
   void Drain();
@@ -118,11 +132,7 @@ class Node {
   // The divergence check's part of applying `entry`: votes it carries, and this replica's
   // own vote when the entry's revision is one the group hashes.
   void CheckDivergence(const CommittedEntry& entry);
-  // Drops a Ready whose snapshot failed its check, and rebuilds the replica from the log.
-  void RefuseSnapshot(const absl::Status& why);
   void MaybeCompact();
-  void CompactLog();
-  void SendMessages(std::vector<Message> messages);
   void FlushOutbox(uint32_t peer);
   void ExpirePending();
 
@@ -167,11 +177,11 @@ class Node {
 
   uv_loop_t* loop_;
   NodeOptions options_;
-  std::unique_ptr<LogStore> log_;
+  std::unique_ptr<LogWriter> log_;
   std::unique_ptr<FileDatabaseOpener> opener_;
   std::unique_ptr<StateMachine> sm_;
   ReplicaConfig replica_config_;
-  std::unique_ptr<Replica> replica_;
+  std::unique_ptr<HostDriver> driver_;
   std::unique_ptr<HttpServer> http_;
   // Messages waiting for a peer while a POST to it is in flight.
   struct PeerOutbox {
@@ -199,7 +209,6 @@ class Node {
   std::deque<CommittedEntry> to_apply_;
   bool tick_timer_started_ = false;
   bool stopping_ = false;
-  uint64_t last_snapshot_index_ = 0;
   uint64_t client_nonce_ = 0;
   uint64_t client_counter_ = 0;
   int64_t now_ms_ = 0;

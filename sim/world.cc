@@ -1,6 +1,8 @@
 #include "sim/world.h"
 
 #include <algorithm>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -12,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
 #include "core/divergence.h"
+#include "core/driver.h"
 #include "core/log_codec.h"
 #include "core/replica.h"
 #include "core/stable_hash.h"
@@ -296,7 +299,9 @@ class World {
     kClientDeadline,
     kClientWake,
     kFault,
-    kHostile
+    kHostile,
+    kDiskDone,  // a host's oldest storage operation finishes (target: replica; incarnation)
+    kCrash,     // a crash decided inside the driver's callbacks (target: replica; incarnation)
   };
   struct Event {
     int64_t time_us;
@@ -312,19 +317,34 @@ class World {
       return std::tie(time_us, seq) > std::tie(o.time_us, o.seq);
     }
   };
+  // What a host's storage operation makes durable when it finishes, for the checkers.
+  struct DiskOp {
+    bool sync = false;
+    bool compact = false;
+    std::optional<HardState> hard_state;
+    std::vector<LogEntry> entries;
+    std::function<void()> done;
+  };
+  class HostSide;
   struct Host {
+    Replica& replica() { return driver->replica(); }
+    const Replica& replica() const { return driver->replica(); }
     uint32_t id = 0;
     bool up = false;
     bool paused = false;
     bool refused = false;  // found its own state corrupt: refuses to start
     std::unique_ptr<InMemoryDatabaseOpener> opener;
     std::unique_ptr<StateMachine> sm;
-    std::unique_ptr<Replica> replica;
+    std::unique_ptr<HostSide> side;               // the driver's interfaces, for this host
+    std::unique_ptr<HostDriver> driver;           // owns the replica; null while down
     std::unique_ptr<DivergenceCheck> divergence;  // forgotten at a crash, as in the server
     SimDisk disk;
     int64_t tick_period_us = kTickUs;
     int64_t paused_since_us = 0;
-    uint64_t last_snapshot = 0;
+    // Storage operations started and not yet finished, oldest first, and when the last one
+    // finishes (they finish in order).
+    std::deque<DiskOp> disk_ops;
+    int64_t disk_busy_until_us = 0;
     std::map<std::pair<uint64_t, uint64_t>, uint64_t> pending_writes;  // -> client index
     std::map<std::pair<uint64_t, uint64_t>, uint64_t> pending_reads;   // -> client index
     std::vector<PendingRead> reads_waiting_apply;
@@ -342,6 +362,9 @@ class World {
   void StartHost(Host& h);
   void CrashHost(Host& h);
   void DrainHost(Host& h);
+  // The host's storage (HostSide::Persist): written now, durable when kDiskDone comes.
+  void StartDiskOp(Host& h, const Ready& ready, PersistOptions options, std::function<void()> done);
+  void OnDiskDone(Host& h, uint64_t incarnation);
   void ApplyCommitted(Host& h, const CommittedEntry& c);
   void ServeRead(Host& h, uint64_t client_index, uint64_t sequence);
   void MaybeCompact(Host& h);
@@ -386,7 +409,9 @@ class World {
   Prng net_, disk_, clock_, process_, workload_;
   Swarm swarm_;
   Prng hostile_;     // drawn from the root after the others: runs without it are unchanged
-  Prng send_crash_;  // drawn last: crashes right after a send (Swarm::crash_after_send_per_10k)
+  Prng send_crash_;  // crashes right after a send (Swarm::crash_after_send_per_10k)
+  Prng fsync_;       // drawn last: how long each storage operation takes
+  int64_t max_fsync_us_ = 0;
   std::vector<Host> hosts_;
   std::vector<Client> clients_;
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
@@ -424,12 +449,16 @@ World::World(const SimOptions& options)
       workload_(root_.Next()),
       hostile_(0),
       send_crash_(0),
+      fsync_(0),
       chosen_(static_cast<size_t>(options.replicas)) {
   SYNOD_CHECK(options_.replicas >= 1 && options_.replicas <= 7) << options_.replicas;
   Prng swarm_prng(root_.Next());
   swarm_ = DrawSwarm(swarm_prng, options.clients);
   hostile_ = Prng(root_.Next());
   send_crash_ = Prng(root_.Next());
+  fsync_ = Prng(root_.Next());
+  // Fast disks on some seeds, slow ones (a busy disk) on others.
+  max_fsync_us_ = fsync_.Chance(1, 3) ? fsync_.Range(2'000, 20'000) : fsync_.Range(100, 2'000);
   // Many readers: at least five clients, unless the option names a number.
   if (options_.workload == Workload::kReads && options_.clients == 0) {
     swarm_.clients = std::max(swarm_.clients, 5);
@@ -556,8 +585,13 @@ void World::StartHost(Host& h) {
     SYNOD_CHECK(restored.ok()) << restored;
   }
   state.applied_index = h.sm->revision();
-  h.last_snapshot = state.snapshot_meta.index();
-  h.replica = std::make_unique<Replica>(ConfigFor(h.id), std::move(state), process_.Next());
+  h.side = std::make_unique<HostSide>(this, &h);
+  HostSide* side = h.side.get();
+  h.driver = std::make_unique<HostDriver>(
+      std::make_unique<Replica>(ConfigFor(h.id), std::move(state), process_.Next()), side, side,
+      side, side);
+  h.disk_ops.clear();
+  h.disk_busy_until_us = now_us_;
   h.up = true;
   h.paused = false;
   Trace(absl::StrCat("replica ", h.id, " starts at revision ", h.sm->revision()));
@@ -571,7 +605,8 @@ void World::CrashHost(Host& h) {
   if (!h.up) return;
   h.up = false;
   h.paused = false;
-  h.replica.reset();
+  h.driver.reset();
+  h.disk_ops.clear();
   h.sm.reset();
   bool tear = disk_.Chance(swarm_.torn_write_per_100, 100);
   h.disk.Crash(disk_, tear);
@@ -601,90 +636,157 @@ void World::SendMessage(const Message& m) {
   }
 }
 
-void World::DrainHost(Host& h) {
-  while (h.up && !h.paused && h.replica->HasReady()) {
-    Ready ready = h.replica->GetReady();
-    // 1. Persist.
-    h.disk.Write(ready);
-    if (ready.must_sync) {
-      h.disk.Sync();
-      if (ready.hard_state) acceptors_.Persisted(h.id, *ready.hard_state);
-      for (const LogEntry& e : ready.entries) {
-        chosen_.Accepted(h.id, e);
-        acceptors_.Accepted(h.id, e);
-      }
-    }
-    if (ready.compacted_through > 0) {
-      h.disk.Sync();
-      absl::StatusOr<RecoveredLog> state = RecoverLog(h.disk.durable());
-      SYNOD_CHECK(state.ok()) << state.status();
-      h.disk.Rewrite(state->state);
-    }
-    // 2. Send. A promise or an acknowledgement must be durable by now.
+// The host's side of the driver (core/driver.h): the simulated disk, network, state machine
+// and clients, with the checkers watching each.
+class World::HostSide : public LogStorage,
+                        public PeerTransport,
+                        public AppliedState,
+                        public ClientAnswers {
+ public:
+  HostSide(World* world, Host* host) : w_(world), h_(host) {}
+
+  void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) override {
+    w_->StartDiskOp(*h_, ready, options, std::move(done));
+  }
+
+  // A promise or an acknowledgement must be durable by now.
+  void Send(std::vector<Message> messages) override {
     bool acceptor_spoke = false;
-    for (const Message& m : ready.messages) {
+    for (const Message& m : messages) {
       if (std::optional<std::string> uncovered =
-              CheckDurableBeforeSend(m, h.disk.durable_state(), chosen_)) {
-        Fail(*uncovered);
+              CheckDurableBeforeSend(m, h_->disk.durable_state(), w_->chosen_)) {
+        w_->Fail(*uncovered);
       }
       acceptor_spoke |= m.has_promise() || m.has_accepted();
-      acceptors_.Sent(m);
-      SendMessage(m);
+      w_->acceptors_.Sent(m);
+      w_->SendMessage(m);
     }
     // A crash right after an acceptor spoke, before anything else reaches the disk: what it
-    // promised or accepted must survive it.
-    if (acceptor_spoke && MayCrash() &&
-        send_crash_.Chance(swarm_.crash_after_send_per_10k, 10'000)) {
-      Trace(absl::StrCat("replica ", h.id, " crashes right after sending"));
-      CrashHost(h);
-      return;
+    // promised or accepted must survive it. (The crash comes as the very next event: the
+    // driver is in the middle of this Ready.)
+    if (acceptor_spoke && w_->MayCrash() &&
+        w_->send_crash_.Chance(w_->swarm_.crash_after_send_per_10k, 10'000)) {
+      w_->Trace(absl::StrCat("replica ", h_->id, " crashes right after sending"));
+      w_->Schedule(w_->now_us_, EventKind::kCrash, h_->id, Message(), h_->incarnation);
     }
-    // 3. Install, apply.
-    if (ready.snapshot) {
-      absl::Status restored = h.sm->RestoreSnapshot(ready.snapshot->data);
-      SYNOD_CHECK(restored.ok()) << restored;
-      SYNOD_CHECK_EQ(h.sm->revision(), ready.snapshot->meta.index());
-      // The host's latest snapshot is now this one: it must not write its own image over it
-      // at the same index (MaybeCompact), or the log and the replica would disagree.
-      h.last_snapshot = ready.snapshot->meta.index();
-      Trace(absl::StrCat("replica ", h.id, " installs snapshot at ", h.sm->revision()));
-      state_hashes_.Observe(h.id, h.sm->revision(), h.sm->StateHash(), &failure_);
-    }
-    for (const CommittedEntry& c : ready.committed) ApplyCommitted(h, c);
-    // 4. Replies to read barriers and refusals.
-    for (const ForwardReply& reply : ready.replies) {
-      auto key = std::make_pair(reply.client_id(), reply.sequence());
-      if (reply.read_barrier()) {
-        auto it = h.pending_reads.find(key);
-        if (it == h.pending_reads.end()) continue;
-        uint64_t client_index = it->second;
-        h.pending_reads.erase(it);
-        if (reply.code() != OK) {
-          ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
-        } else {
-          h.reads_waiting_apply.push_back({client_index, reply.sequence(), reply.read_revision()});
-        }
+  }
+
+  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  void RefuseSnapshot(const absl::Status& why) override {
+    SYNOD_CHECK(false) << "the simulator refuses no snapshot: " << why;
+  }
+  void InstallSnapshot(const SnapshotToInstall& snapshot) override {
+    absl::Status restored = h_->sm->RestoreSnapshot(snapshot.data);
+    SYNOD_CHECK(restored.ok()) << restored;
+    SYNOD_CHECK_EQ(h_->sm->revision(), snapshot.meta.index());
+    w_->Trace(absl::StrCat("replica ", h_->id, " installs snapshot at ", h_->sm->revision()));
+    w_->state_hashes_.Observe(h_->id, h_->sm->revision(), h_->sm->StateHash(), &w_->failure_);
+  }
+  void Apply(CommittedEntry entry) override { w_->ApplyCommitted(*h_, entry); }
+
+  void Answer(const ForwardReply& reply) override {
+    auto key = std::make_pair(reply.client_id(), reply.sequence());
+    if (reply.read_barrier()) {
+      auto it = h_->pending_reads.find(key);
+      if (it == h_->pending_reads.end()) return;
+      uint64_t client_index = it->second;
+      h_->pending_reads.erase(it);
+      if (reply.code() != OK) {
+        w_->ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
       } else {
-        auto it = h.pending_writes.find(key);
-        if (it == h.pending_writes.end()) continue;
-        uint64_t client_index = it->second;
-        h.pending_writes.erase(it);
-        ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
+        h_->reads_waiting_apply.push_back({client_index, reply.sequence(), reply.read_revision()});
       }
+    } else {
+      auto it = h_->pending_writes.find(key);
+      if (it == h_->pending_writes.end()) return;
+      uint64_t client_index = it->second;
+      h_->pending_writes.erase(it);
+      w_->ClientDone(client_index, reply.sequence(), false, nullptr, nullptr, 0);
     }
-    h.replica->Advance(ready);
-    // Reads wait until the state machine has applied the revision they are valid at.
+  }
+  // Reads wait until the state machine has applied the revision they are valid at.
+  void Advanced() override {
     std::vector<PendingRead> waiting;
-    for (const PendingRead& r : h.reads_waiting_apply) {
-      if (h.sm->revision() >= r.revision) {
-        ServeRead(h, r.client_index, r.sequence);
+    for (const PendingRead& r : h_->reads_waiting_apply) {
+      if (h_->sm->revision() >= r.revision) {
+        w_->ServeRead(*h_, r.client_index, r.sequence);
       } else {
         waiting.push_back(r);
       }
     }
-    h.reads_waiting_apply = std::move(waiting);
-    MaybeCompact(h);
+    h_->reads_waiting_apply = std::move(waiting);
+    w_->MaybeCompact(*h_);
   }
+
+ private:
+  World* const w_;
+  Host* const h_;
+};
+
+void World::DrainHost(Host& h) {
+  if (h.up && !h.paused) h.driver->Drain();
+}
+
+void World::StartDiskOp(Host& h, const Ready& ready, PersistOptions options,
+                        std::function<void()> done) {
+  // The write reaches the disk's cache at once (a crash loses it, or tears it); it is
+  // durable only when the operation finishes, after a delay, in order with the others.
+  h.disk.Write(ready);
+  if (!options.sync && !options.compact) {
+    done();  // nothing to wait for: the records become durable with the next sync
+    return;
+  }
+  DiskOp op;
+  op.sync = options.sync;
+  op.compact = options.compact;
+  op.hard_state = ready.hard_state;
+  op.entries = ready.entries;
+  op.done = std::move(done);
+  h.disk_busy_until_us = std::max(h.disk_busy_until_us, now_us_) + fsync_.Range(20, max_fsync_us_);
+  h.disk_ops.push_back(std::move(op));
+  Schedule(h.disk_busy_until_us, EventKind::kDiskDone, h.id, Message(), h.incarnation);
+}
+
+void World::OnDiskDone(Host& h, uint64_t incarnation) {
+  if (!h.up || incarnation != h.incarnation || h.disk_ops.empty()) return;
+  if (h.paused) {
+    // The process's writer is stopped too: the operation finishes after it resumes.
+    Schedule(now_us_ + h.tick_period_us, EventKind::kDiskDone, h.id, Message(), h.incarnation);
+    return;
+  }
+  DiskOp op = std::move(h.disk_ops.front());
+  h.disk_ops.pop_front();
+  if (options_.trace != nullptr) {
+    std::string what;
+    if (op.hard_state) {
+      absl::StrAppend(&what, " promise (", op.hard_state->promised().round(), ",",
+                      op.hard_state->promised().replica_id(), ")");
+    }
+    for (const LogEntry& e : op.entries) {
+      absl::StrAppend(&what, " slot ", e.slot(), e.chosen() ? " chosen" : "", " at (",
+                      e.ballot().round(), ",", e.ballot().replica_id(), ")");
+    }
+    Trace(absl::StrCat("replica ", h.id, " made durable:", what, op.compact ? " compaction" : ""));
+  }
+  if (op.sync) {
+    h.disk.Sync();
+    // One Ready gathers what the replica did while the previous one was being written: an
+    // acceptance and then a higher promise (a leader that proposed, then heard of a higher
+    // ballot), or promises to several ballots, the highest last. Its acceptances and the
+    // promises it sends are judged against the promise made durable before it; its own
+    // promise counts from when it is sent (done() sends).
+    for (const LogEntry& e : op.entries) {
+      chosen_.Accepted(h.id, e);
+      acceptors_.Accepted(h.id, e);
+    }
+  }
+  if (op.compact) {
+    absl::StatusOr<RecoveredLog> state = RecoverLog(h.disk.durable());
+    SYNOD_CHECK(state.ok()) << state.status();
+    h.disk.Rewrite(state->state);
+  }
+  op.done();
+  if (op.sync && op.hard_state) acceptors_.Persisted(h.id, *op.hard_state);
 }
 
 void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
@@ -702,7 +804,7 @@ void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
     ClientRequest vote;
     vote.set_origin_replica(h.id);
     *vote.mutable_command() = h.divergence->VoteFor(c.slot, h.sm->StateHash());
-    h.replica->Propose(std::move(vote));
+    h.replica().Propose(std::move(vote));
   }
   if (h.divergence->diverged() && !failure_) {
     Fail(absl::StrCat("divergence check: replica ", h.id, " was outvoted at revision ",
@@ -739,21 +841,20 @@ void World::ServeRead(Host& h, uint64_t client_index, uint64_t sequence) {
 }
 
 void World::MaybeCompact(Host& h) {
-  if (!h.up || h.sm->revision() < h.last_snapshot + swarm_.compact_every) return;
+  if (!h.up || h.driver->persisting() ||
+      h.sm->revision() < h.driver->last_snapshot_index() + swarm_.compact_every) {
+    return;
+  }
   absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
   if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
-  uint64_t index = h.sm->revision();
-  h.disk.Write(SnapshotReady(index, *snapshot));
-  h.disk.Sync();
-  h.replica->Compact(index, std::move(*snapshot));
-  h.last_snapshot = index;
+  h.driver->Compact(h.sm->revision(), std::move(*snapshot));
 }
 
 void World::OnTick(Host& h, uint64_t incarnation) {
   if (!h.up || incarnation != h.incarnation) return;
   Schedule(now_us_ + h.tick_period_us, EventKind::kTick, h.id, Message(), h.incarnation);
   if (h.paused) return;
-  h.replica->Tick();
+  h.replica().Tick();
   DrainHost(h);
 }
 
@@ -897,7 +998,7 @@ void World::OnHostile() {
     // As the server does: what Validate refuses is answered 400 and never proposed.
     if (StateMachine::Validate(request.command()).ok()) {
       Trace(absl::StrCat("hostile write via replica ", h.id));
-      h.replica->Propose(std::move(request));
+      h.replica().Propose(std::move(request));
     }
   } else if (action < 7) {
     // A local read on a replica that applies the log: it must not change what it applies.
@@ -907,7 +1008,7 @@ void World::OnHostile() {
     Message forged = ForgedMessage();
     forged.set_to(h.id);
     Trace(absl::StrCat("forged message to replica ", h.id, " from ", forged.from()));
-    h.replica->Step(forged);
+    h.replica().Step(forged);
   }
   DrainHost(h);
 }
@@ -923,9 +1024,9 @@ void World::Resume(Host& h) {
   // replayed at once, and gives the leader a fresh election timeout to be heard.
   constexpr int64_t kStallTicks = 5;
   if (missed > kStallTicks) {
-    h.replica->TickAfterStall(missed);
+    h.replica().TickAfterStall(missed);
   } else {
-    for (int64_t i = 0; i < missed; ++i) h.replica->Tick();
+    for (int64_t i = 0; i < missed; ++i) h.replica().Tick();
   }
   DrainHost(h);
 }
@@ -933,16 +1034,16 @@ void World::Resume(Host& h) {
 void World::CheckLeases() {
   if (!options_.leases) return;  // acceptors grant none: a leader's lease means nothing
   for (const Host& h : hosts_) {
-    if (!h.up || h.paused || h.replica->role() != Role::kLeader) continue;
-    if (!h.replica->lease_valid()) continue;
-    const Ballot& mine = h.replica->promised_ballot();
+    if (!h.up || h.paused || h.replica().role() != Role::kLeader) continue;
+    if (!h.replica().lease_valid()) continue;
+    const Ballot& mine = h.replica().promised_ballot();
     // The lease rests on a majority bound to this leader right now (itself included): each
     // refuses to promise anyone else, or is down or paused (a restarted acceptor waits out
     // a whole lease before it promises anyone). This catches a lease that outlasts the
     // acceptors' grants even when no election happens to test it.
     size_t bound = 0;
     for (const Host& o : hosts_) {
-      bound += o.id == h.id || !o.up || o.paused || o.replica->LeaseBinds(h.id);
+      bound += o.id == h.id || !o.up || o.paused || o.replica().LeaseBinds(h.id);
     }
     if (bound < hosts_.size() / 2 + 1) {
       Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.round(), ",",
@@ -950,8 +1051,8 @@ void World::CheckLeases() {
                         " replicas still grant"));
     }
     for (const Host& o : hosts_) {
-      if (o.id == h.id || !o.up || o.replica->role() != Role::kLeader) continue;
-      const Ballot& theirs = o.replica->promised_ballot();
+      if (o.id == h.id || !o.up || o.replica().role() != Role::kLeader) continue;
+      const Ballot& theirs = o.replica().promised_ballot();
       if (BallotLess(mine, theirs)) {
         Fail(absl::StrCat("replica ", h.id, " holds a lease at ballot (", mine.round(), ",",
                           mine.replica_id(), ") while replica ", o.id,
@@ -964,7 +1065,7 @@ void World::CheckLeases() {
 
 uint32_t World::CurrentLeader() const {
   for (const Host& h : hosts_) {
-    if (h.up && !h.paused && h.replica->role() == Role::kLeader) return h.id;
+    if (h.up && !h.paused && h.replica().role() == Role::kLeader) return h.id;
   }
   return 0;
 }
@@ -975,17 +1076,17 @@ void World::WatchLeaderStability() {
     // A healthy, connected leader: a majority acknowledged its heartbeats lately (its lease
     // runs), and a majority takes it for the leader.
     uint32_t leader = CurrentLeader();
-    if (leader == 0 || !hosts_[leader - 1].replica->lease_valid()) return;
+    if (leader == 0 || !hosts_[leader - 1].replica().lease_valid()) return;
     size_t following = 0;
     for (const Host& h : hosts_) {
-      following += h.up && !h.paused && h.replica->leader_id() == leader;
+      following += h.up && !h.paused && h.replica().leader_id() == leader;
     }
     if (following < n / 2 + 1) return;
     stable_leader_ = leader;
     stable_since_us_ = now_us_;
     elections_when_stable_.assign(n, 0);
     for (size_t i = 0; i < n; ++i) {
-      if (hosts_[i].up) elections_when_stable_[i] = hosts_[i].replica->elections_started();
+      if (hosts_[i].up) elections_when_stable_[i] = hosts_[i].replica().elections_started();
     }
     Trace(absl::StrCat("replica ", leader, " leads a majority in a quiet network"));
     return;
@@ -996,7 +1097,7 @@ void World::WatchLeaderStability() {
     // acceptor that promised a higher one (Replica::StepNack), a ballot some replica raised
     // needlessly.
     if (!h.up) continue;
-    uint64_t started = h.replica->elections_started();
+    uint64_t started = h.replica().elections_started();
     if (started <= elections_when_stable_[i]) continue;
     needless_elections_ += started - elections_when_stable_[i];
     elections_when_stable_[i] = started;
@@ -1196,7 +1297,7 @@ void World::OnClientRequest(Host& h, uint64_t client_index, uint64_t sequence) {
     e->set_transaction(true);
     h.pending_writes[{c.id, sequence}] = client_index;
   }
-  h.replica->Propose(std::move(req));
+  h.replica().Propose(std::move(req));
   DrainHost(h);
 }
 
@@ -1287,15 +1388,16 @@ bool World::Setup() {
     events_.pop();
     now_us_ = ev.time_us;
     if (ev.kind == EventKind::kTick) OnTick(hosts_[ev.target - 1], ev.client_sequence);
+    if (ev.kind == EventKind::kDiskDone) OnDiskDone(hosts_[ev.target - 1], ev.client_sequence);
     if (ev.kind == EventKind::kDeliver && hosts_[ev.target - 1].up) {
-      hosts_[ev.target - 1].replica->Step(ev.message);
+      hosts_[ev.target - 1].replica().Step(ev.message);
       DrainHost(hosts_[ev.target - 1]);
     }
     // Propose at the leader, again every second until done (sessions apply each once).
     for (Host& h : hosts_) {
-      if (now_us_ < next_attempt_us || h.replica->role() != Role::kLeader) continue;
+      if (now_us_ < next_attempt_us || h.replica().role() != Role::kLeader) continue;
       next_attempt_us = now_us_ + 1'000'000;
-      h.replica->Propose(h.sm->ListDatabases().empty() ? create : tables);
+      h.replica().Propose(h.sm->ListDatabases().empty() ? create : tables);
       DrainHost(h);
     }
     bool all_ready = true;
@@ -1373,7 +1475,7 @@ SimResult World::Run() {
         if (!h.up || h.paused) break;
         if (faults_on_ && blocked_.count({ev.message.from(), ev.message.to()}) > 0) break;
         if (options_.trace != nullptr) TraceMessage(ev.message);
-        h.replica->Step(ev.message);
+        h.replica().Step(ev.message);
         DrainHost(h);
         break;
       }
@@ -1396,6 +1498,14 @@ SimResult World::Run() {
       case EventKind::kHostile:
         OnHostile();
         break;
+      case EventKind::kDiskDone:
+        OnDiskDone(hosts_[ev.target - 1], ev.client_sequence);
+        break;
+      case EventKind::kCrash: {
+        Host& h = hosts_[ev.target - 1];
+        if (h.up && h.incarnation == ev.client_sequence) CrashHost(h);
+        break;
+      }
     }
     CheckLeases();
     if (acceptors_.violation()) Fail(*acceptors_.violation());
