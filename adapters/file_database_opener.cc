@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <system_error>
 #include <utility>
 
@@ -54,6 +56,24 @@ absl::Status SetWalMode(sqlite3* db, const std::string& path) {
   return absl::OkStatus();
 }
 
+// The contents of `path`, or "" when it cannot be read.
+std::string ReadWhole(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "";
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+absl::Status SyncDirectory(const std::string& dir) {
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot open directory ", dir));
+  absl::Status status;
+  if (fsync(fd) != 0) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot fsync directory ", dir));
+  }
+  close(fd);
+  return status;
+}
+
 }  // namespace
 
 bool FileDatabaseOpener::IsValidFileId(std::string_view file_id) {
@@ -63,8 +83,8 @@ bool FileDatabaseOpener::IsValidFileId(std::string_view file_id) {
   });
 }
 
-absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(std::string data_dir,
-                                                                               bool fsync) {
+absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
+    std::string data_dir, bool fsync, std::string boot_id_source) {
   std::string db_dir = absl::StrCat(data_dir, "/db");
   std::error_code error;
   std::filesystem::create_directories(db_dir, error);
@@ -72,7 +92,36 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(s
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot create ", db_dir, ": ", error.message()));
   }
-  return std::unique_ptr<FileDatabaseOpener>(new FileDatabaseOpener(std::move(db_dir), fsync));
+  std::unique_ptr<FileDatabaseOpener> opener(new FileDatabaseOpener(db_dir, fsync));
+  // The machine's boot id now, and when the databases were last written.
+  std::string boot_id = ReadWhole(boot_id_source);
+  const std::string kept_path = absl::StrCat(data_dir, "/boot_id");
+  std::string kept = ReadWhole(kept_path);
+  if (!boot_id.empty() && !kept.empty() && kept != boot_id) {
+    // Commits since the last checkpoint may be lost, in any order across files: the log
+    // holds what rebuilds them (its snapshot and the entries after it).
+    std::filesystem::remove_all(db_dir, error);
+    if (!error) std::filesystem::create_directories(db_dir, error);
+    if (error) {
+      return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                          absl::StrCat("cannot clear ", db_dir, ": ", error.message()));
+    }
+    if (absl::Status synced = SyncDirectory(data_dir); !synced.ok()) return synced;
+    opener->discarded_after_restart_ = true;
+  }
+  if (!boot_id.empty() && kept != boot_id) {
+    const std::string tmp = absl::StrCat(kept_path, ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << boot_id;
+      if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+    }
+    if (rename(tmp.c_str(), kept_path.c_str()) != 0) {
+      return absl::ErrnoToStatus(errno, absl::StrCat("cannot rename ", tmp));
+    }
+    if (absl::Status synced = SyncDirectory(data_dir); !synced.ok()) return synced;
+  }
+  return opener;
 }
 
 FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync)
@@ -134,7 +183,8 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, cons
   }
   if (status.ok()) status = SetWalMode(db, path);
   if (status.ok()) {
-    status = ExecPragma(db, fsync_ ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL", path);
+    // The log makes a write durable, not the database file (see the header).
+    status = ExecPragma(db, fsync_ ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF", path);
   }
   // SQLite makes the directory entries of its WAL files durable, not that of a new database.
   if (status.ok() && created) status = SyncDbDirectory();

@@ -12,6 +12,17 @@
 // crash leaves after that is never replayed into a new database of the same id: SQLite
 // deletes either when it finds it beside an empty database file (tested here).
 //
+// Durability: the replica's log makes a write durable, not the database files. They run
+// with synchronous=NORMAL (OFF without fsync): a commit reaches the OS at once and the disk
+// at the next WAL checkpoint, so a process crash loses nothing, but a power failure or a
+// kernel crash may lose the last commits of each file, in any order across files. The log
+// always holds what rebuilds them: its latest snapshot and every entry after it. So the
+// machine's boot id is kept in `<data_dir>/boot_id`, and when Create() finds that the
+// machine has restarted since the databases were last written, it removes them all; the
+// replica then restores them from the log (discarded_after_restart()). A clean reboot
+// rebuilds too: the price is one snapshot restore and a replay of at most
+// --snapshot-every entries.
+//
 // Not thread-safe: one thread uses an opener at a time (the handles it returns may be used
 // from another thread, one at a time: they are opened with SQLITE_OPEN_NOMUTEX).
 
@@ -33,15 +44,20 @@ class FileDatabaseOpener : public DatabaseOpener {
   // How long a connection waits for another one's lock before failing SQLITE_BUSY.
   static constexpr int kBusyTimeoutMs = 5000;
 
-  // Creates `<data_dir>/db` if missing. With `fsync` false, databases use
-  // PRAGMA synchronous=NORMAL and directory changes are not fsynced: a power failure may
-  // lose recent transactions (see LogStoreOptions::fsync), a process crash loses none.
-  static absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> Create(std::string data_dir,
-                                                                    bool fsync = true);
+  // Creates `<data_dir>/db` if missing, and empties it when the machine restarted since
+  // it was last written (see "Durability" above; `boot_id_source` is where the machine's
+  // boot id is read, a file of tests' own in tests). With `fsync` false, databases use
+  // PRAGMA synchronous=OFF and directory changes are not fsynced.
+  static absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> Create(
+      std::string data_dir, bool fsync = true,
+      std::string boot_id_source = "/proc/sys/kernel/random/boot_id");
+
+  // Whether Create() removed the databases because the machine restarted.
+  bool discarded_after_restart() const { return discarded_after_restart_; }
 
   // Opens `<data_dir>/db/<file_id>.sqlite3` with the VFS named `vfs_name` (nullptr: SQLite's
   // default), creating it empty with 4096-byte pages if absent, and sets journal_mode=WAL,
-  // synchronous=FULL (NORMAL without fsync) and a busy timeout of kBusyTimeoutMs.
+  // synchronous=NORMAL (OFF without fsync) and a busy timeout of kBusyTimeoutMs.
   // Errors: InvalidArgument for a bad file id or an unknown VFS; Unavailable when SQLite
   // cannot open the file or set it up (its message says why).
   absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
@@ -71,6 +87,7 @@ class FileDatabaseOpener : public DatabaseOpener {
 
   const std::string db_dir_;
   const bool fsync_;
+  bool discarded_after_restart_ = false;
 };
 
 }  // namespace synod

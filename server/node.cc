@@ -211,6 +211,11 @@ absl::Status Node::Start() {
       FileDatabaseOpener::Create(options_.data_dir, options_.fsync);
   if (!opener.ok()) return opener.status();
   opener_ = std::move(*opener);
+  if (opener_->discarded_after_restart()) {
+    fprintf(stderr,
+            "W the machine restarted since this replica last ran: its databases may have lost "
+            "their last commits, so they are rebuilt from the log (its snapshot and entries)\n");
+  }
   absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(opener_.get());
   if (!sm.ok()) return sm.status();
   sm_ = std::move(*sm);

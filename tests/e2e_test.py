@@ -249,6 +249,31 @@ class Failures(ClusterTest):
         q = self.c.query(lagging, "snap", "SELECT count(*) FROM t", "local")
         self.assertEqual(q.json()["rows"], [[120]])
 
+    def test_a_replica_whose_machine_restarted_rebuilds_its_databases_from_the_log(self):
+        # Databases commit with synchronous=NORMAL: after a power failure their last commits
+        # may be lost, so a replica that finds a new boot id rebuilds them from its log.
+        self.create("boot")
+        self.c.exec(1, "boot", "CREATE TABLE t(x)")
+        for k in range(80):  # past a compaction: the log holds a snapshot and entries after it
+            r = self.c.exec_retrying(1 + k % 3, "boot", "INSERT INTO t VALUES (?)", [k])
+            self.assertEqual(r.status, 200, r)
+        victim = 1 + self.c.wait_leader() % 3
+        top = max(self.c.status(i)["revision"] for i in (1, 2, 3))
+        self.c.wait_revision(victim, top)
+        self.c.kill(victim, signal.SIGKILL)
+        with open(os.path.join(self.c.root, str(victim), "boot_id"), "w") as f:
+            f.write("an-earlier-boot\n")
+        self.c.start(victim)
+        self.c.wait_revision(victim, top)
+        with open(os.path.join(self.c.root, f"{victim}.log"), "rb") as f:
+            self.assertIn(b"rebuilt from the log", f.read())
+        r = self.c.exec_retrying(victim, "boot", "INSERT INTO t VALUES (80)")
+        self.assertEqual(r.status, 200, r)
+        for i in (1, 2, 3):
+            self.c.wait_revision(i, r.json()["revision"])
+            q = self.c.query(i, "boot", "SELECT count(*), sum(x) FROM t", "local")
+            self.assertEqual(q.json()["rows"], [[81, sum(range(81))]], f"replica {i}")
+
     def test_two_replicas_down_writes_answer_503_in_bounded_time_then_recover(self):
         self.create("q")
         self.c.exec(1, "q", "CREATE TABLE t(x)")
