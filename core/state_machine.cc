@@ -524,6 +524,20 @@ absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement
   return result;
 }
 
+std::optional<absl::StatusOr<StatementResult>> DatabaseReader::TryQuery(const Statement& statement,
+                                                                        int64_t max_work_units) {
+  WorkBudget budget(max_work_units);
+  absl::StatusOr<StatementResult> result =
+      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
+  if (!result.ok() && budget.work_exhausted() && max_work_units < kMaxRequestWorkUnits) {
+    return std::nullopt;
+  }
+  if (absl::IsPermissionDenied(result.status())) {
+    return absl::InvalidArgumentError(result.status().message());
+  }
+  return result;
+}
+
 void DatabaseReader::Interrupt() {
   interrupted_.store(true);
   sqlite3_interrupt(db_.get());

@@ -40,6 +40,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -140,6 +141,11 @@ class DatabaseReader {
   // Runs a read-only statement under its own work budget (core/sql_guards.h). Errors as
   // StateMachine::Query, plus DeadlineExceeded after Interrupt().
   absl::StatusOr<StatementResult> Query(const Statement& statement);
+  // As Query, but gives up (nullopt) once the statement has used `max_work_units`: a host
+  // answers cheap reads at once on its own thread, and hands the others to a worker (Query
+  // again, from the start).
+  std::optional<absl::StatusOr<StatementResult>> TryQuery(const Statement& statement,
+                                                          int64_t max_work_units);
   // Makes the Query running now, or the next one to start, stop with DeadlineExceeded.
   // Thread-safe.
   void Interrupt();

@@ -1570,6 +1570,33 @@ TEST(HostileInput, AReaderIsNotTheApplyConnectionAndSeesCommittedState) {
   EXPECT_EQ(replica.One("d", "SELECT count(*) FROM sqlite_schema WHERE name = 't'"), "0");
 }
 
+TEST(HostileInput, ATriedQueryGivesUpPastItsWorkAndTheFullQueryThenAnswersIt) {
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE t(x)")).code(), OK);
+  ASSERT_EQ(replica.Apply(Exec("d", "INSERT INTO t VALUES (7)")).code(), OK);
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> reader = replica.machine().AcquireReader("d");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::optional<absl::StatusOr<StatementResult>> cheap =
+      (*reader)->TryQuery(Sql("SELECT x FROM t"), 10'000);
+  ASSERT_TRUE(cheap.has_value());
+  ASSERT_TRUE(cheap->ok()) << cheap->status();
+  EXPECT_EQ((*cheap)->rows(0).values(0).integer(), 7);
+  // Errors are answered as by Query, not handed on.
+  std::optional<absl::StatusOr<StatementResult>> bad =
+      (*reader)->TryQuery(Sql("SELECT nope FROM t"), 10'000);
+  ASSERT_TRUE(bad.has_value());
+  EXPECT_TRUE(absl::IsInvalidArgument(bad->status())) << bad->status();
+  const Statement costly =
+      Sql("WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 200000) "
+          "SELECT count(*) FROM c");
+  EXPECT_FALSE((*reader)->TryQuery(costly, 10'000).has_value());
+  absl::StatusOr<StatementResult> full = (*reader)->Query(costly);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->rows(0).values(0).integer(), 200000);
+  replica.machine().ReleaseReader(*std::move(reader));
+}
+
 // Generated hostile SQL: expensive, malformed and odd statements, from fragments.
 Statement GenerateHostileStatement() {
   static const std::vector<std::string> kFragments = {

@@ -107,6 +107,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t writes = 0;
     uint64_t reads = 0;
     uint64_t queries_timed_out = 0;
+    uint64_t queries_inline = 0;       // answered on the loop, without a worker
     uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
     uint64_t snapshots_refused = 0;
   };
@@ -169,6 +170,10 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
                 std::function<void(const StatementResult&)> done);
   static void OnQueryWork(uv_work_t* work);
   static void OnQueryDone(uv_work_t* work, int status);
+  // Answers a query's result (or error), from the loop or from a worker.
+  void AnswerQuery(const absl::StatusOr<StatementResult>& result, bool interrupted,
+                   const std::shared_ptr<HttpResponder>& responder,
+                   const std::function<void(const StatementResult&)>& done);
   void InterruptOverdueQueries();
   // The HTTP body limit of a request, from its method and target.
   size_t BodyLimit(std::string_view method, std::string_view target) const;
@@ -199,6 +204,10 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   static constexpr size_t kMaxRunningQueries = 64;
   std::map<uint64_t, RunningQuery*> running_queries_;  // by id
   uint64_t last_query_id_ = 0;
+  // Loop time spent on queries tried inline that needed a worker after all, in the window
+  // that ends at inline_window_end_ms_.
+  uint64_t inline_waste_us_ = 0;
+  int64_t inline_window_end_ms_ = 0;
   std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
   std::map<uint32_t, PeerOutbox> outboxes_;
   uv_timer_t tick_timer_;
