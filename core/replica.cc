@@ -88,6 +88,11 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   commit_index_ = snapshot_meta_.index();
   for (LogEntry& e : persisted.entries) {
     if (e.slot() < first_index_) continue;  // compaction may not have reached storage yet
+    // The state machine applied it, so it is chosen, and the log holds its chosen value:
+    // the one this replica accepted, or one it learned and synced before applying it (see
+    // LearnChosen). Its chosen mark, not synced on its own, may have been lost in a crash;
+    // it is restored here, so that the entry can be served to peers that lack it.
+    if (e.slot() <= persisted.applied_index) e.set_chosen(true);
     // An accept and the promise it raised are written in one Ready; if a crash kept the
     // entry but not the hard state, the entry was never acknowledged, and the acceptor
     // simply behaves as having promised its ballot.
@@ -97,8 +102,7 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
   }
   applied_index_ = handed_out_index_ = persisted.applied_index;
   SYNOD_CHECK_GE(applied_index_, snapshot_meta_.index());
-  // What the state machine applied is chosen, even if the (unsynced) chosen marks of those
-  // entries were lost in a crash.
+  // What the state machine applied is chosen (marked so above).
   commit_index_ = std::max(commit_index_, applied_index_);
   AdvanceCommitIndex();
   next_slot_ = LastSlot() + 1;
@@ -911,16 +915,22 @@ void Replica::LearnChosen(uint64_t slot, const Value& value) {
   }
   LogEntry& e = log_[slot];
   e.set_slot(slot);
-  if (!e.has_value() || !SameValue(e.value(), value)) {
+  // Whether this replica accepted the very value chosen: its accept is then in the log,
+  // durable before anything of the slot is applied (it went in this Ready or an earlier
+  // one), and after a restart the log holds the right value for every applied slot even
+  // without the mark. That is the usual case; it costs no extra fsync.
+  const bool accepted_this_value = e.has_value() && SameValue(e.value(), value);
+  if (!accepted_this_value) {
     *e.mutable_value() = value;
     e.clear_ballot();  // the ballot no longer describes this value
   }
   e.set_chosen(true);
   inflight_.erase(slot);
-  // Not synced on its own: a chosen value lost in a crash is learned again from peers. It
-  // is synced before the host applies it (GetReady), so "applied" implies a durable mark.
+  // Not synced on its own: a chosen value lost in a crash is learned again from peers. A
+  // value this replica did not accept is synced before the host applies it (GetReady), so
+  // that after a restart every applied slot holds its chosen value in the log.
   PersistEntry(slot, /*must_sync=*/false);
-  unsynced_chosen_ = true;
+  if (!accepted_this_value) unsynced_chosen_ = true;
   AdvanceCommitIndex();
 }
 

@@ -363,7 +363,8 @@ class Replica {
   uint64_t commit_index_ = 0;      // every slot <= this is chosen and held (or snapshotted)
   uint64_t applied_index_ = 0;     // confirmed applied by the host (Advance)
   uint64_t handed_out_index_ = 0;  // committed entries given to the host so far
-  bool unsynced_chosen_ = false;   // a chosen mark was written without an fsync since
+  // A chosen value this replica had not accepted was written, not yet synced.
+  bool unsynced_chosen_ = false;
   uint64_t catchup_wanted_until_ = 0;
   int catchup_retry_ticks_ = 0;  // > 0 while a catch-up request is outstanding
   uint32_t catchup_peer_ = 0;    // the peer asked; catch-up answers and chunks come from it

@@ -1160,6 +1160,35 @@ TEST(Sanity, AHealthyClusterRejectsNoMessage) {
   }
 }
 
+// The replica applied slots 1 and 2 and crashed before their chosen marks (not synced on
+// their own) reached the disk; its log holds the values it accepted. A new leader whose
+// quorum lacks them asks it for them: it must serve them, or the leader, which counts them
+// chosen from this replica's commit index, never gets them (found by the property test).
+TEST(Sanity, AppliedSlotsWhoseChosenMarksWereLostAreStillServedToPeers) {
+  Ballot b;
+  b.set_round(1);
+  b.set_replica_id(1);
+  PersistedState state;
+  *state.hard_state.mutable_promised() = b;
+  state.entries.push_back(Entry(1, b, Payload("INSERT INTO t VALUES (1)")));
+  state.entries.push_back(Entry(2, b, Payload("INSERT INTO t VALUES (2)")));
+  state.entries.push_back(Entry(3, b, Payload("INSERT INTO t VALUES (3)")));  // not applied
+  state.applied_index = 2;
+  Replica r(ConfigFor(3), std::move(state), 1);
+  EXPECT_EQ(r.commit_index(), 2u);
+  ASSERT_NE(r.ChosenValue(2), nullptr);
+  EXPECT_EQ(r.ChosenValue(3), nullptr) << "accepted, not known chosen";
+  Message ask = From(2, 3, b);
+  ask.mutable_catchup_request()->set_from_slot(1);
+  ask.mutable_catchup_request()->set_to_slot(2);
+  r.Step(ask);
+  int served = 0;
+  for (const Message& m : Drain(r)) {
+    if (m.has_catchup_response()) served += m.catchup_response().entries_size();
+  }
+  EXPECT_EQ(served, 2);
+}
+
 TEST(Cluster, DuelingProposersSettleOnOneLeader) {
   for (uint64_t seed = 1; seed <= 20; ++seed) {
     testing::Cluster c(5, seed);
