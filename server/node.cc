@@ -229,7 +229,6 @@ absl::Status Node::Start() {
   sm_ = std::move(*sm);
 
   PersistedState state = std::move(store->recovered());
-  log_ = std::make_unique<LogWriter>(loop_, std::move(store));
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
     absl::Status restored = sm_->RestoreSnapshot(state.snapshot_data);
@@ -248,10 +247,7 @@ absl::Status Node::Start() {
   config.clock_drift_bound_ticks = 4;  // 10% of the lease, for commodity clocks
   config.request_timeout_ticks = options_.request_timeout_ms / options_.tick_ms;
   client_nonce_ = RandomSeed() & ~0xffffffffull;
-  driver_ = std::make_unique<HostDriver>(
-      std::make_unique<Replica>(config, std::move(state), RandomSeed()), log_.get(),
-      static_cast<PeerTransport*>(this), static_cast<AppliedState*>(this),
-      static_cast<ClientAnswers*>(this));
+  auto replica = std::make_unique<Replica>(config, std::move(state), RandomSeed());
 
   for (const auto& [id, address] : options_.peers) {
     if (id == options_.id) continue;
@@ -284,6 +280,12 @@ absl::Status Node::Start() {
       });
   absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
   if (!listening.ok()) return listening;
+  // Nothing fails from here on: the log writer's thread and loop handle, which must be
+  // closed (Stop), start only now.
+  log_ = std::make_unique<LogWriter>(loop_, std::move(store));
+  driver_ = std::make_unique<HostDriver>(
+      std::move(replica), log_.get(), static_cast<PeerTransport*>(this),
+      static_cast<AppliedState*>(this), static_cast<ClientAnswers*>(this));
 
   uv_timer_init(loop_, &tick_timer_);
   tick_timer_.data = this;

@@ -238,10 +238,17 @@ class Failures(ClusterTest):
         self.c.exec(1, "snap", "CREATE TABLE t(x)")
         lagging = 1 + self.c.wait_leader() % 3
         others = [i for i in (1, 2, 3) if i != lagging]
+        behind = self.c.status(lagging)["revision"]
         self.c.kill(lagging, signal.SIGKILL)
         for k in range(120):  # past two compactions
             r = self.c.exec_retrying(others[k % 2], "snap", "INSERT INTO t VALUES (?)", [k])
             self.assertEqual(r.status, 200, r)
+        # A compaction is made durable before the log drops what it covers: wait until both
+        # hold none of the entries the lagging replica lacks within one catch-up answer (64).
+        deadline = time.time() + 10
+        while min(self.c.status(i)["snapshot_index"] for i in others) <= behind + 64:
+            self.assertLess(time.time(), deadline, "the others did not compact")
+            time.sleep(0.05)
         self.c.start(lagging)
         top = self.c.status(others[0])["revision"]
         self.c.wait_revision(lagging, top)
