@@ -52,6 +52,9 @@ void HostDriver::Drain() {
     persisting_ = true;
     ++counters_.persists;
     if (options.sync) ++counters_.synced;
+    // A leader's accepts leave now: its fsync and its followers' run at the same time.
+    if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
+    ready.early_messages.clear();
     in_flight_ = std::move(ready);
     after_persist_ = nullptr;
     storage_->Persist(*in_flight_, options, [this] { OnPersisted(); });
@@ -79,6 +82,7 @@ void HostDriver::OnPersisted() {
 
 void HostDriver::Finish(Ready ready) {
   // 2. Send: every promise and accept in these messages is durable now.
+  if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
   if (!ready.messages.empty()) transport_->Send(std::move(ready.messages));
   // 3. Install, then apply.
   if (ready.snapshot) {

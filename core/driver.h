@@ -9,7 +9,8 @@
 //   1. persist: hand the Ready's records to the log storage, with an fsync when a promise,
 //      an accept or an installed snapshot depends on it, and a log rewrite when the Ready
 //      compacts; then wait for the storage to say it is done;
-//   2. send the Ready's messages;
+//   2. send the Ready's messages (its early_messages, a leader's accepts, leave before step
+//      1 begins);
 //   3. install its snapshot, hand its committed entries to the state machine;
 //   4. answer the clients it has replies for;
 //   5. Replica::Advance.

@@ -20,7 +20,7 @@ class FakeHost : public LogStorage,
   struct Persisted {
     PersistOptions options;
     bool has_snapshot = false;
-    std::vector<std::pair<uint64_t, uint64_t>> requests;  // (client, sequence) written
+    std::vector<std::pair<uint64_t, uint64_t>> requests;  // (client, sequence) accepted
   };
 
   void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) override {
@@ -28,6 +28,7 @@ class FakeHost : public LogStorage,
     p.options = options;
     p.has_snapshot = ready.snapshot.has_value();
     for (const LogEntry& e : ready.entries) {
+      if (e.chosen()) continue;  // a chosen mark, not the write of the value
       for (const ClientRequest& r : e.value().requests()) {
         p.requests.emplace_back(r.client_id(), r.sequence());
       }
@@ -95,6 +96,68 @@ std::unique_ptr<HostDriver> LeaderAlone(FakeHost& host) {
   }
   EXPECT_EQ(driver->replica().role(), Role::kLeader);
   return driver;
+}
+
+// Replica 1 of three, elected with its peers' promises (storage completing at once).
+std::unique_ptr<HostDriver> LeaderOfThree(FakeHost& host) {
+  auto driver = std::make_unique<HostDriver>(
+      std::make_unique<Replica>(ConfigOf(1, {1, 2, 3}), PersistedState(), 1), &host, &host, &host,
+      &host);
+  for (int i = 0; i < 1000 && driver->replica().role() != Role::kLeader; ++i) {
+    driver->replica().Tick();
+    driver->Drain();
+    std::vector<Message> sent = std::move(host.sent);
+    host.sent.clear();
+    for (const Message& m : sent) {
+      Message reply;
+      reply.set_from(m.to());
+      reply.set_to(1);
+      if (m.has_pre_vote()) {
+        reply.mutable_pre_vote_reply()->set_attempt(m.pre_vote().attempt());
+        reply.mutable_pre_vote_reply()->set_granted(true);
+      } else if (m.has_prepare()) {
+        *reply.mutable_ballot() = m.ballot();
+        reply.mutable_promise()->set_from_slot(m.prepare().from_slot());
+      } else {
+        continue;
+      }
+      driver->replica().Step(reply);
+      driver->Drain();
+    }
+  }
+  EXPECT_EQ(driver->replica().role(), Role::kLeader);
+  host.sent.clear();
+  return driver;
+}
+
+TEST(Driver, ALeadersAcceptsLeaveBeforeItsOwnWriteIsDurableButItsVoteCountsOnlyAfter) {
+  FakeHost host;
+  std::unique_ptr<HostDriver> driver = LeaderOfThree(host);
+  const Ballot ballot = driver->replica().promised_ballot();
+  host.complete_at_once = false;
+  driver->replica().Propose(WriteRequest(1));
+  driver->Drain();
+  ASSERT_TRUE(driver->persisting());
+  uint64_t slot = 0;
+  for (const Message& m : host.sent) {
+    if (m.has_accept()) slot = m.accept().entries(0).slot();
+  }
+  ASSERT_GT(slot, 0u) << "no accept sent while the leader's own write was in flight";
+  // One follower acknowledges: with the leader's vote not yet durable, that is no majority.
+  Message accepted;
+  accepted.set_from(2);
+  accepted.set_to(1);
+  *accepted.mutable_ballot() = ballot;
+  accepted.mutable_accepted()->add_slots(slot);
+  driver->replica().Step(accepted);
+  driver->Drain();
+  EXPECT_EQ(driver->replica().commit_index(), slot - 1) << "chosen on a vote a crash could undo";
+  EXPECT_TRUE(host.applied.empty());
+  host.CompleteAll();  // the leader's write is durable: its vote counts
+  host.complete_at_once = true;
+  driver->Drain();
+  EXPECT_EQ(driver->replica().commit_index(), slot);
+  EXPECT_EQ(host.applied, std::vector<uint64_t>{1});
 }
 
 TEST(Driver, NothingOfAReadyIsDoneBeforeItsRecordsAreDurable) {

@@ -1149,11 +1149,27 @@ void Replica::ProposeSlot(uint64_t slot, Value value) {
   AcceptEntry(slot, ballot_, value);
   auto [it, inserted] = inflight_.emplace(slot, Inflight(VotingGroupSize()));
   SYNOD_CHECK(inserted) << "slot " << slot << " proposed twice in one ballot";
-  it->second.votes.Add(config_.id);
+  // The leader's own vote counts once its accept is durable (Advance), not before: the
+  // accepts to its peers leave at once, and a value must not be chosen with a vote that a
+  // crash could still take back.
   for (uint32_t peer : config_.replica_ids) {
     if (peer != config_.id) SendAccept(peer, slot);
   }
-  if (it->second.votes.HasQuorum()) LearnChosen(slot, log_.at(slot).value());
+}
+
+void Replica::CountOwnVotes(const Ready& ready) {
+  if (role_ != Role::kLeader) return;
+  bool counted = false;
+  for (const LogEntry& e : ready.entries) {
+    if (e.chosen() || !BallotEqual(e.ballot(), ballot_)) continue;
+    auto it = inflight_.find(e.slot());
+    if (it == inflight_.end() || !it->second.votes.Add(config_.id)) continue;
+    counted = true;
+    if (it->second.votes.HasQuorum()) LearnChosen(e.slot(), log_.at(e.slot()).value());
+  }
+  if (!counted) return;
+  ServeReads();
+  MaybeProposeBatches();
 }
 
 void Replica::SendAccept(uint32_t peer, uint64_t slot) {
@@ -1161,7 +1177,9 @@ void Replica::SendAccept(uint32_t peer, uint64_t slot) {
   LogEntry* e = m.mutable_accept()->add_entries();
   e->set_slot(slot);
   *e->mutable_value() = log_.at(slot).value();
-  Send(std::move(m));
+  SYNOD_CHECK(IsPeer(m.to()) && m.to() != config_.id);
+  // An accept acknowledges nothing: it may leave before the leader's own write is durable.
+  pending_.early_messages.push_back(std::move(m));
 }
 
 void Replica::MaybeProposeBatches() {
@@ -1446,6 +1464,7 @@ void Replica::Advance(const Ready& ready) {
     SYNOD_CHECK_EQ(ready.committed.front().slot, applied_index_ + 1);
     applied_index_ = ready.committed.back().slot;
   }
+  CountOwnVotes(ready);
   CheckInvariants();
 }
 

@@ -146,12 +146,17 @@ struct Ready {
   uint64_t compacted_through = 0;       // entries up to here may be deleted from storage
   std::optional<SnapshotToInstall> snapshot;
   std::vector<Message> messages;
+  // Messages that acknowledge nothing this Ready persists (a leader's accepts): the host may
+  // send them before the Ready is durable, so that the leader's fsync and its followers' run
+  // at the same time. A leader counts its own vote for a slot only at Advance() of the Ready
+  // that persisted it.
+  std::vector<Message> early_messages;
   std::vector<CommittedEntry> committed;
   std::vector<ForwardReply> replies;  // answers to read barriers and refused requests
 
   bool empty() const {
     return !hard_state && entries.empty() && compacted_through == 0 && !snapshot &&
-           messages.empty() && committed.empty() && replies.empty();
+           messages.empty() && early_messages.empty() && committed.empty() && replies.empty();
   }
 };
 
@@ -290,6 +295,8 @@ class Replica {
   void StepPromise(const Message& m);
   void StepAccept(const Message& m);
   void StepAccepted(const Message& m);
+  // The leader's own votes for the slots it proposed in `ready`, now durable (Advance).
+  void CountOwnVotes(const Ready& ready);
   void StepNack(const Message& m);
   void StepHeartbeat(const Message& m);
   void StepHeartbeatAck(const Message& m);

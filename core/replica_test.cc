@@ -55,6 +55,7 @@ std::vector<Message> Drain(Replica& r) {
   std::vector<Message> out;
   while (r.HasReady()) {
     Ready ready = r.GetReady();
+    for (const Message& m : ready.early_messages) out.push_back(m);
     for (const Message& m : ready.messages) out.push_back(m);
     r.Advance(ready);
   }
