@@ -799,13 +799,22 @@ void Replica::AcceptEntry(uint64_t slot, const Ballot& ballot, const Value& valu
   PersistEntry(slot, /*must_sync=*/true);
 }
 
+void Replica::SendNack(uint32_t to, uint64_t slot) {
+  Message nack = NewMessage(to);
+  nack.mutable_nack()->set_slot(slot);
+  Send(std::move(nack));
+}
+
+void Replica::FollowLeader(const Message& m) {
+  RaisePromise(m.ballot());
+  if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
+  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
+  last_leader_heard_tick_ = now_ticks_;
+  GrantLease(m.ballot());
+}
+
 void Replica::StepPrepare(const Message& m) {
-  if (!MayPromise(m.ballot(), m.from())) {
-    Message nack = NewMessage(m.from());
-    nack.mutable_nack();
-    Send(std::move(nack));
-    return;
-  }
+  if (!MayPromise(m.ballot(), m.from())) return SendNack(m.from());
   bool higher = BallotLess(hard_.promised(), m.ballot());
   RaisePromise(m.ballot());
   if (higher && role_ != Role::kFollower) BecomeFollower(0);
@@ -853,16 +862,9 @@ void Replica::StepPreVoteReply(const Message& m) {
 
 void Replica::StepAccept(const Message& m) {
   if (BallotLess(m.ballot(), hard_.promised())) {
-    Message nack = NewMessage(m.from());
-    nack.mutable_nack()->set_slot(m.accept().entries_size() > 0 ? m.accept().entries(0).slot() : 0);
-    Send(std::move(nack));
-    return;
+    return SendNack(m.from(), m.accept().entries_size() > 0 ? m.accept().entries(0).slot() : 0);
   }
-  RaisePromise(m.ballot());
-  if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
-  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
-  last_leader_heard_tick_ = now_ticks_;
-  GrantLease(m.ballot());
+  FollowLeader(m);
 
   Message reply = NewMessage(m.from());
   Accepted* accepted = reply.mutable_accepted();
@@ -876,18 +878,9 @@ void Replica::StepAccept(const Message& m) {
 }
 
 void Replica::StepHeartbeat(const Message& m) {
-  if (BallotLess(m.ballot(), hard_.promised())) {
-    Message nack = NewMessage(m.from());
-    nack.mutable_nack();
-    Send(std::move(nack));
-    return;
-  }
-  RaisePromise(m.ballot());
-  if (role_ != Role::kFollower || leader_id_ != m.from()) BecomeFollower(m.from());
-  election_deadline_ticks_ = now_ticks_ + RandomElectionTimeout();
-  last_leader_heard_tick_ = now_ticks_;
+  if (BallotLess(m.ballot(), hard_.promised())) return SendNack(m.from());
+  FollowLeader(m);
   leader_ballot_floor_ = m.heartbeat().ballot_floor();
-  GrantLease(m.ballot());
   LearnFromLeader(m);
   Message ack = NewMessage(m.from());
   ack.mutable_heartbeat_ack()->set_read_context(m.heartbeat().read_context());

@@ -294,6 +294,11 @@ class Replica {
   void StepPreVoteReply(const Message& m);
   void StepPromise(const Message& m);
   void StepAccept(const Message& m);
+  // A refusal: `to`'s ballot is below this replica's promise (or a lease binds it).
+  void SendNack(uint32_t to, uint64_t slot = 0);
+  // An accept or a heartbeat at or above the promise, from the leader `m.from()`: promise its
+  // ballot, follow it, restart the election timer and grant it a lease.
+  void FollowLeader(const Message& m);
   void StepAccepted(const Message& m);
   // The leader's own votes for the slots it proposed in `ready`, now durable (Advance).
   void CountOwnVotes(const Ready& ready);
