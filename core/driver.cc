@@ -9,8 +9,10 @@ namespace synod {
 namespace {
 
 bool NeedsStorage(const Ready& ready) {
-  return ready.hard_state.has_value() || !ready.entries.empty() || ready.snapshot.has_value() ||
-         ready.compacted_through > 0;
+  // must_sync alone (a learned value written by an earlier Ready, to sync before it is
+  // applied) is a sync with nothing new to write.
+  return ready.must_sync || ready.hard_state.has_value() || !ready.entries.empty() ||
+         ready.snapshot.has_value() || ready.compacted_through > 0;
 }
 
 }  // namespace
@@ -103,7 +105,8 @@ void HostDriver::Finish(Ready ready) {
 }
 
 bool HostDriver::Compact(uint64_t index, std::string image) {
-  if (persisting_ || index <= last_snapshot_index_ || index <= replica_->snapshot_index()) {
+  if (persisting_ || index <= last_snapshot_index_ || index <= replica_->snapshot_index() ||
+      index > replica_->applied_index()) {
     return false;
   }
   // The snapshot record (and the compaction it implies) is made durable first; the log is

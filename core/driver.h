@@ -112,8 +112,9 @@ class HostDriver {
   void Drain();
 
   // Persists the host's snapshot `image` of its state machine at revision `index`, then
-  // Replica::Compact. Refused (false) while a storage operation is in flight or when
-  // `index` is not above the replica's snapshot; the host asks again later.
+  // Replica::Compact. Refused (false) while a storage operation is in flight, when `index`
+  // is not above the replica's snapshot, or above what Advance() confirmed applied; the host
+  // asks again later.
   bool Compact(uint64_t index, std::string image);
   // The index of the last snapshot persisted or installed here (0: none).
   uint64_t last_snapshot_index() const { return last_snapshot_index_; }

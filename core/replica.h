@@ -252,6 +252,7 @@ class Replica {
   uint64_t elections_started() const { return elections_started_; }
   uint64_t commit_index() const { return commit_index_; }
   uint64_t snapshot_index() const { return snapshot_meta_.index(); }
+  uint64_t applied_index() const { return applied_index_; }  // as confirmed by Advance()
   // The chosen value of `slot`, if this replica holds it (tests and checkers).
   const Value* ChosenValue(uint64_t slot) const;
 

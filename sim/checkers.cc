@@ -41,6 +41,14 @@ void ChosenChecker::Accepted(uint32_t replica, const LogEntry& entry) {
 }
 
 void ChosenChecker::Committed(uint32_t replica, uint64_t slot, const Value& value) {
+  // Every acceptance is recorded when it becomes durable, before anything can count it (a
+  // follower's before its acknowledgement leaves, a leader's before its own vote counts):
+  // a value applied before a majority holds it durably was chosen on a vote a crash could
+  // still take back.
+  if (!IsChosen(slot) && !violation_) {
+    violation_ = absl::StrCat("replica ", replica, " applied slot ", slot,
+                              " before a majority had durably accepted its value");
+  }
   Chosen(replica, slot, Encode(value), "applied");
 }
 
@@ -62,13 +70,20 @@ void AcceptorChecker::Accepted(uint32_t replica, const LogEntry& entry) {
 
 void AcceptorChecker::Sent(const Message& message) {
   if (!message.has_promise() || violation_) return;
-  const Ballot& highest = promised_[message.from()];
-  if (BallotLess(message.ballot(), highest)) {
-    violation_ =
-        absl::StrCat("replica ", message.from(), " promised ballot (", message.ballot().round(),
-                     ",", message.ballot().replica_id(), ") after promising (", highest.round(),
-                     ",", highest.replica_id(), ")");
+  // Promises leave in the order they were made (one Ready may hold several, the highest
+  // last), so they never go down, across restarts too.
+  Ballot& sent = promise_sent_[message.from()];
+  const Ballot* durable = &promised_[message.from()];
+  for (const Ballot* highest : {durable, static_cast<const Ballot*>(&sent)}) {
+    if (BallotLess(message.ballot(), *highest)) {
+      violation_ =
+          absl::StrCat("replica ", message.from(), " promised ballot (", message.ballot().round(),
+                       ",", message.ballot().replica_id(), ") after promising (", highest->round(),
+                       ",", highest->replica_id(), ")");
+      return;
+    }
   }
+  sent = message.ballot();
 }
 
 std::optional<std::string> CheckDurableBeforeSend(const Message& message,

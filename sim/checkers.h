@@ -60,7 +60,8 @@ class AcceptorChecker {
   const std::optional<std::string>& violation() const { return violation_; }
 
  private:
-  std::map<uint32_t, Ballot> promised_;  // highest durable promise per replica
+  std::map<uint32_t, Ballot> promised_;      // highest durable promise per replica
+  std::map<uint32_t, Ballot> promise_sent_;  // highest ballot per replica sent in a Promise
   std::optional<std::string> violation_;
 };
 

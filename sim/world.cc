@@ -562,16 +562,6 @@ void World::StartHost(Host& h) {
     return;
   }
   PersistedState state = std::move(recovered->state);
-  if (options_.bugs.count("forget-promise") > 0) {
-    // Forgets what it promised, and with it what it accepted and has not seen chosen.
-    state.hard_state.clear_promised();
-    std::vector<LogEntry> kept;
-    for (LogEntry& e : state.entries) {
-      if (e.chosen()) kept.push_back(std::move(e));
-    }
-    state.entries = std::move(kept);
-  }
-  h.disk.Rewrite(state);
   StateMachineOptions sm_options;
   sm_options.testing_no_session_dedup = options_.bugs.count("no-session-dedup") > 0;
   absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(h.opener.get(), sm_options);
@@ -584,6 +574,17 @@ void World::StartHost(Host& h) {
     absl::Status restored = h.sm->RestoreSnapshot(state.snapshot_data);
     SYNOD_CHECK(restored.ok()) << restored;
   }
+  if (options_.bugs.count("forget-promise") > 0) {
+    // Forgets what it promised, and with it what it accepted and has not seen chosen (what
+    // it applied it keeps: that is chosen, whether or not its mark was synced).
+    state.hard_state.clear_promised();
+    std::vector<LogEntry> kept;
+    for (LogEntry& e : state.entries) {
+      if (e.chosen() || e.slot() <= h.sm->revision()) kept.push_back(std::move(e));
+    }
+    state.entries = std::move(kept);
+  }
+  h.disk.Rewrite(state);
   state.applied_index = h.sm->revision();
   h.side = std::make_unique<HostSide>(this, &h);
   HostSide* side = h.side.get();
