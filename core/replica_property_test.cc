@@ -63,6 +63,7 @@ RC_GTEST_PROP(ReplicaProperty, AtMostOneValueIsChosenPerSlotUnderFaultsAndCrashe
   faults.duplicate_per_mille = *rc::gen::inRange<uint32_t>(0, 200);
   faults.delay_per_mille = *rc::gen::inRange<uint32_t>(0, 500);
   const uint64_t compact_every = *rc::gen::element<uint64_t>(0, 3, 10);
+  const bool async_storage = *rc::gen::arbitrary<bool>();
   const std::vector<Op> ops =
       *rc::gen::resize(60, rc::gen::container<std::vector<Op>>(GenOp(size)));
 
@@ -73,6 +74,7 @@ RC_GTEST_PROP(ReplicaProperty, AtMostOneValueIsChosenPerSlotUnderFaultsAndCrashe
   testing::Cluster c(size, seed, config);
   c.set_faults(faults);
   c.set_compact_every(compact_every);
+  c.set_async_storage(async_storage);
 
   uint64_t sequence = 0;
   for (const Op& op : ops) {

@@ -44,7 +44,8 @@ class Cluster::Host : public LogStorage,
  public:
   Host(Cluster* cluster, uint32_t id) : cluster_(cluster), id_(id) {}
 
-  // Writes land in the unsynced image; a sync makes them durable. Done at once.
+  // Writes land in the unsynced image at once; a sync makes them durable. Done at once, or,
+  // with asynchronous storage, a write that syncs finishes in a later Step.
   void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) override {
     Node& n = node();
     if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
@@ -57,11 +58,21 @@ class Cluster::Host : public LogStorage,
       auto& log = n.unsynced.log;
       log.erase(log.begin(), log.upper_bound(ready.compacted_through));
     }
-    if (options.sync) {
-      for (const LogEntry& e : ready.entries) cluster_->RecordAcceptance(id_, e);
-      n.synced = n.unsynced;
+    if (options.sync && cluster_->async_storage_) {
+      n.writes.push_back({ready.entries, std::move(done)});
+      return;
     }
+    if (options.sync) Sync(ready.entries);
     done();
+  }
+
+  // The oldest write in flight is durable now.
+  void FinishWrite() {
+    Node& n = node();
+    PendingWrite w = std::move(n.writes.front());
+    n.writes.pop_front();
+    Sync(w.entries);
+    w.done();
   }
 
   void Send(std::vector<Message> messages) override {
@@ -89,6 +100,12 @@ class Cluster::Host : public LogStorage,
   void Apply(CommittedEntry c) override {
     Node& n = node();
     SYNOD_CHECK_EQ(c.slot, n.app_index + 1);
+    // Acceptances are recorded when they become durable, before any vote can count them.
+    if (cluster_->chosen_.count(c.slot) == 0 && !cluster_->violation_) {
+      cluster_->violation_ = "replica " + std::to_string(id_) + " applied slot " +
+                             std::to_string(c.slot) +
+                             " before a majority had durably accepted its value";
+    }
     std::string encoded = Encode(c.value);
     cluster_->Record(id_, c.slot, encoded);
     StableHash h;
@@ -116,6 +133,11 @@ class Cluster::Host : public LogStorage,
 
  private:
   Node& node() { return cluster_->nodes_.at(id_); }
+  void Sync(const std::vector<LogEntry>& entries) {
+    for (const LogEntry& e : entries) cluster_->RecordAcceptance(id_, e);
+    Node& n = node();
+    n.synced = n.unsynced;
+  }
   // The applied state is durable on its own (as the server's SQLite commits are); the
   // log's unsynced writes are not.
   void KeepApplied() {
@@ -163,6 +185,7 @@ PersistedState Cluster::Persisted(const Durable& d) const {
 
 void Cluster::Crash(uint32_t id) {
   Node& n = nodes_.at(id);
+  n.writes.clear();  // never finished: their writes are lost with the unsynced image
   n.driver.reset();
   n.unsynced = n.synced;
   n.app_index = n.synced.app_index;
@@ -246,6 +269,7 @@ void Cluster::Step() {
     nodes_.at(id).driver->replica().Tick();
     Drain(id);
   }
+  FinishSomeWrites();
   std::vector<Message> batch = std::move(network_);
   network_.clear();
   // Fisher-Yates with the raw 64-bit output, so the order is the same on every platform.
@@ -256,6 +280,16 @@ void Cluster::Step() {
       continue;
     }
     Deliver(m);
+  }
+  FinishSomeWrites();
+}
+
+void Cluster::FinishSomeWrites() {
+  // Each node's writes finish in order, each with even odds at each chance: some within the
+  // step they started in, some several steps later, while messages keep arriving.
+  for (uint32_t id : ids_) {
+    Node& n = nodes_.at(id);
+    while (n.driver && !n.writes.empty() && prng_() % 2 == 0) n.host->FinishWrite();
   }
 }
 

@@ -7,6 +7,8 @@
 // of applied values) so the tests see the consensus alone. The full simulator is sim/.
 
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -49,6 +51,10 @@ class Cluster {
   void Read(uint32_t id, uint64_t client_id, uint64_t sequence, Consistency consistency);
 
   void set_faults(NetworkFaults faults) { faults_ = faults; }
+  // Asynchronous storage: a write that must sync finishes only in a later Step (in order per
+  // node), while the node keeps stepping messages and requests; a crash loses the writes in
+  // flight. Off: every write finishes at once.
+  void set_async_storage(bool async) { async_storage_ = async; }
   // Takes a snapshot at the applied index of every replica that has applied at least
   // `every` entries since its last one.
   void set_compact_every(uint64_t every) { compact_every_ = every; }
@@ -87,9 +93,14 @@ class Cluster {
   // The node's side of the host driver's interfaces: storage with an fsync boundary that
   // completes at once, the test network, and the stand-in state machine.
   class Host;
+  struct PendingWrite {
+    std::vector<LogEntry> entries;  // acceptances that become durable when it finishes
+    std::function<void()> done;
+  };
   struct Node {
     std::unique_ptr<Host> host;
     std::unique_ptr<HostDriver> driver;  // owns the replica; null while crashed
+    std::deque<PendingWrite> writes;     // in flight, oldest first (asynchronous storage)
     Durable synced;
     Durable unsynced;  // synced plus writes not yet fsynced
     uint64_t app_index = 0;
@@ -99,6 +110,7 @@ class Cluster {
   };
 
   void Drain(uint32_t id);
+  void FinishSomeWrites();
   void Start(uint32_t id, PersistedState state);
   void Deliver(const Message& m);
   PersistedState Persisted(const Durable& d) const;
@@ -113,6 +125,7 @@ class Cluster {
   std::mt19937_64 prng_;
   NetworkFaults faults_;
   uint64_t compact_every_ = 0;
+  bool async_storage_ = false;
   std::map<uint64_t, std::string> chosen_;
   // (slot, ballot round, ballot replica) -> value and the acceptors that accepted it.
   std::map<std::tuple<uint64_t, uint64_t, uint32_t>, std::pair<std::string, std::set<uint32_t>>>
