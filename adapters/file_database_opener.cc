@@ -110,12 +110,17 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
     opener->discarded_after_restart_ = true;
   }
   if (!boot_id.empty() && kept != boot_id) {
+    // Durable before it names this boot: an empty file after a power failure would hide the
+    // next restart.
     const std::string tmp = absl::StrCat(kept_path, ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      out << boot_id;
-      if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-    }
+    int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", tmp));
+    const bool written =
+        write(fd, boot_id.data(), boot_id.size()) == static_cast<ssize_t>(boot_id.size()) &&
+        (!fsync || ::fsync(fd) == 0);
+    const int write_errno = errno;
+    close(fd);
+    if (!written) return absl::ErrnoToStatus(write_errno, absl::StrCat("cannot write ", tmp));
     if (rename(tmp.c_str(), kept_path.c_str()) != 0) {
       return absl::ErrnoToStatus(errno, absl::StrCat("cannot rename ", tmp));
     }
