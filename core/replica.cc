@@ -164,6 +164,7 @@ void Replica::Send(Message m) {
 void Replica::PersistHardState(bool must_sync) {
   pending_.hard_state = hard_;
   pending_.must_sync |= must_sync;
+  hard_state_sync_pending_ |= must_sync;
 }
 
 void Replica::PersistEntry(uint64_t slot, bool must_sync) {
@@ -1171,7 +1172,13 @@ void Replica::SendAccept(uint32_t peer, uint64_t slot) {
   e->set_slot(slot);
   *e->mutable_value() = log_.at(slot).value();
   SYNOD_CHECK(IsPeer(m.to()) && m.to() != config_.id);
-  // An accept acknowledges nothing: it may leave before the leader's own write is durable.
+  // An accept acknowledges nothing: it may leave before the leader's own write is durable,
+  // but not before the ballot it carries is (a leader elected at once, with no peer's
+  // promise needed, has not synced its round yet): a crash could reuse the round.
+  if (hard_state_sync_pending_ || hard_state_sync_in_flight_) {
+    Send(std::move(m));
+    return;
+  }
   pending_.early_messages.push_back(std::move(m));
 }
 
@@ -1442,6 +1449,8 @@ Ready Replica::GetReady() {
   // After a restart every applied slot counts as chosen, and must be servable to peers.
   if (!pending_.committed.empty() && unsynced_chosen_) pending_.must_sync = true;
   if (pending_.must_sync) unsynced_chosen_ = false;
+  hard_state_sync_in_flight_ = hard_state_sync_pending_;
+  hard_state_sync_pending_ = false;
   Ready ready = std::move(pending_);
   pending_ = Ready();
   awaiting_advance_ = true;
@@ -1452,6 +1461,7 @@ Ready Replica::GetReady() {
 void Replica::Advance(const Ready& ready) {
   SYNOD_CHECK(awaiting_advance_);
   awaiting_advance_ = false;
+  hard_state_sync_in_flight_ = false;
   if (ready.snapshot) applied_index_ = std::max(applied_index_, ready.snapshot->meta.index());
   if (!ready.committed.empty()) {
     SYNOD_CHECK_EQ(ready.committed.front().slot, applied_index_ + 1);

@@ -378,6 +378,10 @@ class Replica {
   uint64_t handed_out_index_ = 0;  // committed entries given to the host so far
   // A chosen value this replica had not accepted was written, not yet synced.
   bool unsynced_chosen_ = false;
+  // The next Ready, or the one the host is persisting, syncs a hard state (a promise or a
+  // round used): accepts wait for it, and leave as ordinary messages.
+  bool hard_state_sync_pending_ = false;
+  bool hard_state_sync_in_flight_ = false;
   uint64_t catchup_wanted_until_ = 0;
   int catchup_retry_ticks_ = 0;  // > 0 while a catch-up request is outstanding
   uint32_t catchup_peer_ = 0;    // the peer asked; catch-up answers and chunks come from it
