@@ -106,7 +106,7 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
       return absl::Status(absl::ErrnoToStatusCode(error.value()),
                           absl::StrCat("cannot clear ", db_dir, ": ", error.message()));
     }
-    if (absl::Status synced = SyncDirectory(data_dir); !synced.ok()) return synced;
+    if (absl::Status synced = opener->SyncDbDirectory(); !synced.ok()) return synced;
     opener->discarded_after_restart_ = true;
   }
   if (!boot_id.empty() && kept != boot_id) {
@@ -145,15 +145,7 @@ absl::Status FileDatabaseOpener::RemoveFile(const std::string& path) {
 }
 
 absl::Status FileDatabaseOpener::SyncDbDirectory() const {
-  if (!fsync_) return absl::OkStatus();
-  int fd = open(db_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot open directory ", db_dir_));
-  absl::Status status;
-  if (fsync(fd) != 0) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot fsync directory ", db_dir_));
-  }
-  close(fd);
-  return status;
+  return fsync_ ? SyncDirectory(db_dir_) : absl::OkStatus();
 }
 
 absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, const char* vfs_name) {

@@ -35,6 +35,29 @@ class ClusterTest(unittest.TestCase):
         else:
             self.c.cleanup()
 
+    def start_writers(self, db, sql, params_of, writers=4):
+        """Clients writing unique keys through every replica in turn until stop is set;
+        returns (acknowledged keys, stop event, threads)."""
+        acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+
+        def writer(n):
+            k = 0
+            while not stop.is_set():
+                k += 1
+                key = f"w{n}-{k}"
+                try:
+                    r = self.c.exec(1 + (n + k) % 3, db, sql, params_of(key, k), timeout=10)
+                except OSError:
+                    continue
+                if r.status == 200:
+                    with lock:
+                        acknowledged.append(key)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+        for t in threads:
+            t.start()
+        return acknowledged, stop, threads
+
     def create(self, db, replica=1):
         r = self.c.request(replica, "PUT", f"/v1/db/{db}")
         self.assertEqual(r.status, 201, r)
@@ -192,25 +215,8 @@ class Failures(ClusterTest):
     def test_writes_survive_killing_the_leader_and_replicas_catch_up(self):
         self.create("kv")
         self.c.exec(1, "kv", "CREATE TABLE t(k TEXT PRIMARY KEY)")
-        acknowledged, lock, stop = [], threading.Lock(), threading.Event()
-
-        def writer(n):
-            k = 0
-            while not stop.is_set():
-                k += 1
-                key = f"w{n}-{k}"
-                replica = 1 + (n + k) % 3
-                try:
-                    r = self.c.exec(replica, "kv", "INSERT INTO t VALUES (?)", [key], timeout=10)
-                except OSError:
-                    continue
-                if r.status == 200:
-                    with lock:
-                        acknowledged.append(key)
-
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
+        acknowledged, stop, threads = self.start_writers(
+            "kv", "INSERT INTO t VALUES (?)", lambda key, k: [key])
         time.sleep(1.5)
         leader = self.c.wait_leader()
         self.c.kill(leader, signal.SIGKILL)
@@ -241,25 +247,8 @@ class Failures(ClusterTest):
         # with the same rows.
         self.create("crash")
         self.c.exec(1, "crash", "CREATE TABLE t(k TEXT PRIMARY KEY, n INTEGER)")
-        acknowledged, lock, stop = [], threading.Lock(), threading.Event()
-
-        def writer(n):
-            k = 0
-            while not stop.is_set():
-                k += 1
-                key = f"w{n}-{k}"
-                try:
-                    r = self.c.exec(1 + (n + k) % 3, "crash", "INSERT INTO t VALUES (?, ?)",
-                                    [key, k], timeout=10)
-                except OSError:
-                    continue
-                if r.status == 200:
-                    with lock:
-                        acknowledged.append(key)
-
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
+        acknowledged, stop, threads = self.start_writers(
+            "crash", "INSERT INTO t VALUES (?, ?)", lambda key, k: [key, k])
         rng = random.Random(7)
         for _ in range(6):
             time.sleep(rng.uniform(0.2, 0.6))
