@@ -538,10 +538,17 @@ void Node::FlushOutbox(uint32_t peer) {
       peer_auth_->Seal(options_.id, peer, peer_send_sequences_.at(peer).Next(), payload);
   box.in_flight = true;
   peer_clients_.at(peer)->Post("/internal/v1/messages", std::move(body),
-                               [this, peer](absl::StatusOr<HttpResponse>) {
+                               [this, peer](absl::StatusOr<HttpResponse> response) {
                                  // Lost or refused batches are the protocol's business.
+                                 // So are the messages queued behind one that failed: the
+                                 // peer is down or cut off, they age while the client backs
+                                 // off, and the core's timers send what is still needed.
                                  PeerOutbox& b = outboxes_.at(peer);
                                  b.in_flight = false;
+                                 if (!response.ok()) {
+                                   b.pending.clear();
+                                   b.pending_bytes = 0;
+                                 }
                                  FlushOutbox(peer);
                                });
 }
