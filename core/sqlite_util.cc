@@ -493,6 +493,33 @@ Stmt MustPrepare(sqlite3* db, std::string_view sql) {
   return Stmt(raw);
 }
 
+void StatementCache::Lease::reset() {
+  if (stmt_ == nullptr) return;
+  sqlite3_reset(stmt_);  // its error, if any, was the step's to report
+  sqlite3_clear_bindings(stmt_);
+  stmt_ = nullptr;
+}
+
+StatementCache::Lease StatementCache::Get(sqlite3* db, const char* sql) {
+  Entry& entry = statements_[{db, sql}];
+  if (entry.stmt == nullptr || entry.sql != sql) {
+    sqlite3_stmt* raw = nullptr;
+    const char* tail = nullptr;
+    int rc = sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &raw, &tail);
+    SYNOD_CHECK_EQ(rc, SQLITE_OK) << sql << ": " << sqlite3_errmsg(db);
+    SYNOD_CHECK(raw != nullptr) << "no statement in: " << sql;
+    SYNOD_CHECK(tail == nullptr || *tail == '\0') << "more than one statement in: " << sql;
+    entry.sql = sql;
+    entry.stmt.reset(raw);
+  }
+  return Lease(entry.stmt.get());
+}
+
+void StatementCache::Exec(sqlite3* db, const char* sql) {
+  Lease stmt = Get(db, sql);
+  SYNOD_CHECK(!MustStep(stmt.get())) << sql << " returned a row";
+}
+
 bool MustStep(sqlite3_stmt* stmt) {
   int rc = sqlite3_step(stmt);
   SYNOD_CHECK(rc == SQLITE_ROW || rc == SQLITE_DONE)

@@ -8,9 +8,11 @@
 #include <sqlite3.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -48,6 +50,44 @@ void MustBindBlob(sqlite3_stmt* stmt, int index, std::string_view blob);
 void MustBindText(sqlite3_stmt* stmt, int index, std::string_view text);
 void MustBindInt64(sqlite3_stmt* stmt, int index, int64_t value);
 std::string ColumnString(sqlite3_stmt* stmt, int column);
+
+// The state machine's own statements, prepared once per connection and kept: applying an
+// entry runs the same dozen statements again and again, and parsing them was a tenth of
+// the simulator's time. Get() hands a statement out reset and unbound; its Lease resets it
+// again when it goes, so that no kept statement holds a transaction open between uses.
+// Failing to prepare is a broken invariant (SYNOD_CHECK), as for MustPrepare.
+// Clear() every statement of a connection before the connection closes (CloseDb checks).
+class StatementCache {
+ public:
+  class Lease {
+   public:
+    explicit Lease(sqlite3_stmt* stmt) : stmt_(stmt) {}
+    Lease(Lease&& other) noexcept : stmt_(other.stmt_) { other.stmt_ = nullptr; }
+    Lease& operator=(Lease&&) = delete;
+    ~Lease() { reset(); }
+    sqlite3_stmt* get() const { return stmt_; }
+    // Ends this use early (before a COMMIT that a pending statement would block).
+    void reset();
+
+   private:
+    sqlite3_stmt* stmt_;
+  };
+
+  // `sql` is one statement; kept by its text and connection.
+  Lease Get(sqlite3* db, const char* sql);
+  // Runs one statement that returns no rows (BEGIN, COMMIT, ...).
+  void Exec(sqlite3* db, const char* sql);
+  void Clear() { statements_.clear(); }
+
+ private:
+  struct Entry {
+    std::string sql;
+    Stmt stmt;
+  };
+  // By connection and the address of the text; the text is compared too, so a key whose
+  // address was reused for other text prepares again rather than running the wrong one.
+  std::map<std::pair<sqlite3*, const char*>, Entry> statements_;
+};
 
 // Sets up a handle for replicated use: defensive mode, foreign keys enforced, temporary
 // tables and sorts in memory. Every handle of the state machine gets the same settings, so

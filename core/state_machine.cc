@@ -244,6 +244,7 @@ absl::StatusOr<Db> StateMachine::Impl::OpenDatabase(std::string_view file_id) {
 
 // Reads the state from the system database and opens every database of its catalog.
 absl::Status StateMachine::Impl::Load() {
+  statements.Clear();
   databases.clear();
   Stmt stmt = MustPrepare(system.get(), "SELECT revision, now_unix_ms FROM _synod_revision");
   SYNOD_CHECK(MustStep(stmt.get()));
@@ -298,11 +299,15 @@ absl::Status StateMachine::Impl::Load() {
 }
 
 CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
-                                               const ClientRequest& request) {
+                                               const ClientRequest& request, bool ends_entry) {
   now_unix_ms = request.timestamp_unix_ms();
   RefillCostlyBudget();
-  if (std::optional<CommandResult> stored = EntryResult(index)) {
+  // Results are stored for an entry's requests only until it ends: only an entry found half
+  // applied at Open() can have one for this request.
+  if (std::optional<CommandResult> stored =
+          mid_entry ? EntryResult(index) : std::optional<CommandResult>()) {
     ChargeCostlyBudget(*stored);
+    if (ends_entry) FinishEntry(slot);
     return *std::move(stored);
   }
   random.Reset(slot, index);
@@ -310,15 +315,21 @@ CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
   // the request too. (It is process-wide: one state machine applies at a time.)
   sqlite3_test_control(SQLITE_TESTCTRL_PRNG_SEED,
                        static_cast<int>(slot * 0x9E3779B97F4A7C15ull + index), nullptr);
-  MustExec(system.get(), "BEGIN");
+  statements.Exec(system.get(), "BEGIN");
   Outcome outcome = ApplyWithSession(slot, index, request);
-  Stmt stmt = MustPrepare(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
-  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
-  MustBindBlob(stmt.get(), 2, outcome.result.SerializeAsString());
-  SYNOD_CHECK(!MustStep(stmt.get()));
-  stmt.reset();
-  MustExec(system.get(), "COMMIT");
   ChargeCostlyBudget(outcome.result);
+  if (ends_entry) {
+    // The entry's end commits with its last request: one transaction fewer per entry.
+    StoreEntryEnd(slot);
+  } else {
+    StatementCache::Lease stmt =
+        statements.Get(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
+    MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
+    MustBindBlob(stmt.get(), 2, outcome.result.SerializeAsString());
+    SYNOD_CHECK(!MustStep(stmt.get()));
+  }
+  statements.Exec(system.get(), "COMMIT");
+  if (ends_entry) EntryEnded(slot);
   if (!outcome.file_to_remove.empty()) {
     absl::Status removed = opener->Remove(outcome.file_to_remove);
     SYNOD_CHECK(removed.ok()) << removed;
@@ -357,8 +368,8 @@ StateMachine::Impl::Outcome StateMachine::Impl::ApplyWithSession(uint64_t slot, 
 }
 
 std::optional<StateMachine::Impl::Session> StateMachine::Impl::LoadSession(uint64_t client_id) {
-  Stmt stmt =
-      MustPrepare(system.get(), "SELECT sequence, result FROM _synod_sessions WHERE client_id = ?");
+  StatementCache::Lease stmt = statements.Get(
+      system.get(), "SELECT sequence, result FROM _synod_sessions WHERE client_id = ?");
   MustBindInt64(stmt.get(), 1, static_cast<int64_t>(client_id));
   if (!MustStep(stmt.get())) return std::nullopt;
   return Session{.sequence = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0)),
@@ -376,8 +387,8 @@ void StateMachine::Impl::StoreSession(uint64_t client_id, uint64_t sequence, uin
     ++session_count;
   }
   SYNOD_CHECK_LE(session_count, kMaxSessions);
-  Stmt stmt =
-      MustPrepare(system.get(), "INSERT OR REPLACE INTO _synod_sessions VALUES (?, ?, ?, ?)");
+  StatementCache::Lease stmt =
+      statements.Get(system.get(), "INSERT OR REPLACE INTO _synod_sessions VALUES (?, ?, ?, ?)");
   MustBindInt64(stmt.get(), 1, static_cast<int64_t>(client_id));
   MustBindInt64(stmt.get(), 2, static_cast<int64_t>(sequence));
   MustBindInt64(stmt.get(), 3, static_cast<int64_t>(slot));
@@ -408,30 +419,39 @@ void StateMachine::Impl::ChargeCostlyBudget(const CommandResult& result) {
 }
 
 std::optional<CommandResult> StateMachine::Impl::EntryResult(uint64_t index) {
-  Stmt stmt =
-      MustPrepare(system.get(), "SELECT result FROM _synod_entry_results WHERE request_index = ?");
+  StatementCache::Lease stmt = statements.Get(
+      system.get(), "SELECT result FROM _synod_entry_results WHERE request_index = ?");
   MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
   if (!MustStep(stmt.get())) return std::nullopt;
   return ParseResult(ColumnString(stmt.get(), 0));
 }
 
 void StateMachine::Impl::FinishEntry(uint64_t slot) {
-  MustExec(system.get(), "BEGIN; DELETE FROM _synod_entry_results;");
-  Stmt stmt = MustPrepare(system.get(),
-                          "UPDATE _synod_revision SET revision = ?, now_unix_ms = ? WHERE id = 0");
+  statements.Exec(system.get(), "BEGIN");
+  StoreEntryEnd(slot);
+  statements.Exec(system.get(), "COMMIT");
+  EntryEnded(slot);
+}
+
+void StateMachine::Impl::StoreEntryEnd(uint64_t slot) {
+  statements.Exec(system.get(), "DELETE FROM _synod_entry_results");
+  StatementCache::Lease stmt = statements.Get(
+      system.get(), "UPDATE _synod_revision SET revision = ?, now_unix_ms = ? WHERE id = 0");
   MustBindInt64(stmt.get(), 1, static_cast<int64_t>(slot));
   MustBindInt64(stmt.get(), 2, now_unix_ms);
   SYNOD_CHECK(!MustStep(stmt.get()));
   SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
-  stmt = MustPrepare(system.get(),
-                     "UPDATE _synod_costly_budget SET work_units = ?, as_of_unix_ms = ? "
-                     "WHERE id = 0");
-  MustBindInt64(stmt.get(), 1, costly.work_units);
-  MustBindInt64(stmt.get(), 2, costly.as_of_unix_ms);
-  SYNOD_CHECK(!MustStep(stmt.get()));
-  SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
   stmt.reset();
-  MustExec(system.get(), "COMMIT");
+  StatementCache::Lease budget = statements.Get(
+      system.get(),
+      "UPDATE _synod_costly_budget SET work_units = ?, as_of_unix_ms = ? WHERE id = 0");
+  MustBindInt64(budget.get(), 1, costly.work_units);
+  MustBindInt64(budget.get(), 2, costly.as_of_unix_ms);
+  SYNOD_CHECK(!MustStep(budget.get()));
+  SYNOD_CHECK_EQ(sqlite3_changes(system.get()), 1);
+}
+
+void StateMachine::Impl::EntryEnded(uint64_t slot) {
   revision = slot;
   mid_entry = false;
 }
@@ -471,9 +491,10 @@ std::vector<AppliedRequest> StateMachine::Apply(uint64_t slot, const Value& valu
     applied.push_back({.client_id = request.client_id(),
                        .sequence = request.sequence(),
                        .origin_replica = request.origin_replica(),
-                       .result = impl_->ApplyRequest(slot, static_cast<uint64_t>(i), request)});
+                       .result = impl_->ApplyRequest(slot, static_cast<uint64_t>(i), request,
+                                                     i + 1 == value.requests_size())});
   }
-  impl_->FinishEntry(slot);
+  if (value.requests_size() == 0) impl_->FinishEntry(slot);
   return applied;
 }
 
@@ -716,6 +737,7 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   // Remove the system database first: a crash from here on leaves no catalog, so Open()
   // starts from an empty state (removing every user file) rather than from a mixed one.
   impl_->idle_readers.clear();
+  impl_->statements.Clear();
   impl_->databases.clear();
   impl_->system.reset();
   absl::Status removed = impl_->opener->Remove(kSystemFileId);

@@ -256,6 +256,7 @@ StateMachine::Impl::Outcome StateMachine::Impl::DropDatabase(const synod::DropDa
   }
   Outcome outcome{.file_to_remove = it->second.file_id};
   idle_readers.erase(drop.name());
+  statements.Clear();
   databases.erase(it);  // closes the handle, so the file can be removed after the commit
   return outcome;
 }
@@ -279,7 +280,8 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   // ran before (a restarted replica's connection ran nothing): a DELETE of no row resets
   // changes().
   sqlite3_set_last_insert_rowid(handle, 0);
-  MustExec(handle, "BEGIN; DELETE FROM _synod_meta WHERE 0;");
+  statements.Exec(handle, "BEGIN");
+  statements.Exec(handle, "DELETE FROM _synod_meta WHERE 0");
   CommandResult result;
   size_t result_bytes = 0;
   // One budget for the whole request, across its statements: its allowance of work, plus
@@ -294,7 +296,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
         static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
   };
   for (int i = 0; i < execute.statements_size(); ++i) {
-    if (!execute.transaction()) MustExec(handle, "SAVEPOINT synod_statement");
+    if (!execute.transaction()) statements.Exec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
         RunUserStatement(handle, execute.statements(i), /*read_only=*/false, &budget);
     // The whole request's result is stored with the session: keep it well under what
@@ -306,7 +308,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
                        state_machine_internal::kMaxRequestResultBytes, " bytes"));
     }
     if (statement.ok()) {
-      if (!execute.transaction()) MustExec(handle, "RELEASE synod_statement");
+      if (!execute.transaction()) statements.Exec(handle, "RELEASE synod_statement");
       *result.add_results() = *std::move(statement);
       continue;
     }
@@ -337,7 +339,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     break;
   }
   spent(&result);  // before it is stored: a replay after a crash charges the same
-  Stmt meta = MustPrepare(
+  StatementCache::Lease meta = statements.Get(
       handle, "UPDATE _synod_meta SET revision = ?, request_index = ?, result = ? WHERE id = 0");
   MustBindInt64(meta.get(), 1, static_cast<int64_t>(slot));
   MustBindInt64(meta.get(), 2, static_cast<int64_t>(index));
@@ -345,7 +347,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   SYNOD_CHECK(!MustStep(meta.get()));
   SYNOD_CHECK_EQ(sqlite3_changes(handle), 1);
   meta.reset();
-  MustExec(handle, "COMMIT");
+  statements.Exec(handle, "COMMIT");
   db.revision = slot;
   db.request_index = index;
   return result;

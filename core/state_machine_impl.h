@@ -85,7 +85,9 @@ struct StateMachine::Impl {
 
   absl::StatusOr<Db> OpenDatabase(std::string_view file_id);
   absl::Status Load();
-  CommandResult ApplyRequest(uint64_t slot, uint64_t index, const ClientRequest& request);
+  // `ends_entry`: the entry's last request, whose transaction also records the entry's end.
+  CommandResult ApplyRequest(uint64_t slot, uint64_t index, const ClientRequest& request,
+                             bool ends_entry);
   Outcome ApplyWithSession(uint64_t slot, uint64_t index, const ClientRequest& request);
   Outcome RunCommand(uint64_t slot, uint64_t index, const Command& command);
   CommandResult CreateDatabase(uint64_t slot, uint64_t index, const synod::CreateDatabase& c);
@@ -104,7 +106,11 @@ struct StateMachine::Impl {
   // being applied, then charged what its result records.
   void RefillCostlyBudget();
   void ChargeCostlyBudget(const CommandResult& result);
+  // The end of the entry at `slot`: FinishEntry in a transaction of its own; StoreEntryEnd
+  // within the caller's, followed by EntryEnded once that commits.
   void FinishEntry(uint64_t slot);
+  void StoreEntryEnd(uint64_t slot);
+  void EntryEnded(uint64_t slot);
 
   DatabaseOpener* const opener;
   // 'now' for SQL: the timestamp of the request being applied, or of the last one applied
@@ -134,6 +140,9 @@ struct StateMachine::Impl {
     int64_t as_of_unix_ms = 0;
   };
   CostlyBudget costly;
+  // The state machine's own statements on `system` and the databases: last, so that they
+  // are finalized before any handle closes; cleared whenever a handle is closed.
+  StatementCache statements;
 };
 
 }  // namespace synod

@@ -947,6 +947,41 @@ TEST(StateMachineTest, AnEntryAppliedAgainAfterACrashIsNotAppliedTwice) {
   EXPECT_EQ(replica.Apply(Drop("e")).code(), NOT_FOUND);
 }
 
+TEST(StateMachineTest, AnEntryCutShortBetweenItsRequestsReplaysToTheSameResultsAndState) {
+  // The entry's end commits with its last request. A crash after the first request's
+  // system commit and the last one's user commit, before its system commit, leaves the
+  // first result in _synod_entry_results and the last in the database's _synod_meta.
+  Replica replica;
+  replica.Apply(Create("d"));
+  replica.Apply(Exec("d", "CREATE TABLE t(x INTEGER PRIMARY KEY AUTOINCREMENT, r)"));
+  const Value entry =
+      Entry({Request(Exec("d", "INSERT INTO t(r) VALUES (random()) RETURNING x, r"), 7, 1),
+             Request(Exec("d", "INSERT INTO t(r) VALUES (random()) RETURNING x, r"), 8, 1)});
+  SystemDatabase before(replica.opener());
+  uint64_t slot = replica.machine().revision() + 1;
+  std::vector<AppliedRequest> first = replica.ApplyEntry(entry);
+  ASSERT_EQ(first.size(), 2u);
+  uint64_t hash = replica.machine().StateHash();
+  const std::string result0 = Hex(first[0].result.SerializeAsString());
+  before.Restore("INSERT INTO _synod_entry_results VALUES (0, x'" + result0 +
+                 "'); INSERT INTO _synod_sessions VALUES (7, 1, " + std::to_string(slot) + ", x'" +
+                 result0 + "')");
+  replica.Restart();
+  EXPECT_EQ(replica.machine().revision(), slot - 1);
+  std::vector<AppliedRequest> again = replica.ApplyEntry(entry);
+  ASSERT_EQ(again.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(Serialized(again[i].result), Serialized(first[i].result)) << i;
+  }
+  EXPECT_EQ(replica.machine().StateHash(), hash);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "2");
+  // The entry ended: the next one applies normally and nothing of this one is left.
+  EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO t(r) VALUES (1)")).code(), OK);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "3");
+  replica.Restart();
+  EXPECT_TRUE(replica.machine().Snapshot().ok()) << "no entry is half applied";
+}
+
 TEST(StateMachineTest, ARestoredSnapshotHasTheSameStateAndNothingElse) {
   Replica source;
   source.Apply(Create("kept"));
