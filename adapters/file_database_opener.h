@@ -69,6 +69,7 @@ class FileDatabaseOpener : public DatabaseOpener {
   // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably.
   // REQUIRES: no handle to it is open.
   absl::Status Remove(std::string_view file_id) override;
+  bool ReadersKeepTransactions() const override { return true; }  // WAL: readers block no one
 
   // The ids of the databases present, sorted. Stops the process (SYNOD_CHECK) when the
   // directory cannot be read: the state machine cannot go on without knowing its files.

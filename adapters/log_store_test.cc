@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -11,8 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "adapters/file_database_opener.h"
 #include "core/log_codec.h"
+#include "core/state_machine.h"
 
 namespace synod {
 namespace {
@@ -420,6 +423,64 @@ TEST_F(FileDatabaseOpenerTest, AnUnknownVfsIsRejected) {
   absl::StatusOr<sqlite3*> db = opener->Open("system", "no-such-vfs");
   ASSERT_FALSE(db.ok());
   EXPECT_EQ(db.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+Value ExecEntry(std::string_view database, std::string_view sql) {
+  Value value;
+  Command* command = value.add_requests()->mutable_command();
+  command->mutable_execute()->set_database(std::string(database));
+  command->mutable_execute()->add_statements()->set_sql(std::string(sql));
+  return value;
+}
+
+std::string CountRows(StateMachine& sm) {
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> reader = sm.AcquireReader("d");
+  EXPECT_TRUE(reader.ok()) << reader.status();
+  if (!reader.ok()) return "";
+  Statement count;
+  count.set_sql("SELECT count(*) FROM t");
+  absl::StatusOr<StatementResult> rows = (*reader)->Query(count);
+  sm.ReleaseReader(*std::move(reader));
+  EXPECT_TRUE(rows.ok()) << rows.status();
+  return rows.ok() ? rows->rows(0).values(0).ShortDebugString() : "";
+}
+
+TEST_F(FileDatabaseOpenerTest, ReadersSeeEveryAppliedEntryAndHoldBackNoCheckpoint) {
+  // Readers of WAL files keep their read transaction between queries while nothing is
+  // applied; each applied entry ends them, so they see it and let checkpoints through.
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(opener.get());
+  ASSERT_TRUE(sm.ok()) << sm.status();
+  Value create;
+  create.add_requests()->mutable_command()->mutable_create_database()->set_name("d");
+  uint64_t slot = 0;
+  (*sm)->Apply(++slot, create);
+  (*sm)->Apply(++slot, ExecEntry("d", "CREATE TABLE t(x)"));
+  const std::string wal = dir_ + "/db/" + DatabaseFileId("d") + ".sqlite3-wal";
+  uintmax_t largest_wal = 0;
+  for (int k = 0; k < 700; ++k) {  // about 7 MB: beyond SQLite's checkpoint size
+    ASSERT_EQ(CountRows(**sm), absl::StrCat("integer: ", k)) << k;
+    ASSERT_EQ(CountRows(**sm), absl::StrCat("integer: ", k)) << "the same, read again";
+    (*sm)->Apply(++slot, ExecEntry("d", "INSERT INTO t VALUES (randomblob(10000))"));
+    largest_wal = std::max(largest_wal, fs::file_size(wal));
+  }
+  // SQLite checkpoints at 1000 pages and then writes the WAL from its start again: a
+  // reader left holding an old transaction would have made it grow to the whole 7 MB.
+  EXPECT_LT(largest_wal, 5u << 20);
+
+  // A reader handed out before an entry applied (a query on a worker) and used after it
+  // reads the newer state, and comes back without holding it for the next reader.
+  absl::StatusOr<std::unique_ptr<DatabaseReader>> out = (*sm)->AcquireReader("d");
+  ASSERT_TRUE(out.ok());
+  (*sm)->Apply(++slot, ExecEntry("d", "INSERT INTO t VALUES (1)"));
+  Statement count;
+  count.set_sql("SELECT count(*) FROM t");
+  absl::StatusOr<StatementResult> rows = (*out)->Query(count);
+  ASSERT_TRUE(rows.ok());
+  EXPECT_EQ(rows->rows(0).values(0).integer(), 701);
+  (*sm)->ReleaseReader(*std::move(out));
+  (*sm)->Apply(++slot, ExecEntry("d", "INSERT INTO t VALUES (2)"));
+  EXPECT_EQ(CountRows(**sm), "integer: 702");
 }
 
 }  // namespace

@@ -484,6 +484,12 @@ StateMachine::~StateMachine() = default;
 std::vector<AppliedRequest> StateMachine::Apply(uint64_t slot, const Value& value) {
   SYNOD_CHECK_EQ(slot, impl_->revision + 1) << "entries apply in slot order";
   SYNOD_CHECK(!value.noop() || value.requests().empty()) << "a no-op carries no requests";
+  // Idle readers read the state before this entry: they end their transactions first, so
+  // that none holds the WAL while the entry commits (SQLite then starts it over after a
+  // checkpoint, instead of growing it).
+  for (auto& [name, readers] : impl_->idle_readers) {
+    for (std::unique_ptr<DatabaseReader>& reader : readers) reader->EndRead();
+  }
   std::vector<AppliedRequest> applied;
   applied.reserve(value.requests_size());
   for (int i = 0; i < value.requests_size(); ++i) {
@@ -529,10 +535,22 @@ DatabaseReader::DatabaseReader(std::string database, uint64_t generation)
 
 DatabaseReader::~DatabaseReader() = default;
 
+void DatabaseReader::BeginRead() {
+  if (keeps_transaction_ && sqlite3_get_autocommit(db_.get())) {
+    statements_.Exec(db_.get(), "BEGIN");
+  }
+}
+
+void DatabaseReader::EndRead() {
+  // An interrupted statement may have ended the transaction already.
+  if (!sqlite3_get_autocommit(db_.get())) statements_.Exec(db_.get(), "COMMIT");
+}
+
 absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement) {
   if (interrupted_.load()) {
     return absl::DeadlineExceededError("the statement was interrupted: it ran out of time");
   }
+  BeginRead();
   WorkBudget budget;
   // An Interrupt() between the check above and the statement's start would be forgotten by
   // SQLite; the flag, checked as the statement runs, is not.
@@ -548,6 +566,7 @@ absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement
 std::optional<absl::StatusOr<StatementResult>> DatabaseReader::TryQuery(const Statement& statement,
                                                                         int64_t max_work_units) {
   WorkBudget budget(max_work_units);
+  BeginRead();
   absl::StatusOr<StatementResult> result =
       RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
   if (!result.ok() && budget.work_exhausted() && max_work_units < kMaxRequestWorkUnits) {
@@ -578,6 +597,7 @@ absl::StatusOr<std::unique_ptr<DatabaseReader>> StateMachine::AcquireReader(
     SYNOD_CHECK_EQ(reader->generation_, it->second.generation);
   } else {
     reader.reset(new DatabaseReader(std::string(database), it->second.generation));
+    reader->keeps_transaction_ = impl_->opener->ReadersKeepTransactions();
     absl::StatusOr<sqlite3*> opened =
         impl_->opener->OpenReadOnly(it->second.file_id, reader->vfs_->name());
     if (!opened.ok()) return opened.status();
@@ -588,6 +608,7 @@ absl::StatusOr<std::unique_ptr<DatabaseReader>> StateMachine::AcquireReader(
     reader->guarded_.InstallOn(reader->db_.get());
   }
   reader->interrupted_.store(false);
+  reader->acquired_at_revision_ = impl_->revision;
   reader->now_unix_ms_ = impl_->now_unix_ms;
   reader->random_.Reset(impl_->revision, kQueryRequestIndex);
   return reader;
@@ -597,6 +618,8 @@ void StateMachine::ReleaseReader(std::unique_ptr<DatabaseReader> reader) {
   SYNOD_CHECK(reader != nullptr);
   auto it = impl_->databases.find(reader->database());
   if (it == impl_->databases.end() || it->second.generation != reader->generation_) return;
+  // A query on a worker may have begun its transaction after later entries applied.
+  if (reader->acquired_at_revision_ != impl_->revision) reader->EndRead();
   // Every reader holds file descriptors (the database, its -wal and -shm): few are kept.
   size_t idle_total = 0;
   for (const auto& [name, readers] : impl_->idle_readers) idle_total += readers.size();

@@ -75,6 +75,9 @@ class DatabaseOpener {
   virtual absl::Status Remove(std::string_view file_id) = 0;
   // The file ids that currently exist (for Open() after a restart).
   virtual std::vector<std::string> List() = 0;
+  // Whether a reader may keep a read transaction open while the state machine writes: true
+  // for WAL files, false for shared-cache memory databases (they lock whole tables).
+  virtual bool ReadersKeepTransactions() const { return false; }
 };
 
 // Each Open() of a file id returns a handle to the same in-memory database until Remove(),
@@ -156,8 +159,18 @@ class DatabaseReader {
   friend class StateMachine;
   DatabaseReader(std::string database, uint64_t generation);
 
+  // A reader's read transaction stays open between its queries while the state machine's
+  // revision stays where it was (reads of an unchanged state take no locks and keep their
+  // page cache); it ends when an entry is applied, or when the reader comes back at a later
+  // revision than it was handed out at. So an idle reader's open transaction always reads
+  // the current state, and none holds back a WAL checkpoint for long.
+  void BeginRead();
+  void EndRead();
+
   const std::string database_;
   const uint64_t generation_;  // which incarnation of the database it reads
+  uint64_t acquired_at_revision_ = 0;
+  bool keeps_transaction_ = false;  // DatabaseOpener::ReadersKeepTransactions
   // 'now' and random() of the reader's queries: the last applied request's time, and a
   // stream seeded from the revision at acquisition.
   int64_t now_unix_ms_ = 0;
@@ -165,7 +178,8 @@ class DatabaseReader {
   std::unique_ptr<TimeSourceVfs> vfs_;
   RequestRandom random_;
   GuardedFunctions guarded_;
-  Db db_;  // last: closed before what it uses
+  Db db_;                      // closed before what it uses
+  StatementCache statements_;  // finalized before db_ closes
 };
 
 class StateMachine {
