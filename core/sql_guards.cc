@@ -159,6 +159,9 @@ const bool allocator_installed = [] {
   pages.xDestroy = &ChargedDestroy;
   pages.xShrink = &ChargedShrink;
   SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_PCACHE2, &pages), SQLITE_OK);
+  // No memory statistics (nothing here reads them, and no heap limit is set): with them on,
+  // every SQLite allocation and free takes a process-wide mutex.
+  SYNOD_CHECK_EQ(sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0), SQLITE_OK);
   return true;
 }();
 

@@ -261,6 +261,21 @@ StateMachine::Impl::Outcome StateMachine::Impl::DropDatabase(const synod::DropDa
   return outcome;
 }
 
+namespace {
+
+// Whether the open transaction holds deferred constraint violations that would make its
+// COMMIT fail (foreign keys declared DEFERRABLE INITIALLY DEFERRED, PRAGMA
+// defer_foreign_keys).
+bool HasUnresolvedDeferredConstraints(sqlite3* handle) {
+  int current = 0;
+  int highest = 0;
+  SYNOD_CHECK_EQ(sqlite3_db_status(handle, SQLITE_DBSTATUS_DEFERRED_FKS, &current, &highest, 0),
+                 SQLITE_OK);
+  return current != 0;
+}
+
+}  // namespace
+
 CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
                                           const synod::Execute& execute) {
   auto it = databases.find(execute.database());
@@ -307,6 +322,12 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
           absl::StrCat("the request's results are over ",
                        state_machine_internal::kMaxRequestResultBytes, " bytes"));
     }
+    // A statement on its own commits on its own, as in SQLite's autocommit mode: a deferred
+    // constraint it leaves unresolved fails it (COMMIT would fail otherwise).
+    if (statement.ok() && !execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
+      statement = absl::InvalidArgumentError(
+          "FOREIGN KEY constraint failed (deferred: unresolved when the statement ended)");
+    }
     if (statement.ok()) {
       if (!execute.transaction()) statements.Exec(handle, "RELEASE synod_statement");
       *result.add_results() = *std::move(statement);
@@ -337,6 +358,16 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     }
     MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
     break;
+  }
+  if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
+    MustExec(handle, "ROLLBACK");
+    result.Clear();
+    result.set_code(INVALID_ARGUMENT);
+    result.set_message(
+        "FOREIGN KEY constraint failed (deferred: unresolved when the transaction ended); "
+        "nothing of the transaction was applied");
+    spent(&result);
+    return result;
   }
   spent(&result);  // before it is stored: a replay after a crash charges the same
   StatementCache::Lease meta = statements.Get(

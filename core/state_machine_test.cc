@@ -1530,6 +1530,47 @@ TEST(HostileInput, ARetriedCostlyWriteAnsweredFromItsSessionCostsNothing) {
   EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "1");
 }
 
+TEST(HostileInput, ADeferredForeignKeyViolationIsAnErrorResultNotACrash) {
+  // A deferred constraint is checked at COMMIT, after every statement succeeded.
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  ASSERT_EQ(replica
+                .Apply(Exec("d", {Sql("CREATE TABLE p(id INTEGER PRIMARY KEY)"),
+                                  Sql("CREATE TABLE c(p REFERENCES p(id) DEFERRABLE "
+                                      "INITIALLY DEFERRED)")}))
+                .code(),
+            OK);
+  // In a transaction: nothing of it stays.
+  Command insert = Exec("d", {Sql("INSERT INTO p VALUES (1)"), Sql("INSERT INTO c VALUES (7)")});
+  insert.mutable_execute()->set_transaction(true);
+  CommandResult result = replica.Apply(insert);
+  EXPECT_EQ(result.code(), INVALID_ARGUMENT) << result.message();
+  EXPECT_NE(result.message().find("FOREIGN KEY"), std::string::npos) << result.message();
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM p"), "0");
+  // Statements on their own: the one that leaves the violation fails, those before it stay.
+  insert.mutable_execute()->set_transaction(false);
+  result = replica.Apply(insert);
+  EXPECT_EQ(result.code(), INVALID_ARGUMENT) << result.message();
+  EXPECT_NE(result.message().find("statement 2: FOREIGN KEY"), std::string::npos)
+      << result.message();
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM p"), "1");
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM c"), "0");
+  // PRAGMA defer_foreign_keys defers the immediate ones the same way.
+  ASSERT_EQ(replica.Apply(Exec("d", "CREATE TABLE e(p REFERENCES p(id))")).code(), OK);
+  Command deferred =
+      Exec("d", {Sql("PRAGMA defer_foreign_keys = ON"), Sql("INSERT INTO e VALUES (9)")});
+  deferred.mutable_execute()->set_transaction(true);
+  EXPECT_EQ(replica.Apply(deferred).code(), INVALID_ARGUMENT);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM e"), "0");
+  ASSERT_EQ(
+      replica.Apply(Exec("d", {Sql("INSERT INTO p VALUES (7)"), Sql("INSERT INTO c VALUES (7)")}))
+          .code(),
+      OK);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM c"), "1");
+  replica.Restart();
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM c"), "1");
+}
+
 TEST(HostileInput, AnEntryReplayedAfterACrashDrawsWhatItsRequestsDrewBefore) {
   Replica replica;
   ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
