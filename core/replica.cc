@@ -1183,13 +1183,7 @@ void Replica::SendAccept(uint32_t peer, uint64_t slot) {
 }
 
 void Replica::MaybeProposeBatches() {
-  if (role_ != Role::kLeader) return;
-  // max_inflight_slots counts slots not yet chosen only: while one stalls, later ones are
-  // chosen and the pipeline runs on. Followers drop accepts beyond their commit index plus
-  // max_slots_beyond_commit, so the leader proposes no further than that from its own.
-  // (A leader's next slot lies above its commit index, checked in CheckInvariants.)
-  while (!queue_.empty() && inflight_.size() < config_.max_inflight_slots &&
-         next_slot_ - commit_index_ <= config_.max_slots_beyond_commit) {
+  while (CanPropose()) {
     Value batch;
     size_t bytes = 0;
     while (!queue_.empty() &&
@@ -1357,9 +1351,9 @@ void Replica::QueueRequest(ClientRequest request) {
     return Reply(request, RESOURCE_EXHAUSTED, "too many requests queued", 0);
   }
   queue_.push_back({std::move(request), now_ticks_});
-  if (role_ == Role::kLeader) {
-    MaybeProposeBatches();
-  } else if (role_ == Role::kFollower && leader_id_ != 0) {
+  // A leader proposes what is queued at GetReady: the requests that arrive while its host
+  // is busy (persisting the previous Ready) share one slot, and are applied together.
+  if (role_ == Role::kFollower && leader_id_ != 0) {
     ForwardQueued();
   }
 }
@@ -1424,11 +1418,22 @@ void Replica::StepForwardReply(const Message& m) {
 
 bool Replica::HasReady() const {
   return !pending_.empty() || handed_out_index_ < commit_index_ ||
-         (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_));
+         (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_ || CanPropose()));
+}
+
+bool Replica::CanPropose() const {
+  // max_inflight_slots counts slots not yet chosen only: while one stalls, later ones are
+  // chosen and the pipeline runs on. Followers drop accepts beyond their commit index plus
+  // max_slots_beyond_commit, so the leader proposes no further than that from its own.
+  // (A leader's next slot lies above its commit index, checked in CheckInvariants.)
+  return role_ == Role::kLeader && !queue_.empty() &&
+         inflight_.size() < config_.max_inflight_slots &&
+         next_slot_ - commit_index_ <= config_.max_slots_beyond_commit;
 }
 
 Ready Replica::GetReady() {
   SYNOD_CHECK(!awaiting_advance_) << "GetReady before the previous Ready was advanced";
+  MaybeProposeBatches();
   if (role_ == Role::kLeader && (commit_announce_ || read_round_wanted_)) {
     BroadcastHeartbeat();
   }

@@ -336,6 +336,8 @@ class Replica {
   // Proposer.
   void ProposeSlot(uint64_t slot, Value value);
   void SendAccept(uint32_t peer, uint64_t slot);
+  // Whether the leader has requests queued and room in its pipeline for another slot.
+  bool CanPropose() const;
   void MaybeProposeBatches();
   void BroadcastHeartbeat();
   bool ReadSafe() const;

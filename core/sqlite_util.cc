@@ -695,7 +695,7 @@ std::string SerializeDatabase(sqlite3* db) {
   return image;
 }
 
-void HashDatabase(sqlite3* db, StableHash* hash) {
+void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table) {
   Stmt schema =
       MustPrepare(db, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY 1, 2");
   while (MustStep(schema.get())) {
@@ -707,6 +707,7 @@ void HashDatabase(sqlite3* db, StableHash* hash) {
                             "'CREATE VIRTUAL TABLE%' ORDER BY name");
   while (MustStep(tables.get())) {
     std::string table = ColumnString(tables.get(), 0);
+    if (!skipped_table.empty() && table == skipped_table) continue;
     hash->AddField(table);
     HashTable(db, table, hash);
   }

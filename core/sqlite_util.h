@@ -124,8 +124,9 @@ void CopyDatabase(sqlite3* from, sqlite3* to);
 std::string SerializeDatabase(sqlite3* db);
 
 // Adds `db`'s logical content to `hash`: its schema and every row of every table, in an order
-// that depends only on the content (not on pages or on insertion history).
-void HashDatabase(sqlite3* db, StableHash* hash);
+// that depends only on the content (not on pages or on insertion history). The rows of
+// `skipped_table`, if given, are left out (the caller hashes what of them it means to).
+void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table = {});
 
 }  // namespace synod
 

@@ -46,6 +46,10 @@ using state_machine_internal::ToAbsl;
 
 namespace {
 
+// A group commits early once its results are this large: they are kept in memory and in
+// the _synod_meta rows of the databases it touched until it commits.
+constexpr size_t kMaxGroupResultBytes = 4 << 20;
+
 // The request index that seeds random() in Query(); no request of an entry has it.
 constexpr uint64_t kQueryRequestIndex = std::numeric_limits<uint64_t>::max();
 
@@ -273,16 +277,32 @@ absl::Status StateMachine::Impl::Load() {
     if (!handle.ok()) return handle.status();
     db.handle = std::move(*handle);
     sqlite3_stmt* raw = nullptr;
-    sqlite3_prepare_v2(db.handle.get(), "SELECT revision, request_index FROM _synod_meta", -1, &raw,
-                       nullptr);
+    sqlite3_prepare_v2(db.handle.get(), "SELECT revision, request_index, result FROM _synod_meta",
+                       -1, &raw, nullptr);
     Stmt meta(raw);
     if (meta == nullptr || sqlite3_step(meta.get()) != SQLITE_ROW) {
       return absl::DataLossError(absl::StrCat("database ", name, " has no _synod_meta row"));
     }
     db.revision = static_cast<uint64_t>(sqlite3_column_int64(meta.get(), 0));
     db.request_index = static_cast<uint64_t>(sqlite3_column_int64(meta.get(), 1));
+    const std::string result = ColumnString(meta.get(), 2);
+    SlotResults stored;
+    if (!stored.ParseFromString(result)) {
+      return absl::DataLossError(absl::StrCat("database ", name, " has a damaged _synod_meta row"));
+    }
+    if (stored.slot() == 0) {
+      // Written by an older version: the result of the request at (revision, request_index).
+      db.results_slot = db.revision;
+      db.results[db.request_index] = ParseResult(result);
+    } else {
+      db.results_slot = stored.slot();
+      for (const IndexedResult& entry : stored.results())
+        db.results[entry.index()] = entry.result();
+    }
     SYNOD_CHECK_LE(db.revision, revision + 1) << name;
-    mid_entry = mid_entry || db.revision > revision;
+    SYNOD_CHECK_LE(db.results_slot, revision + 1) << name;
+    // A group may have committed here only the results of requests that changed nothing.
+    mid_entry = mid_entry || db.revision > revision || db.results_slot > revision;
     catalogued.insert(db.file_id);
     databases.emplace(std::move(name), std::move(db));
   }
@@ -335,6 +355,147 @@ CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
     SYNOD_CHECK(removed.ok()) << removed;
   }
   return outcome.result;
+}
+
+void StateMachine::Impl::ApplyRequests(uint64_t slot, const Value& value,
+                                       std::vector<AppliedRequest>* applied) {
+  const int count = value.requests_size();
+  for (int i = 0; i < count; ++i) {
+    const ClientRequest& request = value.requests(i);
+    const bool last = i + 1 == count;
+    const uint64_t index = static_cast<uint64_t>(i);
+    std::optional<CommandResult> grouped = ApplyInGroup(slot, index, request);
+    if (group.broken) {
+      // Applied again one request at a time, from the group's first.
+      const int first = group.first;
+      RollBackGroup();
+      for (int j = first; j <= i; ++j) {
+        (*applied)[j].result =
+            ApplyRequest(slot, static_cast<uint64_t>(j), value.requests(j), j + 1 == count);
+      }
+      continue;
+    }
+    if (grouped.has_value()) {
+      (*applied)[i].result = *std::move(grouped);
+      if (last && group.open) {
+        CommitGroup(slot, /*ends_entry=*/true);
+      } else if (last) {
+        FinishEntry(slot);  // answered from _synod_entry_results: nothing else to commit
+      } else if (group.result_bytes > kMaxGroupResultBytes) {
+        CommitGroup(slot, /*ends_entry=*/false);
+      }
+      continue;
+    }
+    // It creates or drops a database: alone.
+    if (group.open) CommitGroup(slot, /*ends_entry=*/false);
+    (*applied)[i].result = ApplyRequest(slot, index, request, last);
+  }
+  SYNOD_CHECK(!group.open);
+}
+
+std::optional<CommandResult> StateMachine::Impl::ApplyInGroup(uint64_t slot, uint64_t index,
+                                                              const ClientRequest& request) {
+  const Command& command = request.command();
+  if (command.has_create_database() || command.has_drop_database()) return std::nullopt;
+  now_unix_ms = request.timestamp_unix_ms();
+  RefillCostlyBudget();
+  if (std::optional<CommandResult> stored =
+          mid_entry ? EntryResult(index) : std::optional<CommandResult>()) {
+    ChargeCostlyBudget(*stored);
+    return stored;
+  }
+  if (!group.open) OpenGroup(static_cast<int>(index));
+  random.Reset(slot, index);
+  sqlite3_test_control(SQLITE_TESTCTRL_PRNG_SEED,
+                       static_cast<int>(slot * 0x9E3779B97F4A7C15ull + index), nullptr);
+  Outcome outcome = ApplyWithSession(slot, index, request);
+  if (group.broken) return std::nullopt;
+  SYNOD_CHECK(outcome.file_to_remove.empty()) << "only a drop removes a file";
+  ChargeCostlyBudget(outcome.result);
+  // Kept until the entry ends, for a crash after this group commits and before it does.
+  StatementCache::Lease stmt =
+      statements.Get(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
+  const std::string serialized = outcome.result.SerializeAsString();
+  MustBindBlob(stmt.get(), 2, serialized);
+  SYNOD_CHECK(!MustStep(stmt.get()));
+  group.result_bytes += serialized.size();
+  return std::move(outcome.result);
+}
+
+void StateMachine::Impl::OpenGroup(int first) {
+  SYNOD_CHECK(!group.open);
+  group = Group{.open = true,
+                .first = first,
+                .session_count = session_count,
+                .costly_work_units = costly.work_units,
+                .costly_as_of_unix_ms = costly.as_of_unix_ms};
+  statements.Exec(system.get(), "BEGIN");
+}
+
+void StateMachine::Impl::JoinGroup(std::string_view name, Database& db) {
+  SYNOD_CHECK(group.open && !db.in_group);
+  group.saved.emplace(std::string(name), Group::SavedDatabase{.revision = db.revision,
+                                                              .request_index = db.request_index,
+                                                              .results_slot = db.results_slot,
+                                                              .results = db.results});
+  group.touched.emplace_back(name);
+  statements.Exec(db.handle.get(), "BEGIN");
+  db.in_group = true;
+}
+
+void StateMachine::Impl::CommitGroup(uint64_t slot, bool ends_entry) {
+  SYNOD_CHECK(group.open);
+  // User databases first: a crash before the system database commits leaves each with the
+  // results of its requests (SlotResults), and the entry is applied again from them.
+  for (const std::string& name : group.touched) {
+    Database& db = databases.find(name)->second;
+    sqlite3* handle = db.handle.get();
+    StatementCache::Lease meta = statements.Get(
+        handle, "UPDATE _synod_meta SET revision = ?, request_index = ?, result = ? WHERE id = 0");
+    MustBindInt64(meta.get(), 1, static_cast<int64_t>(db.revision));
+    MustBindInt64(meta.get(), 2, static_cast<int64_t>(db.request_index));
+    MustBindBlob(meta.get(), 3, SlotResultsBlob(db));
+    SYNOD_CHECK(!MustStep(meta.get()));
+    SYNOD_CHECK_EQ(sqlite3_changes(handle), 1);
+    meta.reset();
+    statements.Exec(handle, "COMMIT");
+    db.in_group = false;
+  }
+  if (ends_entry) StoreEntryEnd(slot);
+  statements.Exec(system.get(), "COMMIT");
+  if (ends_entry) EntryEnded(slot);
+  group = Group{};
+}
+
+void StateMachine::Impl::RollBackGroup() {
+  SYNOD_CHECK(group.open);
+  for (const std::string& name : group.touched) {
+    Database& db = databases.find(name)->second;
+    // The statement that broke the group may have ended its database's transaction.
+    if (!sqlite3_get_autocommit(db.handle.get())) MustExec(db.handle.get(), "ROLLBACK");
+    Group::SavedDatabase& saved = group.saved.find(name)->second;
+    db.revision = saved.revision;
+    db.request_index = saved.request_index;
+    db.results_slot = saved.results_slot;
+    db.results = std::move(saved.results);
+    db.in_group = false;
+  }
+  MustExec(system.get(), "ROLLBACK");
+  session_count = group.session_count;
+  costly = {.work_units = group.costly_work_units, .as_of_unix_ms = group.costly_as_of_unix_ms};
+  group = Group{};
+}
+
+std::string StateMachine::Impl::SlotResultsBlob(const Database& db) {
+  SlotResults stored;
+  stored.set_slot(db.results_slot);
+  for (const auto& [index, result] : db.results) {
+    IndexedResult* entry = stored.add_results();
+    entry->set_index(index);
+    *entry->mutable_result() = result;
+  }
+  return stored.SerializeAsString();
 }
 
 StateMachine::Impl::Outcome StateMachine::Impl::ApplyWithSession(uint64_t slot, uint64_t index,
@@ -492,15 +653,17 @@ std::vector<AppliedRequest> StateMachine::Apply(uint64_t slot, const Value& valu
   }
   std::vector<AppliedRequest> applied;
   applied.reserve(value.requests_size());
-  for (int i = 0; i < value.requests_size(); ++i) {
-    const ClientRequest& request = value.requests(i);
+  for (const ClientRequest& request : value.requests()) {
     applied.push_back({.client_id = request.client_id(),
                        .sequence = request.sequence(),
                        .origin_replica = request.origin_replica(),
-                       .result = impl_->ApplyRequest(slot, static_cast<uint64_t>(i), request,
-                                                     i + 1 == value.requests_size())});
+                       .result = {}});
   }
-  if (value.requests_size() == 0) impl_->FinishEntry(slot);
+  if (value.requests_size() == 0) {
+    impl_->FinishEntry(slot);
+  } else {
+    impl_->ApplyRequests(slot, value, &applied);
+  }
   return applied;
 }
 
@@ -790,7 +953,11 @@ uint64_t StateMachine::StateHash() {
   HashDatabase(impl_->system.get(), &hash);
   for (const auto& [name, db] : impl_->databases) {
     hash.AddField(name);
-    HashDatabase(db.handle.get(), &hash);
+    // Not the results kept for a crash (SlotResults): which requests they hold depends on
+    // how the entry was grouped, which a crash can change.
+    HashDatabase(db.handle.get(), &hash, "_synod_meta");
+    hash.AddU64(db.revision);
+    hash.AddU64(db.request_index);
   }
   return hash.value();
 }

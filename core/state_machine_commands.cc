@@ -284,18 +284,31 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   }
   Database& db = it->second;
   sqlite3* handle = db.handle.get();
-  if (db.revision == slot && db.request_index == index) {  // applied before a crash
-    Stmt meta = MustPrepare(handle, "SELECT result FROM _synod_meta");
-    SYNOD_CHECK(MustStep(meta.get()));
-    return ParseResult(ColumnString(meta.get(), 0));
+  if (db.results_slot == slot) {
+    auto stored = db.results.find(index);
+    if (stored != db.results.end()) return stored->second;  // applied before a crash
+    SYNOD_CHECK(db.results.empty() || db.results.rbegin()->first < index)
+        << "request " << index << " of slot " << slot << " ran after later ones";
   }
-  SYNOD_CHECK(db.revision < slot || (db.revision == slot && db.request_index < index));
+  SYNOD_CHECK_LE(db.revision, slot);
+  // In a group (state_machine_impl.h), the database's transaction stays open across the
+  // group's requests, and each request is a savepoint in it.
+  const bool grouped = group.open;
+  if (grouped && !db.in_group) JoinGroup(execute.database(), db);
+  // The results kept with the database are those of one slot.
+  auto keep = [&](const CommandResult& kept) {
+    if (db.results_slot != slot) {
+      db.results.clear();
+      db.results_slot = slot;
+    }
+    db.results[index] = kept;
+  };
 
   // changes() and last_insert_rowid() start at 0 in every request, whatever the connection
   // ran before (a restarted replica's connection ran nothing): a DELETE of no row resets
   // changes().
   sqlite3_set_last_insert_rowid(handle, 0);
-  statements.Exec(handle, "BEGIN");
+  statements.Exec(handle, grouped ? "SAVEPOINT synod_request" : "BEGIN");
   statements.Exec(handle, "DELETE FROM _synod_meta WHERE 0");
   CommandResult result;
   size_t result_bytes = 0;
@@ -351,36 +364,61 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), out of memory), or if
     // it was the first: a request that changed nothing leaves the database's revision alone.
     if (execute.transaction() || sqlite3_get_autocommit(handle) || i == 0) {
-      if (!sqlite3_get_autocommit(handle)) MustExec(handle, "ROLLBACK");
+      if (grouped && sqlite3_get_autocommit(handle)) {
+        // The statement ended the group's transaction here, and with it what the group's
+        // earlier requests did: the group is applied again one request at a time.
+        group.broken = true;
+        return result;
+      }
+      if (grouped) {
+        statements.Exec(handle, "ROLLBACK TO synod_request");
+        statements.Exec(handle, "RELEASE synod_request");
+      } else if (!sqlite3_get_autocommit(handle)) {
+        MustExec(handle, "ROLLBACK");
+      }
       result.clear_results();
       spent(&result);
+      // Kept in a group: its later requests commit with it, and a replay after a crash must
+      // not run this one again on their changes. Alone it committed nothing.
+      if (grouped) keep(result);
       return result;
     }
     MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
     break;
   }
   if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
-    MustExec(handle, "ROLLBACK");
+    if (grouped) {
+      statements.Exec(handle, "ROLLBACK TO synod_request");
+      statements.Exec(handle, "RELEASE synod_request");
+    } else {
+      MustExec(handle, "ROLLBACK");
+    }
     result.Clear();
     result.set_code(INVALID_ARGUMENT);
     result.set_message(
         "FOREIGN KEY constraint failed (deferred: unresolved when the transaction ended); "
         "nothing of the transaction was applied");
     spent(&result);
+    if (grouped) keep(result);
     return result;
   }
   spent(&result);  // before it is stored: a replay after a crash charges the same
+  db.revision = slot;
+  db.request_index = index;
+  keep(result);
+  if (grouped) {
+    statements.Exec(handle, "RELEASE synod_request");  // _synod_meta is written at its commit
+    return result;
+  }
   StatementCache::Lease meta = statements.Get(
       handle, "UPDATE _synod_meta SET revision = ?, request_index = ?, result = ? WHERE id = 0");
   MustBindInt64(meta.get(), 1, static_cast<int64_t>(slot));
   MustBindInt64(meta.get(), 2, static_cast<int64_t>(index));
-  MustBindBlob(meta.get(), 3, result.SerializeAsString());
+  MustBindBlob(meta.get(), 3, SlotResultsBlob(db));
   SYNOD_CHECK(!MustStep(meta.get()));
   SYNOD_CHECK_EQ(sqlite3_changes(handle), 1);
   meta.reset();
   statements.Exec(handle, "COMMIT");
-  db.revision = slot;
-  db.request_index = index;
   return result;
 }
 

@@ -68,6 +68,35 @@ struct StateMachine::Impl {
     // Tells this incarnation of the database from an earlier one of the same name, for
     // readers handed back after a drop or a snapshot restore.
     uint64_t generation = 0;
+    // The results of the requests of slot `results_slot` that touched it, as committed in its
+    // _synod_meta row (SlotResults) or about to be with the open group.
+    uint64_t results_slot = 0;
+    std::map<uint64_t, CommandResult> results{};
+    bool in_group = false;  // its transaction of the open group is open
+  };
+  // Requests of one entry applied in one transaction per database: the system database's
+  // and each user database's they touch, committed together (user databases first). A
+  // request that creates or drops a database ends a group and applies alone, as does every
+  // request of a group that one of its statements broke (it ended the transaction itself:
+  // ON CONFLICT ROLLBACK, RAISE(ROLLBACK)): the group is rolled back and applied again one
+  // request at a time.
+  struct Group {
+    bool open = false;
+    int first = 0;  // the index of its first request
+    size_t result_bytes = 0;
+    bool broken = false;
+    std::vector<std::string> touched{};  // databases with a transaction open, in order
+    // What the group changed in memory, restored when it is rolled back.
+    struct SavedDatabase {
+      uint64_t revision = 0;
+      uint64_t request_index = 0;
+      uint64_t results_slot = 0;
+      std::map<uint64_t, CommandResult> results;
+    };
+    std::map<std::string, SavedDatabase, std::less<>> saved{};
+    size_t session_count = 0;
+    int64_t costly_work_units = 0;
+    int64_t costly_as_of_unix_ms = 0;
   };
   struct Session {
     uint64_t sequence = 0;
@@ -88,6 +117,19 @@ struct StateMachine::Impl {
   // `ends_entry`: the entry's last request, whose transaction also records the entry's end.
   CommandResult ApplyRequest(uint64_t slot, uint64_t index, const ClientRequest& request,
                              bool ends_entry);
+  // Applies the requests of the entry at `slot` (at least one), in groups where it can; their
+  // results go to `applied`.
+  void ApplyRequests(uint64_t slot, const Value& value, std::vector<AppliedRequest>* applied);
+  // The grouped path: nullopt when the request must apply alone (it creates or drops a
+  // database) or broke the group (group.broken).
+  std::optional<CommandResult> ApplyInGroup(uint64_t slot, uint64_t index,
+                                            const ClientRequest& request);
+  void OpenGroup(int first);
+  void JoinGroup(std::string_view name, Database& db);
+  void CommitGroup(uint64_t slot, bool ends_entry);
+  void RollBackGroup();
+  // The _synod_meta row's result column for `db` (its SlotResults).
+  static std::string SlotResultsBlob(const Database& db);
   Outcome ApplyWithSession(uint64_t slot, uint64_t index, const ClientRequest& request);
   Outcome RunCommand(uint64_t slot, uint64_t index, const Command& command);
   CommandResult CreateDatabase(uint64_t slot, uint64_t index, const synod::CreateDatabase& c);
@@ -140,6 +182,7 @@ struct StateMachine::Impl {
     int64_t as_of_unix_ms = 0;
   };
   CostlyBudget costly;
+  Group group;
   // The state machine's own statements on `system` and the databases: last, so that they
   // are finalized before any handle closes; cleared whenever a handle is closed.
   StatementCache statements;

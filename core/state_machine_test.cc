@@ -962,6 +962,23 @@ TEST(StateMachineTest, AnEntryCutShortBetweenItsRequestsReplaysToTheSameResultsA
   std::vector<AppliedRequest> first = replica.ApplyEntry(entry);
   ASSERT_EQ(first.size(), 2u);
   uint64_t hash = replica.machine().StateHash();
+  {
+    // The requests applied as one group: d committed both, then the system database was
+    // to commit their sessions and the entry's end. A crash in between:
+    SystemDatabase after(replica.opener());
+    before.Restore();
+    replica.Restart();
+    EXPECT_EQ(replica.machine().revision(), slot - 1);
+    EXPECT_TRUE(absl::IsFailedPrecondition(replica.machine().Snapshot().status()));
+    std::vector<AppliedRequest> again = replica.ApplyEntry(entry);
+    ASSERT_EQ(again.size(), 2u);
+    for (size_t i = 0; i < 2; ++i) {
+      EXPECT_EQ(Serialized(again[i].result), Serialized(first[i].result)) << i;
+    }
+    EXPECT_EQ(replica.machine().StateHash(), hash);
+    EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "2");
+  }
+  // As if request 0 had applied alone (its system commit made) before request 1 did:
   const std::string result0 = Hex(first[0].result.SerializeAsString());
   before.Restore("INSERT INTO _synod_entry_results VALUES (0, x'" + result0 +
                  "'); INSERT INTO _synod_sessions VALUES (7, 1, " + std::to_string(slot) + ", x'" +
@@ -980,6 +997,69 @@ TEST(StateMachineTest, AnEntryCutShortBetweenItsRequestsReplaysToTheSameResultsA
   EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "3");
   replica.Restart();
   EXPECT_TRUE(replica.machine().Snapshot().ok()) << "no entry is half applied";
+}
+
+TEST(StateMachineTest, AStatementThatEndsTheTransactionMidEntryLosesNothingOfTheOthers) {
+  // The requests of an entry share a transaction per database. INSERT OR ROLLBACK ends the
+  // whole transaction on a conflict: the entry is then applied again one request at a time,
+  // with the results each request gets alone.
+  Replica grouped;
+  Replica alone;
+  for (Replica* r : {&grouped, &alone}) {
+    r->Apply(Create("d"));
+    r->Apply(Exec("d", "CREATE TABLE t(k INTEGER PRIMARY KEY, v)"));
+    r->Apply(Exec("d", "INSERT INTO t VALUES (1, 'one')"));
+  }
+  const std::vector<ClientRequest> requests = {
+      Request(Exec("d", "INSERT INTO t VALUES (2, random())"), 21, 1),
+      Request(Exec("d", {Sql("INSERT INTO t VALUES (3, 'three')"),
+                         Sql("INSERT OR ROLLBACK INTO t VALUES (1, 'again')")}),
+              22, 1),
+      Request(Exec("d", "INSERT INTO t VALUES (4, changes())"), 23, 1)};
+  std::vector<AppliedRequest> together = grouped.ApplyEntry(Entry(requests));
+  ASSERT_EQ(together.size(), 3u);
+  EXPECT_EQ(together[0].result.code(), OK);
+  EXPECT_EQ(together[1].result.code(), INVALID_ARGUMENT) << together[1].result.message();
+  EXPECT_EQ(together[1].result.results_size(), 0) << "nothing of it stays";
+  EXPECT_EQ(together[2].result.code(), OK);
+  EXPECT_EQ(grouped.One("d", "SELECT group_concat(k) FROM t"), "1,2,4");
+  // Each request alone in its own entry reads and writes the same.
+  for (size_t i = 0; i < requests.size(); ++i) {
+    std::vector<AppliedRequest> one = alone.ApplyEntry(Entry({requests[i]}));
+    ASSERT_EQ(one.size(), 1u);
+    EXPECT_EQ(one[0].result.code(), together[i].result.code()) << i;
+    EXPECT_EQ(one[0].result.message(), together[i].result.message()) << i;
+  }
+  EXPECT_EQ(alone.One("d", "SELECT group_concat(k) FROM t"), "1,2,4");
+  EXPECT_EQ(grouped.One("d", "SELECT v FROM t WHERE k = 4"), "0") << "changes() starts at 0";
+  grouped.Restart();
+  EXPECT_EQ(grouped.One("d", "SELECT group_concat(k) FROM t"), "1,2,4");
+  EXPECT_TRUE(grouped.machine().Snapshot().ok());
+}
+
+TEST(StateMachineTest, AnEntryThatCreatesADatabaseBetweenWritesAppliesInOrder) {
+  // Creating or dropping a database ends a group: the writes around it see it come and go.
+  Replica replica;
+  replica.Apply(Create("a"));
+  replica.Apply(Exec("a", "CREATE TABLE t(x)"));
+  std::vector<AppliedRequest> applied = replica.ApplyEntry(Entry(
+      {Request(Exec("a", "INSERT INTO t VALUES (1)")), Request(Create("b")),
+       Request(Exec("b", "CREATE TABLE u(y)")), Request(Exec("a", "INSERT INTO t VALUES (2)")),
+       Request(Drop("b")), Request(Exec("b", "CREATE TABLE v(z)")), Request(Create("b")),
+       Request(Exec("b", "CREATE TABLE w(z)"))}));
+  ASSERT_EQ(applied.size(), 8u);
+  const std::vector<ErrorCode> expected = {OK, OK, OK, OK, OK, NOT_FOUND, OK, OK};
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(applied[i].result.code(), expected[i]) << i << ": " << applied[i].result.message();
+  }
+  EXPECT_EQ(replica.One("a", "SELECT group_concat(x) FROM t"), "1,2");
+  EXPECT_EQ(replica.One("b",
+                        "SELECT group_concat(name) FROM sqlite_schema WHERE name NOT LIKE "
+                        "'\\_synod%' ESCAPE '\\'"),
+            "w");
+  uint64_t hash = replica.machine().StateHash();
+  replica.Restart();
+  EXPECT_EQ(replica.machine().StateHash(), hash);
 }
 
 TEST(StateMachineTest, ARestoredSnapshotHasTheSameStateAndNothingElse) {
