@@ -657,6 +657,11 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
         absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
   }
   sqlite3_stmt* raw = nullptr;
+  // CHECK constraints are not judged here: this connection's random(), changes() and
+  // last_insert_rowid() are not those of the writes that stored the rows, so a constraint
+  // calling them could pass on one replica (or at one try) and fail on another. A
+  // constraint binds the writes made after the image is installed.
+  MustExec(scratch.get(), "PRAGMA ignore_check_constraints = ON");
   // integrity_check, not quick_check: an index that disagrees with its table would
   // otherwise fail a later statement with SQLITE_CORRUPT on every replica.
   rc = sqlite3_prepare_v2(scratch.get(), "PRAGMA integrity_check", -1, &raw, nullptr);
@@ -686,13 +691,43 @@ void CopyDatabase(sqlite3* from, sqlite3* to) {
   SYNOD_CHECK_EQ(finish_rc, SQLITE_OK) << sqlite3_errmsg(to);
 }
 
-std::string SerializeDatabase(sqlite3* db) {
+absl::StatusOr<std::string> SerializeDatabase(sqlite3* db) {
   sqlite3_int64 size_bytes = 0;
   unsigned char* data = sqlite3_serialize(db, "main", &size_bytes, 0);
-  SYNOD_CHECK(data != nullptr) << "cannot serialize: " << sqlite3_errmsg(db);
+  if (data == nullptr) {
+    // SQLite allocates the whole image at once, and refuses 2 GiB or more.
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the database is too large to copy into memory: ", ValidUtf8(sqlite3_errmsg(db))));
+  }
   std::string image(reinterpret_cast<const char*>(data), static_cast<size_t>(size_bytes));
   sqlite3_free(data);
   return image;
+}
+
+absl::Status CheckReservedNames(sqlite3* db) {
+  // Objects named _synod_* (created or renamed to), or on a _synod_ table, and foreign keys
+  // that point at one (the authorizer never sees a foreign key's parent table): the state
+  // machine's own writes to _synod_meta would fail on them.
+  Stmt named = MustPrepare(db,
+                           "SELECT name FROM sqlite_schema WHERE (substr(lower(name), 1, 7) = "
+                           "'_synod_' OR substr(lower(tbl_name), 1, 7) = '_synod_') AND NOT "
+                           "(type = 'table' AND name = '_synod_meta') LIMIT 1");
+  if (MustStep(named.get())) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(ValidUtf8(ColumnString(named.get(), 0)),
+                     ": names starting with _synod_ belong to the server"));
+  }
+  Stmt references = MustPrepare(db,
+                                "SELECT s.name, f.\"table\" FROM sqlite_schema s, "
+                                "pragma_foreign_key_list(s.name) f WHERE s.type = 'table' AND "
+                                "substr(lower(f.\"table\"), 1, 7) = '_synod_' LIMIT 1");
+  if (MustStep(references.get())) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("table ", ValidUtf8(ColumnString(references.get(), 0)),
+                     " has a foreign key to ", ValidUtf8(ColumnString(references.get(), 1)),
+                     ": tables named _synod_* belong to the server"));
+  }
+  return absl::OkStatus();
 }
 
 void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table) {

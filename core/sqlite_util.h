@@ -120,8 +120,13 @@ absl::StatusOr<Db> LoadImage(std::string_view image);
 // Replaces the content of `to` with that of `from`. REQUIRES: same page size.
 void CopyDatabase(sqlite3* from, sqlite3* to);
 
-// The database file image of `db`'s main database.
-std::string SerializeDatabase(sqlite3* db);
+// The database file image of `db`'s main database. ResourceExhausted for an image SQLite
+// cannot hold in memory (2 GiB or more).
+absl::StatusOr<std::string> SerializeDatabase(sqlite3* db);
+
+// PermissionDenied if `db`'s schema has an object named _synod_* other than the state
+// machine's _synod_meta table, an object on a _synod_ table, or a foreign key to one.
+absl::Status CheckReservedNames(sqlite3* db);
 
 // Adds `db`'s logical content to `hash`: its schema and every row of every table, in an order
 // that depends only on the content (not on pages or on insertion history). The rows of

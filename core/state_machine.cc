@@ -860,15 +860,24 @@ absl::StatusOr<std::string> StateMachine::Snapshot() {
         absl::StrCat("slot ", impl_->revision + 1, " is half applied; apply it first"));
   }
   std::string snapshot(kSnapshotMagic);
-  auto append = [&snapshot](std::string_view file_id, sqlite3* db) {
-    std::string image = SerializeDatabase(db);
+  auto append = [&snapshot](std::string_view file_id, sqlite3* db) -> absl::Status {
+    absl::StatusOr<std::string> image = SerializeDatabase(db);
+    if (!image.ok()) return image.status();
     AppendU64(&snapshot, file_id.size());
     snapshot.append(file_id);
-    AppendU64(&snapshot, image.size());
-    snapshot.append(image);
+    AppendU64(&snapshot, image->size());
+    snapshot.append(*image);
+    return absl::OkStatus();
   };
-  append(kSystemFileId, impl_->system.get());
-  for (const auto& [name, db] : impl_->databases) append(db.file_id, db.handle.get());
+  if (absl::Status appended = append(kSystemFileId, impl_->system.get()); !appended.ok()) {
+    return appended;
+  }
+  for (const auto& [name, db] : impl_->databases) {
+    if (absl::Status appended = append(db.file_id, db.handle.get()); !appended.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("no snapshot of database ", name, ": ", appended.message()));
+    }
+  }
   StableHash checksum;
   checksum.Add(snapshot);
   AppendU64(&snapshot, checksum.value());

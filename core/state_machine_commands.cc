@@ -20,7 +20,9 @@ namespace state_machine_internal {
 namespace {
 
 constexpr size_t kMaxMediaKeyBytes = 1024;
-constexpr size_t kMaxRequestResultBytes = 16 << 20;
+// A request's result is stored whole in one row (its session, and SlotResults), and a row is
+// at most kMaxValueBytes: room for a group's results (kMaxGroupResultBytes) and one more.
+constexpr size_t kMaxRequestResultBytes = 4 << 20;
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxRegisteredNameBytes = 255;
 
@@ -127,13 +129,8 @@ absl::Status PrepareUploadedImage(sqlite3* image) {
     sqlite3_free(error);
     return status;
   }
-  Stmt reserved = MustPrepare(image,
-                              "SELECT name FROM sqlite_schema WHERE name LIKE '\\_synod\\_%' "
-                              "ESCAPE '\\' OR tbl_name LIKE '\\_synod\\_%' ESCAPE '\\' LIMIT 1");
-  if (MustStep(reserved.get())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the image contains ", ValidUtf8(ColumnString(reserved.get(), 0)),
-                     ": names starting with _synod_ belong to the server"));
+  if (absl::Status reserved = CheckReservedNames(image); !reserved.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("the image contains ", reserved.message()));
   }
   return absl::OkStatus();
 }
@@ -276,6 +273,12 @@ bool HasUnresolvedDeferredConstraints(sqlite3* handle) {
 
 }  // namespace
 
+int64_t StateMachine::Impl::SchemaVersion(sqlite3* handle) {
+  StatementCache::Lease version = statements.Get(handle, "PRAGMA schema_version");
+  SYNOD_CHECK(MustStep(version.get()));
+  return sqlite3_column_int64(version.get(), 0);
+}
+
 CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
                                           const synod::Execute& execute) {
   auto it = databases.find(execute.database());
@@ -294,15 +297,14 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   // In a group (state_machine_impl.h), the database's transaction stays open across the
   // group's requests, and each request is a savepoint in it.
   const bool grouped = group.open;
-  if (grouped && !db.in_group) JoinGroup(execute.database(), db);
-  // The results kept with the database are those of one slot.
-  auto keep = [&](const CommandResult& kept) {
-    if (db.results_slot != slot) {
-      db.results.clear();
-      db.results_slot = slot;
-    }
-    db.results[index] = kept;
-  };
+  if (!grouped || !db.in_group) {
+    if (grouped) JoinGroup(execute.database(), db);
+    // The results kept with the database are those of the requests of its transaction: those
+    // of earlier ones are in _synod_entry_results, committed with the system database.
+    db.results.clear();
+    db.results_slot = slot;
+  }
+  auto keep = [&](const CommandResult& kept) { db.results[index] = kept; };
 
   // changes() and last_insert_rowid() start at 0 in every request, whatever the connection
   // ran before (a restarted replica's connection ran nothing): a DELETE of no row resets
@@ -323,6 +325,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     result->set_costly_work_units(
         static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
   };
+  int64_t schema_version = SchemaVersion(handle);
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) statements.Exec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
@@ -334,6 +337,16 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
       statement = absl::ResourceExhaustedError(
           absl::StrCat("the request's results are over ",
                        state_machine_internal::kMaxRequestResultBytes, " bytes"));
+    }
+    // A statement that changed the schema may not name or point at the server's tables.
+    if (statement.ok()) {
+      const int64_t version = SchemaVersion(handle);
+      if (version != schema_version) {
+        schema_version = version;
+        if (absl::Status reserved = CheckReservedNames(handle); !reserved.ok()) {
+          statement = reserved;
+        }
+      }
     }
     // A statement on its own commits on its own, as in SQLite's autocommit mode: a deferred
     // constraint it leaves unresolved fails it (COMMIT would fail otherwise).

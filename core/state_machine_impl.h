@@ -135,6 +135,7 @@ struct StateMachine::Impl {
   CommandResult CreateDatabase(uint64_t slot, uint64_t index, const synod::CreateDatabase& c);
   Outcome DropDatabase(const synod::DropDatabase& drop);
   CommandResult Execute(uint64_t slot, uint64_t index, const synod::Execute& execute);
+  int64_t SchemaVersion(sqlite3* handle);  // PRAGMA schema_version
   CommandResult PutMedia(uint64_t slot, const synod::PutMedia& put);
   CommandResult DeleteMedia(const synod::DeleteMedia& del);
   CommandResult RegisterName(uint64_t slot, const synod::RegisterName& reg);

@@ -492,11 +492,21 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
 
 void Node::MaybeCompact() {
   if (driver_->persisting() ||
-      sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries) {
+      sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries ||
+      sm_->revision() < next_snapshot_attempt_) {
     return;
   }
   absl::StatusOr<std::string> snapshot = sm_->Snapshot();
-  if (!snapshot.ok()) return;
+  if (!snapshot.ok()) {
+    if (absl::IsFailedPrecondition(snapshot.status())) return;  // an entry is half applied
+    // The log keeps growing until a snapshot can be taken: tried again after as many
+    // entries as between snapshots, not at every entry.
+    next_snapshot_attempt_ = sm_->revision() + options_.snapshot_every_entries;
+    fprintf(stderr, "W no snapshot at revision %llu: %s\n",
+            static_cast<unsigned long long>(sm_->revision()),
+            std::string(snapshot.status().message()).c_str());
+    return;
+  }
   // Durable in the log first (the log writer's thread), then the replica compacts; the log
   // is rewritten without what the snapshot covers when its next Ready reports it.
   driver_->Compact(sm_->revision(), std::move(*snapshot));
@@ -880,7 +890,12 @@ void Node::HandleDatabase(const std::string& method, const std::string& name,
   if (rest == "backup" && method == "GET") {
     return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
       absl::StatusOr<std::string> image = sm_->Backup(name);
-      if (!image.ok()) return RespondError(responder, 404, "not_found", image.status().message());
+      if (absl::IsNotFound(image.status())) {
+        return RespondError(responder, 404, "not_found", image.status().message());
+      }
+      if (!image.ok()) {
+        return RespondError(responder, 507, "too_large", image.status().message());
+      }
       Respond(responder, 200, *std::move(image), "application/vnd.sqlite3");
     });
   }

@@ -195,6 +195,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     size_t pending_bytes = 0;
   };
   static constexpr size_t kMaxOutboxBytes = 256 << 20;
+  // No snapshot is tried before this revision (one failed: a database too large to copy).
+  uint64_t next_snapshot_attempt_ = 0;
   std::unique_ptr<DivergenceCheck> divergence_;
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
