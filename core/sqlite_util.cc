@@ -433,6 +433,22 @@ std::string VirtualTableModule(std::string_view sql) {
 // here, and an image with a virtual table that cannot be checked is refused. A damaged
 // full-text index would otherwise fail later statements with SQLITE_CORRUPT, and what a
 // module caches per connection could make that failure differ between replicas.
+bool IsCheckableModule(std::string_view module) {
+  return module == "fts3" || module == "fts4" || module == "fts5" || module == "rtree" ||
+         module == "rtree_i32";
+}
+
+// Whether the lower-cased CREATE VIRTUAL TABLE text `sql` passes a content= option.
+bool HasContentOption(std::string_view sql) {
+  for (size_t at = sql.find("content"); at != std::string_view::npos;
+       at = sql.find("content", at + 1)) {
+    size_t i = at + std::string_view("content").size();
+    while (i < sql.size() && absl::ascii_isspace(static_cast<unsigned char>(sql[i]))) ++i;
+    if (i < sql.size() && sql[i] == '=') return true;
+  }
+  return false;
+}
+
 absl::Status CheckVirtualTables(sqlite3* db) {
   Stmt tables = MustPrepare(db,
                             "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND "
@@ -441,12 +457,15 @@ absl::Status CheckVirtualTables(sqlite3* db) {
     std::string name = ColumnString(tables.get(), 0);
     std::string module = VirtualTableModule(ColumnString(tables.get(), 1));
     std::string check;
-    if (module == "fts3" || module == "fts4" || module == "fts5") {
+    if (!IsCheckableModule(module)) {
+      check.clear();
+    } else if (module.starts_with("fts")) {
       check = absl::StrCat("INSERT INTO ", QuoteIdentifier(name), "(", QuoteIdentifier(name),
                            ") VALUES ('integrity-check')");
-    } else if (module == "rtree" || module == "rtree_i32") {
-      check = "SELECT rtreecheck(?1) = 'ok'";
     } else {
+      check = "SELECT rtreecheck(?1) = 'ok'";
+    }
+    if (check.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "virtual table ", ValidUtf8(QuoteIdentifier(name)), " uses module ",
           ValidUtf8(QuoteIdentifier(module)),
@@ -704,7 +723,15 @@ absl::StatusOr<std::string> SerializeDatabase(sqlite3* db) {
   return image;
 }
 
-absl::Status CheckReservedNames(sqlite3* db) {
+absl::Status CheckUserSchema(sqlite3* db) {
+  // TEMP objects vanish at a restart, so replicas would differ; the authorizer refuses them,
+  // but SQLite does not ask it about a TEMP virtual table.
+  Stmt temp = MustPrepare(db, "SELECT name FROM temp.sqlite_schema LIMIT 1");
+  if (MustStep(temp.get())) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(ValidUtf8(ColumnString(temp.get(), 0)),
+                     ": TEMP tables, views, triggers and indexes are not replicated"));
+  }
   // Objects named _synod_* (created or renamed to), or on a _synod_ table, and foreign keys
   // that point at one (the authorizer never sees a foreign key's parent table): the state
   // machine's own writes to _synod_meta would fail on them.
@@ -726,6 +753,29 @@ absl::Status CheckReservedNames(sqlite3* db) {
         absl::StrCat("table ", ValidUtf8(ColumnString(references.get(), 0)),
                      " has a foreign key to ", ValidUtf8(ColumnString(references.get(), 1)),
                      ": tables named _synod_* belong to the server"));
+  }
+  // Every virtual table must be one a snapshot can carry (CheckVirtualTables, with the same
+  // reading of its module): otherwise every later snapshot would be refused, and a replica
+  // that needs one could never catch up. Full-text tables with content= keep their text
+  // elsewhere, and their integrity check fails once it drifts (or always, when contentless).
+  Stmt virtual_tables = MustPrepare(db,
+                                    "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND "
+                                    "sql LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name");
+  while (MustStep(virtual_tables.get())) {
+    const std::string name = ColumnString(virtual_tables.get(), 0);
+    const std::string sql = absl::AsciiStrToLower(ToAbsl(ColumnString(virtual_tables.get(), 1)));
+    const std::string module = VirtualTableModule(sql);
+    if (!IsCheckableModule(module)) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("virtual table ", ValidUtf8(QuoteIdentifier(name)), " uses module ",
+                       ValidUtf8(QuoteIdentifier(module)),
+                       "; only fts3, fts4, fts5 and rtree tables are replicated"));
+    }
+    if (module.starts_with("fts") && HasContentOption(sql)) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "full-text table ", ValidUtf8(QuoteIdentifier(name)),
+          " has a content= option; only full-text tables that keep their own text are replicated"));
+    }
   }
   return absl::OkStatus();
 }

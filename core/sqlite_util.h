@@ -124,9 +124,11 @@ void CopyDatabase(sqlite3* from, sqlite3* to);
 // cannot hold in memory (2 GiB or more).
 absl::StatusOr<std::string> SerializeDatabase(sqlite3* db);
 
-// PermissionDenied if `db`'s schema has an object named _synod_* other than the state
-// machine's _synod_meta table, an object on a _synod_ table, or a foreign key to one.
-absl::Status CheckReservedNames(sqlite3* db);
+// PermissionDenied if `db`'s schema has what a replicated database may not: a TEMP object, an
+// object named _synod_* other than the state machine's _synod_meta table, an object on a
+// _synod_ table, a foreign key to one, or a virtual table a snapshot could not carry (a
+// module other than fts3/4/5 and rtree, or a full-text table with a content= option).
+absl::Status CheckUserSchema(sqlite3* db);
 
 // Adds `db`'s logical content to `hash`: its schema and every row of every table, in an order
 // that depends only on the content (not on pages or on insertion history). The rows of

@@ -129,7 +129,7 @@ absl::Status PrepareUploadedImage(sqlite3* image) {
     sqlite3_free(error);
     return status;
   }
-  if (absl::Status reserved = CheckReservedNames(image); !reserved.ok()) {
+  if (absl::Status reserved = CheckUserSchema(image); !reserved.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("the image contains ", reserved.message()));
   }
   return absl::OkStatus();
@@ -274,7 +274,11 @@ bool HasUnresolvedDeferredConstraints(sqlite3* handle) {
 }  // namespace
 
 int64_t StateMachine::Impl::SchemaVersion(sqlite3* handle) {
-  StatementCache::Lease version = statements.Get(handle, "PRAGMA schema_version");
+  // A TEMP object (which changes only the temp schema's version) counts as a change too.
+  StatementCache::Lease version =
+      statements.Get(handle,
+                     "SELECT (SELECT schema_version FROM pragma_schema_version) + "
+                     "(SELECT count(*) FROM temp.sqlite_schema) * 4294967296");
   SYNOD_CHECK(MustStep(version.get()));
   return sqlite3_column_int64(version.get(), 0);
 }
@@ -343,9 +347,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
       const int64_t version = SchemaVersion(handle);
       if (version != schema_version) {
         schema_version = version;
-        if (absl::Status reserved = CheckReservedNames(handle); !reserved.ok()) {
-          statement = reserved;
-        }
+        if (absl::Status schema = CheckUserSchema(handle); !schema.ok()) statement = schema;
       }
     }
     // A statement on its own commits on its own, as in SQLite's autocommit mode: a deferred
