@@ -202,8 +202,15 @@ class StatementScope {
 
  private:
   static int Authorize(void* scope, int action, const char* arg1, const char* arg2,
-                       const char* /*database*/, const char* /*trigger*/) {
+                       const char* database, const char* /*trigger*/) {
     std::optional<std::string> rejection = Rejection(action, arg1, arg2);
+    // PRAGMA temp.user_version and the like: the temp schema lives in the connection, which
+    // a restarted replica does not have.
+    if (!rejection.has_value() && action == SQLITE_PRAGMA && database != nullptr &&
+        !absl::EqualsIgnoreCase(database, "main")) {
+      rejection = absl::StrCat("PRAGMA ", database, ".", arg1,
+                               " is not allowed: only the main database is replicated");
+    }
     if (!rejection.has_value()) return SQLITE_OK;
     auto* self = static_cast<StatementScope*>(scope);
     // The message may quote names from the statement, which need not be UTF-8.

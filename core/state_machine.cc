@@ -20,18 +20,24 @@
 
 // How an entry is applied, and why it survives a crash at any point:
 //
-// Each request is applied, then committed on its own. A request that changes a user database
-// commits there first, together with that database's position (slot, request index) and the
-// request's result in its _synod_meta row. Then one transaction of the system database
-// commits the request's catalog, media or name changes, its session and its result in
-// _synod_entry_results. Once every request is applied, a last system transaction clears
-// _synod_entry_results and advances the revision.
+// The requests of an entry apply in groups (Impl::Group). A group holds one transaction of
+// the system database and one of each user database its requests touch; each request is a
+// savepoint within them. A user database records, in its _synod_meta row, its position (the
+// slot and index of the last request that changed it) and the results of the requests of
+// its open transaction (SlotResults). The system database records each request's session
+// and its result in _synod_entry_results. A group commits its user databases first, then
+// the system database; the group that ends the entry also clears _synod_entry_results and
+// advances the revision in that last commit. A request that creates or drops a database
+// ends the group before it and commits on its own (a file is made or removed with it), and
+// so does every request of a group that one of its statements broke (it ended the
+// transaction itself, taking the group's earlier requests with it): that group is rolled
+// back and applied again one request at a time, each committed on its own, the same way.
 //
 // After a crash the entry is applied again from its first request: a request with a row in
-// _synod_entry_results is answered from it; a user database already at the request's
-// position answers from its _synod_meta row; a database file the catalog does not name (a
-// create whose system transaction was lost, or a drop whose file removal was) is removed by
-// Open(), so the create runs again.
+// _synod_entry_results is answered from it; a request whose user database holds its result
+// (the database committed, the system database did not) is answered from there; a database
+// file the catalog does not name (a create whose system transaction was lost, or a drop
+// whose file removal was) is removed by Open(), so the create runs again.
 
 namespace synod {
 

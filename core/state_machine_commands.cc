@@ -329,7 +329,15 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     result->set_costly_work_units(
         static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
   };
-  int64_t schema_version = SchemaVersion(handle);
+  const int64_t schema_at_start = SchemaVersion(handle);
+  int64_t schema_version = schema_at_start;
+  // Whether undoing this request alone within the group's transaction is unsafe: the
+  // statement ended the transaction, or the request changed the schema (SQLite 3.40 fails
+  // the COMMIT after a savepoint that created a full-text table and wrote to it is rolled
+  // back). The group is then applied again one request at a time.
+  auto breaks_group = [&] {
+    return sqlite3_get_autocommit(handle) || SchemaVersion(handle) != schema_at_start;
+  };
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) statements.Exec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
@@ -379,9 +387,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), out of memory), or if
     // it was the first: a request that changed nothing leaves the database's revision alone.
     if (execute.transaction() || sqlite3_get_autocommit(handle) || i == 0) {
-      if (grouped && sqlite3_get_autocommit(handle)) {
-        // The statement ended the group's transaction here, and with it what the group's
-        // earlier requests did: the group is applied again one request at a time.
+      if (grouped && breaks_group()) {
         group.broken = true;
         return result;
       }
@@ -402,6 +408,10 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     break;
   }
   if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
+    if (grouped && breaks_group()) {
+      group.broken = true;
+      return result;
+    }
     if (grouped) {
       statements.Exec(handle, "ROLLBACK TO synod_request");
       statements.Exec(handle, "RELEASE synod_request");

@@ -1037,6 +1037,30 @@ TEST(StateMachineTest, AStatementThatEndsTheTransactionMidEntryLosesNothingOfThe
   EXPECT_TRUE(grouped.machine().Snapshot().ok());
 }
 
+TEST(StateMachineTest, ARequestThatCreatesAFullTextTableAndFailsIsUndoneWhole) {
+  // SQLite 3.40 fails the COMMIT of a transaction in which a savepoint that created an FTS4
+  // table and wrote to it was rolled back. A failed request that changed the schema is
+  // therefore never undone by its savepoint: its group applies again request by request.
+  Replica replica;
+  replica.Apply(Create("d"));
+  replica.Apply(Exec("d", "CREATE TABLE t(x)"));
+  Command failing = Exec("d",
+                         {Sql("CREATE VIRTUAL TABLE f USING fts4(x)"),
+                          Sql("INSERT INTO f VALUES ('w hello')"), Sql("SELEC 1")},
+                         /*transaction=*/true);
+  std::vector<AppliedRequest> applied =
+      replica.ApplyEntry(Entry({Request(Exec("d", "INSERT INTO t VALUES (1)")), Request(failing),
+                                Request(Exec("d", "INSERT INTO t VALUES (2)"))}));
+  ASSERT_EQ(applied.size(), 3u);
+  EXPECT_EQ(applied[0].result.code(), OK);
+  EXPECT_EQ(applied[1].result.code(), INVALID_ARGUMENT);
+  EXPECT_EQ(applied[2].result.code(), OK);
+  EXPECT_EQ(replica.One("d", "SELECT group_concat(x) FROM t"), "1,2");
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM sqlite_schema WHERE name = 'f'"), "0");
+  EXPECT_EQ(replica.Apply(failing).code(), INVALID_ARGUMENT) << "alone in its entry too";
+  EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO t VALUES (3)")).code(), OK);
+}
+
 TEST(StateMachineTest, AnEntryThatCreatesADatabaseBetweenWritesAppliesInOrder) {
   // Creating or dropping a database ends a group: the writes around it see it come and go.
   Replica replica;
@@ -1677,7 +1701,8 @@ TEST(HostileInput, NoTableMayNameOrPointAtTheServersTables) {
         "CREATE VIRTUAL TABLE v USING fts5(b, content = 't')",
         "CREATE VIRTUAL TABLE v USING fts3tokenize(simple)",
         "CREATE VIRTUAL TABLE v USING fts4aux(t)", "CREATE VIRTUAL TABLE v USING dbstat",
-        "CREATE VIRTUAL TABLE v /* a comment */ USING fts4(x)"}) {
+        "CREATE VIRTUAL TABLE v /* a comment */ USING fts4(x)", "PRAGMA temp.user_version = 7",
+        "PRAGMA temp.user_version"}) {
     CommandResult result = replica.Apply(Exec("d", sql));
     EXPECT_EQ(result.code(), INVALID_ARGUMENT) << sql;
   }
