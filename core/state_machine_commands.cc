@@ -23,6 +23,8 @@ constexpr size_t kMaxMediaKeyBytes = 1024;
 // A request's result is stored whole in one row (its session, and SlotResults), and a row is
 // at most kMaxValueBytes: room for a group's results (kMaxGroupResultBytes) and one more.
 constexpr size_t kMaxRequestResultBytes = 4 << 20;
+// Longest error message a result keeps (longer ones are cut).
+constexpr size_t kMaxMessageBytes = 4096;
 constexpr size_t kMaxContentTypeBytes = 255;
 constexpr size_t kMaxRegisteredNameBytes = 255;
 
@@ -382,7 +384,14 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     }
     result.set_code(absl::IsResourceExhausted(statement.status()) ? RESOURCE_EXHAUSTED
                                                                   : INVALID_ARGUMENT);
-    result.set_message(absl::StrCat("statement ", i + 1, ": ", statement.status().message()));
+    // SQLite's messages may quote the statement (a JSON path, a value): kept short, so that
+    // results stored with a session or a group stay far below a row's limit.
+    std::string message = absl::StrCat("statement ", i + 1, ": ", statement.status().message());
+    if (message.size() > state_machine_internal::kMaxMessageBytes) {
+      message.resize(state_machine_internal::kMaxMessageBytes);
+      message = absl::StrCat(ValidUtf8(message), "...");
+    }
+    result.set_message(std::move(message));
     // Nothing of the request stays if it asked for a transaction, if the statement ended
     // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), out of memory), or if
     // it was the first: a request that changed nothing leaves the database's revision alone.

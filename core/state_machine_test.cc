@@ -1737,6 +1737,17 @@ TEST(HostileInput, ResultsTooLargeToStoreAreRefusedNotACrash) {
   EXPECT_TRUE(replica.machine().Snapshot().ok());
 }
 
+TEST(HostileInput, ErrorMessagesAreCutShort) {
+  // SQLite quotes a bad JSON path whole: the message is stored with the result.
+  Replica replica;
+  ASSERT_EQ(replica.Apply(Create("d")).code(), OK);
+  CommandResult result =
+      replica.Apply(Exec("d", "SELECT json_extract('{}', 'x' || printf('%.*c', 100000, 'a'))"));
+  EXPECT_EQ(result.code(), INVALID_ARGUMENT);
+  EXPECT_LE(result.message().size(), 4100u);
+  EXPECT_NE(result.message().find("statement 1: "), std::string::npos);
+}
+
 TEST(HostileInput, CheckConstraintsOnTheWritersStateDoNotMakeASnapshotUnloadable) {
   // A CHECK calling changes() or random() judged again on another connection could fail
   // there: the snapshot (or upload) check leaves CHECK constraints to the writes.
