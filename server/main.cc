@@ -36,6 +36,8 @@ constexpr const char* kUsage =
   --max-json-body-bytes N      largest exec, query or d3b body accepted (default 3145728)
   --query-timeout-ms N         a query running longer is interrupted, answered 503 (default 2000)
   --http-request-timeout-ms N  time a client has to send a whole request (default 30000)
+  --testing-kill-after-apply N for crash tests: SIGKILL this process right after it applies
+                               revision N (its SQLite commit done, its log not yet synced)
   --help            this text
 )";
 
@@ -136,6 +138,10 @@ int main(int argc, char** argv) {
       absl::StatusOr<std::string> secret = synod::LoadClusterSecret(value);
       if (!secret.ok()) return Fail(std::string(secret.status().message()));
       options.cluster_secret = *std::move(secret);
+    } else if (arg == "--testing-kill-after-apply") {
+      if (!absl::SimpleAtoi(value, &options.testing_kill_after_apply)) {
+        return Fail("--testing-kill-after-apply must be a number");
+      }
     } else if (arg == "--checkpoint-every") {
       if (!absl::SimpleAtoi(value, &options.checkpoint_every_entries) ||
           options.checkpoint_every_entries == 0) {

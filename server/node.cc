@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <random>
 #include <utility>
@@ -473,6 +474,11 @@ void Node::CheckDivergence(const CommittedEntry& entry) {
 void Node::ApplyCommitted(const CommittedEntry& entry) {
   uint64_t start_ns = uv_hrtime();
   std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  if (options_.testing_kill_after_apply != 0 && entry.slot >= options_.testing_kill_after_apply) {
+    fprintf(stderr, "I applied revision %llu: killing this process (--testing-kill-after-apply)\n",
+            static_cast<unsigned long long>(entry.slot));
+    raise(SIGKILL);
+  }
   uint64_t took_ms = (uv_hrtime() - start_ns) / 1'000'000;
   if (took_ms >= kSlowApplyMs) {
     fprintf(stderr, "W applying entry %llu (%d requests) held the loop for %llu ms\n",

@@ -71,6 +71,9 @@ struct NodeOptions {
   // Applied entries between divergence-check votes (core/divergence.h): each replica hashes
   // its whole state at every multiple of this revision.
   uint64_t checkpoint_every_entries = 1000;
+  // For crash tests only: the process kills itself (SIGKILL) right after it applies the entry
+  // at this revision, between SQLite's commit and the log's next fsync. 0: never.
+  uint64_t testing_kill_after_apply = 0;
   // A query still running after this long is interrupted and answered 503.
   int query_timeout_ms = 2000;
   // Every replica's shared secret (at least 32 bytes): peer messages are authenticated

@@ -59,7 +59,8 @@ class Cluster:
     def url(self, i):
         return f"http://127.0.0.1:{self.ports[i - 1]}"
 
-    def start(self, i):
+    def start(self, i, flags=()):
+        """Starts replica i, with `flags` added to the cluster's own for this start only."""
         data = os.path.join(self.root, str(i))
         if i in self.logs:
             self.logs[i].close()
@@ -68,7 +69,7 @@ class Cluster:
         self.procs[i] = subprocess.Popen(
             [self.server, "--id", str(i), "--listen", f"127.0.0.1:{self.ports[i - 1]}",
              "--peers", self.peers(), "--data-dir", data,
-             "--cluster-secret-file", self.secret_file] + self.extra_flags,
+             "--cluster-secret-file", self.secret_file] + self.extra_flags + list(flags),
             stdout=log, stderr=log)
 
     def start_all(self):

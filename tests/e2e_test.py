@@ -6,6 +6,7 @@ Usage: e2e_test.py PATH_TO_SYNOD_SERVER [unittest args]
 import base64
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -57,6 +58,32 @@ class ClusterTest(unittest.TestCase):
         for t in threads:
             t.start()
         return acknowledged, stop, threads
+
+    def assert_same_rows_with(self, db, sql, acknowledged):
+        """Waits until every replica holds the same revision and it stops moving (a write
+        whose client gave up may still be applied), then checks that all three return the
+        same rows for `sql` (first column: the key) and that no acknowledged key is missing.
+        Returns the revision."""
+        self.c.wait_ready()
+        top = -1
+        while True:
+            latest = max(self.c.status(i)["revision"] for i in (1, 2, 3))
+            for i in (1, 2, 3):
+                self.c.wait_revision(i, latest)
+            if latest == top:
+                break
+            top = latest
+            time.sleep(0.5)
+        rows = {}
+        for i in (1, 2, 3):
+            q = self.c.query(i, db, sql, "local", min_revision=top)
+            self.assertEqual(q.status, 200, q)
+            rows[i] = q.json()["rows"]
+        self.assertEqual(rows[1], rows[2])
+        self.assertEqual(rows[1], rows[3])
+        have = {r[0] for r in rows[1]}
+        self.assertEqual([k for k in acknowledged if k not in have], [], "acknowledged writes lost")
+        return top
 
     def create(self, db, replica=1):
         r = self.c.request(replica, "PUT", f"/v1/db/{db}")
@@ -209,6 +236,53 @@ class BadInput(ClusterTest):
         self.assertEqual(self.c.request(1, "GET", "/healthz").status, 200)
 
 
+class CrashPoints(ClusterTest):
+    flags = ("--checkpoint-every", "10")
+
+    def test_a_replica_killed_after_its_sqlite_commit_before_or_after_its_next_sync_recovers(self):
+        # The log, not SQLite, makes a write durable (synchronous=NORMAL): a replica killed
+        # right after an entry's SQLite commit, before its log's next fsync, and one killed
+        # after that fsync, must both resume from the revision SQLite holds, apply nothing
+        # twice, and agree with the others' state hash (divergence votes every 10 entries).
+        self.create("cp")
+        self.c.exec(1, "cp", "CREATE TABLE t(k TEXT PRIMARY KEY, n INTEGER)")
+        victim = 1 + self.c.wait_leader() % 3  # a follower
+        at = self.c.status(victim)["revision"] + 25
+        self.c.kill(victim, signal.SIGTERM)
+        self.c.start(victim, flags=("--testing-kill-after-apply", str(at)))
+        acknowledged, stop, threads = self.start_writers(
+            "cp", "INSERT INTO t VALUES (?, ?)", lambda key, k: [key, k])
+        try:
+            self.c.procs[victim].wait(timeout=30)  # it kills itself at revision `at`
+            with open(os.path.join(self.c.root, f"{victim}.log"), "rb") as f:
+                self.assertIn(f"I applied revision {at}: killing".encode(), f.read())
+            self.c.start(victim)
+            self.c.wait_revision(victim, at + 20)
+            # After a sync: the log's fsync count moves past what it was, then SIGKILL.
+            def syncs():
+                body = self.c.request(victim, "GET", "/metrics").body.decode()
+                return int(re.search(r"^synod_log_syncs_total (\d+)", body, re.M).group(1))
+            before = syncs()
+            deadline = time.time() + 10
+            while syncs() == before:
+                self.assertLess(time.time(), deadline, "the log did not sync")
+                time.sleep(0.01)
+            self.c.kill(victim, signal.SIGKILL)
+            self.c.start(victim)
+            time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        self.assertGreater(len(acknowledged), 20)
+        top = self.assert_same_rows_with("cp", "SELECT k, n FROM t ORDER BY k", acknowledged)
+        for i in (1, 2, 3):
+            status = self.c.status(i)
+            self.assertIsNone(status["diverged"], f"replica {i}: {status}")
+        self.assertGreaterEqual(max(self.c.status(i)["state_agreed_revision"] for i in (1, 2, 3)),
+                                top - top % 10)
+
+
 class Failures(ClusterTest):
     flags = ("--snapshot-every", "50")
 
@@ -261,27 +335,7 @@ class Failures(ClusterTest):
         for t in threads:
             t.join()
         self.assertGreater(len(acknowledged), 20)
-        self.c.wait_ready()
-        # A write whose client gave up may still be applied: wait until every replica holds
-        # the same revision, and it stops moving.
-        top = -1
-        while True:
-            latest = max(self.c.status(i)["revision"] for i in (1, 2, 3))
-            for i in (1, 2, 3):
-                self.c.wait_revision(i, latest)
-            if latest == top:
-                break
-            top = latest
-            time.sleep(0.5)
-        rows = {}
-        for i in (1, 2, 3):
-            q = self.c.query(i, "crash", "SELECT k, n FROM t ORDER BY k", "local", min_revision=top)
-            self.assertEqual(q.status, 200, q)
-            rows[i] = q.json()["rows"]
-        self.assertEqual(rows[1], rows[2])
-        self.assertEqual(rows[1], rows[3])
-        have = {r[0] for r in rows[1]}
-        self.assertEqual([k for k in acknowledged if k not in have], [], "acknowledged writes lost")
+        self.assert_same_rows_with("crash", "SELECT k, n FROM t ORDER BY k", acknowledged)
 
     def test_a_replica_behind_the_compacted_log_catches_up_by_snapshot(self):
         self.create("snap")
