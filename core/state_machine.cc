@@ -348,11 +348,7 @@ CommandResult StateMachine::Impl::ApplyRequest(uint64_t slot, uint64_t index,
     // The entry's end commits with its last request: one transaction fewer per entry.
     StoreEntryEnd(slot);
   } else {
-    StatementCache::Lease stmt =
-        statements.Get(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
-    MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
-    MustBindBlob(stmt.get(), 2, outcome.result.SerializeAsString());
-    SYNOD_CHECK(!MustStep(stmt.get()));
+    StoreEntryResult(index, outcome.result.SerializeAsString());
   }
   statements.Exec(system.get(), "COMMIT");
   if (ends_entry) EntryEnded(slot);
@@ -370,7 +366,7 @@ void StateMachine::Impl::ApplyRequests(uint64_t slot, const Value& value,
     const ClientRequest& request = value.requests(i);
     const bool last = i + 1 == count;
     const uint64_t index = static_cast<uint64_t>(i);
-    std::optional<CommandResult> grouped = ApplyInGroup(slot, index, request);
+    std::optional<CommandResult> grouped = ApplyInGroup(slot, index, request, last);
     if (group.broken) {
       // Applied again one request at a time, from the group's first.
       const int first = group.first;
@@ -400,7 +396,8 @@ void StateMachine::Impl::ApplyRequests(uint64_t slot, const Value& value,
 }
 
 std::optional<CommandResult> StateMachine::Impl::ApplyInGroup(uint64_t slot, uint64_t index,
-                                                              const ClientRequest& request) {
+                                                              const ClientRequest& request,
+                                                              bool ends_entry) {
   const Command& command = request.command();
   if (command.has_create_database() || command.has_drop_database()) return std::nullopt;
   now_unix_ms = request.timestamp_unix_ms();
@@ -418,13 +415,10 @@ std::optional<CommandResult> StateMachine::Impl::ApplyInGroup(uint64_t slot, uin
   if (group.broken) return std::nullopt;
   SYNOD_CHECK(outcome.file_to_remove.empty()) << "only a drop removes a file";
   ChargeCostlyBudget(outcome.result);
-  // Kept until the entry ends, for a crash after this group commits and before it does.
-  StatementCache::Lease stmt =
-      statements.Get(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
-  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
   const std::string serialized = outcome.result.SerializeAsString();
-  MustBindBlob(stmt.get(), 2, serialized);
-  SYNOD_CHECK(!MustStep(stmt.get()));
+  // Kept until the entry ends, for a crash after this group commits and before it does (the
+  // group that ends the entry clears them in the same commit).
+  if (!ends_entry) StoreEntryResult(index, serialized);
   group.result_bytes += serialized.size();
   return std::move(outcome.result);
 }
@@ -583,6 +577,14 @@ void StateMachine::Impl::RefillCostlyBudget() {
 
 void StateMachine::Impl::ChargeCostlyBudget(const CommandResult& result) {
   costly.work_units -= static_cast<int64_t>(result.costly_work_units());
+}
+
+void StateMachine::Impl::StoreEntryResult(uint64_t index, const std::string& serialized) {
+  StatementCache::Lease stmt =
+      statements.Get(system.get(), "INSERT INTO _synod_entry_results VALUES (?, ?)");
+  MustBindInt64(stmt.get(), 1, static_cast<int64_t>(index));
+  MustBindBlob(stmt.get(), 2, serialized);
+  SYNOD_CHECK(!MustStep(stmt.get()));
 }
 
 std::optional<CommandResult> StateMachine::Impl::EntryResult(uint64_t index) {

@@ -340,6 +340,21 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   auto breaks_group = [&] {
     return sqlite3_get_autocommit(handle) || SchemaVersion(handle) != schema_at_start;
   };
+  // Undoes the whole request: its savepoint in a group, its transaction alone. False when
+  // that is unsafe in the group (breaks_group), which is then marked broken.
+  auto undo_request = [&] {
+    if (grouped && breaks_group()) {
+      group.broken = true;
+      return false;
+    }
+    if (grouped) {
+      statements.Exec(handle, "ROLLBACK TO synod_request");
+      statements.Exec(handle, "RELEASE synod_request");
+    } else if (!sqlite3_get_autocommit(handle)) {
+      MustExec(handle, "ROLLBACK");
+    }
+    return true;
+  };
   for (int i = 0; i < execute.statements_size(); ++i) {
     if (!execute.transaction()) statements.Exec(handle, "SAVEPOINT synod_statement");
     absl::StatusOr<StatementResult> statement =
@@ -396,16 +411,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     // the transaction itself (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), out of memory), or if
     // it was the first: a request that changed nothing leaves the database's revision alone.
     if (execute.transaction() || sqlite3_get_autocommit(handle) || i == 0) {
-      if (grouped && breaks_group()) {
-        group.broken = true;
-        return result;
-      }
-      if (grouped) {
-        statements.Exec(handle, "ROLLBACK TO synod_request");
-        statements.Exec(handle, "RELEASE synod_request");
-      } else if (!sqlite3_get_autocommit(handle)) {
-        MustExec(handle, "ROLLBACK");
-      }
+      if (!undo_request()) return result;
       result.clear_results();
       spent(&result);
       // Kept in a group: its later requests commit with it, and a replay after a crash must
@@ -417,16 +423,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     break;
   }
   if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
-    if (grouped && breaks_group()) {
-      group.broken = true;
-      return result;
-    }
-    if (grouped) {
-      statements.Exec(handle, "ROLLBACK TO synod_request");
-      statements.Exec(handle, "RELEASE synod_request");
-    } else {
-      MustExec(handle, "ROLLBACK");
-    }
+    if (!undo_request()) return result;
     result.Clear();
     result.set_code(INVALID_ARGUMENT);
     result.set_message(

@@ -123,7 +123,7 @@ struct StateMachine::Impl {
   // The grouped path: nullopt when the request must apply alone (it creates or drops a
   // database) or broke the group (group.broken).
   std::optional<CommandResult> ApplyInGroup(uint64_t slot, uint64_t index,
-                                            const ClientRequest& request);
+                                            const ClientRequest& request, bool ends_entry);
   void OpenGroup(int first);
   void JoinGroup(std::string_view name, Database& db);
   void CommitGroup(uint64_t slot, bool ends_entry);
@@ -145,6 +145,7 @@ struct StateMachine::Impl {
   void StoreSession(uint64_t client_id, uint64_t sequence, uint64_t slot,
                     const CommandResult& result, bool is_new);
   std::optional<CommandResult> EntryResult(uint64_t index);
+  void StoreEntryResult(uint64_t index, const std::string& serialized);
   // The group's budget for costly work (sql_guards.h): refilled to the time of the request
   // being applied, then charged what its result records.
   void RefillCostlyBudget();
