@@ -141,10 +141,20 @@ std::optional<std::string> Rejection(int action, const char* arg1, const char* a
 // this lives (one user statement), and remembers why it stopped one, so the error can say so.
 class StatementScope {
  public:
-  StatementScope(sqlite3* db, WorkBudget* budget) : db_(db), budget_(budget) {
-    // A connection that has not read its schema yet (a restarted replica's) reads it now,
-    // outside the budget: what a statement is charged must not depend on the cache.
-    sqlite3_exec(db_, "SELECT 1 FROM sqlite_schema LIMIT 0", nullptr, nullptr, nullptr);
+  StatementScope(sqlite3* db, WorkBudget* budget) : db_(db), budget_(budget), outer_(active_scope) {
+    // The policy lives in the authorizer that ConfigureConnection installs for good (setting
+    // an authorizer expires every statement prepared on the connection, so installing one
+    // per user statement made the state machine's cached statements prepare again each time).
+    int defensive = 0;
+    SYNOD_CHECK_EQ(sqlite3_db_config(db_, SQLITE_DBCONFIG_DEFENSIVE, -1, &defensive), SQLITE_OK);
+    SYNOD_CHECK_EQ(defensive, 1) << "a user statement on a connection ConfigureConnection did "
+                                    "not set up would run without the policy";
+    // A connection that has not read its schema yet (a restarted replica's, or one whose
+    // schema change was rolled back) reads it now, outside the budget: what a statement is
+    // charged must not depend on the cache. (This reads the schema if needed and costs
+    // nothing otherwise; only the writer changes a schema, so its own is never out of date.)
+    sqlite3_table_column_metadata(db_, "main", "sqlite_master", nullptr, nullptr, nullptr, nullptr,
+                                  nullptr, nullptr);
     // SQLite calls the progress handler at multiples of each statement's own step count,
     // which survives sqlite3_reset. A full-text index keeps statements prepared on the
     // connection across requests (a restarted replica prepares them afresh): counted from
@@ -154,12 +164,12 @@ class StatementScope {
       sqlite3_stmt_status(kept, SQLITE_STMTSTATUS_VM_STEP, /*resetFlg=*/1);
     }
     charging_.emplace(budget_);
-    SYNOD_CHECK_EQ(sqlite3_set_authorizer(db_, &StatementScope::Authorize, this), SQLITE_OK);
+    active_scope = this;
     sqlite3_progress_handler(db_, kVmStepsPerProgressCall, &StatementScope::Progress, this);
   }
   ~StatementScope() {
     sqlite3_progress_handler(db_, 0, nullptr, nullptr);
-    sqlite3_set_authorizer(db_, nullptr, nullptr);
+    active_scope = outer_;
   }
   StatementScope(const StatementScope&) = delete;
   StatementScope& operator=(const StatementScope&) = delete;
@@ -201,9 +211,12 @@ class StatementScope {
     }
   }
 
- private:
-  static int Authorize(void* scope, int action, const char* arg1, const char* arg2,
+  // Installed on every connection by ConfigureConnection, with the connection as `db`. It
+  // judges only what a user statement prepares: the state machine's own statements pass.
+  static int Authorize(void* db, int action, const char* arg1, const char* arg2,
                        const char* database, const char* /*trigger*/) {
+    StatementScope* self = active_scope;
+    if (self == nullptr || self->db_ != db) return SQLITE_OK;
     std::optional<std::string> rejection = Rejection(action, arg1, arg2);
     // PRAGMA temp.user_version and the like: the temp schema lives in the connection, which
     // a restarted replica does not have.
@@ -213,12 +226,12 @@ class StatementScope {
                                " is not allowed: only the main database is replicated");
     }
     if (!rejection.has_value()) return SQLITE_OK;
-    auto* self = static_cast<StatementScope*>(scope);
     // The message may quote names from the statement, which need not be UTF-8.
     if (self->rejection_.empty()) self->rejection_ = ValidUtf8(*rejection);
     return SQLITE_DENY;
   }
 
+ private:
   // Called every kVmStepsPerProgressCall steps; a non-zero return interrupts the statement.
   static int Progress(void* scope) {
     auto* self = static_cast<StatementScope*>(scope);
@@ -228,11 +241,18 @@ class StatementScope {
 
   static constexpr int kVmStepsPerProgressCall = 1000;
 
+  // The innermost scope of this thread (a guarded function may run a statement on another
+  // connection while a user statement runs).
+  static thread_local StatementScope* active_scope;
+
   sqlite3* db_;
   WorkBudget* budget_;
+  StatementScope* outer_;
   std::optional<ScopedWorkBudget> charging_;
   std::string rejection_;
 };
+
+thread_local StatementScope* StatementScope::active_scope = nullptr;
 
 // Prepares the single statement in `statement`, checking what the policy can check before
 // running it.
@@ -363,31 +383,6 @@ void HashValue(sqlite3_stmt* stmt, int column, StableHash* hash) {
 // one), so that the order is a property of the rows alone. A table that cannot be read (say,
 // an uploaded one using a collation or function this server lacks) adds SQLite's error,
 // which is the same on every replica.
-void HashTable(sqlite3* db, const std::string& table, StableHash* hash) {
-  std::string from = absl::StrCat(" FROM ", QuoteIdentifier(table));
-  sqlite3_stmt* raw = nullptr;
-  std::string probe = absl::StrCat("SELECT _rowid_", from);
-  bool has_rowid = sqlite3_prepare_v2(db, probe.c_str(), -1, &raw, nullptr) == SQLITE_OK;
-  sqlite3_finalize(raw);
-  std::string sql = absl::StrCat("SELECT ", has_rowid ? "_rowid_, *" : "*", from);
-  raw = nullptr;
-  int columns = 0;
-  if (sqlite3_prepare_v2(db, sql.c_str(), -1, &raw, nullptr) == SQLITE_OK) {
-    columns = sqlite3_column_count(raw);
-  }
-  sqlite3_finalize(raw);
-  raw = nullptr;
-  absl::StrAppend(&sql, " ORDER BY 1");
-  for (int i = 2; i <= columns; ++i) absl::StrAppend(&sql, ", ", i);
-  int rc = sqlite3_prepare_v2(db, sql.c_str(), -1, &raw, nullptr);
-  Stmt rows(raw);
-  while (rc == SQLITE_OK && (rc = sqlite3_step(rows.get())) == SQLITE_ROW) {
-    hash->AddU64(0x524f57);  // a row marker: an empty table differs from a table of empty rows
-    for (int i = 0; i < columns; ++i) HashValue(rows.get(), i, hash);
-  }
-  if (rc != SQLITE_DONE) hash->AddField(sqlite3_errmsg(db));
-}
-
 // The module of a CREATE VIRTUAL TABLE statement as SQLite stores it ("CREATE VIRTUAL
 // TABLE name USING module(...)"), lower-cased, or "" if it cannot be read.
 std::string VirtualTableModule(std::string_view sql) {
@@ -580,6 +575,7 @@ void ConfigureConnection(sqlite3* db) {
   SYNOD_CHECK_EQ(sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, 1, &enabled), SQLITE_OK);
   SYNOD_CHECK_EQ(enabled, 1);
   ApplySqliteLimits(db);
+  SYNOD_CHECK_EQ(sqlite3_set_authorizer(db, &StatementScope::Authorize, db), SQLITE_OK);
   // The temp schema is opened now, outside any request's budget: opened lazily by a request
   // (reading sqlite_temp_master), its page cache would be charged to that request on a
   // fresh connection only (core/sql_guards.h).
@@ -801,20 +797,74 @@ absl::Status CheckUserSchema(sqlite3* db) {
 }
 
 void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table) {
-  Stmt schema =
-      MustPrepare(db, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY 1, 2");
-  while (MustStep(schema.get())) {
-    for (int i = 0; i < 4; ++i) HashValue(schema.get(), i, hash);
-  }
+  DatabaseHasher(db).Hash(hash, skipped_table);
+}
+
+void DatabaseHasher::Prepare(std::string_view skipped_table) {
+  tables_.clear();
+  schema_ = MustPrepare(db_, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY 1, 2");
   // Virtual tables keep their rows in ordinary (shadow) tables, which are hashed instead.
-  Stmt tables = MustPrepare(db,
-                            "SELECT name FROM sqlite_schema WHERE type = 'table' AND sql NOT LIKE "
-                            "'CREATE VIRTUAL TABLE%' ORDER BY name");
-  while (MustStep(tables.get())) {
-    std::string table = ColumnString(tables.get(), 0);
-    if (!skipped_table.empty() && table == skipped_table) continue;
-    hash->AddField(table);
-    HashTable(db, table, hash);
+  Stmt names = MustPrepare(db_,
+                           "SELECT name FROM sqlite_schema WHERE type = 'table' AND sql NOT LIKE "
+                           "'CREATE VIRTUAL TABLE%' ORDER BY name");
+  while (MustStep(names.get())) {
+    Table table{.name = ColumnString(names.get(), 0)};
+    if (!skipped_table.empty() && table.name == skipped_table) continue;
+    std::string from = absl::StrCat(" FROM ", QuoteIdentifier(table.name));
+    // With its rowid if it has one (WITHOUT ROWID tables do not). A column named _rowid_
+    // hides the rowid, hence the order by every column.
+    sqlite3_stmt* raw = nullptr;
+    std::string sql = absl::StrCat("SELECT _rowid_, *", from);
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &raw, nullptr) != SQLITE_OK) {
+      sqlite3_finalize(raw);
+      raw = nullptr;
+      sql = absl::StrCat("SELECT *", from);
+      if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &raw, nullptr) != SQLITE_OK) {
+        sqlite3_finalize(raw);
+        raw = nullptr;
+      }
+    }
+    table.columns = raw == nullptr ? 0 : sqlite3_column_count(raw);
+    sqlite3_finalize(raw);
+    absl::StrAppend(&sql, " ORDER BY 1");
+    for (int i = 2; i <= table.columns; ++i) absl::StrAppend(&sql, ", ", i);
+    raw = nullptr;
+    // A table SQLite cannot read (a damaged one) is hashed as its error.
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &raw, nullptr) != SQLITE_OK) {
+      table.error = sqlite3_errmsg(db_);
+    }
+    table.rows.reset(raw);
+    tables_.push_back(std::move(table));
+  }
+  prepared_skipped_ = std::string(skipped_table);
+}
+
+void DatabaseHasher::Hash(StableHash* hash, std::string_view skipped_table) {
+  if (version_ == nullptr) version_ = MustPrepare(db_, "PRAGMA schema_version");
+  SYNOD_CHECK(MustStep(version_.get()));
+  const int64_t version = sqlite3_column_int64(version_.get(), 0);
+  sqlite3_reset(version_.get());
+  if (version != prepared_version_ || skipped_table != prepared_skipped_) {
+    Prepare(skipped_table);
+    prepared_version_ = version;
+  }
+  while (MustStep(schema_.get())) {
+    for (int i = 0; i < 4; ++i) HashValue(schema_.get(), i, hash);
+  }
+  sqlite3_reset(schema_.get());
+  for (Table& table : tables_) {
+    hash->AddField(table.name);
+    if (table.rows == nullptr) {
+      hash->AddField(table.error);
+      continue;
+    }
+    int rc;
+    while ((rc = sqlite3_step(table.rows.get())) == SQLITE_ROW) {
+      hash->AddU64(0x524f57);  // a row marker: an empty table differs from a table of empty rows
+      for (int i = 0; i < table.columns; ++i) HashValue(table.rows.get(), i, hash);
+    }
+    if (rc != SQLITE_DONE) hash->AddField(sqlite3_errmsg(db_));
+    sqlite3_reset(table.rows.get());
   }
 }
 

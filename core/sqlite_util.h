@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -134,6 +135,31 @@ absl::Status CheckUserSchema(sqlite3* db);
 // that depends only on the content (not on pages or on insertion history). The rows of
 // `skipped_table`, if given, are left out (the caller hashes what of them it means to).
 void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table = {});
+
+// HashDatabase for one connection, keeping what it prepares while the schema stays the same
+// (the state hash is taken every few entries). Holds statements on the connection: destroy it
+// before the connection is closed.
+class DatabaseHasher {
+ public:
+  explicit DatabaseHasher(sqlite3* db) : db_(db) {}
+  void Hash(StableHash* hash, std::string_view skipped_table = {});
+
+ private:
+  struct Table {
+    std::string name{};
+    Stmt rows{};  // every row, in the order of all its columns (the rowid first if it has one)
+    int columns = 0;
+    std::string error{};  // why `rows` could not be prepared (a damaged table)
+  };
+  void Prepare(std::string_view skipped_table);
+
+  sqlite3* db_;
+  Stmt version_;  // PRAGMA schema_version
+  int64_t prepared_version_ = -1;
+  std::string prepared_skipped_;
+  Stmt schema_;
+  std::vector<Table> tables_;
+};
 
 }  // namespace synod
 

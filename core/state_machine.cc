@@ -942,6 +942,7 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   impl_->idle_readers.clear();
   impl_->statements.Clear();
   impl_->databases.clear();
+  impl_->system_hasher.reset();
   impl_->system.reset();
   absl::Status removed = impl_->opener->Remove(kSystemFileId);
   SYNOD_CHECK(removed.ok()) << removed;
@@ -967,12 +968,22 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
 uint64_t StateMachine::StateHash() {
   StableHash hash;
   hash.AddField(kSystemFileId);
-  HashDatabase(impl_->system.get(), &hash);
-  for (const auto& [name, db] : impl_->databases) {
+  if (!impl_->system_hasher.has_value()) impl_->system_hasher.emplace(impl_->system.get());
+  impl_->system_hasher->Hash(&hash);
+  for (auto& [name, db] : impl_->databases) {
     hash.AddField(name);
-    // Not the results kept for a crash (SlotResults): which requests they hold depends on
-    // how the entry was grouped, which a crash can change.
-    HashDatabase(db.handle.get(), &hash, "_synod_meta");
+    if (!db.content_hash.has_value() || db.hashed_revision != db.revision ||
+        db.hashed_request_index != db.request_index) {
+      if (db.hasher == nullptr) db.hasher = std::make_unique<DatabaseHasher>(db.handle.get());
+      StableHash content;
+      // Not the results kept for a crash (SlotResults): which requests they hold depends on
+      // how the entry was grouped, which a crash can change.
+      db.hasher->Hash(&content, "_synod_meta");
+      db.content_hash = content.value();
+      db.hashed_revision = db.revision;
+      db.hashed_request_index = db.request_index;
+    }
+    hash.AddU64(*db.content_hash);
     hash.AddU64(db.revision);
     hash.AddU64(db.request_index);
   }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -73,6 +74,13 @@ struct StateMachine::Impl {
     uint64_t results_slot = 0;
     std::map<uint64_t, CommandResult> results{};
     bool in_group = false;  // its transaction of the open group is open
+    // Its content hash as of the request at (hashed_revision, hashed_request_index): only a
+    // request changes a database, and each one moves its position. The hasher holds
+    // statements on `handle` (declared after it, so destroyed first).
+    std::unique_ptr<DatabaseHasher> hasher{};
+    std::optional<uint64_t> content_hash{};
+    uint64_t hashed_revision = 0;
+    uint64_t hashed_request_index = 0;
   };
   // Requests of one entry applied in one transaction per database: the system database's
   // and each user database's they touch, committed together (user databases first). A
@@ -165,6 +173,7 @@ struct StateMachine::Impl {
   RequestRandom random;
   GuardedFunctions guarded;
   Db system;
+  std::optional<DatabaseHasher> system_hasher;             // on `system`; reset before it is closed
   std::map<std::string, Database, std::less<>> databases;  // by name
   uint64_t last_generation = 0;
   // Idle readers by database name, at most kMaxIdleReaders each; closed before the
