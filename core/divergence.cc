@@ -19,12 +19,14 @@ Command DivergenceCheck::VoteFor(uint64_t revision, uint64_t state_hash) {
   vote->set_revision(revision);
   vote->set_state_hash(state_hash);
   vote->set_replica_id(self_id_);
+  vote->set_hash_format(kStateHashFormat);
   Judge(revision);  // the others' votes may have been applied first
   return command;
 }
 
 void DivergenceCheck::OnVote(const Checkpoint& vote) {
-  if (!WantsHashAt(vote.revision())) return;  // not a revision this group hashes
+  if (!WantsHashAt(vote.revision())) return;           // not a revision this group hashes
+  if (vote.hash_format() != kStateHashFormat) return;  // not comparable with this one's
   // Only recent revisions are kept: an old vote (a slow replica's) changes no verdict.
   if (!votes_.empty() &&
       vote.revision() + every_revisions_ * kKeptRevisions < votes_.rbegin()->first) {

@@ -26,6 +26,12 @@
 
 namespace synod {
 
+// The way StateMachine::StateHash computes a hash, carried by every vote. Change it with
+// the hash: a replica ignores votes of another format (during a rolling upgrade) rather than
+// finding itself outvoted. 0 was the whole state hashed as one stream; 1 hashes each
+// database's content on its own.
+inline constexpr uint32_t kStateHashFormat = 1;
+
 struct Divergence {
   uint64_t revision = 0;
   uint64_t own_hash = 0;

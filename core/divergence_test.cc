@@ -5,11 +5,13 @@
 namespace synod {
 namespace {
 
-Checkpoint Vote(uint64_t revision, uint32_t replica, uint64_t hash) {
+Checkpoint Vote(uint64_t revision, uint32_t replica, uint64_t hash,
+                uint32_t format = kStateHashFormat) {
   Checkpoint vote;
   vote.set_revision(revision);
   vote.set_replica_id(replica);
   vote.set_state_hash(hash);
+  vote.set_hash_format(format);
   return vote;
 }
 
@@ -23,6 +25,7 @@ TEST(Divergence, HashesAreTakenAtTheSameRevisionsOnEveryReplica) {
   EXPECT_EQ(vote.checkpoint().revision(), 100u);
   EXPECT_EQ(vote.checkpoint().state_hash(), 7u);
   EXPECT_EQ(vote.checkpoint().replica_id(), 1u);
+  EXPECT_EQ(vote.checkpoint().hash_format(), kStateHashFormat);
 }
 
 TEST(Divergence, AReplicaOutvotedByAMajorityKnowsItDiverged) {
@@ -47,6 +50,18 @@ TEST(Divergence, TheMajorityReplicasSeeWhoWasOutvotedAndStayHealthy) {
   EXPECT_FALSE(check.diverged());
   EXPECT_EQ(check.agreed_revision(), 10u);
   EXPECT_EQ(check.outvoted_replicas(), std::set<uint32_t>{3});
+}
+
+// In a rolling upgrade, replicas whose hashes are computed differently outvote nobody.
+TEST(Divergence, VotesOfAnotherHashFormatAreNotCounted) {
+  DivergenceCheck check(3, 3, 10);
+  check.VoteFor(10, 666);
+  check.OnVote(Vote(10, 1, 42, kStateHashFormat + 1));
+  check.OnVote(Vote(10, 2, 42, kStateHashFormat + 1));
+  EXPECT_FALSE(check.diverged());
+  check.OnVote(Vote(10, 1, 42));
+  check.OnVote(Vote(10, 2, 42));
+  EXPECT_TRUE(check.diverged());
 }
 
 TEST(Divergence, WithoutAMajorityForOneHashNobodyIsJudged) {

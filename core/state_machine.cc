@@ -965,6 +965,7 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   return absl::OkStatus();
 }
 
+// Its format is kStateHashFormat (core/divergence.h): change that with it.
 uint64_t StateMachine::StateHash() {
   StableHash hash;
   hash.AddField(kSystemFileId);
