@@ -1,8 +1,9 @@
 #ifndef SYNOD_SERVER_JSON_H_
 #define SYNOD_SERVER_JSON_H_
 
-// Conversions between the HTTP API's JSON and Synod's protobuf values. Requests are
-// parsed with protobuf's JSON mapping (server/api.proto); responses are written here.
+// Conversions between the HTTP API's JSON and Synod's protobuf values. Requests are read
+// into the messages of server/api.proto by a strict JSON reader (RFC 8259) that follows
+// protobuf's JSON mapping; responses are written here.
 
 #include <cstdint>
 #include <string>
@@ -14,15 +15,17 @@
 
 namespace synod::server {
 
-// The deepest nesting of arrays and objects ParseJson lets through to protobuf's JSON parser,
-// whose time grows faster than the depth: without the cap a small body of brackets could
-// stall the loop for seconds. (Protobuf's own recursion limit may still refuse a shallower
-// google.protobuf.Value tree, with its own error.)
+// The deepest nesting of arrays and objects ParseJson accepts (its recursion is bounded by
+// it).
 inline constexpr int kMaxJsonDepth = 64;
 
-// Parses `json` into `message`, rejecting unknown fields, fields of the wrong type, and
-// arrays and objects nested deeper than kMaxJsonDepth (checked first, in one pass over the
-// text). Errors are InvalidArgument.
+// Parses `json` into `message` (a message of server/api.proto, or a google.protobuf.Value),
+// as protobuf's JSON mapping reads it: a field by its JSON or proto name; null for the
+// field's default (an empty list for a repeated one); integers as numbers or strings holding
+// them. Refused, with InvalidArgument saying where: what is not JSON (trailing commas, single
+// quotes, bare names, raw control characters in strings, strings that are not UTF-8 or hold
+// an unpaired surrogate escape), an unknown field, a field given twice, a value of the wrong
+// type or out of range, and nesting deeper than kMaxJsonDepth.
 absl::Status ParseJson(std::string_view json, google::protobuf::Message* message);
 
 // A JSON parameter as an SQL value: null, true/false (1/0), a number (integer when it is
