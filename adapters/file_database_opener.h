@@ -28,6 +28,7 @@
 
 #include <sqlite3.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -43,6 +44,10 @@ class FileDatabaseOpener : public DatabaseOpener {
  public:
   // How long a connection waits for another one's lock before failing SQLITE_BUSY.
   static constexpr int kBusyTimeoutMs = 5000;
+  // How much of a database file a read-only connection maps into memory (PRAGMA mmap_size);
+  // pages beyond it are read with pread. Mapped pages that were touched count in the
+  // process's RSS (they are the kernel's page cache, shared, not the process's own memory).
+  static constexpr int64_t kReaderMapBytes = 32 << 20;
 
   // Creates `<data_dir>/db` if missing, and empties it when the machine restarted since
   // it was last written (see "Durability" above; `boot_id_source` is where the machine's
@@ -63,7 +68,8 @@ class FileDatabaseOpener : public DatabaseOpener {
   absl::StatusOr<sqlite3*> Open(std::string_view file_id, const char* vfs_name) override;
 
   // Opens the database read-only (never creating it: NotFound if absent), for queries on
-  // another thread while the state machine's own connection writes (WAL mode).
+  // another thread while the state machine's own connection writes (WAL mode), mapping the
+  // first kReaderMapBytes of the file.
   absl::StatusOr<sqlite3*> OpenReadOnly(std::string_view file_id, const char* vfs_name) override;
 
   // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably.

@@ -254,6 +254,14 @@ class StatementScope {
 
 thread_local StatementScope* StatementScope::active_scope = nullptr;
 
+absl::Status CheckParameterCount(sqlite3_stmt* stmt, const Statement& statement) {
+  int parameters = sqlite3_bind_parameter_count(stmt);
+  if (parameters == statement.params_size()) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat("the statement has ", parameters,
+                                                  " parameters but ", statement.params_size(),
+                                                  " values were given"));
+}
+
 // Prepares the single statement in `statement`, checking what the policy can check before
 // running it.
 absl::StatusOr<Stmt> PrepareUnderPolicy(sqlite3* db, const Statement& statement,
@@ -274,11 +282,8 @@ absl::StatusOr<Stmt> PrepareUnderPolicy(sqlite3* db, const Statement& statement,
     return absl::PermissionDeniedError(
         "a Statement holds one SQL statement; send several Statements instead");
   }
-  int parameters = sqlite3_bind_parameter_count(stmt.get());
-  if (parameters != statement.params_size()) {
-    return absl::PermissionDeniedError(absl::StrCat("the statement has ", parameters,
-                                                    " parameters but ", statement.params_size(),
-                                                    " values were given"));
+  if (absl::Status counted = CheckParameterCount(stmt.get(), statement); !counted.ok()) {
+    return counted;
   }
   return stmt;
 }
@@ -593,26 +598,71 @@ Db OpenScratch() {
   return db;
 }
 
+Stmt QueryCache::Take(std::string_view sql) {
+  for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+    if (it->first != sql) continue;
+    Stmt stmt = std::move(it->second);
+    entries_.erase(it);
+    return stmt;
+  }
+  return nullptr;
+}
+
+void QueryCache::Put(std::string_view sql, Stmt stmt) {
+  sqlite3_reset(stmt.get());
+  sqlite3_clear_bindings(stmt.get());
+  if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
+  entries_.emplace_back(std::string(sql), std::move(stmt));
+}
+
 absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
-                                                 bool read_only, WorkBudget* budget) {
+                                                 bool read_only, WorkBudget* budget,
+                                                 QueryCache* cache) {
   StatementScope scope(db, budget);
-  absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
-  if (!prepared.ok()) return prepared.status();
-  sqlite3_stmt* stmt = prepared->get();
+  Stmt owned = cache != nullptr ? cache->Take(statement.sql()) : nullptr;
+  if (owned != nullptr) {
+    // It passed the policy when it was prepared (and SQLite asks the authorizer again if a
+    // schema change makes it prepare again).
+    if (absl::Status counted = CheckParameterCount(owned.get(), statement); !counted.ok()) {
+      cache->Put(statement.sql(), std::move(owned));
+      return counted;
+    }
+  } else {
+    absl::StatusOr<Stmt> prepared = PrepareUnderPolicy(db, statement, scope);
+    if (!prepared.ok()) return prepared.status();
+    owned = *std::move(prepared);
+  }
+  sqlite3_stmt* stmt = owned.get();
   if (read_only && !sqlite3_stmt_readonly(stmt)) {
     return absl::PermissionDeniedError("a query must be read-only; use Execute to write");
   }
+  // Back into the cache however the statement ends.
+  struct GiveBack {
+    QueryCache* cache;
+    const std::string& sql;
+    Stmt& stmt;
+    ~GiveBack() {
+      if (cache != nullptr) cache->Put(sql, std::move(stmt));
+    }
+  } give_back{cache, statement.sql(), owned};
   for (int i = 0; i < statement.params_size(); ++i) {
     int rc = Bind(stmt, i + 1, statement.params(i));
     if (rc != SQLITE_OK) return scope.Error(rc);
   }
   StatementResult result;
-  int columns = sqlite3_column_count(stmt);
-  for (int i = 0; i < columns; ++i) result.add_columns(ValidUtf8(sqlite3_column_name(stmt, i)));
   int64_t changes_before = sqlite3_total_changes64(db);
   size_t result_bytes = 0;
+  int columns = -1;
   for (;;) {
     int rc = sqlite3_step(stmt);
+    // Named once it has run: a kept statement that a schema change made SQLite prepare
+    // again (in its first step) may have other columns now ("SELECT *" after ADD COLUMN).
+    if (columns < 0 && (rc == SQLITE_ROW || rc == SQLITE_DONE)) {
+      columns = sqlite3_column_count(stmt);
+      for (int i = 0; i < columns; ++i) {
+        result.add_columns(ValidUtf8(sqlite3_column_name(stmt, i)));
+      }
+    }
     if (rc == SQLITE_DONE) break;
     if (rc != SQLITE_ROW) return scope.Error(rc);
     Row* row = result.add_rows();

@@ -98,6 +98,22 @@ void ConfigureConnection(sqlite3* db);
 // A private in-memory database (no VFS I/O), configured like the others.
 Db OpenScratch();
 
+// A reader connection's prepared user statements, by their text: the most recent
+// kCapacity. Only for reads, which no replica's state depends on (an Execute prepares its
+// statements afresh: SQLite may charge preparing to the budget, and what a replica happened
+// to keep must not change what a request is charged). Destroy it before its connection.
+class QueryCache {
+ public:
+  static constexpr size_t kCapacity = 16;
+  // The statement prepared for `sql`, taken out of the cache; null if there is none.
+  Stmt Take(std::string_view sql);
+  // Keeps `stmt` (reset, bindings cleared) for `sql`, dropping the least recently used.
+  void Put(std::string_view sql, Stmt stmt);
+
+ private:
+  std::vector<std::pair<std::string, Stmt>> entries_;  // least recently used first
+};
+
 // Runs one user statement under the replication policy (see sqlite_util.cc), charging its
 // work to `budget` (core/sql_guards.h; shared by a request's statements). Errors are
 // InvalidArgument (SQLite rejected it), PermissionDenied (the policy rejected it),
@@ -105,8 +121,10 @@ Db OpenScratch();
 // content is damaged) — all deterministic — DeadlineExceeded (sqlite3_interrupt from
 // another thread: reads only) or Internal (the environment failed: I/O, locks; not the same
 // on every replica). With `read_only`, statements that could write are rejected.
+// A read may pass its connection's `cache`.
 absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& statement,
-                                                 bool read_only, WorkBudget* budget);
+                                                 bool read_only, WorkBudget* budget,
+                                                 QueryCache* cache = nullptr);
 
 // Checks `statement` against the policy as far as possible without the real schema: `db` is
 // a scratch database holding the state machine's own tables. Returns PermissionDenied for a

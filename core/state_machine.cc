@@ -727,7 +727,7 @@ absl::StatusOr<StatementResult> DatabaseReader::Query(const Statement& statement
   // SQLite; the flag, checked as the statement runs, is not.
   budget.set_cancel_flag(&interrupted_);
   absl::StatusOr<StatementResult> result =
-      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
+      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget, &queries_);
   if (absl::IsPermissionDenied(result.status())) {
     return absl::InvalidArgumentError(result.status().message());
   }
@@ -739,7 +739,7 @@ std::optional<absl::StatusOr<StatementResult>> DatabaseReader::TryQuery(const St
   WorkBudget budget(max_work_units);
   BeginRead();
   absl::StatusOr<StatementResult> result =
-      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget);
+      RunUserStatement(db_.get(), statement, /*read_only=*/true, &budget, &queries_);
   if (!result.ok() && budget.work_exhausted() && max_work_units < kMaxRequestWorkUnits) {
     return std::nullopt;
   }

@@ -180,6 +180,7 @@ class DatabaseReader {
   GuardedFunctions guarded_;
   Db db_;                      // closed before what it uses
   StatementCache statements_;  // finalized before db_ closes
+  QueryCache queries_;         // likewise
 };
 
 class StateMachine {

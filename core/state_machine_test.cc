@@ -279,6 +279,42 @@ TEST(StateMachineTest, ImageBytesIsTheSizeOfTheBackupWithoutMakingOne) {
   EXPECT_TRUE(absl::IsNotFound(replica.machine().ImageBytes("nope").status()));
 }
 
+// A reader keeps the statements it prepared; one kept across a schema change answers for
+// the schema of now, with the parameters of each query.
+TEST(StateMachineTest, AKeptQueryAnswersForTheCurrentSchema) {
+  Replica replica;
+  replica.Apply(Create("d"));
+  replica.Apply(Exec("d", {Sql("CREATE TABLE t(a)"), Sql("INSERT INTO t VALUES (1), (2)")}));
+  auto query = [&](const Statement& statement) {
+    absl::StatusOr<StatementResult> result = replica.machine().Query("d", statement);
+    std::vector<std::string> out;
+    if (!result.ok()) return std::vector<std::string>{std::string(result.status().message())};
+    for (const std::string& column : result->columns()) out.push_back(column);
+    for (const Row& row : result->rows()) {
+      for (const SqlValue& value : row.values()) out.push_back(absl::StrCat(value.integer()));
+    }
+    return out;
+  };
+  const Statement all = Sql("SELECT * FROM t ORDER BY a");
+  EXPECT_EQ(query(all), (std::vector<std::string>{"a", "1", "2"}));
+  EXPECT_EQ(query(Sql("SELECT a FROM t WHERE a = ?", {Integer(2)})),
+            (std::vector<std::string>{"a", "2"}));
+  EXPECT_EQ(query(Sql("SELECT a FROM t WHERE a = ?", {Integer(1)})),
+            (std::vector<std::string>{"a", "1"}));
+  EXPECT_EQ(query(Sql("SELECT a FROM t WHERE a = ?")),
+            (std::vector<std::string>{"the statement has 1 parameters but 0 values were given"}));
+  ASSERT_EQ(replica.Apply(Exec("d", "ALTER TABLE t ADD COLUMN b DEFAULT 7")).code(), OK);
+  EXPECT_EQ(query(all), (std::vector<std::string>{"a", "b", "1", "7", "2", "7"}));
+  ASSERT_EQ(replica.Apply(Exec("d", "DROP TABLE t")).code(), OK);
+  EXPECT_EQ(query(all), (std::vector<std::string>{"no such table: t"}));
+  ASSERT_EQ(
+      replica.Apply(Exec("d", {Sql("CREATE TABLE t(x)"), Sql("INSERT INTO t VALUES (5)")})).code(),
+      OK);
+  EXPECT_EQ(query(Sql("SELECT * FROM t ORDER BY a")),
+            (std::vector<std::string>{"no such column: a"}));
+  EXPECT_EQ(query(Sql("SELECT * FROM t")), (std::vector<std::string>{"x", "5"}));
+}
+
 TEST(StateMachineTest, ATransactionAppliesNothingWhenAStatementHasASyntaxError) {
   Replica replica;
   replica.Apply(Create("d"));
