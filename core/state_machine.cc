@@ -172,6 +172,17 @@ std::string OwnSchemaOf(const char* sql) {
 }
 
 // The single integer `sql` returns from `db`, if it returns exactly that.
+std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql);
+
+// The size of `db`'s main database file: its page count times its page size.
+uint64_t FileBytes(sqlite3* db) {
+  std::optional<int64_t> pages = SingleInteger(db, "PRAGMA page_count");
+  std::optional<int64_t> page_bytes = SingleInteger(db, "PRAGMA page_size");
+  SYNOD_CHECK(pages.has_value() && page_bytes.has_value()) << sqlite3_errmsg(db);
+  return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
+}
+
+// The single integer `sql` returns from `db`, if it returns exactly that.
 std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql) {
   sqlite3_stmt* raw = nullptr;
   if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return std::nullopt;
@@ -820,10 +831,7 @@ absl::StatusOr<uint64_t> StateMachine::ImageBytes(std::string_view database) {
   if (it == impl_->databases.end()) {
     return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
   }
-  std::optional<int64_t> pages = SingleInteger(it->second.handle.get(), "PRAGMA page_count");
-  std::optional<int64_t> page_bytes = SingleInteger(it->second.handle.get(), "PRAGMA page_size");
-  SYNOD_CHECK(pages.has_value() && page_bytes.has_value()) << "database " << database;
-  return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
+  return FileBytes(it->second.handle.get());
 }
 
 absl::StatusOr<std::string> StateMachine::Backup(std::string_view database) {
@@ -862,10 +870,16 @@ absl::StatusOr<std::string> StateMachine::NameOwner(std::string_view name) {
   return ColumnString(stmt.get(), 0);
 }
 
-absl::StatusOr<std::string> StateMachine::Snapshot() {
+absl::StatusOr<std::string> StateMachine::Snapshot(uint64_t max_bytes) {
   if (impl_->mid_entry) {
     return absl::FailedPreconditionError(
         absl::StrCat("slot ", impl_->revision + 1, " is half applied; apply it first"));
+  }
+  uint64_t total_bytes = FileBytes(impl_->system.get());
+  for (const auto& [name, db] : impl_->databases) total_bytes += FileBytes(db.handle.get());
+  if (total_bytes > max_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the databases hold ", total_bytes, " bytes; a snapshot holds at most ", max_bytes));
   }
   std::string snapshot(kSnapshotMagic);
   auto append = [&snapshot](std::string_view file_id, sqlite3* db) -> absl::Status {

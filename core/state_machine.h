@@ -252,8 +252,11 @@ class StateMachine {
   // Snapshot() is FailedPrecondition right after an Open() that found an entry half applied
   // by a crash, until that entry is applied again. RestoreSnapshot checks the whole snapshot
   // before changing anything (InvalidArgument if it is damaged), then replaces the whole
-  // state, removing the databases the snapshot does not have.
-  absl::StatusOr<std::string> Snapshot();
+  // state, removing the databases the snapshot does not have. A snapshot of more than
+  // `max_bytes` (the log frames a record in at most 4 GiB, and the image is held in memory)
+  // is ResourceExhausted, found from the databases' sizes before anything is copied.
+  static constexpr uint64_t kMaxSnapshotBytes = uint64_t{3} << 30;
+  absl::StatusOr<std::string> Snapshot(uint64_t max_bytes = kMaxSnapshotBytes);
   absl::Status RestoreSnapshot(std::string_view snapshot);
   // Whether RestoreSnapshot would accept `snapshot`, and it holds state at `revision`
   // (InvalidArgument if not). Changes nothing: a host checks a snapshot from a peer with it

@@ -315,6 +315,24 @@ TEST(StateMachineTest, AKeptQueryAnswersForTheCurrentSchema) {
   EXPECT_EQ(query(Sql("SELECT * FROM t")), (std::vector<std::string>{"x", "5"}));
 }
 
+// Databases too large for one snapshot are refused before anything is copied (the host
+// tries again later; the log framing and memory would not hold the image).
+TEST(StateMachineTest, ASnapshotLargerThanItsLimitIsRefusedBeforeCopying) {
+  Replica replica;
+  replica.Apply(Create("a"));
+  replica.Apply(Create("b"));
+  replica.Apply(
+      Exec("a", {Sql("CREATE TABLE t(x)"), Sql("INSERT INTO t VALUES (zeroblob(100000))")}));
+  absl::StatusOr<std::string> whole = replica.machine().Snapshot();
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  absl::StatusOr<std::string> refused = replica.machine().Snapshot(100000);
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  EXPECT_NE(std::string(refused.status().message()).find("a snapshot holds at most 100000"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(replica.machine().Snapshot(whole->size()).ok());
+}
+
 TEST(StateMachineTest, ATransactionAppliesNothingWhenAStatementHasASyntaxError) {
   Replica replica;
   replica.Apply(Create("d"));
