@@ -533,10 +533,9 @@ void Node::Send(std::vector<Message> messages) {
   for (auto& [peer, box] : outboxes_) FlushOutbox(peer);
 }
 
-void Node::FlushOutbox(uint32_t peer) {
+std::string Node::TakeSealedBatch(uint32_t peer) {
   PeerOutbox& box = outboxes_.at(peer);
-  if (box.in_flight || box.pending.empty() || stopping_) return;
-  // One POST, at most about max_body_bytes (a single message may carry a whole image).
+  // At most about max_body_bytes (a single message may carry a whole image).
   MessageBatch batch;
   size_t bytes = 0;
   size_t taken = 0;
@@ -550,23 +549,33 @@ void Node::FlushOutbox(uint32_t peer) {
   box.pending_bytes -= std::min(box.pending_bytes, bytes);
   std::string payload;
   SYNOD_CHECK(batch.SerializeToString(&payload));
-  std::string body =
-      peer_auth_->Seal(options_.id, peer, peer_send_sequences_.at(peer).Next(), payload);
+  return peer_auth_->Seal(options_.id, peer, peer_send_sequences_.at(peer).Next(), payload);
+}
+
+void Node::FlushOutbox(uint32_t peer) {
+  PeerOutbox& box = outboxes_.at(peer);
+  if (box.in_flight || box.pending.empty() || stopping_ || peer == answering_peer_) return;
   box.in_flight = true;
-  peer_clients_.at(peer)->Post("/internal/v1/messages", std::move(body),
-                               [this, peer](absl::StatusOr<HttpResponse> response) {
-                                 // Lost or refused batches are the protocol's business.
-                                 // So are the messages queued behind one that failed: the
-                                 // peer is down or cut off, they age while the client backs
-                                 // off, and the core's timers send what is still needed.
-                                 PeerOutbox& b = outboxes_.at(peer);
-                                 b.in_flight = false;
-                                 if (!response.ok()) {
-                                   b.pending.clear();
-                                   b.pending_bytes = 0;
-                                 }
-                                 FlushOutbox(peer);
-                               });
+  ++counters_.peer_posts;
+  // "replies": the peer may answer with messages of its own for this replica (server
+  // versions before it answer 204 to every batch).
+  peer_clients_.at(peer)->Post(
+      "/internal/v1/messages?replies=1", TakeSealedBatch(peer),
+      [this, peer](absl::StatusOr<HttpResponse> response) {
+        // Lost or refused batches are the protocol's business. So are the messages queued
+        // behind one that failed: the peer is down or cut off, they age while the client
+        // backs off, and the core's timers send what is still needed.
+        PeerOutbox& b = outboxes_.at(peer);
+        b.in_flight = false;
+        if (!response.ok()) {
+          b.pending.clear();
+          b.pending_bytes = 0;
+        } else if (response->status == 200 && !stopping_) {
+          CatchUpTicks();
+          StepPeerBatch(response->body).IgnoreError();  // a refused one is counted
+        }
+        FlushOutbox(peer);
+      });
 }
 
 size_t Node::PeerBodyLimit() const {
@@ -857,10 +866,9 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
                absl::StrCat("no endpoint ", method, " ", request.target));
 }
 
-void Node::HandlePeerMessages(const HttpRequest& request,
-                              std::shared_ptr<HttpResponder> responder) {
+absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed) {
   // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
-  absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(request.body, options_.id);
+  absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(sealed, options_.id);
   absl::Status admitted = frame.status();
   if (admitted.ok()) {
     auto window = peer_replay_windows_.find(frame->from_id);
@@ -870,18 +878,42 @@ void Node::HandlePeerMessages(const HttpRequest& request,
   }
   if (!admitted.ok()) {
     ++counters_.peer_frames_refused;
-    return RespondError(responder, 401, "unauthenticated",
-                        absl::StrCat("peer frame refused: ", admitted.message()));
+    return absl::UnauthenticatedError(absl::StrCat("peer frame refused: ", admitted.message()));
   }
   MessageBatch batch;
   if (!batch.ParseFromArray(frame->payload.data(), static_cast<int>(frame->payload.size()))) {
     ++counters_.peer_frames_refused;
-    return RespondError(responder, 400, "bad_request", "not a message batch");
+    return absl::InvalidArgumentError("not a message batch");
   }
   for (const Message& m : batch.messages()) replica().Step(m);
+  return frame->from_id;
+}
+
+void Node::HandlePeerMessages(const HttpRequest& request,
+                              std::shared_ptr<HttpResponder> responder) {
+  absl::StatusOr<uint32_t> from = StepPeerBatch(request.body);
+  if (!from.ok()) {
+    return absl::IsUnauthenticated(from.status())
+               ? RespondError(responder, 401, "unauthenticated", from.status().message())
+               : RespondError(responder, 400, "bad_request", from.status().message());
+  }
   HttpResponse response;
   response.status = 204;
+  if (request.target.ends_with("?replies=1") && outboxes_.contains(*from)) {
+    // What this replica has for the sender now (a heartbeat's acknowledgement, most often)
+    // rides back in the answer: one HTTP exchange per round trip instead of two. Messages
+    // that need an fsync first come later, in a POST of their own.
+    answering_peer_ = *from;
+    driver_->Drain();
+    answering_peer_ = 0;
+    if (!outboxes_.at(*from).pending.empty()) {
+      response.status = 200;
+      response.body = TakeSealedBatch(*from);
+      ++counters_.peer_replies;
+    }
+  }
   responder->Send(std::move(response));
+  FlushOutbox(*from);  // what did not fit
 }
 
 void Node::HandleDatabase(const std::string& method, const std::string& name,
@@ -1181,6 +1213,11 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_peer_frames_refused_total",
           "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
           counters_.peer_frames_refused);
+  counter("synod_peer_posts_total", "message batches this replica POSTed to peers",
+          counters_.peer_posts);
+  counter("synod_peer_replies_total",
+          "message batches this replica sent back in its answer to a peer's POST",
+          counters_.peer_replies);
   gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
   counter("synod_http_response_microseconds_total", "time spent answering",
           counters_.response_us_total);

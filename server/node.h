@@ -113,6 +113,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t queries_inline = 0;       // answered on the loop, without a worker
     uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
     uint64_t snapshots_refused = 0;
+    uint64_t peer_posts = 0;    // batches sent to peers as POSTs
+    uint64_t peer_replies = 0;  // batches sent back in the answer to a peer's POST
   };
 
   // The driver's interfaces.
@@ -138,6 +140,11 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   void CheckDivergence(const CommittedEntry& entry);
   void MaybeCompact();
   void FlushOutbox(uint32_t peer);
+  // Takes what of `peer`'s outbox fits one batch (at least one message), sealed for it.
+  std::string TakeSealedBatch(uint32_t peer);
+  // Opens, admits and steps one sealed batch from a peer (a POST's body, or the answer to
+  // one of this replica's). Refused frames are counted; the status says why.
+  absl::StatusOr<uint32_t> StepPeerBatch(std::string_view sealed);
   void ExpirePending();
 
   // HTTP.
@@ -204,6 +211,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
   std::map<uint32_t, ReplayWindow> peer_replay_windows_;
+  // While a peer's POST is being answered: its messages wait to ride back in the answer.
+  uint32_t answering_peer_ = 0;
   // Queries on worker threads: at most kMaxRunningQueries; more are answered 503. Each holds
   // a reader's file descriptors (main.cc keeps them in reserve).
   static constexpr size_t kMaxRunningQueries = 64;
