@@ -697,8 +697,12 @@ absl::Status StateMachine::Validate(const Command& command) {
   }
   if (command.has_execute()) {
     // The state machine's own table exists here, so statements naming it reach the policy.
-    Db scratch = OpenScratch();
-    MustExec(scratch.get(), kUserMetaSchema);
+    // Statements are only prepared on it, never run, so one per thread serves every check.
+    thread_local Db scratch = [] {
+      Db db = OpenScratch();
+      MustExec(db.get(), kUserMetaSchema);
+      return db;
+    }();
     for (int i = 0; i < command.execute().statements_size(); ++i) {
       absl::Status policy = CheckStatementPolicy(scratch.get(), command.execute().statements(i));
       if (!policy.ok()) {
