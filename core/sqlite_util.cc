@@ -609,6 +609,7 @@ Stmt QueryCache::Take(std::string_view sql) {
 }
 
 void QueryCache::Put(std::string_view sql, Stmt stmt) {
+  if (sql.size() > kMaxSqlBytes) return;
   sqlite3_reset(stmt.get());
   sqlite3_clear_bindings(stmt.get());
   if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());

@@ -105,9 +105,13 @@ Db OpenScratch();
 class QueryCache {
  public:
   static constexpr size_t kCapacity = 16;
+  // Longer statements are not kept: the cache's memory stays small (a long statement can
+  // compile to a large program).
+  static constexpr size_t kMaxSqlBytes = 4096;
   // The statement prepared for `sql`, taken out of the cache; null if there is none.
   Stmt Take(std::string_view sql);
-  // Keeps `stmt` (reset, bindings cleared) for `sql`, dropping the least recently used.
+  // Keeps `stmt` (reset, bindings cleared) for `sql`, dropping the least recently used; a
+  // statement longer than kMaxSqlBytes is finalized instead.
   void Put(std::string_view sql, Stmt stmt);
 
  private:

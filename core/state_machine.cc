@@ -174,11 +174,15 @@ std::string OwnSchemaOf(const char* sql) {
 // The single integer `sql` returns from `db`, if it returns exactly that.
 std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql);
 
-// The size of `db`'s main database file: its page count times its page size.
-uint64_t FileBytes(sqlite3* db) {
+// The size of `db`'s main database file: its page count times its page size. An error when
+// SQLite cannot read them (a file damaged on this replica's disk).
+absl::StatusOr<uint64_t> FileBytes(sqlite3* db) {
   std::optional<int64_t> pages = SingleInteger(db, "PRAGMA page_count");
   std::optional<int64_t> page_bytes = SingleInteger(db, "PRAGMA page_size");
-  SYNOD_CHECK(pages.has_value() && page_bytes.has_value()) << sqlite3_errmsg(db);
+  if (!pages.has_value() || !page_bytes.has_value() || *pages < 0 || *page_bytes <= 0) {
+    return absl::DataLossError(
+        absl::StrCat("cannot read the database's size: ", ValidUtf8(sqlite3_errmsg(db))));
+  }
   return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
 }
 
@@ -879,8 +883,17 @@ absl::StatusOr<std::string> StateMachine::Snapshot(uint64_t max_bytes) {
     return absl::FailedPreconditionError(
         absl::StrCat("slot ", impl_->revision + 1, " is half applied; apply it first"));
   }
-  uint64_t total_bytes = FileBytes(impl_->system.get());
-  for (const auto& [name, db] : impl_->databases) total_bytes += FileBytes(db.handle.get());
+  absl::StatusOr<uint64_t> system_bytes = FileBytes(impl_->system.get());
+  if (!system_bytes.ok()) return system_bytes.status();
+  uint64_t total_bytes = *system_bytes;
+  for (const auto& [name, db] : impl_->databases) {
+    absl::StatusOr<uint64_t> bytes = FileBytes(db.handle.get());
+    if (!bytes.ok()) {
+      return absl::Status(bytes.status().code(),
+                          absl::StrCat("database ", name, ": ", bytes.status().message()));
+    }
+    total_bytes += *bytes;
+  }
   if (total_bytes > max_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the databases hold ", total_bytes, " bytes; a snapshot holds at most ", max_bytes));
@@ -984,20 +997,26 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
 }
 
 // Its format is kStateHashFormat (core/divergence.h): change that with it.
-uint64_t StateMachine::StateHash() {
+uint64_t StateMachine::StateHash(HashMode mode) {
   StableHash hash;
   hash.AddField(kSystemFileId);
   if (!impl_->system_hasher.has_value()) impl_->system_hasher.emplace(impl_->system.get());
   impl_->system_hasher->Hash(&hash);
   for (auto& [name, db] : impl_->databases) {
     hash.AddField(name);
-    if (!db.content_hash.has_value() || db.hashed_revision != db.revision ||
-        db.hashed_request_index != db.request_index) {
-      if (db.hasher == nullptr) db.hasher = std::make_unique<DatabaseHasher>(db.handle.get());
-      StableHash content;
+    if (mode == HashMode::kFresh || !db.content_hash.has_value() ||
+        db.hashed_revision != db.revision || db.hashed_request_index != db.request_index) {
       // Not the results kept for a crash (SlotResults): which requests they hold depends on
       // how the entry was grouped, which a crash can change.
-      db.hasher->Hash(&content, "_synod_meta");
+      StableHash content;
+      if (mode == HashMode::kFresh) {
+        // Nothing kept on the connection: a vote is rare, and a database may hold many
+        // tables (one statement each).
+        DatabaseHasher(db.handle.get()).Hash(&content, "_synod_meta");
+      } else {
+        if (db.hasher == nullptr) db.hasher = std::make_unique<DatabaseHasher>(db.handle.get());
+        db.hasher->Hash(&content, "_synod_meta");
+      }
       db.content_hash = content.value();
       db.hashed_revision = db.revision;
       db.hashed_request_index = db.request_index;

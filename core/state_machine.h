@@ -253,9 +253,10 @@ class StateMachine {
   // by a crash, until that entry is applied again. RestoreSnapshot checks the whole snapshot
   // before changing anything (InvalidArgument if it is damaged), then replaces the whole
   // state, removing the databases the snapshot does not have. A snapshot of more than
-  // `max_bytes` (the log frames a record in at most 4 GiB, and the image is held in memory)
-  // is ResourceExhausted, found from the databases' sizes before anything is copied.
-  static constexpr uint64_t kMaxSnapshotBytes = uint64_t{3} << 30;
+  // `max_bytes` (a protobuf message, the log record that holds it, stays under 2 GiB; and the
+  // image is held in memory) is ResourceExhausted, found from the databases' sizes before
+  // anything is copied.
+  static constexpr uint64_t kMaxSnapshotBytes = (uint64_t{2} << 30) - (64 << 20);
   absl::StatusOr<std::string> Snapshot(uint64_t max_bytes = kMaxSnapshotBytes);
   absl::Status RestoreSnapshot(std::string_view snapshot);
   // Whether RestoreSnapshot would accept `snapshot`, and it holds state at `revision`
@@ -265,7 +266,12 @@ class StateMachine {
 
   // A hash of the logical content of every database and the session table: equal on two
   // replicas exactly when they hold the same state. Stable across processes.
-  uint64_t StateHash();
+  // kFresh reads every row (what a divergence vote needs: damage to a database's file shows
+  // even if no request changed the database). kKept reuses a database's part while no
+  // request changed it since it was last hashed (kKept), for checks that run often and are
+  // about what requests did (the simulator's). Both give the same value on a healthy replica.
+  enum class HashMode { kFresh, kKept };
+  uint64_t StateHash(HashMode mode = HashMode::kFresh);
 
  private:
   StateMachine() = default;

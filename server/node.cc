@@ -204,6 +204,12 @@ absl::Status Node::Start() {
   uv_timeval64_t start;
   SYNOD_CHECK(uv_gettimeofday(&start) == 0);
   const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
+  // Peer sequences keep their top bit for replies (kReplySequenceBit): the clock's
+  // milliseconds must fit in 43 bits (until the year 2248).
+  if (start_unix_ms >= PeerSequence::kStartUnixMsLimit / 2) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the wall clock reads ", start_unix_ms, " ms since 1970: set it right"));
+  }
   absl::StatusOr<std::unique_ptr<LogStore>> log = LogStore::Open(
       options_.data_dir, LogStoreOptions{.fsync = options_.fsync, .after_log_fsync = nullptr});
   if (!log.ok()) {
@@ -261,11 +267,15 @@ absl::Status Node::Start() {
     peer_options.max_backoff_ms =
         static_cast<uint64_t>(options_.tick_ms * config.election_timeout_ticks / 4);
     peer_options.backoff_jitter_seed = RandomSeed() | 1;
+    // A peer may answer a POST with a batch as large as one it POSTs.
+    peer_options.max_response_bytes = PeerBodyLimit();
     peer_clients_[id] =
         std::make_unique<HttpClient>(loop_, address.host, address.port, peer_options);
     outboxes_[id];
     peer_send_sequences_.emplace(id, PeerSequence(start_unix_ms));
+    peer_reply_sequences_.emplace(id, PeerSequence(start_unix_ms));
     peer_replay_windows_[id];
+    peer_reply_windows_[id];
   }
   HttpServerLimits limits;
   // Every endpoint has its own limit below this one (BodyLimit).
@@ -533,7 +543,7 @@ void Node::Send(std::vector<Message> messages) {
   for (auto& [peer, box] : outboxes_) FlushOutbox(peer);
 }
 
-std::string Node::TakeSealedBatch(uint32_t peer) {
+std::string Node::TakeSealedBatch(uint32_t peer, bool reply) {
   PeerOutbox& box = outboxes_.at(peer);
   // At most about max_body_bytes (a single message may carry a whole image).
   MessageBatch batch;
@@ -549,7 +559,13 @@ std::string Node::TakeSealedBatch(uint32_t peer) {
   box.pending_bytes -= std::min(box.pending_bytes, bytes);
   std::string payload;
   SYNOD_CHECK(batch.SerializeToString(&payload));
-  return peer_auth_->Seal(options_.id, peer, peer_send_sequences_.at(peer).Next(), payload);
+  // POST bodies and replies travel on different connections, so each has its own sequence
+  // and the receiver its own replay window (a POST held up by a reconnection must not fall
+  // out of a window that replies keep moving). The top bit tells them apart, so a reply
+  // cannot be replayed as a POST body or the reverse.
+  uint64_t sequence = reply ? peer_reply_sequences_.at(peer).Next() | kReplySequenceBit
+                            : peer_send_sequences_.at(peer).Next();
+  return peer_auth_->Seal(options_.id, peer, sequence, payload);
 }
 
 void Node::FlushOutbox(uint32_t peer) {
@@ -560,7 +576,7 @@ void Node::FlushOutbox(uint32_t peer) {
   // "replies": the peer may answer with messages of its own for this replica (server
   // versions before it answer 204 to every batch).
   peer_clients_.at(peer)->Post(
-      "/internal/v1/messages?replies=1", TakeSealedBatch(peer),
+      "/internal/v1/messages?replies=1", TakeSealedBatch(peer, /*reply=*/false),
       [this, peer](absl::StatusOr<HttpResponse> response) {
         // Lost or refused batches are the protocol's business. So are the messages queued
         // behind one that failed: the peer is down or cut off, they age while the client
@@ -572,7 +588,9 @@ void Node::FlushOutbox(uint32_t peer) {
           b.pending_bytes = 0;
         } else if (response->status == 200 && !stopping_) {
           CatchUpTicks();
-          StepPeerBatch(response->body).IgnoreError();  // a refused one is counted
+          // A refused one is counted; one from another replica is refused.
+          absl::StatusOr<uint32_t> from = StepPeerBatch(response->body, /*reply=*/true, peer);
+          from.IgnoreError();
         }
         FlushOutbox(peer);
       });
@@ -866,13 +884,22 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
                absl::StrCat("no endpoint ", method, " ", request.target));
 }
 
-absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed) {
+absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply,
+                                             uint32_t expected_from) {
   // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
   absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(sealed, options_.id);
   absl::Status admitted = frame.status();
+  if (admitted.ok() && reply != ((frame->sequence & kReplySequenceBit) != 0)) {
+    admitted = absl::PermissionDeniedError(reply ? "a POST's frame where a reply was expected"
+                                                 : "a reply's frame where a POST was expected");
+  }
+  if (admitted.ok() && expected_from != 0 && frame->from_id != expected_from) {
+    admitted = absl::PermissionDeniedError("a reply from another replica than the one asked");
+  }
   if (admitted.ok()) {
-    auto window = peer_replay_windows_.find(frame->from_id);
-    admitted = window == peer_replay_windows_.end()
+    auto& windows = reply ? peer_reply_windows_ : peer_replay_windows_;
+    auto window = windows.find(frame->from_id);
+    admitted = window == windows.end()
                    ? absl::PermissionDeniedError("the sender is not a peer of this replica")
                    : window->second.Admit(frame->sequence);
   }
@@ -891,7 +918,7 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed) {
 
 void Node::HandlePeerMessages(const HttpRequest& request,
                               std::shared_ptr<HttpResponder> responder) {
-  absl::StatusOr<uint32_t> from = StepPeerBatch(request.body);
+  absl::StatusOr<uint32_t> from = StepPeerBatch(request.body, /*reply=*/false);
   if (!from.ok()) {
     return absl::IsUnauthenticated(from.status())
                ? RespondError(responder, 401, "unauthenticated", from.status().message())
@@ -908,7 +935,7 @@ void Node::HandlePeerMessages(const HttpRequest& request,
     answering_peer_ = 0;
     if (!outboxes_.at(*from).pending.empty()) {
       response.status = 200;
-      response.body = TakeSealedBatch(*from);
+      response.body = TakeSealedBatch(*from, /*reply=*/true);
       ++counters_.peer_replies;
     }
   }

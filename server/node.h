@@ -140,11 +140,14 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   void CheckDivergence(const CommittedEntry& entry);
   void MaybeCompact();
   void FlushOutbox(uint32_t peer);
-  // Takes what of `peer`'s outbox fits one batch (at least one message), sealed for it.
-  std::string TakeSealedBatch(uint32_t peer);
-  // Opens, admits and steps one sealed batch from a peer (a POST's body, or the answer to
-  // one of this replica's). Refused frames are counted; the status says why.
-  absl::StatusOr<uint32_t> StepPeerBatch(std::string_view sealed);
+  // Takes what of `peer`'s outbox fits one batch (at least one message), sealed for it as a
+  // POST's body or as the `reply` to one of its POSTs.
+  std::string TakeSealedBatch(uint32_t peer, bool reply);
+  // Opens, admits and steps one sealed batch from a peer: a POST's body, or the `reply` to
+  // one of this replica's POSTs to `expected_from`. Refused frames are counted; the status
+  // says why. Returns the sender.
+  absl::StatusOr<uint32_t> StepPeerBatch(std::string_view sealed, bool reply,
+                                         uint32_t expected_from = 0);
   void ExpirePending();
 
   // HTTP.
@@ -211,6 +214,10 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
   std::map<uint32_t, ReplayWindow> peer_replay_windows_;
+  // Replies to POSTs: their own sequences, marked by the top bit, and windows.
+  static constexpr uint64_t kReplySequenceBit = uint64_t{1} << 63;
+  std::map<uint32_t, PeerSequence> peer_reply_sequences_;
+  std::map<uint32_t, ReplayWindow> peer_reply_windows_;
   // While a peer's POST is being answered: its messages wait to ride back in the answer.
   uint32_t answering_peer_ = 0;
   // Queries on worker threads: at most kMaxRunningQueries; more are answered 503. Each holds

@@ -681,7 +681,8 @@ class World::HostSide : public LogStorage,
     SYNOD_CHECK(restored.ok()) << restored;
     SYNOD_CHECK_EQ(h_->sm->revision(), snapshot.meta.index());
     w_->Trace(absl::StrCat("replica ", h_->id, " installs snapshot at ", h_->sm->revision()));
-    w_->state_hashes_.Observe(h_->id, h_->sm->revision(), h_->sm->StateHash(), &w_->failure_);
+    w_->state_hashes_.Observe(h_->id, h_->sm->revision(),
+                              h_->sm->StateHash(StateMachine::HashMode::kKept), &w_->failure_);
   }
   void Apply(CommittedEntry entry) override { w_->ApplyCommitted(*h_, entry); }
 
@@ -794,7 +795,7 @@ void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
   chosen_.Committed(h.id, c.slot, c.value);
   std::vector<AppliedRequest> applied = h.sm->Apply(c.slot, c.value);
   if (c.slot % kStateHashEveryRevisions == 0) {
-    state_hashes_.Observe(h.id, c.slot, h.sm->StateHash(), &failure_);
+    state_hashes_.Observe(h.id, c.slot, h.sm->StateHash(StateMachine::HashMode::kKept), &failure_);
   }
   // The production divergence check runs too: with the same log, no replica may ever find
   // itself outvoted.

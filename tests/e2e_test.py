@@ -167,6 +167,23 @@ class Basics(ClusterTest):
         self.assertEqual(self.c.request(3, "GET", "/healthz").status, 200)
         self.assertEqual(self.c.request(3, "GET", "/readyz").status, 200)
 
+    def test_followers_answer_heartbeats_in_their_replies_and_refuse_no_frame(self):
+        def metric(i, name):
+            body = self.c.request(i, "GET", "/metrics").body.decode()
+            return int(re.search(r"^%s (\d+)$" % name, body, re.M).group(1))
+
+        self.c.request(1, "PUT", "/v1/db/replies")
+        for _ in range(20):
+            r = self.c.request(2, "POST", "/v1/db/replies/query",
+                               {"sql": "SELECT 1", "consistency": "linearizable"})
+            self.assertEqual(r.status, 200, r)
+        leader = self.c.status(1)["leader"]
+        followers = [i for i in (1, 2, 3) if i != leader]
+        # Heartbeat acknowledgements ride back in the answers to the leader's POSTs.
+        self.assertGreater(sum(metric(i, "synod_peer_replies_total") for i in followers), 0)
+        for i in (1, 2, 3):
+            self.assertEqual(metric(i, "synod_peer_frames_refused_total"), 0, i)
+
 
 class BadInput(ClusterTest):
     flags = ("--max-body-bytes", "65536", "--http-request-timeout-ms", "1000")
