@@ -81,7 +81,11 @@ std::optional<std::string> PragmaRejection(const char* pragma, const char* value
 }
 
 // Why the policy rejects an action SQLite asks to authorize, or nullopt if it allows it.
-std::optional<std::string> Rejection(int action, const char* arg1, const char* arg2) {
+// `analyzing`: the statement is an ANALYZE, whose own writes to the statistics tables are
+// fine (and which may read the server's tables to count their rows).
+std::optional<std::string> Rejection(int action, const char* arg1, const char* arg2,
+                                     bool analyzing) {
+  if (action == SQLITE_ANALYZE) return std::nullopt;  // reads a table's rows, writes statistics
   if (IsReserved(arg1) || IsReserved(arg2)) {
     return "names starting with _synod_ belong to the server and cannot be used";
   }
@@ -128,7 +132,7 @@ std::optional<std::string> Rejection(int action, const char* arg1, const char* a
     case SQLITE_DELETE:
       // The planner reads statistics when a connection opens: written by hand, they would
       // change plans on restarted replicas only. ANALYZE keeps them consistent.
-      if (IsOneOf(arg1, {"sqlite_stat1", "sqlite_stat4"})) {
+      if (IsOneOf(arg1, {"sqlite_stat1", "sqlite_stat4"}) && !analyzing) {
         return "writing sqlite_stat tables is not allowed: use ANALYZE";
       }
       return std::nullopt;
@@ -217,7 +221,7 @@ class StatementScope {
                        const char* database, const char* /*trigger*/) {
     StatementScope* self = active_scope;
     if (self == nullptr || self->db_ != db) return SQLITE_OK;
-    std::optional<std::string> rejection = Rejection(action, arg1, arg2);
+    std::optional<std::string> rejection = Rejection(action, arg1, arg2, self->analyzing_);
     // PRAGMA temp.user_version and the like: the temp schema lives in the connection, which
     // a restarted replica does not have.
     if (!rejection.has_value() && action == SQLITE_PRAGMA && database != nullptr &&
@@ -241,6 +245,12 @@ class StatementScope {
 
   static constexpr int kVmStepsPerProgressCall = 1000;
 
+ public:
+  // Set while an ANALYZE statement is prepared (SQLite writes the statistics tables through
+  // statements it prepares inside it, before it asks about the ANALYZE itself).
+  bool analyzing_ = false;
+
+ private:
   // The innermost scope of this thread (a guarded function may run a statement on another
   // connection while a user statement runs).
   static thread_local StatementScope* active_scope;
@@ -265,13 +275,14 @@ absl::Status CheckParameterCount(sqlite3_stmt* stmt, const Statement& statement)
 // Prepares the single statement in `statement`, checking what the policy can check before
 // running it.
 absl::StatusOr<Stmt> PrepareUnderPolicy(sqlite3* db, const Statement& statement,
-                                        const StatementScope& scope) {
+                                        StatementScope& scope) {
   std::string_view sql = SkipBlank(statement.sql());
   if (sql.empty()) return absl::PermissionDeniedError("empty SQL statement");
   if (absl::EqualsIgnoreCase(ToAbsl(FirstWord(sql)), "VACUUM")) {
     return absl::PermissionDeniedError(
         "VACUUM is not allowed: it cannot run in a transaction, and VACUUM INTO writes files");
   }
+  scope.analyzing_ = IsAnalyze(statement.sql());
   sqlite3_stmt* raw = nullptr;
   const char* tail = nullptr;
   int rc = sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()), 0, &raw, &tail);
@@ -596,6 +607,10 @@ Db OpenScratch() {
   SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open an in-memory database";
   ConfigureConnection(db.get());
   return db;
+}
+
+bool IsAnalyze(std::string_view sql) {
+  return absl::EqualsIgnoreCase(ToAbsl(FirstWord(SkipBlank(sql))), "ANALYZE");
 }
 
 Stmt QueryCache::Take(std::string_view sql) {

@@ -118,6 +118,10 @@ class QueryCache {
   std::vector<std::pair<std::string, Stmt>> entries_;  // least recently used first
 };
 
+// Whether `sql` is an ANALYZE statement (the only statement that writes the statistics
+// SQLite keeps in memory with the schema).
+bool IsAnalyze(std::string_view sql);
+
 // Runs one user statement under the replication policy (see sqlite_util.cc), charging its
 // work to `budget` (core/sql_guards.h; shared by a request's statements). Errors are
 // InvalidArgument (SQLite rejected it), PermissionDenied (the policy rejected it),

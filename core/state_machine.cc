@@ -489,6 +489,8 @@ void StateMachine::Impl::RollBackGroup() {
     Database& db = databases.find(name)->second;
     // The statement that broke the group may have ended its database's transaction.
     if (!sqlite3_get_autocommit(db.handle.get())) MustExec(db.handle.get(), "ROLLBACK");
+    // One of its requests may have run ANALYZE (rare enough not to ask which).
+    ForgetUncommittedStatistics(db.handle.get());
     Group::SavedDatabase& saved = group.saved.find(name)->second;
     db.revision = saved.revision;
     db.request_index = saved.request_index;

@@ -275,6 +275,15 @@ bool HasUnresolvedDeferredConstraints(sqlite3* handle) {
 
 }  // namespace
 
+void StateMachine::Impl::ForgetUncommittedStatistics(sqlite3* handle) {
+  // ANALYZE loads what it wrote into the schema SQLite keeps in memory, and a rollback that
+  // changes no schema leaves it there: this connection would plan with statistics the
+  // database does not hold, and a restarted replica (reading the database) with others, so
+  // the same statement could pick another index, and another row. The schema and its
+  // statistics are read again from the database.
+  MustExec(handle, "PRAGMA writable_schema = RESET");
+}
+
 int64_t StateMachine::Impl::SchemaVersion(sqlite3* handle) {
   // A TEMP object (which changes only the temp schema's version) counts as a change too.
   StatementCache::Lease version =
@@ -332,6 +341,8 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
         static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
   };
   const int64_t schema_at_start = SchemaVersion(handle);
+  const bool analyzes = std::any_of(execute.statements().begin(), execute.statements().end(),
+                                    [](const Statement& s) { return IsAnalyze(s.sql()); });
   int64_t schema_version = schema_at_start;
   // Whether undoing this request alone within the group's transaction is unsafe: the
   // statement ended the transaction, or the request changed the schema (SQLite 3.40 fails
@@ -353,6 +364,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     } else if (!sqlite3_get_autocommit(handle)) {
       MustExec(handle, "ROLLBACK");
     }
+    if (analyzes) ForgetUncommittedStatistics(handle);
     return true;
   };
   for (int i = 0; i < execute.statements_size(); ++i) {
@@ -420,6 +432,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
       return result;
     }
     MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
+    if (IsAnalyze(execute.statements(i).sql())) ForgetUncommittedStatistics(handle);
     break;
   }
   if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
