@@ -215,6 +215,10 @@ class StatementScope {
     }
   }
 
+  // The statement is an ANALYZE: SQLite writes the statistics tables through statements it
+  // prepares inside it (before it asks about the ANALYZE itself), which the policy allows.
+  void set_analyzing(bool analyzing) { analyzing_ = analyzing; }
+
   // Installed on every connection by ConfigureConnection, with the connection as `db`. It
   // judges only what a user statement prepares: the state machine's own statements pass.
   static int Authorize(void* db, int action, const char* arg1, const char* arg2,
@@ -245,12 +249,6 @@ class StatementScope {
 
   static constexpr int kVmStepsPerProgressCall = 1000;
 
- public:
-  // Set while an ANALYZE statement is prepared (SQLite writes the statistics tables through
-  // statements it prepares inside it, before it asks about the ANALYZE itself).
-  bool analyzing_ = false;
-
- private:
   // The innermost scope of this thread (a guarded function may run a statement on another
   // connection while a user statement runs).
   static thread_local StatementScope* active_scope;
@@ -260,6 +258,7 @@ class StatementScope {
   StatementScope* outer_;
   std::optional<ScopedWorkBudget> charging_;
   std::string rejection_;
+  bool analyzing_ = false;
 };
 
 thread_local StatementScope* StatementScope::active_scope = nullptr;
@@ -282,7 +281,7 @@ absl::StatusOr<Stmt> PrepareUnderPolicy(sqlite3* db, const Statement& statement,
     return absl::PermissionDeniedError(
         "VACUUM is not allowed: it cannot run in a transaction, and VACUUM INTO writes files");
   }
-  scope.analyzing_ = IsAnalyze(statement.sql());
+  scope.set_analyzing(IsAnalyze(statement.sql()));
   sqlite3_stmt* raw = nullptr;
   const char* tail = nullptr;
   int rc = sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()), 0, &raw, &tail);
