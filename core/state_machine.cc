@@ -403,7 +403,7 @@ void StateMachine::Impl::ApplyRequests(uint64_t slot, const Value& value,
       }
       continue;
     }
-    // It creates or drops a database: alone.
+    // It creates or drops a database, or runs ANALYZE: alone.
     if (group.open) CommitGroup(slot, /*ends_entry=*/false);
     (*applied)[i].result = ApplyRequest(slot, index, request, last);
   }
@@ -414,7 +414,12 @@ std::optional<CommandResult> StateMachine::Impl::ApplyInGroup(uint64_t slot, uin
                                                               const ClientRequest& request,
                                                               bool ends_entry) {
   const Command& command = request.command();
-  if (command.has_create_database() || command.has_drop_database()) return std::nullopt;
+  // Creating or dropping a database, and ANALYZE (whose statistics are reloaded after its
+  // transaction: see Execute), apply alone.
+  if (command.has_create_database() || command.has_drop_database() ||
+      (command.has_execute() && RunsAnalyze(command.execute()))) {
+    return std::nullopt;
+  }
   now_unix_ms = request.timestamp_unix_ms();
   RefillCostlyBudget();
   if (std::optional<CommandResult> stored =
@@ -489,8 +494,6 @@ void StateMachine::Impl::RollBackGroup() {
     Database& db = databases.find(name)->second;
     // The statement that broke the group may have ended its database's transaction.
     if (!sqlite3_get_autocommit(db.handle.get())) MustExec(db.handle.get(), "ROLLBACK");
-    // One of its requests may have run ANALYZE (rare enough not to ask which).
-    ForgetUncommittedStatistics(db.handle.get());
     Group::SavedDatabase& saved = group.saved.find(name)->second;
     db.revision = saved.revision;
     db.request_index = saved.request_index;

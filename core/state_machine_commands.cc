@@ -275,12 +275,14 @@ bool HasUnresolvedDeferredConstraints(sqlite3* handle) {
 
 }  // namespace
 
-void StateMachine::Impl::ForgetUncommittedStatistics(sqlite3* handle) {
-  // ANALYZE loads what it wrote into the schema SQLite keeps in memory, and a rollback that
-  // changes no schema leaves it there: this connection would plan with statistics the
-  // database does not hold, and a restarted replica (reading the database) with others, so
-  // the same statement could pick another index, and another row. The schema and its
-  // statistics are read again from the database.
+void StateMachine::Impl::ReloadStatistics(sqlite3* handle) {
+  SYNOD_CHECK(sqlite3_get_autocommit(handle)) << "statistics reloaded inside a transaction";
+  // What the planner knows of a table lives in the schema SQLite keeps in memory, and
+  // ANALYZE leaves it different from what a connection opened afresh reads: a rollback that
+  // changes no schema keeps the statistics it loaded, and an ANALYZE of an emptied table
+  // keeps the old row estimate. This connection would then plan otherwise than a restarted
+  // replica, and the same statement could pick another index, and another row. The schema
+  // and its statistics are read again from the database, as at a restart.
   MustExec(handle, "PRAGMA writable_schema = RESET");
 }
 
@@ -341,8 +343,10 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
         static_cast<uint64_t>(std::max<int64_t>(0, budget.work_units_used() - allowance)));
   };
   const int64_t schema_at_start = SchemaVersion(handle);
-  const bool analyzes = std::any_of(execute.statements().begin(), execute.statements().end(),
-                                    [](const Statement& s) { return IsAnalyze(s.sql()); });
+  // A request that runs ANALYZE applies alone (see ApplyInGroup), and reloads the statistics
+  // once its transaction has ended, committed or not.
+  const bool analyzes = RunsAnalyze(execute);
+  SYNOD_CHECK(!(grouped && analyzes)) << "an ANALYZE applied in a group";
   int64_t schema_version = schema_at_start;
   // Whether undoing this request alone within the group's transaction is unsafe: the
   // statement ended the transaction, or the request changed the schema (SQLite 3.40 fails
@@ -364,7 +368,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
     } else if (!sqlite3_get_autocommit(handle)) {
       MustExec(handle, "ROLLBACK");
     }
-    if (analyzes) ForgetUncommittedStatistics(handle);
+    if (analyzes) ReloadStatistics(handle);
     return true;
   };
   for (int i = 0; i < execute.statements_size(); ++i) {
@@ -432,7 +436,6 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
       return result;
     }
     MustExec(handle, "ROLLBACK TO synod_statement; RELEASE synod_statement");
-    if (IsAnalyze(execute.statements(i).sql())) ForgetUncommittedStatistics(handle);
     break;
   }
   if (execute.transaction() && HasUnresolvedDeferredConstraints(handle)) {
@@ -463,6 +466,7 @@ CommandResult StateMachine::Impl::Execute(uint64_t slot, uint64_t index,
   SYNOD_CHECK_EQ(sqlite3_changes(handle), 1);
   meta.reset();
   statements.Exec(handle, "COMMIT");
+  if (analyzes) ReloadStatistics(handle);
   return result;
 }
 

@@ -144,8 +144,14 @@ struct StateMachine::Impl {
   Outcome DropDatabase(const synod::DropDatabase& drop);
   CommandResult Execute(uint64_t slot, uint64_t index, const synod::Execute& execute);
   int64_t SchemaVersion(sqlite3* handle);  // PRAGMA schema_version
-  // After an ANALYZE was rolled back on `handle`.
-  void ForgetUncommittedStatistics(sqlite3* handle);
+  // After a request that ran ANALYZE on `handle`, with its transaction ended.
+  void ReloadStatistics(sqlite3* handle);
+  static bool RunsAnalyze(const synod::Execute& execute) {
+    for (const Statement& statement : execute.statements()) {
+      if (IsAnalyze(statement.sql())) return true;
+    }
+    return false;
+  }
   CommandResult PutMedia(uint64_t slot, const synod::PutMedia& put);
   CommandResult DeleteMedia(const synod::DeleteMedia& del);
   CommandResult RegisterName(uint64_t slot, const synod::RegisterName& reg);

@@ -377,6 +377,47 @@ TEST(StateMachineTest, ARolledBackAnalyzeLeavesNoStatisticsBehind) {
   EXPECT_EQ(running.machine().StateHash(), restarted.machine().StateHash());
 }
 
+// A request that runs ANALYZE applies alone, between the groups of the others, whatever
+// its outcome, and the entry's results and state are those of each request on its own.
+TEST(StateMachineTest, AnAnalyzeAmongOtherRequestsOfAnEntryAppliesAlone) {
+  const std::vector<Command> commands = {
+      Exec("d", {Sql("INSERT INTO t VALUES (1, 1)")}),
+      Exec("d", {Sql("ANALYZE t")}),
+      Exec("d", {Sql("DELETE FROM t")}),
+      Exec("d",
+           {Sql("ANALYZE"), Sql("INSERT INTO t(rowid) VALUES (1)"),
+            Sql("INSERT INTO t(rowid) VALUES (1)")},
+           /*transaction=*/false),
+      Exec("d", {Sql("ANALYZE t"), Sql("SELECT * FROM no_such_table")}),
+      Exec("d", {Sql("INSERT INTO t VALUES (2, 2)")}),
+  };
+  Replica together;
+  Replica apart;
+  for (Replica* r : {&together, &apart}) {
+    r->Apply(Create("d"));
+    r->Apply(Exec("d", {Sql("CREATE TABLE t(a, b)"), Sql("CREATE INDEX ta ON t(a)")}));
+  }
+  std::vector<ClientRequest> requests;
+  for (const Command& command : commands) requests.push_back(Request(command));
+  std::vector<AppliedRequest> grouped = together.ApplyEntry(Entry(requests));
+  ASSERT_EQ(grouped.size(), commands.size());
+  for (size_t i = 0; i < commands.size(); ++i) {
+    CommandResult alone = apart.Apply(commands[i]);
+    EXPECT_EQ(grouped[i].result.code(), alone.code()) << i << ": " << alone.message();
+    EXPECT_EQ(grouped[i].result.message(), alone.message()) << i;
+  }
+  // Its ANALYZE and first INSERT stay; the second INSERT fails.
+  EXPECT_EQ(grouped[3].result.code(), INVALID_ARGUMENT);
+  EXPECT_EQ(grouped[3].result.results_size(), 2);
+  EXPECT_EQ(grouped[4].result.code(), INVALID_ARGUMENT);
+  together.Restart();
+  for (const char* sql : {"SELECT a, b FROM t ORDER BY rowid",
+                          "SELECT tbl, idx, stat FROM sqlite_stat1 ORDER BY 1, 2"}) {
+    EXPECT_EQ(together.Rows("d", sql), apart.Rows("d", sql)) << sql;
+  }
+  EXPECT_EQ(together.One("d", "SELECT group_concat(a) FROM t"), "2");
+}
+
 TEST(StateMachineTest, ATransactionAppliesNothingWhenAStatementHasASyntaxError) {
   Replica replica;
   replica.Apply(Create("d"));
