@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -343,7 +344,14 @@ class JsonReader {
     }
     const std::from_chars_result r =
         std::from_chars(text_.data() + start, text_.data() + pos_, *out);
-    if (r.ec != std::errc()) return Fail("a number out of the range of a double");
+    if (r.ec == std::errc::result_out_of_range) {
+      // Too small for a double is the nearest one, zero or a subnormal (as strtod reads it);
+      // too large is refused.
+      *out = std::strtod(std::string(text_.substr(start, pos_ - start)).c_str(), nullptr);
+      if (std::isinf(*out)) return Fail("a number out of the range of a double");
+    } else if (r.ec != std::errc()) {
+      return Fail("a number out of the range of a double");
+    }
     return true;
   }
 
