@@ -861,10 +861,6 @@ absl::Status CheckUserSchema(sqlite3* db) {
   return absl::OkStatus();
 }
 
-void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table) {
-  DatabaseHasher(db).Hash(hash, skipped_table);
-}
-
 void DatabaseHasher::Prepare(std::string_view skipped_table) {
   tables_.clear();
   schema_ = MustPrepare(db_, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY 1, 2");

@@ -157,17 +157,16 @@ absl::StatusOr<std::string> SerializeDatabase(sqlite3* db);
 // module other than fts3/4/5 and rtree, or a full-text table with a content= option).
 absl::Status CheckUserSchema(sqlite3* db);
 
-// Adds `db`'s logical content to `hash`: its schema and every row of every table, in an order
-// that depends only on the content (not on pages or on insertion history). The rows of
-// `skipped_table`, if given, are left out (the caller hashes what of them it means to).
-void HashDatabase(sqlite3* db, StableHash* hash, std::string_view skipped_table = {});
-
-// HashDatabase for one connection, keeping what it prepares while the schema stays the same
-// (the state hash is taken every few entries). Holds statements on the connection: destroy it
-// before the connection is closed.
+// Hashes one connection's database, keeping what it prepares while the schema stays the same
+// (kept across calls, for a hash taken every few entries). Holds statements on the
+// connection: destroy it before the connection is closed.
 class DatabaseHasher {
  public:
   explicit DatabaseHasher(sqlite3* db) : db_(db) {}
+  // Adds the database's logical content to `hash`: its schema and every row of every table,
+  // in an order that depends only on the content (not on pages or on insertion history). The
+  // rows of `skipped_table`, if given, are left out (the caller hashes what of them it means
+  // to).
   void Hash(StableHash* hash, std::string_view skipped_table = {});
 
  private:

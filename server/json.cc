@@ -393,43 +393,25 @@ class JsonReader {
       ++pos_;
       if (pos_ >= text_.size()) return Fail("a string is not closed");
       const char escaped = text_[pos_++];
-      switch (escaped) {
-        case '"':
-        case '\\':
-        case '/':
-          out->push_back(escaped);
-          break;
-        case 'b':
-          out->push_back('\b');
-          break;
-        case 'f':
-          out->push_back('\f');
-          break;
-        case 'n':
-          out->push_back('\n');
-          break;
-        case 'r':
-          out->push_back('\r');
-          break;
-        case 't':
-          out->push_back('\t');
-          break;
-        case 'u': {
-          uint32_t code = 0;
-          if (!ParseHex4(&code)) return Fail("a bad \\u escape");
-          if (code >= 0xDC00 && code <= 0xDFFF) return Fail("an unpaired surrogate");
-          if (code >= 0xD800 && code <= 0xDBFF) {
-            uint32_t low = 0;
-            if (!ConsumeWord("\\u") || !ParseHex4(&low) || low < 0xDC00 || low > 0xDFFF) {
-              return Fail("an unpaired surrogate");
-            }
-            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+      // The one-character escapes, and what each stands for.
+      constexpr std::string_view kEscapes = "\"\\/bfnrt";
+      constexpr std::string_view kMeanings = "\"\\/\b\f\n\r\t";
+      if (size_t at = kEscapes.find(escaped); at != std::string_view::npos) {
+        out->push_back(kMeanings[at]);
+      } else if (escaped == 'u') {
+        uint32_t code = 0;
+        if (!ParseHex4(&code)) return Fail("a bad \\u escape");
+        if (code >= 0xDC00 && code <= 0xDFFF) return Fail("an unpaired surrogate");
+        if (code >= 0xD800 && code <= 0xDBFF) {
+          uint32_t low = 0;
+          if (!ConsumeWord("\\u") || !ParseHex4(&low) || low < 0xDC00 || low > 0xDFFF) {
+            return Fail("an unpaired surrogate");
           }
-          AppendUtf8(out, code);
-          break;
+          code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
         }
-        default:
-          return Fail("a bad escape in a string");
+        AppendUtf8(out, code);
+      } else {
+        return Fail("a bad escape in a string");
       }
       run = pos_;
     }
