@@ -14,6 +14,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "adapters/file_util.h"
 #include "core/check.h"
 
 namespace synod {
@@ -61,17 +62,6 @@ std::string ReadWhole(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return "";
   return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-absl::Status SyncDirectory(const std::string& dir) {
-  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot open directory ", dir));
-  absl::Status status;
-  if (fsync(fd) != 0) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot fsync directory ", dir));
-  }
-  close(fd);
-  return status;
 }
 
 }  // namespace

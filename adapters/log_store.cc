@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/file_util.h"
 #include "core/check.h"
 #include "core/log_codec.h"
 
@@ -20,10 +21,6 @@ namespace {
 
 // The frame header of core/log_codec.h: u32 payload length, u64 checksum.
 constexpr size_t kFrameHeaderBytes = 12;
-
-absl::Status OsError(int error_number, const std::string& what) {
-  return absl::ErrnoToStatus(error_number, what);
-}
 
 // The number of framed records in `framed` (concatenated whole frames).
 uint64_t CountRecords(std::string_view framed) {
@@ -40,57 +37,6 @@ uint64_t CountRecords(std::string_view framed) {
   }
   SYNOD_CHECK_EQ(offset, framed.size());
   return records;
-}
-
-absl::Status WriteAll(int fd, std::string_view bytes, const std::string& path) {
-  while (!bytes.empty()) {
-    ssize_t written = write(fd, bytes.data(), bytes.size());
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      return OsError(errno, absl::StrCat("cannot write ", path));
-    }
-    bytes.remove_prefix(static_cast<size_t>(written));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::string> ReadAll(int fd, const std::string& path) {
-  struct stat st;
-  if (fstat(fd, &st) != 0) return OsError(errno, absl::StrCat("cannot stat ", path));
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < bytes.size()) {
-    ssize_t got = pread(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      return OsError(errno, absl::StrCat("cannot read ", path));
-    }
-    if (got == 0) break;  // the file shrank under us; recover what is there
-    done += static_cast<size_t>(got);
-  }
-  bytes.resize(done);
-  return bytes;
-}
-
-absl::Status DataSync(int fd, const std::string& path) {
-  if (fdatasync(fd) != 0) return OsError(errno, absl::StrCat("cannot fdatasync ", path));
-  return absl::OkStatus();
-}
-
-// Makes the directory's entries (files created, renamed or removed in it) durable.
-absl::Status SyncDirectory(const std::string& dir) {
-  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return OsError(errno, absl::StrCat("cannot open directory ", dir));
-  absl::Status status;
-  if (fsync(fd) != 0) status = OsError(errno, absl::StrCat("cannot fsync directory ", dir));
-  close(fd);
-  return status;
-}
-
-absl::StatusOr<int> OpenFile(const std::string& path, int flags) {
-  int fd = open(path.c_str(), flags | O_CLOEXEC, 0644);
-  if (fd < 0) return OsError(errno, absl::StrCat("cannot open ", path));
-  return fd;
 }
 
 }  // namespace
@@ -164,6 +110,7 @@ absl::Status LogStore::Recover() {
   records_ = log->records;
   bytes_ = log->valid_bytes;
   recovered_ = std::move(log->state);
+  legacy_snapshot_data_ = std::move(log->legacy_snapshot_data);
   return absl::OkStatus();
 }
 
@@ -226,9 +173,7 @@ absl::Status LogStore::Rewrite(const PersistedState& state) {
   // The same records as SimDisk::Rewrite in the simulator.
   Ready compact;
   compact.hard_state = state.hard_state;
-  if (state.snapshot_meta.index() > 0) {
-    compact.snapshot = SnapshotToInstall{state.snapshot_meta, state.snapshot_data};
-  }
+  if (state.snapshot_meta.index() > 0) compact.snapshot = SnapshotToInstall{state.snapshot_meta};
   compact.entries = state.entries;
   std::string framed = EncodeReady(compact);
   uint64_t records = CountRecords(framed);

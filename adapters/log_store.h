@@ -66,6 +66,9 @@ class LogStore {
   // machine's revision. The caller may move the state out (into its Replica); the store
   // never reads it.
   PersistedState& recovered() { return recovered_; }
+  // The image of the recovered snapshot when the log is of a version that kept images in
+  // the log (empty otherwise): the caller moves it to its snapshot store, then Rewrite()s.
+  std::string& legacy_snapshot_data() { return legacy_snapshot_data_; }
   // How many bytes of torn tail Open() truncated (0: the log ended cleanly). The caller
   // logs a warning when it is not 0.
   uint64_t truncated_tail_bytes() const { return truncated_tail_bytes_; }
@@ -107,6 +110,7 @@ class LogStore {
   absl::Status failure_;
 
   PersistedState recovered_;
+  std::string legacy_snapshot_data_;
   uint64_t truncated_tail_bytes_ = 0;
 
   std::string pending_;   // framed records appended since the last Sync()

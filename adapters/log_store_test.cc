@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "adapters/file_database_opener.h"
+#include "core/driver.h"
 #include "core/log_codec.h"
 #include "core/state_machine.h"
 
@@ -71,8 +72,7 @@ Ready AcceptReady(uint64_t round, std::vector<LogEntry> entries) {
 
 // A comparable picture of a persisted state (entries sorted by slot, as recovery gives them).
 std::string Describe(const PersistedState& s) {
-  std::string out = s.hard_state.SerializeAsString() + "|" + s.snapshot_meta.SerializeAsString() +
-                    "|" + s.snapshot_data;
+  std::string out = s.hard_state.SerializeAsString() + "|" + s.snapshot_meta.SerializeAsString();
   for (const LogEntry& e : s.entries) out += "|" + e.SerializeAsString();
   return out;
 }
@@ -218,13 +218,7 @@ TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
   for (uint64_t round = 1; round <= 20; ++round) {
     store->Append(AcceptReady(round, {Entry(1, round, false), Entry(2, round, false)}));
   }
-  Ready snapshot;
-  snapshot.snapshot = SnapshotToInstall{};
-  snapshot.snapshot->meta.set_index(1);
-  snapshot.snapshot->meta.set_size_bytes(5);
-  snapshot.snapshot->data = "image";
-  snapshot.compacted_through = 1;
-  store->Append(snapshot);
+  store->Append(SnapshotReady(SnapshotMetaOf(1, "image")));
   ASSERT_TRUE(store->Sync().ok());
   uint64_t size_before = fs::file_size(LogPath());
 
@@ -245,7 +239,29 @@ TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
   expected.hard_state = AcceptReady(21, {}).hard_state.value();
   expected.entries.push_back(Entry(3, 21, false));
   EXPECT_EQ(Describe(store->recovered()), Describe(expected));
-  EXPECT_EQ(store->recovered().snapshot_data, "image");
+  EXPECT_EQ(store->recovered().snapshot_meta.checksum(), SnapshotChecksum("image"));
+}
+
+// A log of a version that kept the snapshot's image in its record: the image is recovered
+// for the host to move to its snapshot store, and a Rewrite drops it from the log.
+TEST_F(LogStoreTest, AnImageInAnOlderSnapshotRecordIsRecoveredAndRewrittenAway) {
+  const std::string image(10'000, 'i');
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    StorageRecord record;
+    *record.mutable_snapshot() = SnapshotMetaOf(1, image);
+    record.set_snapshot_data(image);
+    store->AppendFramed(EncodeRecord(record));
+    ASSERT_TRUE(store->Sync().ok());
+  }
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_EQ(store->legacy_snapshot_data(), image);
+  ASSERT_TRUE(store->Rewrite(store->recovered()).ok());
+  EXPECT_LT(fs::file_size(LogPath()), 200u);
+  store.reset();
+  store = MustOpen(dir_);
+  EXPECT_TRUE(store->legacy_snapshot_data().empty());
+  EXPECT_EQ(store->recovered().snapshot_meta.index(), 1u);
 }
 
 TEST_F(LogStoreTest, ALeftoverTemporaryFromAnInterruptedRewriteIsIgnored) {

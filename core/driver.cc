@@ -1,5 +1,7 @@
 #include "core/driver.h"
 
+#include <algorithm>
+#include <iterator>
 #include <utility>
 
 #include "core/check.h"
@@ -17,10 +19,73 @@ bool NeedsStorage(const Ready& ready) {
 
 }  // namespace
 
+SnapshotMeta SnapshotMetaOf(uint64_t index, std::string_view image) {
+  SnapshotMeta meta;
+  meta.set_index(index);
+  meta.set_size_bytes(image.size());
+  meta.set_checksum(SnapshotChecksum(image));
+  return meta;
+}
+
+absl::StatusOr<std::string> MemorySnapshotStore::ReadChunk(const SnapshotMeta& meta,
+                                                           uint64_t offset, uint64_t max_bytes) {
+  const std::string* image = Find(meta);
+  if (image == nullptr || offset > image->size()) {
+    return absl::NotFoundError("no such snapshot image");
+  }
+  return image->substr(offset, max_bytes);
+}
+
+void MemorySnapshotStore::Receive(const SnapshotMeta& meta, uint64_t offset,
+                                  std::string_view data) {
+  if (offset == 0) {
+    incoming_meta_ = meta;
+    incoming_.clear();
+  }
+  SYNOD_CHECK(incoming_meta_.has_value() && incoming_meta_->index() == meta.index() &&
+              incoming_meta_->checksum() == meta.checksum() && offset == incoming_.size())
+      << "a snapshot chunk out of order reached the store";
+  incoming_.append(data);
+}
+
+absl::Status MemorySnapshotStore::Seal(const SnapshotMeta& meta) {
+  if (!incoming_meta_ || incoming_meta_->index() != meta.index() ||
+      incoming_meta_->checksum() != meta.checksum()) {
+    return absl::FailedPreconditionError("no such snapshot image is being received");
+  }
+  std::string image = std::move(incoming_);
+  Crash();  // nothing is being received now
+  if (image.size() != meta.size_bytes() || SnapshotChecksum(image) != meta.checksum()) {
+    return absl::DataLossError("the snapshot's bytes do not match its checksum");
+  }
+  images_[{meta.index(), meta.checksum()}] = std::move(image);
+  return absl::OkStatus();
+}
+
+void MemorySnapshotStore::Retain(const SnapshotMeta& meta) {
+  for (auto it = images_.begin(); it != images_.end();) {
+    it = it->first == std::make_pair(meta.index(), meta.checksum()) ? std::next(it)
+                                                                    : images_.erase(it);
+  }
+}
+
+SnapshotMeta MemorySnapshotStore::Add(uint64_t index, std::string image) {
+  SnapshotMeta meta = SnapshotMetaOf(index, image);
+  images_[{meta.index(), meta.checksum()}] = std::move(image);
+  return meta;
+}
+
+const std::string* MemorySnapshotStore::Find(const SnapshotMeta& meta) const {
+  auto it = images_.find({meta.index(), meta.checksum()});
+  return it == images_.end() ? nullptr : &it->second;
+}
+
 HostDriver::HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage,
-                       PeerTransport* transport, AppliedState* state, ClientAnswers* answers)
+                       SnapshotStore* snapshots, PeerTransport* transport, AppliedState* state,
+                       ClientAnswers* answers)
     : replica_(std::move(replica)),
       storage_(storage),
+      snapshots_(snapshots),
       transport_(transport),
       state_(state),
       answers_(answers),
@@ -32,10 +97,16 @@ void HostDriver::Drain() {
   while (!persisting_ && replica_->HasReady()) {
     Ready ready = replica_->GetReady();
     ++counters_.readys;
-    // 0. A snapshot from a peer is checked whole before anything of this Ready is kept:
-    //    persisted, a bad one would stop this replica from starting ever again.
+    // 0. The chunks of a snapshot a peer sends go to the store as they come. A snapshot from
+    //    a peer is sealed (its checksum checked) and checked whole before anything of this
+    //    Ready is kept: persisted, a bad one would stop this replica from starting again.
+    for (SnapshotChunk& chunk : ready.snapshot_chunks) {
+      snapshots_->Receive(chunk.meta(), chunk.offset(), chunk.data());
+    }
+    ready.snapshot_chunks.clear();
     if (ready.snapshot) {
-      absl::Status valid = state_->CheckSnapshot(*ready.snapshot);
+      absl::Status valid = snapshots_->Seal(ready.snapshot->meta);
+      if (valid.ok()) valid = state_->CheckSnapshot(*ready.snapshot);
       if (!valid.ok()) {
         ++counters_.snapshots_refused;
         state_->RefuseSnapshot(valid);
@@ -55,6 +126,7 @@ void HostDriver::Drain() {
     ++counters_.persists;
     if (options.sync) ++counters_.synced;
     // A leader's accepts leave now: its fsync and its followers' run at the same time.
+    FillSnapshotChunks(&ready.early_messages);
     if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
     ready.early_messages.clear();
     in_flight_ = std::move(ready);
@@ -84,6 +156,8 @@ void HostDriver::OnPersisted() {
 
 void HostDriver::Finish(Ready ready) {
   // 2. Send: every promise and accept in these messages is durable now.
+  FillSnapshotChunks(&ready.early_messages);
+  FillSnapshotChunks(&ready.messages);
   if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
   if (!ready.messages.empty()) transport_->Send(std::move(ready.messages));
   // 3. Install, then apply.
@@ -92,6 +166,8 @@ void HostDriver::Finish(Ready ready) {
     // The installed image is this replica's snapshot at that index now: one of the host's
     // own at the same index would differ in its bytes from the one it serves to peers.
     last_snapshot_index_ = std::max(last_snapshot_index_, ready.snapshot->meta.index());
+    // The log names it durably (the Ready's records were synced): older images may go.
+    snapshots_->Retain(ready.snapshot->meta);
   }
   for (CommittedEntry& entry : ready.committed) {
     CommittedEntry handed{entry.slot, std::move(entry.value)};
@@ -104,22 +180,49 @@ void HostDriver::Finish(Ready ready) {
   answers_->Advanced();
 }
 
-bool HostDriver::Compact(uint64_t index, std::string image) {
-  if (persisting_ || index <= last_snapshot_index_ || index <= replica_->snapshot_index() ||
-      index > replica_->applied_index()) {
-    return false;
+void HostDriver::FillSnapshotChunks(std::vector<Message>* messages) {
+  const uint64_t chunk_bytes = replica_->config().snapshot_chunk_bytes;
+  size_t kept = 0;
+  for (Message& m : *messages) {
+    if (m.has_snapshot_chunk()) {
+      SnapshotChunk* chunk = m.mutable_snapshot_chunk();
+      absl::StatusOr<std::string> data =
+          snapshots_->ReadChunk(chunk->meta(), chunk->offset(), chunk_bytes);
+      const uint64_t size = chunk->meta().size_bytes();
+      if (!data.ok() || chunk->offset() > size ||
+          data->size() != std::min(chunk_bytes, size - chunk->offset())) {
+        ++counters_.snapshot_chunks_unreadable;
+        continue;
+      }
+      chunk->set_last(chunk->offset() + data->size() == size);
+      chunk->set_data(*std::move(data));
+    }
+    if (&(*messages)[kept] != &m) (*messages)[kept] = std::move(m);
+    ++kept;
   }
+  messages->resize(kept);
+}
+
+bool HostDriver::CanCompact(uint64_t index) const {
+  return !persisting_ && index > last_snapshot_index_ && index > replica_->snapshot_index() &&
+         index <= replica_->applied_index();
+}
+
+bool HostDriver::Compact(const SnapshotMeta& meta) {
+  const uint64_t index = meta.index();
+  if (!CanCompact(index)) return false;
   // The snapshot record (and the compaction it implies) is made durable first; the log is
   // rewritten without the entries it covers when the replica's next Ready reports
   // compacted_through.
-  auto record = std::make_shared<Ready>(SnapshotReady(index, std::move(image)));
+  auto record = std::make_shared<Ready>(SnapshotReady(meta));
   persisting_ = true;
   ++counters_.persists;
   ++counters_.synced;
   in_flight_.reset();
-  after_persist_ = [this, index, record] {
-    replica_->Compact(index, std::move(record->snapshot->data));
-    last_snapshot_index_ = std::max(last_snapshot_index_, index);
+  after_persist_ = [this, meta] {
+    replica_->Compact(meta);
+    last_snapshot_index_ = std::max(last_snapshot_index_, meta.index());
+    snapshots_->Retain(meta);
   };
   PersistOptions options;
   options.sync = true;

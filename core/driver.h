@@ -5,12 +5,13 @@
 // the server (server/node.cc), the simulator (sim/world.cc) and the core's test cluster
 // (core/testing/cluster.cc). For each Ready it does, in this order:
 //
-//   0. check a snapshot from a peer whole (a bad one is refused before anything is kept);
+//   0. hand the snapshot chunks received from a peer to the snapshot store; check a
+//      snapshot whose last chunk came whole (a bad one is refused before anything is kept);
 //   1. persist: hand the Ready's records to the log storage, with an fsync when a promise,
 //      an accept or an installed snapshot depends on it, and a log rewrite when the Ready
 //      compacts; then wait for the storage to say it is done;
 //   2. send the Ready's messages (its early_messages, a leader's accepts, leave before step
-//      1 begins);
+//      1 begins), with the bytes of the snapshot chunks they carry read from the store;
 //   3. install its snapshot, hand its committed entries to the state machine;
 //   4. answer the clients it has replies for;
 //   5. Replica::Advance.
@@ -24,17 +25,26 @@
 // The host's own snapshots go through the driver too (Compact), so that a snapshot record
 // never overtakes or trails a Ready's records in the log out of order.
 //
+// Snapshot images are not in the log, nor in the replica: the log records a snapshot's
+// metadata (SnapshotMeta: index, size, checksum), and the image itself is in the host's
+// SnapshotStore (files on the server). An image is durable in the store before a log
+// record names it, and stays there until a later record names another.
+//
 // The driver does no I/O: it talks only to the interfaces below. It is single-threaded:
 // every call, and every callback it makes, is on the host's thread.
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/replica.h"
 
 namespace synod {
@@ -58,6 +68,54 @@ class LogStorage {
   virtual void Persist(const Ready& ready, PersistOptions options, std::function<void()> done) = 0;
 };
 
+// Where the host keeps snapshot images, by their metadata. An image is named by its index
+// and its checksum (two replicas' images at one index may differ in their bytes).
+class SnapshotStore {
+ public:
+  virtual ~SnapshotStore() = default;
+  // Up to `max_bytes` of the image `meta` names, from `offset` (fewer only where the image
+  // ends). NotFound when no such image is held; another error when it cannot be read.
+  virtual absl::StatusOr<std::string> ReadChunk(const SnapshotMeta& meta, uint64_t offset,
+                                                uint64_t max_bytes) = 0;
+  // A chunk of the image `meta` names, received from a peer. Chunks come in order from
+  // offset 0; a chunk at offset 0 starts an image over, dropping any partly received one.
+  virtual void Receive(const SnapshotMeta& meta, uint64_t offset, std::string_view data) = 0;
+  // The last chunk of `meta` was received. The image is kept, durable, if its bytes are the
+  // ones `meta` names (its size and checksum); otherwise an error, and nothing is kept.
+  virtual absl::Status Seal(const SnapshotMeta& meta) = 0;
+  // The log names `meta` durably: every other whole image may go (one being received stays).
+  virtual void Retain(const SnapshotMeta& meta) = 0;
+};
+
+// The metadata of `image`, the snapshot at `index`.
+SnapshotMeta SnapshotMetaOf(uint64_t index, std::string_view image);
+
+// A SnapshotStore in memory, for the simulator and the core's tests. Sealed images and the
+// host's own are durable; a crash (Crash()) loses a partly received one.
+class MemorySnapshotStore : public SnapshotStore {
+ public:
+  absl::StatusOr<std::string> ReadChunk(const SnapshotMeta& meta, uint64_t offset,
+                                        uint64_t max_bytes) override;
+  void Receive(const SnapshotMeta& meta, uint64_t offset, std::string_view data) override;
+  absl::Status Seal(const SnapshotMeta& meta) override;
+  void Retain(const SnapshotMeta& meta) override;
+
+  // Keeps the host's own image of its state at `index`; returns its metadata.
+  SnapshotMeta Add(uint64_t index, std::string image);
+  // The image `meta` names, or null.
+  const std::string* Find(const SnapshotMeta& meta) const;
+  size_t images() const { return images_.size(); }
+  void Crash() {
+    incoming_meta_.reset();
+    incoming_.clear();
+  }
+
+ private:
+  std::map<std::pair<uint64_t, uint64_t>, std::string> images_;  // by (index, checksum)
+  std::optional<SnapshotMeta> incoming_meta_;
+  std::string incoming_;
+};
+
 class PeerTransport {
  public:
   virtual ~PeerTransport() = default;
@@ -68,9 +126,10 @@ class PeerTransport {
 class AppliedState {
  public:
   virtual ~AppliedState() = default;
-  // A snapshot from a peer, checked whole before anything of its Ready is persisted.
+  // A snapshot from a peer, sealed in the snapshot store and checked whole before anything
+  // of its Ready is persisted.
   virtual absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) = 0;
-  // CheckSnapshot failed. The replica already counts the snapshot as installed, so the
+  // Sealing or CheckSnapshot failed. The replica already counts the snapshot as installed, so the
   // host must rebuild it from what is durable (HostDriver::ReplaceReplica) before it returns.
   virtual void RefuseSnapshot(const absl::Status& why) = 0;
   // The snapshot is durable: the state machine becomes it.
@@ -93,13 +152,14 @@ struct DriverCounters {
   uint64_t persists = 0;  // storage operations started (Readys and own snapshots)
   uint64_t synced = 0;    // of them, with an fsync
   uint64_t snapshots_refused = 0;
+  uint64_t snapshot_chunks_unreadable = 0;  // chunks not sent: the store could not read them
 };
 
 class HostDriver {
  public:
   // The interfaces must outlive the driver.
-  HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage, PeerTransport* transport,
-             AppliedState* state, ClientAnswers* answers);
+  HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage, SnapshotStore* snapshots,
+             PeerTransport* transport, AppliedState* state, ClientAnswers* answers);
   HostDriver(const HostDriver&) = delete;
   HostDriver& operator=(const HostDriver&) = delete;
 
@@ -111,11 +171,13 @@ class HostDriver {
   // returns at once; the outer call goes on).
   void Drain();
 
-  // Persists the host's snapshot `image` of its state machine at revision `index`, then
-  // Replica::Compact. Refused (false) while a storage operation is in flight, when `index`
-  // is not above the replica's snapshot, or above what Advance() confirmed applied; the host
-  // asks again later.
-  bool Compact(uint64_t index, std::string image);
+  // Persists the record of the host's snapshot `meta` of its state machine (its image
+  // already durable in the snapshot store), then Replica::Compact. Refused (false) while a
+  // storage operation is in flight, when the snapshot's index is not above the replica's
+  // snapshot, or above what Advance() confirmed applied; the host asks again later.
+  bool Compact(const SnapshotMeta& meta);
+  // Whether Compact would take a snapshot at `index` now (ask before making its image).
+  bool CanCompact(uint64_t index) const;
   // The index of the last snapshot persisted or installed here (0: none).
   uint64_t last_snapshot_index() const { return last_snapshot_index_; }
 
@@ -130,9 +192,13 @@ class HostDriver {
  private:
   void OnPersisted();
   void Finish(Ready ready);
+  // Fills the snapshot chunks among `messages` with their bytes from the store; drops those
+  // it cannot read (the receiver asks again).
+  void FillSnapshotChunks(std::vector<Message>* messages);
 
   std::unique_ptr<Replica> replica_;
   LogStorage* const storage_;
+  SnapshotStore* const snapshots_;
   PeerTransport* const transport_;
   AppliedState* const state_;
   ClientAnswers* const answers_;

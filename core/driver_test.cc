@@ -44,8 +44,16 @@ class FakeHost : public LogStorage,
     for (Message& m : messages) sent.push_back(std::move(m));
   }
   absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
-  void RefuseSnapshot(const absl::Status&) override { ADD_FAILURE() << "nothing is refused"; }
-  void InstallSnapshot(const SnapshotToInstall&) override {}
+  void RefuseSnapshot(const absl::Status& why) override {
+    ASSERT_NE(driver, nullptr) << "nothing is refused: " << why;
+    refused.push_back(why);
+    // As a host does: the replica is rebuilt from what is durable (here: nothing).
+    driver->ReplaceReplica(
+        std::make_unique<Replica>(driver->replica().config(), PersistedState(), 2));
+  }
+  void InstallSnapshot(const SnapshotToInstall& snapshot) override {
+    installed.push_back(snapshot.meta);
+  }
   void Apply(CommittedEntry entry) override {
     for (const ClientRequest& r : entry.value.requests()) applied.push_back(r.sequence());
     applied_index = entry.slot;
@@ -63,6 +71,10 @@ class FakeHost : public LogStorage,
     while (!completions.empty()) CompleteOne();
   }
 
+  MemorySnapshotStore store;
+  HostDriver* driver = nullptr;  // set: a refused snapshot rebuilds its replica
+  std::vector<absl::Status> refused;
+  std::vector<SnapshotMeta> installed;
   bool complete_at_once = true;
   std::deque<std::function<void()>> completions;
   std::vector<Persisted> persisted;
@@ -88,8 +100,9 @@ ClientRequest WriteRequest(uint64_t sequence) {
 }
 
 std::unique_ptr<HostDriver> LeaderAlone(FakeHost& host) {
-  auto driver = std::make_unique<HostDriver>(
-      std::make_unique<Replica>(ConfigOf(1, {1}), PersistedState(), 1), &host, &host, &host, &host);
+  auto driver =
+      std::make_unique<HostDriver>(std::make_unique<Replica>(ConfigOf(1, {1}), PersistedState(), 1),
+                                   &host, &host.store, &host, &host, &host);
   for (int i = 0; i < 100 && driver->replica().role() != Role::kLeader; ++i) {
     driver->replica().Tick();
     driver->Drain();
@@ -101,8 +114,8 @@ std::unique_ptr<HostDriver> LeaderAlone(FakeHost& host) {
 // Replica 1 of three, elected with its peers' promises (storage completing at once).
 std::unique_ptr<HostDriver> LeaderOfThree(FakeHost& host) {
   auto driver = std::make_unique<HostDriver>(
-      std::make_unique<Replica>(ConfigOf(1, {1, 2, 3}), PersistedState(), 1), &host, &host, &host,
-      &host);
+      std::make_unique<Replica>(ConfigOf(1, {1, 2, 3}), PersistedState(), 1), &host, &host.store,
+      &host, &host, &host);
   for (int i = 0; i < 1000 && driver->replica().role() != Role::kLeader; ++i) {
     driver->replica().Tick();
     driver->Drain();
@@ -163,7 +176,7 @@ TEST(Driver, ALeadersAcceptsLeaveBeforeItsOwnWriteIsDurableButItsVoteCountsOnlyA
 TEST(Driver, NothingOfAReadyIsDoneBeforeItsRecordsAreDurable) {
   FakeHost host;
   HostDriver driver(std::make_unique<Replica>(ConfigOf(1, {1, 2, 3}), PersistedState(), 1), &host,
-                    &host, &host, &host);
+                    &host.store, &host, &host, &host);
   // Past the lease a restarted acceptor assumes, before any election of its own.
   for (int i = 0; i < ConfigOf(1, {1}).lease_duration_ticks + 1; ++i) {
     driver.replica().Tick();
@@ -236,24 +249,150 @@ TEST(Driver, AnOwnSnapshotWaitsForTheWriteInFlightAndIsDurableBeforeTheReplicaCo
   driver->replica().Propose(WriteRequest(4));
   driver->Drain();
   ASSERT_TRUE(driver->persisting());
-  EXPECT_FALSE(driver->Compact(host.applied_index, "image")) << "overtook the write in flight";
+  EXPECT_FALSE(driver->Compact(host.store.Add(host.applied_index, "image")))
+      << "overtook the write in flight";
   host.CompleteAll();
   ASSERT_FALSE(driver->persisting());
   const uint64_t index = host.applied_index;
-  ASSERT_TRUE(driver->Compact(index, "image"));
+  const SnapshotMeta meta = host.store.Add(index, "image");
+  ASSERT_TRUE(driver->Compact(meta));
   ASSERT_EQ(host.persisted.back().options.sync, true);
   EXPECT_TRUE(host.persisted.back().has_snapshot);
   EXPECT_EQ(driver->replica().snapshot_index(), 0u) << "compacted before the image was durable";
-  EXPECT_FALSE(driver->Compact(index, "image"));  // one storage operation at a time
+  EXPECT_FALSE(driver->Compact(meta));  // one storage operation at a time
   host.CompleteOne();
   EXPECT_EQ(driver->replica().snapshot_index(), index);
   EXPECT_EQ(driver->last_snapshot_index(), index);
+  EXPECT_EQ(host.store.images(), 1u) << "the images of earlier indexes stay after compaction";
+  EXPECT_NE(host.store.Find(meta), nullptr);
   // The next Ready rewrites the log without what the snapshot covers.
   driver->Drain();
   ASSERT_FALSE(host.completions.empty());
   EXPECT_TRUE(host.persisted.back().options.compact);
   host.CompleteAll();
-  EXPECT_FALSE(driver->Compact(index, "image")) << "a second image at the same index";
+  EXPECT_FALSE(driver->Compact(host.store.Add(index, "other")))
+      << "a second image at the same index";
+}
+
+// Messages from replica `from` to replica 2 at ballot (1, from) and commit index `commit`.
+Message To2(uint32_t from, uint64_t commit) {
+  Message m;
+  m.set_from(from);
+  m.set_to(2);
+  m.mutable_ballot()->set_round(1);
+  m.mutable_ballot()->set_replica_id(from);
+  m.set_commit_index(commit);
+  return m;
+}
+
+Message ChunkTo2(const SnapshotMeta& meta, uint64_t offset, const std::string& data) {
+  Message m = To2(1, meta.index());
+  *m.mutable_snapshot_chunk()->mutable_meta() = meta;
+  m.mutable_snapshot_chunk()->set_offset(offset);
+  m.mutable_snapshot_chunk()->set_data(data);
+  m.mutable_snapshot_chunk()->set_last(offset + data.size() == meta.size_bytes());
+  return m;
+}
+
+// Replica 2 of three, a follower of 1 that lags behind its snapshot at `index`: it has asked
+// 1 to catch up and heard that it needs the snapshot.
+std::unique_ptr<HostDriver> FollowerAskingForASnapshot(FakeHost& host, uint64_t index) {
+  ReplicaConfig config = ConfigOf(2, {1, 2, 3});
+  config.election_timeout_ticks = 1000;  // no election gets in the way
+  auto driver = std::make_unique<HostDriver>(std::make_unique<Replica>(config, PersistedState(), 2),
+                                             &host, &host.store, &host, &host, &host);
+  host.driver = driver.get();
+  Message heartbeat = To2(1, index);
+  heartbeat.mutable_heartbeat()->set_read_context(1);
+  driver->replica().Step(heartbeat);
+  driver->Drain();
+  Message needs_snapshot = To2(1, index);
+  needs_snapshot.mutable_catchup_response()->set_needs_snapshot(true);
+  driver->replica().Step(needs_snapshot);
+  driver->Drain();
+  host.sent.clear();
+  return driver;
+}
+
+TEST(Driver, ASnapshotFromAPeerGoesToTheStoreAndIsInstalledOnceSealed) {
+  FakeHost host;
+  const std::string image = "abcdefgh";
+  const SnapshotMeta meta = SnapshotMetaOf(10, image);
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
+  driver->replica().Step(ChunkTo2(meta, 0, "abcd"));
+  driver->Drain();
+  EXPECT_TRUE(host.installed.empty());
+  driver->replica().Step(ChunkTo2(meta, 4, "efgh"));
+  driver->Drain();
+  ASSERT_EQ(host.installed.size(), 1u);
+  EXPECT_EQ(host.installed[0].checksum(), meta.checksum());
+  ASSERT_NE(host.store.Find(meta), nullptr);
+  EXPECT_EQ(*host.store.Find(meta), image);
+  EXPECT_TRUE(host.persisted.back().has_snapshot);
+  EXPECT_EQ(driver->replica().commit_index(), 10u);
+  EXPECT_TRUE(host.refused.empty());
+}
+
+// The sender restarted between two chunks with another image at the same index and of the
+// same size, and its second chunk names the first image: the bytes do not match the
+// checksum, and the image is refused whole before anything of it is persisted.
+TEST(Driver, ASnapshotSplicedFromTwoImagesIsRefusedWholeNeverPersisted) {
+  FakeHost host;
+  const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
+  const size_t persisted_before = host.persisted.size();
+  driver->replica().Step(ChunkTo2(meta, 0, "abcd"));
+  driver->Drain();
+  driver->replica().Step(ChunkTo2(meta, 4, "WXYZ"));
+  driver->Drain();
+  ASSERT_EQ(host.refused.size(), 1u);
+  EXPECT_TRUE(absl::IsDataLoss(host.refused[0])) << host.refused[0];
+  EXPECT_TRUE(host.installed.empty());
+  EXPECT_EQ(host.store.images(), 0u);
+  for (size_t i = persisted_before; i < host.persisted.size(); ++i) {
+    EXPECT_FALSE(host.persisted[i].has_snapshot) << "a spliced image was persisted";
+  }
+  EXPECT_EQ(driver->replica().commit_index(), 0u);
+  EXPECT_EQ(driver->counters().snapshots_refused, 1u);
+}
+
+TEST(Driver, SnapshotChunksLeaveWithTheirBytesFromTheStore) {
+  FakeHost host;
+  const std::string image = "abcdefghij";
+  ReplicaConfig config = ConfigOf(1, {1, 2, 3});
+  config.snapshot_chunk_bytes = 4;
+  PersistedState state;
+  state.snapshot_meta = host.store.Add(10, image);
+  state.applied_index = 10;
+  HostDriver driver(std::make_unique<Replica>(config, state, 1), &host, &host.store, &host, &host,
+                    &host);
+  // Replica 2, at 5, resumes a transfer of that image at offset 8.
+  Message resume;
+  resume.set_from(2);
+  resume.set_to(1);
+  resume.set_commit_index(5);
+  resume.mutable_snapshot_ack()->set_index(10);
+  resume.mutable_snapshot_ack()->set_next_offset(8);
+  resume.mutable_snapshot_ack()->set_checksum(state.snapshot_meta.checksum());
+  driver.replica().Step(resume);
+  driver.Drain();
+  ASSERT_EQ(host.sent.size(), 1u);
+  ASSERT_TRUE(host.sent[0].has_snapshot_chunk());
+  EXPECT_EQ(host.sent[0].snapshot_chunk().data(), "ij");
+  EXPECT_TRUE(host.sent[0].snapshot_chunk().last());
+  // From the start: a whole chunk, not the last.
+  resume.mutable_snapshot_ack()->set_next_offset(0);
+  driver.replica().Step(resume);
+  driver.Drain();
+  ASSERT_EQ(host.sent.size(), 2u);
+  EXPECT_EQ(host.sent[1].snapshot_chunk().data(), "abcd");
+  EXPECT_FALSE(host.sent[1].snapshot_chunk().last());
+  // An image the store lost is not sent at all (the receiver asks elsewhere).
+  host.store.Retain(SnapshotMetaOf(11, "another"));
+  driver.replica().Step(resume);
+  driver.Drain();
+  EXPECT_EQ(host.sent.size(), 2u);
+  EXPECT_EQ(driver.counters().snapshot_chunks_unreadable, 1u);
 }
 
 }  // namespace

@@ -86,8 +86,7 @@ std::string EncodeReady(const Ready& ready) {
   }
   if (ready.snapshot) {
     StorageRecord r;
-    *r.mutable_snapshot() = ready.snapshot->meta;
-    r.set_snapshot_data(ready.snapshot->data);
+    *r.mutable_snapshot() = ready.snapshot->meta;  // the image is in the snapshot store
     out += EncodeRecord(r);
   }
   for (const LogEntry& e : ready.entries) {
@@ -103,14 +102,10 @@ std::string EncodeReady(const Ready& ready) {
   return out;
 }
 
-Ready SnapshotReady(uint64_t index, std::string data) {
+Ready SnapshotReady(const SnapshotMeta& meta) {
   Ready r;
-  r.snapshot = SnapshotToInstall{};
-  r.snapshot->meta.set_index(index);
-  r.snapshot->meta.set_size_bytes(data.size());
-  r.snapshot->meta.set_checksum(SnapshotChecksum(data));
-  r.snapshot->data = std::move(data);
-  r.compacted_through = index;
+  r.snapshot = SnapshotToInstall{meta};
+  r.compacted_through = meta.index();
   return r;
 }
 
@@ -156,8 +151,11 @@ absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
         break;
       case StorageRecord::kSnapshot:
         out.state.snapshot_meta = record.snapshot();
-        out.state.snapshot_data = record.snapshot_data();
-        if (out.state.snapshot_data.size() != out.state.snapshot_meta.size_bytes()) {
+        // A log of an older version holds the image in the record; it moves to the host's
+        // snapshot store at start.
+        out.legacy_snapshot_data = record.snapshot_data();
+        if (!out.legacy_snapshot_data.empty() &&
+            out.legacy_snapshot_data.size() != out.state.snapshot_meta.size_bytes()) {
           return absl::DataLossError(
               absl::StrCat("snapshot record ", out.records, " does not match its declared size"));
         }

@@ -34,9 +34,10 @@ namespace synod {
 // The records to append for `ready` (hard state, entries, snapshot, compaction), framed.
 std::string EncodeReady(const Ready& ready);
 
-// What a host persists when it snapshots its state machine at revision `index`: the
-// snapshot, and the compaction of the log entries it covers. (Then Replica::Compact.)
-Ready SnapshotReady(uint64_t index, std::string data);
+// What a host persists when it snapshots its state machine (the image already durable in
+// its snapshot store): the snapshot's metadata, and the compaction of the log entries it
+// covers. (Then Replica::Compact.)
+Ready SnapshotReady(const SnapshotMeta& meta);
 
 // A framed SyncMark, to end a batch before its fsync: `records` records precede it, and the
 // mark's frame starts at byte `offset` of the log.
@@ -45,7 +46,10 @@ std::string EncodeSyncMark(uint64_t records, uint64_t offset);
 std::string EncodeRecord(const StorageRecord& record);
 
 struct RecoveredLog {
-  PersistedState state;      // applied_index is left 0: the state machine knows its revision
+  PersistedState state;  // applied_index is left 0: the state machine knows its revision
+  // The image of state.snapshot_meta when the log is of a version that kept images in the
+  // log (empty otherwise): the host moves it to its snapshot store.
+  std::string legacy_snapshot_data;
   uint64_t valid_bytes = 0;  // the log's valid prefix; the host truncates anything after it
   uint64_t records = 0;
   bool torn_tail = false;

@@ -1,3 +1,4 @@
+#include "core/driver.h"
 #include "core/log_codec.h"
 
 #include <gtest/gtest.h>
@@ -128,18 +129,35 @@ TEST(LogCodec, AMarkInsideAClientsPayloadDoesNotTurnATornWriteIntoDataLoss) {
 }
 
 TEST(LogCodec, CompactionDropsEntriesUpToTheSnapshot) {
-  Ready snap;
-  snap.snapshot = SnapshotToInstall{};
-  snap.snapshot->meta.set_index(1);
-  snap.snapshot->meta.set_size_bytes(3);
-  snap.snapshot->data = "abc";
-  snap.compacted_through = 1;
-  absl::StatusOr<RecoveredLog> got = RecoverLog(TwoSyncedReadys() + EncodeReady(snap));
+  const std::string log = TwoSyncedReadys() + EncodeReady(SnapshotReady(SnapshotMetaOf(1, "abc")));
+  absl::StatusOr<RecoveredLog> got = RecoverLog(log);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->state.snapshot_meta.index(), 1u);
-  EXPECT_EQ(got->state.snapshot_data, "abc");
+  EXPECT_EQ(got->state.snapshot_meta.checksum(), SnapshotChecksum("abc"));
+  EXPECT_TRUE(got->legacy_snapshot_data.empty());
   ASSERT_EQ(got->state.entries.size(), 1u);
   EXPECT_EQ(got->state.entries[0].slot(), 2u);
+}
+
+TEST(LogCodec, ASnapshotRecordHoldsItsMetadataOnly) {
+  std::string image(100'000, 'x');
+  EXPECT_LT(EncodeReady(SnapshotReady(SnapshotMetaOf(1, image))).size(), 200u);
+}
+
+// Versions before snapshot stores wrote the image into the record (without a checksum at
+// first): recovery hands it to the host, which moves it to its store.
+TEST(LogCodec, AnImageInAnOlderSnapshotRecordIsRecovered) {
+  StorageRecord record;
+  record.mutable_snapshot()->set_index(1);
+  record.mutable_snapshot()->set_size_bytes(3);
+  record.set_snapshot_data("abc");
+  absl::StatusOr<RecoveredLog> got = RecoverLog(TwoSyncedReadys() + EncodeRecord(record));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->legacy_snapshot_data, "abc");
+  EXPECT_EQ(got->state.snapshot_meta.checksum(), 0u);
+
+  record.set_snapshot_data("abcd");  // not the declared size
+  EXPECT_TRUE(absl::IsDataLoss(RecoverLog(TwoSyncedReadys() + EncodeRecord(record)).status()));
 }
 
 }  // namespace

@@ -38,10 +38,9 @@ const char* RoleName(Role role) {
 }
 
 uint64_t SnapshotChecksum(std::string_view image) {
-  StableHash h;
-  h.AddU64(image.size());
-  h.Add(image);
-  return h.value() == 0 ? 1 : h.value();
+  SnapshotChecksummer checksum(image.size());
+  checksum.Add(image);
+  return checksum.value();
 }
 
 Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_seed)
@@ -78,12 +77,9 @@ Replica::Replica(ReplicaConfig config, PersistedState persisted, uint64_t prng_s
 
   hard_ = std::move(persisted.hard_state);
   snapshot_meta_ = persisted.snapshot_meta;
-  snapshot_data_ = std::move(persisted.snapshot_data);
-  SYNOD_CHECK_EQ(snapshot_data_.size(), snapshot_meta_.size_bytes());
-  // A snapshot stored before checksums: name it now, so transfers of it can be resumed.
-  if (snapshot_meta_.index() > 0 && snapshot_meta_.checksum() == 0) {
-    snapshot_meta_.set_checksum(SnapshotChecksum(snapshot_data_));
-  }
+  // The host names a snapshot stored before checksums (it holds the image).
+  SYNOD_CHECK(snapshot_meta_.index() == 0 || snapshot_meta_.checksum() != 0)
+      << "a snapshot without a checksum";
   first_index_ = snapshot_meta_.index() + 1;
   commit_index_ = snapshot_meta_.index();
   for (LogEntry& e : persisted.entries) {
@@ -312,7 +308,7 @@ const char* Replica::RejectReason(const Message& m) const {
                            incoming_snapshot_meta_->index() == meta.index() &&
                            incoming_snapshot_meta_->size_bytes() == size &&
                            incoming_snapshot_meta_->checksum() == meta.checksum();
-      if (same_transfer && chunk.offset() != incoming_snapshot_data_.size()) {
+      if (same_transfer && chunk.offset() != incoming_snapshot_bytes_) {
         return "a snapshot chunk out of order";
       }
       // A chunk at offset 0 of another snapshot starts a new transfer: the peer asked now is
@@ -327,7 +323,7 @@ const char* Replica::RejectReason(const Message& m) const {
       const SnapshotAck& ack = m.snapshot_ack();
       bool held =
           ack.index() == snapshot_meta_.index() && ack.checksum() == snapshot_meta_.checksum();
-      if (held ? ack.next_offset() > snapshot_data_.size()
+      if (held ? ack.next_offset() > snapshot_meta_.size_bytes()
                : snapshot_meta_.index() <= m.commit_index()) {
         return "a snapshot acknowledgement for a snapshot this replica does not hold";
       }
@@ -357,7 +353,7 @@ void Replica::CheckInvariants() const {
   // The log: compacted below first_index_, chosen and held up to commit_index_, applied
   // (and handed out for applying) no further.
   SYNOD_CHECK_EQ(first_index_, snapshot_meta_.index() + 1);
-  SYNOD_CHECK_EQ(snapshot_data_.size(), snapshot_meta_.size_bytes());
+  SYNOD_CHECK(snapshot_meta_.index() == 0 || snapshot_meta_.checksum() != 0);
   SYNOD_CHECK(log_.empty() || log_.begin()->first >= first_index_);
   SYNOD_CHECK_LE(snapshot_meta_.index(), commit_index_);
   SYNOD_CHECK_LE(commit_index_, LastSlot()) << "a commit index past every slot held";
@@ -370,8 +366,8 @@ void Replica::CheckInvariants() const {
     SYNOD_CHECK(inflight_.empty() || inflight_.begin()->first > commit_index_);
   }
   if (incoming_snapshot_meta_) {
-    SYNOD_CHECK(IsPeer(incoming_snapshot_from_) && !incoming_snapshot_data_.empty() &&
-                incoming_snapshot_data_.size() < incoming_snapshot_meta_->size_bytes())
+    SYNOD_CHECK(IsPeer(incoming_snapshot_from_) && incoming_snapshot_bytes_ > 0 &&
+                incoming_snapshot_bytes_ < incoming_snapshot_meta_->size_bytes())
         << "a snapshot transfer that is complete, empty or from nobody";
   }
 }
@@ -585,7 +581,7 @@ void Replica::Tick() {
   }
   if (incoming_snapshot_meta_ && incoming_snapshot_meta_->index() <= commit_index_) {
     incoming_snapshot_meta_.reset();  // caught up otherwise: nothing in it is missing now
-    incoming_snapshot_data_.clear();
+    incoming_snapshot_bytes_ = 0;
     snapshot_resume_sent_ = false;
   }
   MaybeRequeueForwardedWrites();
@@ -964,7 +960,7 @@ void Replica::MaybeRequestCatchup(uint32_t peer, uint64_t peer_commit) {
     catchup_to_slot_ = 0;  // no entries asked for
     catchup_retry_ticks_ = config_.retry_ticks * 4;
     m.mutable_snapshot_ack()->set_index(incoming_snapshot_meta_->index());
-    m.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
+    m.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_bytes_);
     m.mutable_snapshot_ack()->set_checksum(incoming_snapshot_meta_->checksum());
     Send(std::move(m));
     return;
@@ -1022,10 +1018,8 @@ void Replica::SendSnapshotChunk(uint32_t peer, uint64_t offset) {
   Message m = NewMessage(peer);
   SnapshotChunk* chunk = m.mutable_snapshot_chunk();
   *chunk->mutable_meta() = snapshot_meta_;
-  offset = std::min<uint64_t>(offset, snapshot_data_.size());
-  chunk->set_offset(offset);
-  chunk->set_data(snapshot_data_.substr(offset, config_.snapshot_chunk_bytes));
-  chunk->set_last(offset + chunk->data().size() >= snapshot_data_.size());
+  // The host fills in the bytes (and the last flag) from its snapshot store.
+  chunk->set_offset(std::min<uint64_t>(offset, snapshot_meta_.size_bytes()));
   Send(std::move(m));
 }
 
@@ -1040,27 +1034,22 @@ void Replica::StepSnapshotChunk(const Message& m) {
   if (chunk.offset() == 0) {
     incoming_snapshot_meta_ = meta;
     incoming_snapshot_from_ = m.from();
-    incoming_snapshot_data_.clear();
+    incoming_snapshot_bytes_ = 0;
   }
-  SYNOD_CHECK_EQ(chunk.offset(), incoming_snapshot_data_.size());
-  incoming_snapshot_data_ += chunk.data();
+  SYNOD_CHECK_EQ(chunk.offset(), incoming_snapshot_bytes_);
+  incoming_snapshot_bytes_ += chunk.data().size();
+  pending_.snapshot_chunks.push_back(chunk);  // for the host's snapshot store
   Message ack = NewMessage(m.from());
   ack.mutable_snapshot_ack()->set_index(meta.index());
-  ack.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_data_.size());
+  ack.mutable_snapshot_ack()->set_next_offset(incoming_snapshot_bytes_);
   ack.mutable_snapshot_ack()->set_checksum(meta.checksum());
   if (!chunk.last()) return Send(std::move(ack));
-  SYNOD_CHECK_EQ(incoming_snapshot_data_.size(), meta.size_bytes());
-  // The whole image must be the one its meta names before anything of it is kept: pieces
-  // of two images (a sender that restarted with another image at the same index and size
-  // between two chunks) or damaged bytes are dropped here, never handed to the host.
-  if (SnapshotChecksum(incoming_snapshot_data_) != meta.checksum()) {
-    ++rejected_message_count_;
-    last_rejection_ = "a snapshot whose bytes do not match its checksum";
-    incoming_snapshot_meta_.reset();
-    incoming_snapshot_data_.clear();
-    snapshot_resume_sent_ = true;  // the next stall asks another peer, from the start
-    return;
-  }
+  SYNOD_CHECK_EQ(incoming_snapshot_bytes_, meta.size_bytes());
+  // The whole image must be the one its meta names before anything of it is kept: the host
+  // seals it in its store (pieces of two images, from a sender that restarted with another
+  // image at the same index and size between two chunks, or damaged bytes fail the
+  // checksum) and checks it before this Ready persists anything, or refuses it whole
+  // (HostDriver).
   Send(std::move(ack));
   // A new leader catches up to the highest commit index its promisers reported, which may
   // take a snapshot: it proposed nothing up to there, so it leads on. A snapshot that
@@ -1075,13 +1064,12 @@ void Replica::StepSnapshotChunk(const Message& m) {
   log_.erase(log_.begin(), log_.upper_bound(meta.index()));
   first_index_ = meta.index() + 1;
   snapshot_meta_ = meta;
-  snapshot_data_ = std::move(incoming_snapshot_data_);
   incoming_snapshot_meta_.reset();
-  incoming_snapshot_data_.clear();
+  incoming_snapshot_bytes_ = 0;
   commit_index_ = meta.index();
   handed_out_index_ = meta.index();
   AdvanceCommitIndex();
-  pending_.snapshot = SnapshotToInstall{meta, snapshot_data_};
+  pending_.snapshot = SnapshotToInstall{meta};
   pending_.compacted_through = meta.index();
   pending_.must_sync = true;
   if (catchup_wanted_until_ <= commit_index_) catchup_retry_ticks_ = 0;
@@ -1094,7 +1082,9 @@ void Replica::StepSnapshotAck(const Message& m) {
   if (ack.index() != snapshot_meta_.index() || ack.checksum() != snapshot_meta_.checksum()) {
     return SendSnapshotChunk(m.from(), 0);
   }
-  if (ack.next_offset() < snapshot_data_.size()) SendSnapshotChunk(m.from(), ack.next_offset());
+  if (ack.next_offset() < snapshot_meta_.size_bytes()) {
+    SendSnapshotChunk(m.from(), ack.next_offset());
+  }
 }
 
 // Proposer ------------------------------------------------------------------------------
@@ -1476,15 +1466,14 @@ void Replica::Advance(const Ready& ready) {
   CheckInvariants();
 }
 
-void Replica::Compact(uint64_t index, std::string snapshot_data) {
+void Replica::Compact(const SnapshotMeta& meta) {
+  const uint64_t index = meta.index();
   SYNOD_CHECK_LE(index, applied_index_) << "snapshot of state not yet applied";
+  SYNOD_CHECK(meta.checksum() != 0 && meta.size_bytes() > 0) << "a snapshot without an image";
   if (index <= snapshot_meta_.index()) return;
   log_.erase(log_.begin(), log_.upper_bound(index));
   first_index_ = index + 1;
-  snapshot_meta_.set_index(index);
-  snapshot_meta_.set_size_bytes(snapshot_data.size());
-  snapshot_meta_.set_checksum(SnapshotChecksum(snapshot_data));
-  snapshot_data_ = std::move(snapshot_data);
+  snapshot_meta_ = meta;
   pending_.compacted_through = index;
   CheckInvariants();
 }

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "core/quorum.h"
+#include "core/stable_hash.h"
 #include "core/synod.pb.h"
 
 namespace synod {
@@ -124,9 +125,8 @@ struct ReplicaConfig {
 struct PersistedState {
   HardState hard_state;
   std::vector<LogEntry> entries;  // any order; at most one per slot
-  SnapshotMeta snapshot_meta;     // index 0: no snapshot
-  std::string snapshot_data;
-  uint64_t applied_index = 0;  // the state machine's revision (>= snapshot_meta.index)
+  SnapshotMeta snapshot_meta;     // index 0: no snapshot; its image is in the host's store
+  uint64_t applied_index = 0;     // the state machine's revision (>= snapshot_meta.index)
 };
 
 struct CommittedEntry {
@@ -134,9 +134,9 @@ struct CommittedEntry {
   Value value;
 };
 
+// A snapshot whose last chunk came from a peer: its image is in the host's snapshot store.
 struct SnapshotToInstall {
   SnapshotMeta meta;
-  std::string data;
 };
 
 struct Ready {
@@ -145,6 +145,11 @@ struct Ready {
   bool must_sync = false;               // an fsync is required before sending messages
   uint64_t compacted_through = 0;       // entries up to here may be deleted from storage
   std::optional<SnapshotToInstall> snapshot;
+  // Chunks of a snapshot a peer sends, in order, for the host's snapshot store (a chunk at
+  // offset 0 starts an image over). The last one comes with `snapshot`.
+  std::vector<SnapshotChunk> snapshot_chunks;
+  // The messages may hold snapshot chunks without their bytes: the host reads them from its
+  // snapshot store (HostDriver).
   std::vector<Message> messages;
   // Messages that acknowledge nothing this Ready persists (a leader's accepts): the host may
   // send them before the Ready is durable, so that the leader's fsync and its followers' run
@@ -156,13 +161,25 @@ struct Ready {
 
   bool empty() const {
     return !hard_state && entries.empty() && compacted_through == 0 && !snapshot &&
-           messages.empty() && early_messages.empty() && committed.empty() && replies.empty();
+           snapshot_chunks.empty() && messages.empty() && early_messages.empty() &&
+           committed.empty() && replies.empty();
   }
 };
 
 // The checksum that names a snapshot image (SnapshotMeta::checksum): a StableHash of its
-// bytes, never 0.
+// size and bytes, never 0.
 uint64_t SnapshotChecksum(std::string_view image);
+
+// The same checksum, over an image read in pieces: Add its bytes in order, then value().
+class SnapshotChecksummer {
+ public:
+  explicit SnapshotChecksummer(uint64_t image_bytes) { hash_.AddU64(image_bytes); }
+  void Add(std::string_view bytes) { hash_.Add(bytes); }
+  uint64_t value() const { return hash_.value() == 0 ? 1 : hash_.value(); }
+
+ private:
+  StableHash hash_;
+};
 
 enum class Role { kFollower, kCandidate, kLeader };
 const char* RoleName(Role role);
@@ -230,10 +247,11 @@ class Replica {
   // The host has done everything in `ready`.
   void Advance(const Ready& ready);
 
-  // The host made a snapshot of the state machine at `index` (its revision). Log entries up
-  // to `index` are dropped and the snapshot is served to replicas that fall behind it.
-  // REQUIRES: index <= applied index.
-  void Compact(uint64_t index, std::string snapshot_data);
+  // The host made a snapshot of the state machine at meta.index (its revision), its image in
+  // the host's snapshot store. Log entries up to there are dropped, and the snapshot is
+  // served to replicas that fall behind it. REQUIRES: meta.index <= applied index.
+  void Compact(const SnapshotMeta& meta);
+  const ReplicaConfig& config() const { return config_; }
 
   ReplicaStatus Status() const;
   uint32_t id() const { return config_.id; }
@@ -372,7 +390,6 @@ class Replica {
   std::map<uint64_t, LogEntry> log_;  // slots >= first_index_
   uint64_t first_index_ = 1;          // log_ holds no slot below this
   SnapshotMeta snapshot_meta_;
-  std::string snapshot_data_;
 
   // Learner state.
   uint64_t commit_index_ = 0;      // every slot <= this is chosen and held (or snapshotted)
@@ -391,11 +408,11 @@ class Replica {
   // snapshot transfer): an answer holds no others.
   uint64_t catchup_from_slot_ = 1;
   uint64_t catchup_to_slot_ = 0;
-  // Snapshot being received from incoming_snapshot_from_: meta and bytes so far (at least
-  // one, fewer than the snapshot's size).
+  // Snapshot being received from incoming_snapshot_from_ (its bytes go to the host's store):
+  // meta and bytes so far (at least one, fewer than the snapshot's size).
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
   uint32_t incoming_snapshot_from_ = 0;
-  std::string incoming_snapshot_data_;
+  uint64_t incoming_snapshot_bytes_ = 0;  // received so far
   // The transfer stalled and its sender was asked again for the rest; no chunk has come
   // since. The next stall moves on to another peer.
   bool snapshot_resume_sent_ = false;

@@ -235,10 +235,24 @@ absl::Status Node::Start() {
   if (!sm.ok()) return sm.status();
   sm_ = std::move(*sm);
 
+  const std::string snapshot_dir = absl::StrCat(options_.data_dir, "/snapshots");
+  absl::StatusOr<std::unique_ptr<SnapshotFiles>> snapshots =
+      SnapshotFiles::Open(snapshot_dir, options_.fsync);
+  if (!snapshots.ok()) return snapshots.status();
+  snapshots_ = std::move(*snapshots);
+  if (absl::Status moved = MoveSnapshotOutOfLog(*store); !moved.ok()) return moved;
   PersistedState state = std::move(store->recovered());
+  if (state.snapshot_meta.index() > 0 && !snapshots_->Has(state.snapshot_meta)) {
+    return absl::DataLossError(absl::StrCat(
+        "the log names the snapshot at revision ", state.snapshot_meta.index(), ", but ",
+        snapshots_->PathOf(state.snapshot_meta),
+        " is missing or of the wrong size: replace this replica (docs/operations.md)"));
+  }
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
-    absl::Status restored = sm_->RestoreSnapshot(state.snapshot_data);
+    absl::StatusOr<std::string> image = snapshots_->ReadImage(state.snapshot_meta);
+    if (!image.ok()) return image.status();
+    absl::Status restored = sm_->RestoreSnapshot(*image);
     if (!restored.ok()) return restored;
   }
   state.applied_index = sm_->revision();
@@ -295,7 +309,7 @@ absl::Status Node::Start() {
   // closed (Stop), start only now.
   log_ = std::make_unique<LogWriter>(loop_, std::move(store));
   driver_ = std::make_unique<HostDriver>(
-      std::move(replica), log_.get(), static_cast<PeerTransport*>(this),
+      std::move(replica), log_.get(), snapshots_.get(), static_cast<PeerTransport*>(this),
       static_cast<AppliedState*>(this), static_cast<ClientAnswers*>(this));
 
   uv_timer_init(loop_, &tick_timer_);
@@ -380,13 +394,34 @@ void Node::Drain() {
 
 // The driver's interfaces: the peer transport, the state machine and the client answers.
 
+absl::Status Node::MoveSnapshotOutOfLog(LogStore& store) {
+  std::string& image = store.legacy_snapshot_data();
+  if (image.empty()) return absl::OkStatus();
+  SnapshotMeta& meta = store.recovered().snapshot_meta;
+  if (meta.checksum() == 0) meta.set_checksum(SnapshotChecksum(image));  // before checksums
+  if (absl::Status kept = snapshots_->Adopt(meta, image); !kept.ok()) return kept;
+  if (absl::Status rewritten = store.Rewrite(store.recovered()); !rewritten.ok()) {
+    return rewritten;
+  }
+  fprintf(stderr, "I moved the snapshot at revision %llu (%zu bytes) out of the log into %s\n",
+          static_cast<unsigned long long>(meta.index()), image.size(),
+          snapshots_->PathOf(meta).c_str());
+  image.clear();
+  image.shrink_to_fit();
+  return absl::OkStatus();
+}
+
 absl::Status Node::CheckSnapshot(const SnapshotToInstall& snapshot) {
-  return StateMachine::CheckSnapshot(snapshot.data, snapshot.meta.index());
+  absl::StatusOr<std::string> image = snapshots_->ReadImage(snapshot.meta);
+  if (!image.ok()) return image.status();
+  return StateMachine::CheckSnapshot(*image, snapshot.meta.index());
 }
 
 void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
   ApplyQueued(/*all=*/true);
-  absl::Status restored = sm_->RestoreSnapshot(snapshot.data);
+  absl::StatusOr<std::string> image = snapshots_->ReadImage(snapshot.meta);
+  SYNOD_CHECK(image.ok()) << "a sealed snapshot image cannot be read: " << image.status();
+  absl::Status restored = sm_->RestoreSnapshot(*image);
   // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
   // the machine's (disk, memory).
   SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
@@ -507,25 +542,27 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
 }
 
 void Node::MaybeCompact() {
-  if (driver_->persisting() ||
-      sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries ||
-      sm_->revision() < next_snapshot_attempt_) {
+  if (sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries ||
+      sm_->revision() < next_snapshot_attempt_ || !driver_->CanCompact(sm_->revision())) {
     return;
   }
   absl::StatusOr<std::string> snapshot = sm_->Snapshot();
-  if (!snapshot.ok()) {
-    if (absl::IsFailedPrecondition(snapshot.status())) return;  // an entry is half applied
+  absl::StatusOr<SnapshotMeta> meta =
+      snapshot.ok() ? snapshots_->Write(sm_->revision(), *snapshot) : snapshot.status();
+  if (!meta.ok()) {
+    if (absl::IsFailedPrecondition(meta.status())) return;  // an entry is half applied
     // The log keeps growing until a snapshot can be taken: tried again after as many
     // entries as between snapshots, not at every entry.
     next_snapshot_attempt_ = sm_->revision() + options_.snapshot_every_entries;
     fprintf(stderr, "W no snapshot at revision %llu: %s\n",
             static_cast<unsigned long long>(sm_->revision()),
-            std::string(snapshot.status().message()).c_str());
+            std::string(meta.status().message()).c_str());
     return;
   }
-  // Durable in the log first (the log writer's thread), then the replica compacts; the log
-  // is rewritten without what the snapshot covers when its next Ready reports it.
-  driver_->Compact(sm_->revision(), std::move(*snapshot));
+  // The image is durable in its file; its record goes to the log (the log writer's
+  // thread), then the replica compacts, and the log is rewritten without what the snapshot
+  // covers when its next Ready reports it.
+  SYNOD_CHECK(driver_->Compact(*meta));
 }
 
 void Node::Send(std::vector<Message> messages) {

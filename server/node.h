@@ -21,6 +21,7 @@
 #include "adapters/log_store.h"
 #include "adapters/log_writer.h"
 #include "adapters/peer_auth.h"
+#include "adapters/snapshot_files.h"
 #include "core/divergence.h"
 #include "core/driver.h"
 #include "core/replica.h"
@@ -120,6 +121,9 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // The driver's interfaces.
   void Send(std::vector<Message> messages) override;
   absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) override;
+  // A log of an older version holds its snapshot's image: it moves to the snapshot store,
+  // and the log is rewritten without it.
+  absl::Status MoveSnapshotOutOfLog(LogStore& store);
   // Drops a Ready whose snapshot failed its check, and rebuilds the replica from the log.
   void RefuseSnapshot(const absl::Status& why) override;
   void InstallSnapshot(const SnapshotToInstall& snapshot) override;
@@ -196,6 +200,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   uv_loop_t* loop_;
   NodeOptions options_;
   std::unique_ptr<LogWriter> log_;
+  std::unique_ptr<SnapshotFiles> snapshots_;  // DIR/snapshots: the images the log names
   std::unique_ptr<FileDatabaseOpener> opener_;
   std::unique_ptr<StateMachine> sm_;
   ReplicaConfig replica_config_;

@@ -219,9 +219,7 @@ class SimDisk {
     durable_state_ = DurableAcceptorState();
     Ready r;
     r.hard_state = state.hard_state;
-    if (state.snapshot_meta.index() > 0) {
-      r.snapshot = SnapshotToInstall{state.snapshot_meta, state.snapshot_data};
-    }
+    if (state.snapshot_meta.index() > 0) r.snapshot = SnapshotToInstall{state.snapshot_meta};
     r.entries = state.entries;
     Write(r);
     Sync();
@@ -339,6 +337,9 @@ class World {
     std::unique_ptr<HostDriver> driver;           // owns the replica; null while down
     std::unique_ptr<DivergenceCheck> divergence;  // forgotten at a crash, as in the server
     SimDisk disk;
+    // Snapshot images (the log names them by their metadata): durable once kept; a crash
+    // loses one partly received.
+    MemorySnapshotStore snapshots;
     int64_t tick_period_us = kTickUs;
     int64_t paused_since_us = 0;
     // Storage operations started and not yet finished, oldest first, and when the last one
@@ -571,7 +572,9 @@ void World::StartHost(Host& h) {
                                                    kCheckpointEveryRevisions);
   // A crash between persisting a received snapshot and installing it: install it now.
   if (h.sm->revision() < state.snapshot_meta.index()) {
-    absl::Status restored = h.sm->RestoreSnapshot(state.snapshot_data);
+    const std::string* image = h.snapshots.Find(state.snapshot_meta);
+    SYNOD_CHECK(image != nullptr) << "the log names a snapshot image the store lacks";
+    absl::Status restored = h.sm->RestoreSnapshot(*image);
     SYNOD_CHECK(restored.ok()) << restored;
   }
   if (options_.bugs.count("forget-promise") > 0) {
@@ -589,8 +592,8 @@ void World::StartHost(Host& h) {
   h.side = std::make_unique<HostSide>(this, &h);
   HostSide* side = h.side.get();
   h.driver = std::make_unique<HostDriver>(
-      std::make_unique<Replica>(ConfigFor(h.id), std::move(state), process_.Next()), side, side,
-      side, side);
+      std::make_unique<Replica>(ConfigFor(h.id), std::move(state), process_.Next()), side,
+      &h.snapshots, side, side, side);
   h.disk_ops.clear();
   h.disk_busy_until_us = now_us_;
   h.up = true;
@@ -609,6 +612,7 @@ void World::CrashHost(Host& h) {
   h.driver.reset();
   h.disk_ops.clear();
   h.sm.reset();
+  h.snapshots.Crash();
   bool tear = disk_.Chance(swarm_.torn_write_per_100, 100);
   h.disk.Crash(disk_, tear);
   // Corrupt at most a minority, so the group can always go on.
@@ -672,12 +676,27 @@ class World::HostSide : public LogStorage,
     }
   }
 
-  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) override {
+    const std::string* image = h_->snapshots.Find(snapshot.meta);
+    SYNOD_CHECK(image != nullptr) << "a sealed snapshot is not in the store";
+    return StateMachine::CheckSnapshot(*image, snapshot.meta.index());
+  }
+  // As the server does: the replica is rebuilt from what its log holds (a restart without
+  // the crash). A sender that restarted with another image at the same index mid-transfer
+  // leaves a spliced one, refused here.
   void RefuseSnapshot(const absl::Status& why) override {
-    SYNOD_CHECK(false) << "the simulator refuses no snapshot: " << why;
+    w_->Trace(absl::StrCat("replica ", h_->id, " refuses a snapshot: ", why.ToString()));
+    h_->disk.Sync();
+    absl::StatusOr<RecoveredLog> recovered = RecoverLog(h_->disk.durable());
+    SYNOD_CHECK(recovered.ok()) << "a log just synced does not recover: " << recovered.status();
+    recovered->state.applied_index = h_->sm->revision();
+    h_->driver->ReplaceReplica(std::make_unique<Replica>(
+        w_->ConfigFor(h_->id), std::move(recovered->state), w_->process_.Next()));
   }
   void InstallSnapshot(const SnapshotToInstall& snapshot) override {
-    absl::Status restored = h_->sm->RestoreSnapshot(snapshot.data);
+    const std::string* image = h_->snapshots.Find(snapshot.meta);
+    SYNOD_CHECK(image != nullptr) << "a sealed snapshot is not in the store";
+    absl::Status restored = h_->sm->RestoreSnapshot(*image);
     SYNOD_CHECK(restored.ok()) << restored;
     SYNOD_CHECK_EQ(h_->sm->revision(), snapshot.meta.index());
     w_->Trace(absl::StrCat("replica ", h_->id, " installs snapshot at ", h_->sm->revision()));
@@ -843,13 +862,14 @@ void World::ServeRead(Host& h, uint64_t client_index, uint64_t sequence) {
 }
 
 void World::MaybeCompact(Host& h) {
-  if (!h.up || h.driver->persisting() ||
-      h.sm->revision() < h.driver->last_snapshot_index() + swarm_.compact_every) {
+  if (!h.up || h.sm->revision() < h.driver->last_snapshot_index() + swarm_.compact_every ||
+      !h.driver->CanCompact(h.sm->revision())) {
     return;
   }
   absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
   if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
-  h.driver->Compact(h.sm->revision(), std::move(*snapshot));
+  // Durable in the store before the log names it.
+  SYNOD_CHECK(h.driver->Compact(h.snapshots.Add(h.sm->revision(), *std::move(snapshot))));
 }
 
 void World::OnTick(Host& h, uint64_t incarnation) {

@@ -50,10 +50,7 @@ class Cluster::Host : public LogStorage,
     Node& n = node();
     if (ready.hard_state) n.unsynced.hard = *ready.hard_state;
     for (const LogEntry& e : ready.entries) n.unsynced.log[e.slot()] = e;
-    if (ready.snapshot) {
-      n.unsynced.snapshot_meta = ready.snapshot->meta;
-      n.unsynced.snapshot_data = ready.snapshot->data;
-    }
+    if (ready.snapshot) n.unsynced.snapshot_meta = ready.snapshot->meta;
     if (ready.compacted_through > 0) {
       auto& log = n.unsynced.log;
       log.erase(log.begin(), log.upper_bound(ready.compacted_through));
@@ -91,7 +88,9 @@ class Cluster::Host : public LogStorage,
   }
   void InstallSnapshot(const SnapshotToInstall& snapshot) override {
     Node& n = node();
-    auto [index, hash] = DecodeApp(snapshot.data);
+    const std::string* image = n.snapshots.Find(snapshot.meta);
+    SYNOD_CHECK(image != nullptr) << "a snapshot installed from no image";
+    auto [index, hash] = DecodeApp(*image);
     SYNOD_CHECK_EQ(index, snapshot.meta.index());
     n.app_index = index;
     n.app_hash = hash;
@@ -127,7 +126,7 @@ class Cluster::Host : public LogStorage,
     Node& n = node();
     const uint64_t every = cluster_->compact_every_;
     if (every > 0 && n.app_index >= n.driver->last_snapshot_index() + every) {
-      n.driver->Compact(n.app_index, EncodeApp(n.app_index, n.app_hash));
+      n.driver->Compact(n.snapshots.Add(n.app_index, EncodeApp(n.app_index, n.app_hash)));
     }
   }
 
@@ -163,7 +162,8 @@ void Cluster::Start(uint32_t id, PersistedState state) {
   if (!n.host) n.host = std::make_unique<Host>(this, id);
   Host* h = n.host.get();
   n.driver = std::make_unique<HostDriver>(
-      std::make_unique<Replica>(ConfigFor(id), std::move(state), prng_()), h, h, h, h);
+      std::make_unique<Replica>(ConfigFor(id), std::move(state), prng_()), h, &n.snapshots, h, h,
+      h);
 }
 
 ReplicaConfig Cluster::ConfigFor(uint32_t id) const {
@@ -178,7 +178,6 @@ PersistedState Cluster::Persisted(const Durable& d) const {
   p.hard_state = d.hard;
   for (const auto& [slot, e] : d.log) p.entries.push_back(e);
   p.snapshot_meta = d.snapshot_meta;
-  p.snapshot_data = d.snapshot_data;
   p.applied_index = d.app_index;
   return p;
 }
@@ -187,6 +186,7 @@ void Cluster::Crash(uint32_t id) {
   Node& n = nodes_.at(id);
   n.writes.clear();  // never finished: their writes are lost with the unsynced image
   n.driver.reset();
+  n.snapshots.Crash();
   n.unsynced = n.synced;
   n.app_index = n.synced.app_index;
   n.app_hash = n.synced.app_hash;

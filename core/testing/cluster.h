@@ -86,7 +86,6 @@ class Cluster {
     HardState hard;
     std::map<uint64_t, LogEntry> log;
     SnapshotMeta snapshot_meta;
-    std::string snapshot_data;
     uint64_t app_index = 0;
     uint64_t app_hash = 0;
   };
@@ -102,7 +101,8 @@ class Cluster {
     std::unique_ptr<HostDriver> driver;  // owns the replica; null while crashed
     std::deque<PendingWrite> writes;     // in flight, oldest first (asynchronous storage)
     Durable synced;
-    Durable unsynced;  // synced plus writes not yet fsynced
+    Durable unsynced;               // synced plus writes not yet fsynced
+    MemorySnapshotStore snapshots;  // images are durable once kept (a crash loses a partial one)
     uint64_t app_index = 0;
     uint64_t app_hash = 0;
     int restarts = 0;

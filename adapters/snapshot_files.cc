@@ -1,0 +1,214 @@
+#include "adapters/snapshot_files.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "adapters/file_util.h"
+#include "core/replica.h"
+
+namespace synod {
+namespace {
+
+constexpr char kImageSuffix[] = ".snap";
+constexpr char kIncomingName[] = "incoming.part";
+constexpr char kOwnTempName[] = "own.tmp";
+// Images are read back in pieces of this size to check them (memory stays bounded).
+constexpr uint64_t kCheckBlockBytes = 1 << 20;
+
+// Whether the image file `fd` (at `path`) holds `meta.size_bytes` bytes whose checksum is
+// meta.checksum.
+absl::Status CheckImage(int fd, const std::string& path, const SnapshotMeta& meta) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return OsError(errno, absl::StrCat("cannot stat ", path));
+  if (static_cast<uint64_t>(st.st_size) != meta.size_bytes()) {
+    return absl::DataLossError(absl::StrCat("the snapshot image ", path, " holds ", st.st_size,
+                                            " bytes, not ", meta.size_bytes()));
+  }
+  SnapshotChecksummer checksum(meta.size_bytes());
+  for (uint64_t offset = 0; offset < meta.size_bytes(); offset += kCheckBlockBytes) {
+    absl::StatusOr<std::string> block = ReadAt(fd, offset, kCheckBlockBytes, path);
+    if (!block.ok()) return block.status();
+    if (block->empty()) return absl::DataLossError(absl::StrCat(path, " shrank"));
+    checksum.Add(*block);
+  }
+  if (checksum.value() != meta.checksum()) {
+    return absl::DataLossError("the snapshot's bytes do not match its checksum");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string dir, bool fsync) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  // What a crash left half written: never named by the log.
+  for (const char* name : {kIncomingName, kOwnTempName}) {
+    std::filesystem::remove(absl::StrCat(dir, "/", name), error);
+    if (error) {
+      return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                          absl::StrCat("cannot remove ", dir, "/", name, ": ", error.message()));
+    }
+  }
+  return std::unique_ptr<SnapshotFiles>(new SnapshotFiles(std::move(dir), fsync));
+}
+
+SnapshotFiles::~SnapshotFiles() {
+  CloseReader();
+  CloseIncoming();
+}
+
+std::string SnapshotFiles::PathOf(const SnapshotMeta& meta) const {
+  return absl::StrFormat("%s/%020" PRIu64 "-%016" PRIx64 "%s", dir_, meta.index(), meta.checksum(),
+                         kImageSuffix);
+}
+
+bool SnapshotFiles::Has(const SnapshotMeta& meta) const {
+  struct stat st;
+  return stat(PathOf(meta).c_str(), &st) == 0 &&
+         static_cast<uint64_t>(st.st_size) == meta.size_bytes();
+}
+
+void SnapshotFiles::CloseReader() {
+  if (reader_fd_ >= 0) close(reader_fd_);
+  reader_fd_ = -1;
+  reader_key_.reset();
+}
+
+void SnapshotFiles::CloseIncoming() {
+  if (incoming_fd_ >= 0) close(incoming_fd_);
+  incoming_fd_ = -1;
+  incoming_meta_.reset();
+  incoming_bytes_ = 0;
+  incoming_error_ = absl::OkStatus();
+}
+
+absl::StatusOr<std::string> SnapshotFiles::ReadChunk(const SnapshotMeta& meta, uint64_t offset,
+                                                     uint64_t max_bytes) {
+  const std::pair<uint64_t, uint64_t> key{meta.index(), meta.checksum()};
+  const std::string path = PathOf(meta);
+  if (reader_key_ != key) {
+    CloseReader();
+    absl::StatusOr<int> fd = OpenFile(path, O_RDONLY);
+    if (!fd.ok()) {
+      return errno == ENOENT ? absl::NotFoundError(fd.status().message()) : fd.status();
+    }
+    reader_fd_ = *fd;
+    reader_key_ = key;
+  }
+  if (offset > meta.size_bytes()) return absl::OutOfRangeError("past the snapshot's end");
+  return ReadAt(reader_fd_, offset, std::min(max_bytes, meta.size_bytes() - offset), path);
+}
+
+void SnapshotFiles::Receive(const SnapshotMeta& meta, uint64_t offset, std::string_view data) {
+  const std::string path = absl::StrCat(dir_, "/", kIncomingName);
+  if (offset == 0) {
+    CloseIncoming();
+    incoming_meta_ = meta;
+    absl::StatusOr<int> fd = OpenFile(path, O_RDWR | O_CREAT | O_TRUNC);  // read to Seal
+    if (!fd.ok()) {
+      incoming_error_ = fd.status();
+      return;
+    }
+    incoming_fd_ = *fd;
+  }
+  if (!incoming_error_.ok()) return;
+  if (!incoming_meta_ || incoming_meta_->index() != meta.index() ||
+      incoming_meta_->checksum() != meta.checksum() || offset != incoming_bytes_) {
+    incoming_error_ = absl::InternalError("a snapshot chunk out of order reached the store");
+    return;
+  }
+  incoming_error_ = WriteAllAt(incoming_fd_, data, offset, path);
+  incoming_bytes_ += data.size();
+}
+
+absl::Status SnapshotFiles::Seal(const SnapshotMeta& meta) {
+  const std::string path = absl::StrCat(dir_, "/", kIncomingName);
+  absl::Status sealed = incoming_error_;
+  if (sealed.ok() && (!incoming_meta_ || incoming_meta_->index() != meta.index() ||
+                      incoming_meta_->checksum() != meta.checksum())) {
+    sealed = absl::FailedPreconditionError("no such snapshot image is being received");
+  }
+  if (sealed.ok()) sealed = CheckImage(incoming_fd_, path, meta);
+  if (sealed.ok() && fsync_) sealed = DataSync(incoming_fd_, path);
+  if (sealed.ok() && rename(path.c_str(), PathOf(meta).c_str()) != 0) {
+    sealed = OsError(errno, absl::StrCat("cannot rename ", path));
+  }
+  if (sealed.ok() && fsync_) sealed = SyncDirectory(dir_);
+  CloseIncoming();
+  if (!sealed.ok()) unlink(path.c_str());
+  return sealed;
+}
+
+void SnapshotFiles::Retain(const SnapshotMeta& meta) {
+  const std::string kept = PathOf(meta);
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, error)) {
+    const std::string path = entry.path().string();
+    if (path == kept || !path.ends_with(kImageSuffix)) continue;
+    CloseReader();  // it may be the one removed
+    if (unlink(path.c_str()) != 0) {
+      fprintf(stderr, "W cannot remove the old snapshot image %s: %s\n", path.c_str(),
+              strerror(errno));
+    }
+  }
+}
+
+absl::Status SnapshotFiles::Keep(const SnapshotMeta& meta, std::string_view image) {
+  const std::string path = absl::StrCat(dir_, "/", kOwnTempName);
+  absl::StatusOr<int> fd = OpenFile(path, O_WRONLY | O_CREAT | O_TRUNC);
+  if (!fd.ok()) return fd.status();
+  absl::Status kept = WriteAll(*fd, image, path);
+  if (kept.ok() && fsync_) kept = DataSync(*fd, path);
+  close(*fd);
+  if (kept.ok() && rename(path.c_str(), PathOf(meta).c_str()) != 0) {
+    kept = OsError(errno, absl::StrCat("cannot rename ", path));
+  }
+  if (kept.ok() && fsync_) kept = SyncDirectory(dir_);
+  if (!kept.ok()) unlink(path.c_str());
+  return kept;
+}
+
+absl::StatusOr<SnapshotMeta> SnapshotFiles::Write(uint64_t index, std::string_view image) {
+  SnapshotMeta meta = SnapshotMetaOf(index, image);
+  if (absl::Status kept = Keep(meta, image); !kept.ok()) return kept;
+  return meta;
+}
+
+absl::Status SnapshotFiles::Adopt(const SnapshotMeta& meta, std::string_view image) {
+  if (image.size() != meta.size_bytes() || SnapshotChecksum(image) != meta.checksum()) {
+    return absl::DataLossError("the snapshot's bytes do not match its checksum");
+  }
+  return Keep(meta, image);
+}
+
+absl::StatusOr<std::string> SnapshotFiles::ReadImage(const SnapshotMeta& meta) {
+  const std::string path = PathOf(meta);
+  absl::StatusOr<int> fd = OpenFile(path, O_RDONLY);
+  if (!fd.ok()) return fd.status();
+  absl::StatusOr<std::string> image = ReadAll(*fd, path);
+  close(*fd);
+  if (!image.ok()) return image.status();
+  if (image->size() != meta.size_bytes() || SnapshotChecksum(*image) != meta.checksum()) {
+    return absl::DataLossError(
+        absl::StrCat("the snapshot image ", path, " does not match its checksum"));
+  }
+  return image;
+}
+
+}  // namespace synod
