@@ -99,12 +99,13 @@ absl::Status LogStore::Recover() {
     if (ftruncate(log_fd_, static_cast<off_t>(log->valid_bytes)) != 0) {
       return OsError(errno, absl::StrCat("cannot truncate the torn tail of ", log_path_));
     }
-    if (options_.fsync) {
-      if (absl::Status synced = DataSync(log_fd_, log_path_); !synced.ok()) return synced;
-    }
   }
-  // The log may have just been created; its directory entry must be durable too.
+  // What was recovered is made durable before anything acts on it: after a process crash
+  // the file may hold written records the kernel never flushed, which the replica is about
+  // to rely on (and the host to delete snapshot images by). The log may also have just been
+  // created; its directory entry must be durable too.
   if (options_.fsync) {
+    if (absl::Status synced = DataSync(log_fd_, log_path_); !synced.ok()) return synced;
     if (absl::Status synced = SyncDirectory(dir_); !synced.ok()) return synced;
   }
   records_ = log->records;

@@ -52,10 +52,16 @@ absl::Status CheckImage(int fd, const std::string& path, const SnapshotMeta& met
 
 absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string dir, bool fsync) {
   std::error_code error;
-  std::filesystem::create_directories(dir, error);
+  const bool created = std::filesystem::create_directories(dir, error);
   if (error) {
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot create ", dir, ": ", error.message()));
+  }
+  if (created && fsync) {  // its entry in the data directory
+    const std::string parent = std::filesystem::path(dir).parent_path().string();
+    if (absl::Status synced = SyncDirectory(parent.empty() ? "." : parent); !synced.ok()) {
+      return synced;
+    }
   }
   // What a crash left half written: never named by the log.
   for (const char* name : {kIncomingName, kOwnTempName}) {
@@ -78,12 +84,6 @@ std::string SnapshotFiles::PathOf(const SnapshotMeta& meta) const {
                          kImageSuffix);
 }
 
-bool SnapshotFiles::Has(const SnapshotMeta& meta) const {
-  struct stat st;
-  return stat(PathOf(meta).c_str(), &st) == 0 &&
-         static_cast<uint64_t>(st.st_size) == meta.size_bytes();
-}
-
 void SnapshotFiles::CloseReader() {
   if (reader_fd_ >= 0) close(reader_fd_);
   reader_fd_ = -1;
@@ -95,6 +95,7 @@ void SnapshotFiles::CloseIncoming() {
   incoming_fd_ = -1;
   incoming_meta_.reset();
   incoming_bytes_ = 0;
+  incoming_checksum_.reset();
   incoming_error_ = absl::OkStatus();
 }
 
@@ -105,9 +106,7 @@ absl::StatusOr<std::string> SnapshotFiles::ReadChunk(const SnapshotMeta& meta, u
   if (reader_key_ != key) {
     CloseReader();
     absl::StatusOr<int> fd = OpenFile(path, O_RDONLY);
-    if (!fd.ok()) {
-      return errno == ENOENT ? absl::NotFoundError(fd.status().message()) : fd.status();
-    }
+    if (!fd.ok()) return fd.status();  // NotFound when there is no such image
     reader_fd_ = *fd;
     reader_key_ = key;
   }
@@ -126,6 +125,7 @@ void SnapshotFiles::Receive(const SnapshotMeta& meta, uint64_t offset, std::stri
       return;
     }
     incoming_fd_ = *fd;
+    incoming_checksum_.emplace(meta.size_bytes());
   }
   if (!incoming_error_.ok()) return;
   if (!incoming_meta_ || incoming_meta_->index() != meta.index() ||
@@ -135,6 +135,7 @@ void SnapshotFiles::Receive(const SnapshotMeta& meta, uint64_t offset, std::stri
   }
   incoming_error_ = WriteAllAt(incoming_fd_, data, offset, path);
   incoming_bytes_ += data.size();
+  incoming_checksum_->Add(data);  // checked at Seal, without reading the file back
 }
 
 absl::Status SnapshotFiles::Seal(const SnapshotMeta& meta) {
@@ -144,7 +145,10 @@ absl::Status SnapshotFiles::Seal(const SnapshotMeta& meta) {
                       incoming_meta_->checksum() != meta.checksum())) {
     sealed = absl::FailedPreconditionError("no such snapshot image is being received");
   }
-  if (sealed.ok()) sealed = CheckImage(incoming_fd_, path, meta);
+  if (sealed.ok() &&
+      (incoming_bytes_ != meta.size_bytes() || incoming_checksum_->value() != meta.checksum())) {
+    sealed = absl::DataLossError("the snapshot's bytes do not match its checksum");
+  }
   if (sealed.ok() && fsync_) sealed = DataSync(incoming_fd_, path);
   if (sealed.ok() && rename(path.c_str(), PathOf(meta).c_str()) != 0) {
     sealed = OsError(errno, absl::StrCat("cannot rename ", path));
@@ -156,16 +160,21 @@ absl::Status SnapshotFiles::Seal(const SnapshotMeta& meta) {
 }
 
 void SnapshotFiles::Retain(const SnapshotMeta& meta) {
-  const std::string kept = PathOf(meta);
+  const std::string kept = std::filesystem::path(PathOf(meta)).filename().string();
   std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(dir_, error)) {
-    const std::string path = entry.path().string();
-    if (path == kept || !path.ends_with(kImageSuffix)) continue;
+  std::filesystem::directory_iterator it(dir_, error);
+  for (; !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    if (name == kept || !name.ends_with(kImageSuffix)) continue;
     CloseReader();  // it may be the one removed
-    if (unlink(path.c_str()) != 0) {
-      fprintf(stderr, "W cannot remove the old snapshot image %s: %s\n", path.c_str(),
+    if (unlink(it->path().c_str()) != 0) {
+      fprintf(stderr, "W cannot remove the old snapshot image %s: %s\n", it->path().c_str(),
               strerror(errno));
     }
+  }
+  if (error) {
+    fprintf(stderr, "W cannot list %s to remove old snapshot images: %s\n", dir_.c_str(),
+            error.message().c_str());
   }
 }
 
@@ -195,6 +204,15 @@ absl::Status SnapshotFiles::Adopt(const SnapshotMeta& meta, std::string_view ima
     return absl::DataLossError("the snapshot's bytes do not match its checksum");
   }
   return Keep(meta, image);
+}
+
+absl::Status SnapshotFiles::Verify(const SnapshotMeta& meta) {
+  const std::string path = PathOf(meta);
+  absl::StatusOr<int> fd = OpenFile(path, O_RDONLY);
+  if (!fd.ok()) return fd.status();
+  absl::Status checked = CheckImage(*fd, path, meta);
+  close(*fd);
+  return checked;
 }
 
 absl::StatusOr<std::string> SnapshotFiles::ReadImage(const SnapshotMeta& meta) {

@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/driver.h"
+#include "core/replica.h"
 
 namespace synod {
 
@@ -44,7 +45,8 @@ class SnapshotFiles : public SnapshotStore {
   absl::StatusOr<SnapshotMeta> Write(uint64_t index, std::string_view image);
   // Keeps `image` under `meta` as given (the image a log of an older version held).
   absl::Status Adopt(const SnapshotMeta& meta, std::string_view image);
-  bool Has(const SnapshotMeta& meta) const;
+  // Whether the image file `meta` names is whole: its size and checksum (read in pieces).
+  absl::Status Verify(const SnapshotMeta& meta);
   // The whole image, checked against its checksum.
   absl::StatusOr<std::string> ReadImage(const SnapshotMeta& meta);
   std::string PathOf(const SnapshotMeta& meta) const;
@@ -68,6 +70,7 @@ class SnapshotFiles : public SnapshotStore {
   std::optional<SnapshotMeta> incoming_meta_;
   int incoming_fd_ = -1;
   uint64_t incoming_bytes_ = 0;
+  std::optional<SnapshotChecksummer> incoming_checksum_;  // of the bytes written so far
   absl::Status incoming_error_;  // a chunk that could not be written: Seal fails
 };
 

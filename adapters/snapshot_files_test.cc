@@ -64,7 +64,7 @@ TEST_F(SnapshotFilesTest, AnOwnImageIsKeptUnderItsIndexAndChecksumAndReadInChunk
   EXPECT_EQ(meta->index(), 7u);
   EXPECT_EQ(meta->size_bytes(), image.size());
   EXPECT_EQ(meta->checksum(), SnapshotChecksum(image));
-  EXPECT_TRUE(files_->Has(*meta));
+  EXPECT_TRUE(files_->Verify(*meta).ok());
   EXPECT_EQ(Files(), std::vector<std::string>{fs::path(files_->PathOf(*meta)).filename()});
   EXPECT_EQ(*files_->ReadChunk(*meta, 0, 8), "the imag");
   EXPECT_EQ(*files_->ReadChunk(*meta, 16, 100), "ision 7") << "short only at the end";
@@ -72,7 +72,7 @@ TEST_F(SnapshotFilesTest, AnOwnImageIsKeptUnderItsIndexAndChecksumAndReadInChunk
   SnapshotMeta other = *meta;
   other.set_checksum(other.checksum() + 1);
   EXPECT_TRUE(absl::IsNotFound(files_->ReadChunk(other, 0, 8).status()));
-  EXPECT_FALSE(files_->Has(other));
+  EXPECT_FALSE(files_->Verify(other).ok());
 }
 
 TEST_F(SnapshotFilesTest, AnImageReceivedInChunksIsKeptOnlyWhenItsBytesMatchItsChecksum) {
@@ -89,7 +89,7 @@ TEST_F(SnapshotFilesTest, AnImageReceivedInChunksIsKeptOnlyWhenItsBytesMatchItsC
   files_->Receive(other_meta, 5'000, image.substr(5'000));
   absl::Status sealed = files_->Seal(other_meta);
   EXPECT_TRUE(absl::IsDataLoss(sealed)) << sealed;
-  EXPECT_FALSE(files_->Has(other_meta));
+  EXPECT_FALSE(files_->Verify(other_meta).ok());
   EXPECT_EQ(Files().size(), 1u) << "a refused image left a file behind";
 
   // Sealing what is not being received fails too.
@@ -113,11 +113,11 @@ TEST_F(SnapshotFilesTest, RetainRemovesEveryOtherImageButNotOneBeingReceived) {
   const SnapshotMeta incoming = SnapshotMetaOf(9, "nine");
   files_->Receive(incoming, 0, "ni");
   files_->Retain(*new_meta);
-  EXPECT_FALSE(files_->Has(*old_meta));
-  EXPECT_TRUE(files_->Has(*new_meta));
+  EXPECT_FALSE(files_->Verify(*old_meta).ok());
+  EXPECT_TRUE(files_->Verify(*new_meta).ok());
   files_->Receive(incoming, 2, "ne");
   EXPECT_TRUE(files_->Seal(incoming).ok());
-  EXPECT_TRUE(files_->Has(incoming));
+  EXPECT_TRUE(files_->Verify(incoming).ok());
 }
 
 TEST_F(SnapshotFilesTest, WhatACrashLeftHalfWrittenIsRemovedAtOpen) {
@@ -144,6 +144,7 @@ TEST_F(SnapshotFilesTest, ADamagedImageFileIsNotReadAsTheImage) {
   ASSERT_TRUE(meta.ok());
   std::ofstream(files_->PathOf(*meta), std::ios::binary | std::ios::trunc) << "fouR";
   EXPECT_TRUE(absl::IsDataLoss(files_->ReadImage(*meta).status()));
+  EXPECT_TRUE(absl::IsDataLoss(files_->Verify(*meta)));
 }
 
 }  // namespace

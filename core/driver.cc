@@ -10,6 +10,10 @@
 namespace synod {
 namespace {
 
+bool SameImage(const SnapshotMeta& a, const SnapshotMeta& b) {
+  return a.index() == b.index() && a.checksum() == b.checksum();
+}
+
 bool NeedsStorage(const Ready& ready) {
   // must_sync alone (a learned value written by an earlier Ready, to sync before it is
   // applied) is a sync with nothing new to write.
@@ -100,12 +104,17 @@ void HostDriver::Drain() {
     // 0. The chunks of a snapshot a peer sends go to the store as they come. A snapshot from
     //    a peer is sealed (its checksum checked) and checked whole before anything of this
     //    Ready is kept: persisted, a bad one would stop this replica from starting again.
+    //    The image is sealed as soon as its last chunk is in: chunks of a newer image may
+    //    follow it in the same Ready (its sender compacted again meanwhile).
+    absl::Status valid;
     for (SnapshotChunk& chunk : ready.snapshot_chunks) {
       snapshots_->Receive(chunk.meta(), chunk.offset(), chunk.data());
+      if (chunk.last() && ready.snapshot && SameImage(chunk.meta(), ready.snapshot->meta)) {
+        valid = snapshots_->Seal(ready.snapshot->meta);
+      }
     }
     ready.snapshot_chunks.clear();
     if (ready.snapshot) {
-      absl::Status valid = snapshots_->Seal(ready.snapshot->meta);
       if (valid.ok()) valid = state_->CheckSnapshot(*ready.snapshot);
       if (!valid.ok()) {
         ++counters_.snapshots_refused;

@@ -333,17 +333,42 @@ TEST(Driver, ASnapshotFromAPeerGoesToTheStoreAndIsInstalledOnceSealed) {
   EXPECT_TRUE(host.refused.empty());
 }
 
-// The sender restarted between two chunks with another image at the same index and of the
-// same size, and its second chunk names the first image: the bytes do not match the
-// checksum, and the image is refused whole before anything of it is persisted.
-TEST(Driver, ASnapshotSplicedFromTwoImagesIsRefusedWholeNeverPersisted) {
+// The last chunk of one image and the first of a newer one (its sender compacted again)
+// reach the driver in one Ready: the first image is sealed before the second starts over.
+TEST(Driver, AnImageIsSealedBeforeTheNextImageStartsInTheSameReady) {
+  FakeHost host;
+  const SnapshotMeta first = SnapshotMetaOf(10, "abcdefgh");
+  const SnapshotMeta second = SnapshotMetaOf(20, "ABCDEFGHIJKL");
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
+  driver->replica().Step(ChunkTo2(first, 0, "abcd"));
+  driver->Drain();
+  // The replica still wants more than the first image holds.
+  Message heartbeat = To2(1, 20);
+  heartbeat.mutable_heartbeat()->set_read_context(2);
+  driver->replica().Step(heartbeat);
+  driver->replica().Step(ChunkTo2(first, 4, "efgh"));
+  Message next = ChunkTo2(second, 0, "ABCD");
+  next.set_commit_index(20);
+  driver->replica().Step(next);
+  driver->Drain();
+  EXPECT_TRUE(host.refused.empty()) << host.refused[0];
+  ASSERT_EQ(host.installed.size(), 1u);
+  EXPECT_EQ(host.installed[0].index(), 10u);
+  EXPECT_NE(host.store.Find(first), nullptr);
+}
+
+// The replica checked the bytes it received against the checksum, but the store's copy is
+// damaged (a write that went wrong): sealing fails, and the image is refused whole before
+// anything of it is persisted.
+TEST(Driver, AnImageTheStoreCannotSealIsRefusedWholeNeverPersisted) {
   FakeHost host;
   const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
   std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
   const size_t persisted_before = host.persisted.size();
   driver->replica().Step(ChunkTo2(meta, 0, "abcd"));
   driver->Drain();
-  driver->replica().Step(ChunkTo2(meta, 4, "WXYZ"));
+  host.store.Receive(meta, 0, "abcX");  // the store's partial image, damaged
+  driver->replica().Step(ChunkTo2(meta, 4, "efgh"));
   driver->Drain();
   ASSERT_EQ(host.refused.size(), 1u);
   EXPECT_TRUE(absl::IsDataLoss(host.refused[0])) << host.refused[0];

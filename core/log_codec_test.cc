@@ -1,7 +1,8 @@
-#include "core/driver.h"
 #include "core/log_codec.h"
 
 #include <gtest/gtest.h>
+
+#include "core/driver.h"
 
 namespace synod {
 namespace {

@@ -582,6 +582,7 @@ void Replica::Tick() {
   if (incoming_snapshot_meta_ && incoming_snapshot_meta_->index() <= commit_index_) {
     incoming_snapshot_meta_.reset();  // caught up otherwise: nothing in it is missing now
     incoming_snapshot_bytes_ = 0;
+    incoming_snapshot_checksum_.reset();
     snapshot_resume_sent_ = false;
   }
   MaybeRequeueForwardedWrites();
@@ -1035,9 +1036,23 @@ void Replica::StepSnapshotChunk(const Message& m) {
     incoming_snapshot_meta_ = meta;
     incoming_snapshot_from_ = m.from();
     incoming_snapshot_bytes_ = 0;
+    incoming_snapshot_checksum_.emplace(meta.size_bytes());
   }
   SYNOD_CHECK_EQ(chunk.offset(), incoming_snapshot_bytes_);
   incoming_snapshot_bytes_ += chunk.data().size();
+  incoming_snapshot_checksum_->Add(chunk.data());
+  // The whole image must be the one its meta names before anything of it is kept: bytes
+  // damaged on the way, or a sender whose image file is damaged, fail the checksum. The
+  // transfer is dropped whole (the store never seals it) and another peer is asked.
+  if (chunk.last() && incoming_snapshot_checksum_->value() != meta.checksum()) {
+    ++rejected_message_count_;
+    last_rejection_ = "a snapshot whose bytes do not match its checksum";
+    incoming_snapshot_meta_.reset();
+    incoming_snapshot_bytes_ = 0;
+    incoming_snapshot_checksum_.reset();
+    snapshot_resume_sent_ = true;  // the next stall asks another peer, from the start
+    return;
+  }
   pending_.snapshot_chunks.push_back(chunk);  // for the host's snapshot store
   Message ack = NewMessage(m.from());
   ack.mutable_snapshot_ack()->set_index(meta.index());
@@ -1045,11 +1060,9 @@ void Replica::StepSnapshotChunk(const Message& m) {
   ack.mutable_snapshot_ack()->set_checksum(meta.checksum());
   if (!chunk.last()) return Send(std::move(ack));
   SYNOD_CHECK_EQ(incoming_snapshot_bytes_, meta.size_bytes());
-  // The whole image must be the one its meta names before anything of it is kept: the host
-  // seals it in its store (pieces of two images, from a sender that restarted with another
-  // image at the same index and size between two chunks, or damaged bytes fail the
-  // checksum) and checks it before this Ready persists anything, or refuses it whole
-  // (HostDriver).
+  // The host seals the image in its store (checked against the checksum once more, as
+  // written) and checks its content before this Ready persists anything, or refuses it
+  // whole (HostDriver).
   Send(std::move(ack));
   // A new leader catches up to the highest commit index its promisers reported, which may
   // take a snapshot: it proposed nothing up to there, so it leads on. A snapshot that
@@ -1066,6 +1079,7 @@ void Replica::StepSnapshotChunk(const Message& m) {
   snapshot_meta_ = meta;
   incoming_snapshot_meta_.reset();
   incoming_snapshot_bytes_ = 0;
+  incoming_snapshot_checksum_.reset();
   commit_index_ = meta.index();
   handed_out_index_ = meta.index();
   AdvanceCommitIndex();

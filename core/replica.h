@@ -412,7 +412,8 @@ class Replica {
   // meta and bytes so far (at least one, fewer than the snapshot's size).
   std::optional<SnapshotMeta> incoming_snapshot_meta_;
   uint32_t incoming_snapshot_from_ = 0;
-  uint64_t incoming_snapshot_bytes_ = 0;  // received so far
+  uint64_t incoming_snapshot_bytes_ = 0;                           // received so far
+  std::optional<SnapshotChecksummer> incoming_snapshot_checksum_;  // of the bytes so far
   // The transfer stalled and its sender was asked again for the rest; no chunk has come
   // since. The next stall moves on to another peer.
   bool snapshot_resume_sent_ = false;

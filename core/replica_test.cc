@@ -959,11 +959,10 @@ TEST(Sanity, TakesSnapshotChunksOnlyFromThePeerAskedAndInOrder) {
   EXPECT_EQ(r.Status().rejected_message_count, 7u);
 }
 
-TEST(Sanity, AChunkOfAnotherImageAtTheSameIndexDoesNotContinueATransfer) {
+TEST(Sanity, ASnapshotSplicedFromTwoImagesIsDroppedWholeNeverInstalled) {
   // The sender restarted between two chunks with another image at the same index and of the
   // same size. Its checksum names it: a chunk of it does not continue the transfer of the
-  // first. (A sender that names one image and sends bytes of another is caught by the host,
-  // which seals the image against its checksum: HostDriver, driver_test.)
+  // first, and an image whose bytes do not match the checksum its chunks named is dropped.
   const std::string other = "abcdWXYZ";
   Replica r(ConfigFor(2), PersistedState(), 1);
   AskForSnapshot(r, 1, /*commit=*/10);
@@ -972,7 +971,16 @@ TEST(Sanity, AChunkOfAnotherImageAtTheSameIndexDoesNotContinueATransfer) {
   ExpectDropped(r, Chunk(1, 2, 10, 8, 4, "WXYZ", true, SnapshotChecksum(other)),
                 "no transfer under way");
   ExpectDropped(r, Chunk(1, 2, 10, 8, 0, "abcd", false, 0), "no checksum");
+
+  // A sender that names one image and sends bytes of another (its image file is damaged).
+  r.Step(Chunk(1, 2, 10, 8, 4, "WXYZ", true));
+  Ready ready = r.GetReady();
+  EXPECT_FALSE(ready.snapshot.has_value()) << "a spliced image reached the host";
+  EXPECT_TRUE(ready.snapshot_chunks.empty()) << "its last chunk went to the store";
+  EXPECT_EQ(ready.compacted_through, 0u);
+  r.Advance(ready);
   EXPECT_EQ(r.commit_index(), 0u);
+  EXPECT_EQ(r.Status().last_rejection, "a snapshot whose bytes do not match its checksum");
 }
 
 TEST(Sanity, AResumeOfAnotherImageAtTheSameIndexStartsOver) {

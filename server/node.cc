@@ -242,12 +242,16 @@ absl::Status Node::Start() {
   snapshots_ = std::move(*snapshots);
   if (absl::Status moved = MoveSnapshotOutOfLog(*store); !moved.ok()) return moved;
   PersistedState state = std::move(store->recovered());
-  if (state.snapshot_meta.index() > 0 && !snapshots_->Has(state.snapshot_meta)) {
-    return absl::DataLossError(absl::StrCat(
-        "the log names the snapshot at revision ", state.snapshot_meta.index(), ", but ",
-        snapshots_->PathOf(state.snapshot_meta),
-        " is missing or of the wrong size: replace this replica (docs/operations.md)"));
+  if (state.snapshot_meta.index() > 0) {
+    if (absl::Status whole = snapshots_->Verify(state.snapshot_meta); !whole.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("the log names the snapshot at revision ", state.snapshot_meta.index(),
+                       ", whose image is missing or damaged (", whole.message(),
+                       "): replace this replica (docs/operations.md)"));
+    }
   }
+  // Images no durable record names (one written or received just before a crash) go.
+  snapshots_->Retain(state.snapshot_meta);
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
     absl::StatusOr<std::string> image = snapshots_->ReadImage(state.snapshot_meta);
@@ -474,7 +478,7 @@ void Node::ApplyQueued(bool all) {
 void Node::RefuseSnapshot(const absl::Status& why) {
   ++counters_.snapshots_refused;
   fprintf(stderr,
-          "E refused a snapshot from a peer (%s): nothing of it was kept; the replica restarts "
+          "E refused a snapshot from a peer (%s): nothing of it was recorded; the replica restarts "
           "from its log and asks again\n",
           why.ToString().c_str());
   // The replica already counts the snapshot as installed (its log below it is gone from
@@ -547,10 +551,10 @@ void Node::MaybeCompact() {
     return;
   }
   absl::StatusOr<std::string> snapshot = sm_->Snapshot();
+  if (absl::IsFailedPrecondition(snapshot.status())) return;  // an entry is half applied
   absl::StatusOr<SnapshotMeta> meta =
       snapshot.ok() ? snapshots_->Write(sm_->revision(), *snapshot) : snapshot.status();
   if (!meta.ok()) {
-    if (absl::IsFailedPrecondition(meta.status())) return;  // an entry is half applied
     // The log keeps growing until a snapshot can be taken: tried again after as many
     // entries as between snapshots, not at every entry.
     next_snapshot_attempt_ = sm_->revision() + options_.snapshot_every_entries;

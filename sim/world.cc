@@ -682,8 +682,8 @@ class World::HostSide : public LogStorage,
     return StateMachine::CheckSnapshot(*image, snapshot.meta.index());
   }
   // As the server does: the replica is rebuilt from what its log holds (a restart without
-  // the crash). A sender that restarted with another image at the same index mid-transfer
-  // leaves a spliced one, refused here.
+  // the crash). The simulator's peers send whole, correct images, and the replica checks
+  // their bytes as they come, so a refusal here means the driver or the store is wrong.
   void RefuseSnapshot(const absl::Status& why) override {
     w_->Trace(absl::StrCat("replica ", h_->id, " refuses a snapshot: ", why.ToString()));
     h_->disk.Sync();

@@ -125,8 +125,10 @@ class Cluster::Host : public LogStorage,
   void Advanced() override {
     Node& n = node();
     const uint64_t every = cluster_->compact_every_;
-    if (every > 0 && n.app_index >= n.driver->last_snapshot_index() + every) {
-      n.driver->Compact(n.snapshots.Add(n.app_index, EncodeApp(n.app_index, n.app_hash)));
+    if (every > 0 && n.app_index >= n.driver->last_snapshot_index() + every &&
+        n.driver->CanCompact(n.app_index)) {
+      SYNOD_CHECK(
+          n.driver->Compact(n.snapshots.Add(n.app_index, EncodeApp(n.app_index, n.app_hash))));
     }
   }
 
