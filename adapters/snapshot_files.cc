@@ -23,6 +23,7 @@ namespace {
 constexpr char kImageSuffix[] = ".snap";
 constexpr char kIncomingName[] = "incoming.part";
 constexpr char kOwnTempName[] = "own.tmp";
+constexpr char kStageName[] = "stage";
 // Images are read back in pieces of this size to check them (memory stays bounded).
 constexpr uint64_t kCheckBlockBytes = 1 << 20;
 
@@ -64,6 +65,12 @@ absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string d
     }
   }
   // What a crash left half written: never named by the log.
+  std::filesystem::remove_all(absl::StrCat(dir, "/", kStageName), error);
+  if (error) {
+    return absl::Status(
+        absl::ErrnoToStatusCode(error.value()),
+        absl::StrCat("cannot remove ", dir, "/", kStageName, ": ", error.message()));
+  }
   for (const char* name : {kIncomingName, kOwnTempName}) {
     std::filesystem::remove(absl::StrCat(dir, "/", name), error);
     if (error) {
@@ -204,6 +211,30 @@ absl::Status SnapshotFiles::Adopt(const SnapshotMeta& meta, std::string_view ima
     return absl::DataLossError("the snapshot's bytes do not match its checksum");
   }
   return Keep(meta, image);
+}
+
+std::string SnapshotFiles::OwnTempPath() const { return absl::StrCat(dir_, "/", kOwnTempName); }
+
+absl::Status SnapshotFiles::Publish(const SnapshotMeta& meta) {
+  const std::string path = OwnTempPath();
+  if (rename(path.c_str(), PathOf(meta).c_str()) != 0) {
+    return OsError(errno, absl::StrCat("cannot rename ", path));
+  }
+  return fsync_ ? SyncDirectory(dir_) : absl::OkStatus();
+}
+
+void SnapshotFiles::Discard() { unlink(OwnTempPath().c_str()); }
+
+absl::StatusOr<std::string> SnapshotFiles::EmptyStageDir(std::string_view name) {
+  const std::string stage = absl::StrCat(dir_, "/", kStageName, "/", std::string(name));
+  std::error_code error;
+  std::filesystem::remove_all(stage, error);
+  if (!error) std::filesystem::create_directories(stage, error);
+  if (error) {
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat("cannot empty ", stage, ": ", error.message()));
+  }
+  return stage;
 }
 
 absl::Status SnapshotFiles::Verify(const SnapshotMeta& meta) {

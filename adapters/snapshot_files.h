@@ -49,6 +49,16 @@ class SnapshotFiles : public SnapshotStore {
   absl::Status Verify(const SnapshotMeta& meta);
   // The whole image, checked against its checksum.
   absl::StatusOr<std::string> ReadImage(const SnapshotMeta& meta);
+
+  // The host's own snapshot, written in pieces (adapters/snapshot_image.h): to
+  // OwnTempPath(), synced, then Publish()ed under its metadata (a rename, and the directory
+  // synced); or Discard()ed.
+  std::string OwnTempPath() const;
+  absl::Status Publish(const SnapshotMeta& meta);
+  void Discard();
+  // A directory (`name`: one per use) for the databases of an image being unpacked or
+  // built, emptied of what an earlier use (or a crash) left in it.
+  absl::StatusOr<std::string> EmptyStageDir(std::string_view name);
   std::string PathOf(const SnapshotMeta& meta) const;
 
  private:

@@ -707,16 +707,15 @@ absl::Status CheckStatementPolicy(sqlite3* db, const Statement& statement) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Db> LoadImage(std::string_view image) {
+absl::Status CheckImageHeader(std::string_view header) {
   constexpr std::string_view kMagic("SQLite format 3\0", 16);
-  constexpr size_t kHeaderBytes = 100;
-  if (image.size() < kHeaderBytes || image.substr(0, kMagic.size()) != kMagic) {
+  if (header.size() < kImageHeaderBytes || header.substr(0, kMagic.size()) != kMagic) {
     return absl::InvalidArgumentError("not an SQLite database: the SQLite header is missing");
   }
   // Backup (CopyDatabase) cannot change the page size of an in-memory or WAL destination.
   // The header holds it big-endian at offset 16, with 1 meaning 65536.
   int page_size =
-      static_cast<unsigned char>(image[16]) << 8 | static_cast<unsigned char>(image[17]);
+      static_cast<unsigned char>(header[16]) << 8 | static_cast<unsigned char>(header[17]);
   if (page_size != kPageSizeBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the database uses ", page_size == 1 ? 65536 : page_size, "-byte pages; only ",
@@ -724,40 +723,37 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
         "; VACUUM;)"));
   }
   for (size_t offset : {18, 19}) {
-    if (image[offset] != 1 && image[offset] != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unsupported SQLite file format version ", static_cast<int>(image[offset])));
+    if (header[offset] != 1 && header[offset] != 2) {
+      return absl::InvalidArgumentError(absl::StrCat("unsupported SQLite file format version ",
+                                                     static_cast<int>(header[offset])));
     }
   }
-  Db scratch = OpenScratch();
-  auto* copy = static_cast<unsigned char*>(sqlite3_malloc64(image.size()));
-  SYNOD_CHECK(copy != nullptr) << "out of memory for an image of " << image.size() << " bytes";
-  std::memcpy(copy, image.data(), image.size());
+  return absl::OkStatus();
+}
+
+void NormalizeImageHeader(char* header) {
   // Header bytes 18 and 19 are the file format versions for reading and writing: 1 means
   // rollback journal, 2 WAL; anything higher would leave the database read-only.
   for (size_t offset : {18, 19}) {
-    if (copy[offset] == 2) copy[offset] = 1;
+    if (header[offset] == 2) header[offset] = 1;
   }
-  int rc = sqlite3_deserialize(scratch.get(), "main", copy, image.size(), image.size(),
-                               SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE);
-  if (rc != SQLITE_OK) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
-  }
+}
+
+absl::Status CheckImageContent(sqlite3* db) {
   sqlite3_stmt* raw = nullptr;
   // CHECK constraints are not judged here: this connection's random(), changes() and
   // last_insert_rowid() are not those of the writes that stored the rows, so a constraint
   // calling them could pass on one replica (or at one try) and fail on another. A
   // constraint binds the writes made after the image is installed.
-  MustExec(scratch.get(), "PRAGMA ignore_check_constraints = ON");
+  MustExec(db, "PRAGMA ignore_check_constraints = ON");
   // integrity_check, not quick_check: an index that disagrees with its table would
   // otherwise fail a later statement with SQLITE_CORRUPT on every replica.
-  rc = sqlite3_prepare_v2(scratch.get(), "PRAGMA integrity_check", -1, &raw, nullptr);
+  int rc = sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &raw, nullptr);
   Stmt check(raw);
   if (rc == SQLITE_OK) rc = sqlite3_step(check.get());
   if (rc != SQLITE_ROW) {
     return absl::InvalidArgumentError(
-        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
+        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(db))));
   }
   std::string verdict = ColumnString(check.get(), 0);
   if (verdict != "ok") {
@@ -765,7 +761,23 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
         absl::StrCat("corrupt SQLite database: ", ValidUtf8(verdict)));
   }
   check.reset();
-  if (absl::Status checked = CheckVirtualTables(scratch.get()); !checked.ok()) return checked;
+  return CheckVirtualTables(db);
+}
+
+absl::StatusOr<Db> LoadImage(std::string_view image) {
+  if (absl::Status header = CheckImageHeader(image); !header.ok()) return header;
+  Db scratch = OpenScratch();
+  auto* copy = static_cast<unsigned char*>(sqlite3_malloc64(image.size()));
+  SYNOD_CHECK(copy != nullptr) << "out of memory for an image of " << image.size() << " bytes";
+  std::memcpy(copy, image.data(), image.size());
+  NormalizeImageHeader(reinterpret_cast<char*>(copy));
+  int rc = sqlite3_deserialize(scratch.get(), "main", copy, image.size(), image.size(),
+                               SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE);
+  if (rc != SQLITE_OK) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a valid SQLite database: ", ValidUtf8(sqlite3_errmsg(scratch.get()))));
+  }
+  if (absl::Status checked = CheckImageContent(scratch.get()); !checked.ok()) return checked;
   return scratch;
 }
 

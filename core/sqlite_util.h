@@ -140,9 +140,20 @@ absl::StatusOr<StatementResult> RunUserStatement(sqlite3* db, const Statement& s
 absl::Status CheckStatementPolicy(sqlite3* db, const Statement& statement);
 
 // Loads a .sqlite3 file image into a scratch database, checking that it is one (header,
-// page size kPageSizeBytes, PRAGMA quick_check). A WAL-mode image is read in rollback mode:
-// an uploaded image has no -wal file beside it. InvalidArgument if it is not a valid image.
+// page size kPageSizeBytes, PRAGMA integrity_check, virtual tables). A WAL-mode image is
+// read in rollback mode: an uploaded image has no -wal file beside it. InvalidArgument if it
+// is not a valid image.
 absl::StatusOr<Db> LoadImage(std::string_view image);
+
+// The pieces of LoadImage, for an image read from a file in pieces: the first
+// kImageHeaderBytes bytes are an SQLite header of a supported page size and format
+// (InvalidArgument if not); NormalizeImageHeader marks a WAL-mode image as a rollback one
+// (in place); CheckImageContent checks the database opened from the image (integrity,
+// virtual tables).
+inline constexpr size_t kImageHeaderBytes = 100;
+absl::Status CheckImageHeader(std::string_view header);
+void NormalizeImageHeader(char* header);
+absl::Status CheckImageContent(sqlite3* db);
 
 // Replaces the content of `to` with that of `from`. REQUIRES: same page size.
 void CopyDatabase(sqlite3* from, sqlite3* to);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/check.h"
 #include "core/deterministic_sqlite.h"
+#include "core/snapshot_format.h"
 #include "core/sql_guards.h"
 #include "core/sqlite_util.h"
 #include "core/stable_hash.h"
@@ -96,21 +97,11 @@ constexpr char kSystemSchema[] = R"sql(
     revision INTEGER NOT NULL) WITHOUT ROWID;
 )sql";
 
-// Snapshot framing: a magic string, then for each database its file id and image, each
-// length-prefixed (u64, little-endian), then a StableHash of everything before it.
-constexpr std::string_view kSnapshotMagic = "SYNODSS1";
-
-void AppendU64(std::string* out, uint64_t value) {
-  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>(value >> (8 * i)));
-}
-
+// Snapshot framing: core/snapshot_format.h.
 bool ReadU64(std::string_view* in, uint64_t* value) {
-  if (in->size() < 8) return false;
-  *value = 0;
-  for (int i = 0; i < 8; ++i) {
-    *value |= static_cast<uint64_t>(static_cast<unsigned char>((*in)[i])) << (8 * i);
-  }
-  in->remove_prefix(8);
+  if (in->size() < kSnapshotU64Bytes) return false;
+  *value = DecodeSnapshotU64(*in);
+  in->remove_prefix(kSnapshotU64Bytes);
   return true;
 }
 
@@ -204,7 +195,7 @@ std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql) {
 // (it stops the process instead): the exact schema of its own tables, one position per
 // database no further than one entry ahead of the system's, and the session bound. A peer's
 // snapshot that passes is one this replica can restore and start from.
-absl::Status CheckSnapshotImages(const std::map<std::string, Db, std::less<>>& images) {
+absl::Status CheckImagesFormAState(const SnapshotImages& images) {
   auto system = images.find(kSystemFileId);
   if (system == images.end() || OwnSchema(system->second.get()) != OwnSchemaOf(kSystemSchema)) {
     return absl::InvalidArgumentError("the snapshot has no system database of this version");
@@ -907,9 +898,7 @@ absl::StatusOr<std::string> StateMachine::Snapshot(uint64_t max_bytes) {
   auto append = [&snapshot](std::string_view file_id, sqlite3* db) -> absl::Status {
     absl::StatusOr<std::string> image = SerializeDatabase(db);
     if (!image.ok()) return image.status();
-    AppendU64(&snapshot, file_id.size());
-    snapshot.append(file_id);
-    AppendU64(&snapshot, image->size());
+    snapshot += SnapshotFrameHeader(file_id, image->size());
     snapshot.append(*image);
     return absl::OkStatus();
   };
@@ -924,13 +913,11 @@ absl::StatusOr<std::string> StateMachine::Snapshot(uint64_t max_bytes) {
   }
   StableHash checksum;
   checksum.Add(snapshot);
-  AppendU64(&snapshot, checksum.value());
+  AppendSnapshotU64(&snapshot, checksum.value());
   return snapshot;
 }
 
 namespace {
-
-using SnapshotImages = std::map<std::string, Db, std::less<>>;  // by file id
 
 // Decodes and checks a whole snapshot (framing, checksum, every image, the catalog).
 absl::StatusOr<SnapshotImages> LoadSnapshot(std::string_view snapshot) {
@@ -948,17 +935,15 @@ absl::StatusOr<SnapshotImages> LoadSnapshot(std::string_view snapshot) {
           absl::StrCat("snapshot holds database ", ToAbsl(file_id), " twice"));
     }
   }
-  if (absl::Status checked = CheckSnapshotImages(images); !checked.ok()) return checked;
   return images;
 }
 
 }  // namespace
 
-absl::Status StateMachine::CheckSnapshot(std::string_view snapshot, uint64_t revision) {
-  absl::StatusOr<SnapshotImages> images = LoadSnapshot(snapshot);
-  if (!images.ok()) return images.status();
-  Stmt stmt = MustPrepare(images->at(kSystemFileId).get(), "SELECT revision FROM _synod_revision");
-  SYNOD_CHECK(MustStep(stmt.get()));  // CheckSnapshotImages found the row
+absl::Status StateMachine::CheckSnapshotImages(const SnapshotImages& images, uint64_t revision) {
+  if (absl::Status whole = CheckImagesFormAState(images); !whole.ok()) return whole;
+  Stmt stmt = MustPrepare(images.at(kSystemFileId).get(), "SELECT revision FROM _synod_revision");
+  SYNOD_CHECK(MustStep(stmt.get()));  // CheckImagesFormAState found the row
   uint64_t held = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 0));
   if (held != revision) {
     return absl::InvalidArgumentError(
@@ -967,11 +952,49 @@ absl::Status StateMachine::CheckSnapshot(std::string_view snapshot, uint64_t rev
   return absl::OkStatus();
 }
 
+absl::Status StateMachine::CheckSnapshot(std::string_view snapshot, uint64_t revision) {
+  absl::StatusOr<SnapshotImages> images = LoadSnapshot(snapshot);
+  if (!images.ok()) return images.status();
+  return CheckSnapshotImages(*images, revision);
+}
+
 absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   // Check everything before changing anything.
   absl::StatusOr<SnapshotImages> loaded = LoadSnapshot(snapshot);
   if (!loaded.ok()) return loaded.status();
-  SnapshotImages& images = *loaded;
+  if (absl::Status whole = CheckImagesFormAState(*loaded); !whole.ok()) return whole;
+  return RestoreSnapshotImages(*loaded);
+}
+
+absl::StatusOr<SnapshotView> StateMachine::OpenSnapshotView() {
+  if (impl_->mid_entry) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("slot ", impl_->revision + 1, " is half applied; apply it first"));
+  }
+  if (!impl_->opener->ReadersKeepTransactions()) {
+    return absl::UnimplementedError("these databases cannot be read beside their writer");
+  }
+  SnapshotView view;
+  view.revision = impl_->revision;
+  std::vector<std::string> file_ids{std::string(kSystemFileId)};
+  for (const auto& [name, db] : impl_->databases) file_ids.push_back(db.file_id);
+  for (const std::string& file_id : file_ids) {
+    absl::StatusOr<sqlite3*> opened = impl_->opener->OpenReadOnly(file_id, nullptr);
+    if (!opened.ok()) return opened.status();
+    Db reader(*opened);
+    // The read transaction begins at the first read: the state as of this revision.
+    if (sqlite3_exec(reader.get(), "BEGIN; SELECT count(*) FROM sqlite_schema;", nullptr, nullptr,
+                     nullptr) != SQLITE_OK) {
+      return absl::UnavailableError(absl::StrCat("cannot read database ", file_id, ": ",
+                                                 ValidUtf8(sqlite3_errmsg(reader.get()))));
+    }
+    view.databases.emplace_back(file_id, std::move(reader));
+  }
+  return view;
+}
+
+absl::Status StateMachine::RestoreSnapshotImages(const SnapshotImages& images) {
+  // The caller checked the images (CheckSnapshotImages).
 
   // Remove the system database first: a crash from here on leaves no catalog, so Open()
   // starts from an empty state (removing every user file) rather than from a mixed one.
@@ -1031,6 +1054,27 @@ uint64_t StateMachine::StateHash(HashMode mode) {
     hash.AddU64(db.request_index);
   }
   return hash.value();
+}
+
+void AppendSnapshotU64(std::string* out, uint64_t value) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>(value >> (8 * i)));
+}
+
+uint64_t DecodeSnapshotU64(std::string_view in) {
+  SYNOD_CHECK_GE(in.size(), kSnapshotU64Bytes);
+  uint64_t value = 0;
+  for (int i = 0; i < 8; ++i) {
+    value |= static_cast<uint64_t>(static_cast<unsigned char>(in[i])) << (8 * i);
+  }
+  return value;
+}
+
+std::string SnapshotFrameHeader(std::string_view file_id, uint64_t image_bytes) {
+  std::string header;
+  AppendSnapshotU64(&header, file_id.size());
+  header.append(file_id);
+  AppendSnapshotU64(&header, image_bytes);
+  return header;
 }
 
 bool IsValidDatabaseName(std::string_view name) {

@@ -183,6 +183,15 @@ class DatabaseReader {
   QueryCache queries_;         // likewise
 };
 
+// A snapshot's databases by file id ("system" and one per user database), as open handles.
+using SnapshotImages = std::map<std::string, Db, std::less<>>;
+
+// A state machine's databases held at one revision (StateMachine::OpenSnapshotView).
+struct SnapshotView {
+  uint64_t revision = 0;
+  std::vector<std::pair<std::string, Db>> databases;  // (file id, reader), system first
+};
+
 class StateMachine {
  public:
   // Sessions kept at most. A session holds a client's last applied sequence and its result;
@@ -263,6 +272,22 @@ class StateMachine {
   // (InvalidArgument if not). Changes nothing: a host checks a snapshot from a peer with it
   // before persisting anything, so that a bad one never reaches its disk.
   static absl::Status CheckSnapshot(std::string_view snapshot, uint64_t revision);
+
+  // The same for a snapshot whose databases are open handles (an image unpacked from a file
+  // by the host, each database already checked with CheckImageContent): whether they form
+  // a state at `revision` that this replica can restore, and then the restore itself (which
+  // copies each database with SQLite's backup API: memory stays bounded).
+  static absl::Status CheckSnapshotImages(const SnapshotImages& images, uint64_t revision);
+  absl::Status RestoreSnapshotImages(const SnapshotImages& images);
+
+  // A consistent read view of every database at the current revision, for writing a
+  // snapshot image off the state machine's thread (adapters/snapshot_image.h): one read-only
+  // connection per database, each in a read transaction begun now. While it is open the
+  // state machine goes on applying entries (WAL readers see none of them). The connections
+  // may be used on another thread, one thread at a time. FailedPrecondition while an entry
+  // is half applied (as Snapshot()); Unimplemented when the opener's readers cannot keep a
+  // transaction open beside the writer (in-memory databases).
+  absl::StatusOr<SnapshotView> OpenSnapshotView();
 
   // A hash of the logical content of every database and the session table: equal on two
   // replicas exactly when they hold the same state. Stable across processes.

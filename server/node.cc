@@ -254,9 +254,9 @@ absl::Status Node::Start() {
   snapshots_->Retain(state.snapshot_meta);
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
-    absl::StatusOr<std::string> image = snapshots_->ReadImage(state.snapshot_meta);
-    if (!image.ok()) return image.status();
-    absl::Status restored = sm_->RestoreSnapshot(*image);
+    if (absl::Status staged = StageSnapshot(state.snapshot_meta); !staged.ok()) return staged;
+    absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
+    staged_snapshot_.reset();
     if (!restored.ok()) return restored;
   }
   state.applied_index = sm_->revision();
@@ -338,6 +338,7 @@ absl::Status Node::Start() {
 
 void Node::Stop(std::function<void()> done) {
   stopping_ = true;
+  cancel_snapshot_build_.store(true);
   for (auto& [id, query] : running_queries_) query->reader->Interrupt();
   if (tick_timer_started_) {
     uv_timer_stop(&tick_timer_);
@@ -415,22 +416,34 @@ absl::Status Node::MoveSnapshotOutOfLog(LogStore& store) {
   return absl::OkStatus();
 }
 
+absl::Status Node::StageSnapshot(const SnapshotMeta& meta) {
+  staged_snapshot_.reset();
+  absl::StatusOr<std::string> stage = snapshots_->EmptyStageDir("install");
+  if (!stage.ok()) return stage.status();
+  absl::StatusOr<SnapshotImages> images =
+      StageSnapshotImage(snapshots_->PathOf(meta), *stage, meta.index());
+  if (!images.ok()) return images.status();
+  staged_snapshot_ = std::move(*images);
+  return absl::OkStatus();
+}
+
 absl::Status Node::CheckSnapshot(const SnapshotToInstall& snapshot) {
-  absl::StatusOr<std::string> image = snapshots_->ReadImage(snapshot.meta);
-  if (!image.ok()) return image.status();
-  return StateMachine::CheckSnapshot(*image, snapshot.meta.index());
+  return StageSnapshot(snapshot.meta);
 }
 
 void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
   ApplyQueued(/*all=*/true);
-  absl::StatusOr<std::string> image = snapshots_->ReadImage(snapshot.meta);
-  SYNOD_CHECK(image.ok()) << "a sealed snapshot image cannot be read: " << image.status();
-  absl::Status restored = sm_->RestoreSnapshot(*image);
+  SYNOD_CHECK(staged_snapshot_.has_value()) << "a snapshot installed without its check";
+  absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
+  staged_snapshot_.reset();
+  (void)snapshots_->EmptyStageDir("install");  // the unpacked copies are not needed now
   // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
   // the machine's (disk, memory).
   SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
-  fprintf(stderr, "I installed a snapshot at revision %llu\n",
-          static_cast<unsigned long long>(sm_->revision()));
+  SYNOD_CHECK_EQ(sm_->revision(), snapshot.meta.index());
+  fprintf(stderr, "I installed a snapshot at revision %llu (%llu bytes)\n",
+          static_cast<unsigned long long>(sm_->revision()),
+          static_cast<unsigned long long>(snapshot.meta.size_bytes()));
 }
 
 void Node::Apply(CommittedEntry entry) { to_apply_.push_back(std::move(entry)); }
@@ -477,6 +490,7 @@ void Node::ApplyQueued(bool all) {
 
 void Node::RefuseSnapshot(const absl::Status& why) {
   ++counters_.snapshots_refused;
+  staged_snapshot_.reset();
   fprintf(stderr,
           "E refused a snapshot from a peer (%s): nothing of it was recorded; the replica restarts "
           "from its log and asks again\n",
@@ -545,28 +559,108 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
   }
 }
 
+struct Node::SnapshotBuild {
+  uv_work_t work;
+  Node* node = nullptr;
+  SnapshotView view;
+  std::string stage_path;
+  std::string image_path;
+  bool fsync = true;
+  const std::atomic<bool>* cancel = nullptr;
+  absl::StatusOr<SnapshotMeta> meta = absl::UnknownError("not written");
+  uint64_t started_ns = 0;
+};
+
 void Node::MaybeCompact() {
-  if (sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries ||
+  // An image written: recorded as soon as the driver takes it, dropped once another
+  // snapshot has overtaken it.
+  if (built_snapshot_) {
+    const uint64_t index = built_snapshot_->index();
+    if (index <= driver_->last_snapshot_index() || index <= replica().snapshot_index()) {
+      snapshots_->Discard();
+      built_snapshot_.reset();
+    } else if (driver_->CanCompact(index)) {
+      absl::Status published = snapshots_->Publish(*built_snapshot_);
+      if (published.ok()) {
+        // The image is durable under its name; its record goes to the log (the log writer's
+        // thread), then the replica compacts, and the log is rewritten without what the
+        // snapshot covers when its next Ready reports it.
+        SYNOD_CHECK(driver_->Compact(*built_snapshot_));
+      } else {
+        fprintf(stderr, "W no snapshot at revision %llu: %s\n",
+                static_cast<unsigned long long>(index), published.ToString().c_str());
+        next_snapshot_attempt_ = sm_->revision() + options_.snapshot_every_entries;
+        snapshots_->Discard();
+      }
+      built_snapshot_.reset();
+    }
+    return;
+  }
+  if (snapshot_building_ || stopping_ ||
+      sm_->revision() < driver_->last_snapshot_index() + options_.snapshot_every_entries ||
       sm_->revision() < next_snapshot_attempt_ || !driver_->CanCompact(sm_->revision())) {
     return;
   }
-  absl::StatusOr<std::string> snapshot = sm_->Snapshot();
-  if (absl::IsFailedPrecondition(snapshot.status())) return;  // an entry is half applied
-  absl::StatusOr<SnapshotMeta> meta =
-      snapshot.ok() ? snapshots_->Write(sm_->revision(), *snapshot) : snapshot.status();
-  if (!meta.ok()) {
+  StartSnapshotBuild();
+}
+
+void Node::StartSnapshotBuild() {
+  absl::StatusOr<SnapshotView> view = sm_->OpenSnapshotView();
+  if (absl::IsFailedPrecondition(view.status())) return;  // an entry is half applied
+  absl::StatusOr<std::string> stage =
+      view.ok() ? snapshots_->EmptyStageDir("build") : view.status();
+  if (!stage.ok()) {
     // The log keeps growing until a snapshot can be taken: tried again after as many
     // entries as between snapshots, not at every entry.
     next_snapshot_attempt_ = sm_->revision() + options_.snapshot_every_entries;
     fprintf(stderr, "W no snapshot at revision %llu: %s\n",
-            static_cast<unsigned long long>(sm_->revision()),
-            std::string(meta.status().message()).c_str());
+            static_cast<unsigned long long>(sm_->revision()), stage.status().ToString().c_str());
     return;
   }
-  // The image is durable in its file; its record goes to the log (the log writer's
-  // thread), then the replica compacts, and the log is rewritten without what the snapshot
-  // covers when its next Ready reports it.
-  SYNOD_CHECK(driver_->Compact(*meta));
+  auto* build = new SnapshotBuild();
+  build->work.data = build;
+  build->node = this;
+  build->view = *std::move(view);
+  build->stage_path = absl::StrCat(*stage, "/database.sqlite3");
+  build->image_path = snapshots_->OwnTempPath();
+  build->fsync = options_.fsync;
+  build->cancel = &cancel_snapshot_build_;
+  build->started_ns = uv_hrtime();
+  snapshot_building_ = true;
+  SYNOD_CHECK_EQ(uv_queue_work(
+                     loop_, &build->work,
+                     [](uv_work_t* work) {
+                       // On a worker thread: the view's connections and the image's files.
+                       auto* b = static_cast<SnapshotBuild*>(work->data);
+                       b->meta = WriteSnapshotImage(b->view, b->stage_path, b->image_path, b->fsync,
+                                                    b->cancel);
+                       b->view.databases.clear();  // ends the read transactions
+                     },
+                     &Node::OnSnapshotBuildDone),
+                 0);
+}
+
+void Node::OnSnapshotBuildDone(uv_work_t* work, int status) {
+  std::unique_ptr<SnapshotBuild> build(static_cast<SnapshotBuild*>(work->data));
+  Node* node = build->node;
+  node->snapshot_building_ = false;
+  build->view.databases.clear();
+  if (status != 0 || node->stopping_ || !build->meta.ok()) {
+    node->snapshots_->Discard();
+    if (status == 0 && !node->stopping_) {
+      node->next_snapshot_attempt_ = node->sm_->revision() + node->options_.snapshot_every_entries;
+      fprintf(stderr, "W no snapshot at revision %llu: %s\n",
+              static_cast<unsigned long long>(build->view.revision),
+              build->meta.status().ToString().c_str());
+    }
+    return;
+  }
+  fprintf(stderr, "I wrote the snapshot at revision %llu (%llu bytes) in %llu ms\n",
+          static_cast<unsigned long long>(build->meta->index()),
+          static_cast<unsigned long long>(build->meta->size_bytes()),
+          static_cast<unsigned long long>((uv_hrtime() - build->started_ns) / 1'000'000));
+  node->built_snapshot_ = *build->meta;
+  node->MaybeCompact();
 }
 
 void Node::Send(std::vector<Message> messages) {

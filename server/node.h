@@ -7,6 +7,7 @@
 
 #include <uv.h>
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -22,6 +23,7 @@
 #include "adapters/log_writer.h"
 #include "adapters/peer_auth.h"
 #include "adapters/snapshot_files.h"
+#include "adapters/snapshot_image.h"
 #include "core/divergence.h"
 #include "core/driver.h"
 #include "core/replica.h"
@@ -187,6 +189,12 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
                 std::function<void(const StatementResult&)> done);
   static void OnQueryWork(uv_work_t* work);
   static void OnQueryDone(uv_work_t* work, int status);
+  // Starts writing this replica's own snapshot image on a worker thread, or records one
+  // written, when it is time.
+  void StartSnapshotBuild();
+  static void OnSnapshotBuildDone(uv_work_t* work, int status);
+  // Unpacks and checks the image of `meta` from the snapshot store (staged_snapshot_).
+  absl::Status StageSnapshot(const SnapshotMeta& meta);
   // Answers a query's result (or error), from the loop or from a worker.
   void AnswerQuery(const absl::StatusOr<StatementResult>& result, bool interrupted,
                    const std::shared_ptr<HttpResponder>& responder,
@@ -213,8 +221,17 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     size_t pending_bytes = 0;
   };
   static constexpr size_t kMaxOutboxBytes = 256 << 20;
-  // No snapshot is tried before this revision (one failed: a database too large to copy).
+  // No snapshot is tried before this revision (one failed: its image could not be written).
   uint64_t next_snapshot_attempt_ = 0;
+  // The image of this replica's own snapshot is written on a worker thread (SnapshotBuild);
+  // once written it waits here until the driver can record it (Compact).
+  struct SnapshotBuild;
+  bool snapshot_building_ = false;
+  std::optional<SnapshotMeta> built_snapshot_;
+  std::atomic<bool> cancel_snapshot_build_{false};
+  // A snapshot from a peer between CheckSnapshot and InstallSnapshot: its databases,
+  // unpacked and checked.
+  std::optional<SnapshotImages> staged_snapshot_;
   std::unique_ptr<DivergenceCheck> divergence_;
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;

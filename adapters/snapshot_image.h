@@ -1,0 +1,39 @@
+#ifndef SYNOD_ADAPTERS_SNAPSHOT_IMAGE_H_
+#define SYNOD_ADAPTERS_SNAPSHOT_IMAGE_H_
+
+// Snapshot images (core/snapshot_format.h) as files, written and read in pieces: memory
+// stays bounded by one block and SQLite's page caches, whatever the databases' size.
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "core/state_machine.h"
+#include "core/synod.pb.h"
+
+namespace synod {
+
+// Writes the image of `view` (StateMachine::OpenSnapshotView) to `path`, replacing it: each
+// database is copied with SQLite's backup API, inside the view's read transaction, into the
+// plain database file `stage_path`, whose bytes are then appended to the image. Syncs the
+// image when `fsync`. Returns its metadata (index: the view's revision). For a worker
+// thread: it touches only the view's connections and these files.
+// Stops early (Cancelled) once `*cancel` is set.
+absl::StatusOr<SnapshotMeta> WriteSnapshotImage(const SnapshotView& view,
+                                                const std::string& stage_path,
+                                                const std::string& path, bool fsync,
+                                                const std::atomic<bool>* cancel = nullptr);
+
+// Unpacks the image at `path` into one database file per database in `stage_dir` (which
+// must exist and hold none of them), checking as it goes: the framing, every database
+// (CheckImageHeader, then CheckImageContent once written) and the trailer; then that the
+// databases form a state at `revision` (StateMachine::CheckSnapshotImages). The databases
+// are returned open, read-only, ready for StateMachine::RestoreSnapshotImages.
+// InvalidArgument for a damaged image; the OS error when a file cannot be read or written.
+absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
+                                                  const std::string& stage_dir, uint64_t revision);
+
+}  // namespace synod
+
+#endif  // SYNOD_ADAPTERS_SNAPSHOT_IMAGE_H_
