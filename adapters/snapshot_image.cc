@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <functional>
 #include <optional>
 #include <set>
 #include <string_view>
@@ -56,8 +57,14 @@ absl::StatusOr<uint64_t> DatabaseBytes(sqlite3* db) {
   return static_cast<uint64_t>(values[0]) * static_cast<uint64_t>(values[1]);
 }
 
-// Copies the main database of `from` into a new plain database file at `path`.
-absl::Status BackupToFile(sqlite3* from, const std::string& path) {
+// Pages copied per backup step: the cancel flag is looked at between steps.
+constexpr int kBackupStepPages = 256;
+
+// Copies the main database of `from` into a new plain database file at `path`. Every step
+// reads from `from`'s open read transaction (sqlite3_backup_step opens one only if there is
+// none), and no other connection writes through `from`, so the copy never restarts.
+absl::Status BackupToFile(sqlite3* from, const std::string& path,
+                          const std::function<bool()>& cancelled) {
   unlink(path.c_str());
   sqlite3* raw = nullptr;
   int rc =
@@ -73,7 +80,9 @@ absl::Status BackupToFile(sqlite3* from, const std::string& path) {
     if (backup == nullptr) {
       rc = sqlite3_errcode(to.get());
     } else {
-      rc = sqlite3_backup_step(backup, -1);
+      do {
+        rc = cancelled() ? SQLITE_INTERRUPT : sqlite3_backup_step(backup, kBackupStepPages);
+      } while (rc == SQLITE_OK);
       int finished = sqlite3_backup_finish(backup);
       rc = rc == SQLITE_DONE ? finished : rc;
     }
@@ -111,11 +120,15 @@ class ImageWriter {
 
 }  // namespace
 
-absl::StatusOr<SnapshotMeta> WriteSnapshotImage(const SnapshotView& view,
-                                                const std::string& stage_path,
+absl::StatusOr<SnapshotMeta> WriteSnapshotImage(SnapshotView& view, const std::string& stage_path,
                                                 const std::string& path, bool fsync,
                                                 const std::atomic<bool>* cancel) {
-  auto cancelled = [cancel] { return cancel != nullptr && cancel->load(); };
+  const std::function<bool()> cancelled = [cancel] { return cancel != nullptr && cancel->load(); };
+  // The copy of a database being staged is removed whatever happens.
+  struct Unlink {
+    const std::string& path;
+    ~Unlink() { unlink(path.c_str()); }
+  } unlink_stage{stage_path};
   // The image's size comes first in its checksum: every database's size, as the view's
   // transactions see them, before anything is copied.
   uint64_t total = kSnapshotMagic.size() + kSnapshotU64Bytes;
@@ -132,9 +145,14 @@ absl::StatusOr<SnapshotMeta> WriteSnapshotImage(const SnapshotView& view,
   ImageWriter image(out_fd.get(), path, total);
   if (absl::Status s = image.Append(kSnapshotMagic); !s.ok()) return s;
   for (size_t i = 0; i < view.databases.size(); ++i) {
-    const auto& [file_id, reader] = view.databases[i];
+    auto& [file_id, reader] = view.databases[i];
     if (cancelled()) return absl::CancelledError("the snapshot was cancelled");
-    if (absl::Status copied = BackupToFile(reader.get(), stage_path); !copied.ok()) return copied;
+    if (absl::Status copied = BackupToFile(reader.get(), stage_path, cancelled); !copied.ok()) {
+      return cancelled() ? absl::CancelledError("the snapshot was cancelled") : copied;
+    }
+    // Copied: its read transaction ends now, so that its WAL can be checkpointed again while
+    // the other databases are copied.
+    reader.reset();
     absl::StatusOr<int> staged = OpenFile(stage_path, O_RDONLY);
     if (!staged.ok()) return staged.status();
     Fd staged_fd(*staged);
@@ -270,10 +288,17 @@ absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
   if (absl::Status trailer = in.CheckTrailer(); !trailer.ok()) return trailer;
   SnapshotImages images;
   for (const auto& [file_id, staged_path] : staged) {
+    // Read-write, as a scratch database is: the check of a full-text table is an INSERT of
+    // a command (it changes nothing). No journal: nothing here needs one, and a journal's
+    // header would draw from SQLite's random generator, which the loop seeds per request.
     sqlite3* raw = nullptr;
-    int rc = sqlite3_open_v2(staged_path.c_str(), &raw, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+    int rc = sqlite3_open_v2(staged_path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
                              nullptr);
     Db db(raw);
+    if (rc == SQLITE_OK) {
+      ConfigureConnection(db.get());
+      rc = sqlite3_exec(db.get(), "PRAGMA journal_mode = OFF", nullptr, nullptr, nullptr);
+    }
     absl::Status checked =
         rc == SQLITE_OK
             ? CheckImageContent(db.get())

@@ -16,12 +16,12 @@ namespace synod {
 
 // Writes the image of `view` (StateMachine::OpenSnapshotView) to `path`, replacing it: each
 // database is copied with SQLite's backup API, inside the view's read transaction, into the
-// plain database file `stage_path`, whose bytes are then appended to the image. Syncs the
-// image when `fsync`. Returns its metadata (index: the view's revision). For a worker
-// thread: it touches only the view's connections and these files.
-// Stops early (Cancelled) once `*cancel` is set.
-absl::StatusOr<SnapshotMeta> WriteSnapshotImage(const SnapshotView& view,
-                                                const std::string& stage_path,
+// plain database file `stage_path`, whose bytes are then appended to the image; the
+// database's reader is then closed (its read transaction no longer holds back its WAL).
+// Syncs the image when `fsync`. Returns its metadata (index: the view's revision). For a
+// worker thread: it touches only the view's connections and these files. Stops early
+// (Cancelled) once `*cancel` is set.
+absl::StatusOr<SnapshotMeta> WriteSnapshotImage(SnapshotView& view, const std::string& stage_path,
                                                 const std::string& path, bool fsync,
                                                 const std::atomic<bool>* cancel = nullptr);
 

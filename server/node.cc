@@ -257,6 +257,7 @@ absl::Status Node::Start() {
     if (absl::Status staged = StageSnapshot(state.snapshot_meta); !staged.ok()) return staged;
     absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
     staged_snapshot_.reset();
+    (void)snapshots_->EmptyStageDir("install");  // the unpacked copies are not needed now
     if (!restored.ok()) return restored;
   }
   state.applied_index = sm_->revision();
@@ -418,6 +419,7 @@ absl::Status Node::MoveSnapshotOutOfLog(LogStore& store) {
 
 absl::Status Node::StageSnapshot(const SnapshotMeta& meta) {
   staged_snapshot_.reset();
+  staged_meta_ = meta;
   absl::StatusOr<std::string> stage = snapshots_->EmptyStageDir("install");
   if (!stage.ok()) return stage.status();
   absl::StatusOr<SnapshotImages> images =
@@ -433,7 +435,11 @@ absl::Status Node::CheckSnapshot(const SnapshotToInstall& snapshot) {
 
 void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
   ApplyQueued(/*all=*/true);
-  SYNOD_CHECK(staged_snapshot_.has_value()) << "a snapshot installed without its check";
+  SYNOD_CHECK(staged_snapshot_.has_value() && staged_meta_.index() == snapshot.meta.index() &&
+              staged_meta_.checksum() == snapshot.meta.checksum())
+      << "a snapshot installed without its check";
+  // A snapshot of this replica's own being written is of an older state now.
+  cancel_snapshot_build_.store(true);
   absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
   staged_snapshot_.reset();
   (void)snapshots_->EmptyStageDir("install");  // the unpacked copies are not needed now
@@ -491,6 +497,7 @@ void Node::ApplyQueued(bool all) {
 void Node::RefuseSnapshot(const absl::Status& why) {
   ++counters_.snapshots_refused;
   staged_snapshot_.reset();
+  (void)snapshots_->EmptyStageDir("install");
   fprintf(stderr,
           "E refused a snapshot from a peer (%s): nothing of it was recorded; the replica restarts "
           "from its log and asks again\n",
@@ -624,6 +631,7 @@ void Node::StartSnapshotBuild() {
   build->stage_path = absl::StrCat(*stage, "/database.sqlite3");
   build->image_path = snapshots_->OwnTempPath();
   build->fsync = options_.fsync;
+  cancel_snapshot_build_.store(false);
   build->cancel = &cancel_snapshot_build_;
   build->started_ns = uv_hrtime();
   snapshot_building_ = true;
@@ -647,7 +655,7 @@ void Node::OnSnapshotBuildDone(uv_work_t* work, int status) {
   build->view.databases.clear();
   if (status != 0 || node->stopping_ || !build->meta.ok()) {
     node->snapshots_->Discard();
-    if (status == 0 && !node->stopping_) {
+    if (status == 0 && !node->stopping_ && !absl::IsCancelled(build->meta.status())) {
       node->next_snapshot_attempt_ = node->sm_->revision() + node->options_.snapshot_every_entries;
       fprintf(stderr, "W no snapshot at revision %llu: %s\n",
               static_cast<unsigned long long>(build->view.revision),

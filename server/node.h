@@ -232,6 +232,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // A snapshot from a peer between CheckSnapshot and InstallSnapshot: its databases,
   // unpacked and checked.
   std::optional<SnapshotImages> staged_snapshot_;
+  SnapshotMeta staged_meta_;
   std::unique_ptr<DivergenceCheck> divergence_;
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
