@@ -93,11 +93,17 @@ TEST_F(SnapshotImageTest, AnImageWrittenFromAViewRestoresTheStateOfItsRevision) 
   absl::StatusOr<SnapshotView> view = source.sm->OpenSnapshotView();
   ASSERT_TRUE(view.ok()) << view.status();
   EXPECT_EQ(view->revision, revision);
+  absl::StatusOr<SnapshotView> hashed = source.sm->OpenSnapshotView();
+  ASSERT_TRUE(hashed.ok()) << hashed.status();
   // Entries applied while the view is open are not in the image.
   for (int i = 0; i < 20; ++i) {
     source.sm->Apply(++slot_, Exec("a", "INSERT INTO t(v) VALUES (randomblob(3000))"));
   }
   source.sm->Apply(++slot_, Exec("b", "DELETE FROM u"));
+  // A divergence vote's hash, computed from the view after those entries: the state of its
+  // revision.
+  EXPECT_EQ(StateMachine::StateHashOf(*hashed), hash);
+  EXPECT_NE(source.sm->StateHash(), hash);
   absl::StatusOr<SnapshotMeta> meta =
       WriteSnapshotImage(*view, Stage() + "/copy", ImagePath(), /*fsync=*/true);
   ASSERT_TRUE(meta.ok()) << meta.status();

@@ -977,7 +977,10 @@ absl::StatusOr<SnapshotView> StateMachine::OpenSnapshotView() {
   SnapshotView view;
   view.revision = impl_->revision;
   std::vector<std::string> file_ids{std::string(kSystemFileId)};
-  for (const auto& [name, db] : impl_->databases) file_ids.push_back(db.file_id);
+  for (const auto& [name, db] : impl_->databases) {
+    file_ids.push_back(db.file_id);
+    view.positions.push_back({name, db.revision, db.request_index});
+  }
   for (const std::string& file_id : file_ids) {
     absl::StatusOr<sqlite3*> opened = impl_->opener->OpenReadOnly(file_id, nullptr);
     if (!opened.ok()) return opened.status();
@@ -1024,7 +1027,29 @@ absl::Status StateMachine::RestoreSnapshotImages(const SnapshotImages& images) {
   return absl::OkStatus();
 }
 
-// Its format is kStateHashFormat (core/divergence.h): change that with it.
+// Its format is kStateHashFormat (core/divergence.h), as StateHash's: change both with it.
+uint64_t StateMachine::StateHashOf(SnapshotView& view) {
+  SYNOD_CHECK_EQ(view.databases.size(), view.positions.size() + 1);
+  SYNOD_CHECK(!view.databases.empty() && view.databases[0].first == kSystemFileId);
+  StableHash hash;
+  hash.AddField(kSystemFileId);
+  DatabaseHasher(view.databases[0].second.get()).Hash(&hash);
+  view.databases[0].second.reset();
+  for (size_t i = 0; i < view.positions.size(); ++i) {
+    const SnapshotView::Position& position = view.positions[i];
+    Db& reader = view.databases[i + 1].second;
+    hash.AddField(position.name);
+    StableHash content;
+    DatabaseHasher(reader.get()).Hash(&content, "_synod_meta");
+    reader.reset();  // its read transaction no longer holds back its WAL
+    hash.AddU64(content.value());
+    hash.AddU64(position.revision);
+    hash.AddU64(position.request_index);
+  }
+  return hash.value();
+}
+
+// Its format is kStateHashFormat (core/divergence.h): change that with it, and StateHashOf.
 uint64_t StateMachine::StateHash(HashMode mode) {
   StableHash hash;
   hash.AddField(kSystemFileId);

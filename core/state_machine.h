@@ -190,6 +190,14 @@ using SnapshotImages = std::map<std::string, Db, std::less<>>;
 struct SnapshotView {
   uint64_t revision = 0;
   std::vector<std::pair<std::string, Db>> databases;  // (file id, reader), system first
+  // Of each user database, in the order of `databases` after the system's: its name and
+  // position (revision, request index), for StateMachine::StateHashOf.
+  struct Position {
+    std::string name;
+    uint64_t revision = 0;
+    uint64_t request_index = 0;
+  };
+  std::vector<Position> positions;
 };
 
 class StateMachine {
@@ -297,6 +305,10 @@ class StateMachine {
   // about what requests did (the simulator's). Both give the same value on a healthy replica.
   enum class HashMode { kFresh, kKept };
   uint64_t StateHash(HashMode mode = HashMode::kFresh);
+  // StateHash(kFresh) of the state `view` holds, computed from its readers (on any thread,
+  // one at a time), each released once hashed. The same value StateHash gave at the view's
+  // revision.
+  static uint64_t StateHashOf(SnapshotView& view);
 
  private:
   StateMachine() = default;

@@ -522,13 +522,7 @@ void Node::CheckDivergence(const CommittedEntry& entry) {
   for (const ClientRequest& request : entry.value.requests()) {
     if (request.command().has_checkpoint()) divergence_->OnVote(request.command().checkpoint());
   }
-  if (divergence_->WantsHashAt(entry.slot)) {
-    ClientRequest vote;
-    vote.set_client_id(NextClientId());
-    vote.set_sequence(1);
-    *vote.mutable_command() = divergence_->VoteFor(entry.slot, sm_->StateHash());
-    replica().Propose(std::move(vote));  // no answer awaited: a lost vote judges nothing
-  }
+  if (divergence_->WantsHashAt(entry.slot)) StartStateHash(entry.slot);
   if (!was_diverged && divergence_->diverged()) {
     const Divergence& d = *divergence_->diverged();
     fprintf(stderr,
@@ -539,6 +533,60 @@ void Node::CheckDivergence(const CommittedEntry& entry) {
             static_cast<unsigned long long>(d.own_hash),
             static_cast<unsigned long long>(d.majority_hash));
   }
+}
+
+// The state hash a divergence vote carries reads every row of every database: on a worker
+// thread, from read transactions begun at the revision voted on, while entries go on being
+// applied. One at a time: a revision due while one is hashed gets no vote from this replica
+// (a lost vote judges nothing).
+struct Node::StateHashJob {
+  uv_work_t work;
+  Node* node = nullptr;
+  uint64_t revision = 0;
+  SnapshotView view;
+  uint64_t hash = 0;
+};
+
+void Node::StartStateHash(uint64_t revision) {
+  if (hashing_state_) {
+    ++counters_.votes_skipped;
+    return;
+  }
+  absl::StatusOr<SnapshotView> view = sm_->OpenSnapshotView();
+  if (!view.ok()) {
+    fprintf(stderr, "W no divergence vote at revision %llu: %s\n",
+            static_cast<unsigned long long>(revision), view.status().ToString().c_str());
+    ++counters_.votes_skipped;
+    return;
+  }
+  SYNOD_CHECK_EQ(view->revision, revision);
+  auto* job = new StateHashJob();
+  job->work.data = job;
+  job->node = this;
+  job->revision = revision;
+  job->view = *std::move(view);
+  hashing_state_ = true;
+  SYNOD_CHECK_EQ(uv_queue_work(
+                     loop_, &job->work,
+                     [](uv_work_t* work) {
+                       auto* j = static_cast<StateHashJob*>(work->data);
+                       j->hash = StateMachine::StateHashOf(j->view);
+                     },
+                     [](uv_work_t* work, int status) {
+                       std::unique_ptr<StateHashJob> j(static_cast<StateHashJob*>(work->data));
+                       Node* node = j->node;
+                       node->hashing_state_ = false;
+                       j->view.databases.clear();
+                       if (status != 0 || node->stopping_) return;
+                       ClientRequest vote;
+                       vote.set_client_id(node->NextClientId());
+                       vote.set_sequence(1);
+                       *vote.mutable_command() = node->divergence_->VoteFor(j->revision, j->hash);
+                       // No answer awaited: a lost vote judges nothing.
+                       node->replica().Propose(std::move(vote));
+                       node->Drain();
+                     }),
+                 0);
 }
 
 void Node::ApplyCommitted(const CommittedEntry& entry) {
@@ -1368,6 +1416,9 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
           driver_->counters().persists);
   counter("synod_log_syncs_total", "log writes made durable with an fdatasync",
           driver_->counters().synced);
+  counter("synod_divergence_votes_skipped_total",
+          "divergence votes not cast: the state hash of the previous one was still running",
+          counters_.votes_skipped);
   counter("synod_snapshots_refused_total",
           "snapshots from peers refused whole before anything of them was kept",
           counters_.snapshots_refused);

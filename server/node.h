@@ -116,8 +116,9 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t queries_inline = 0;       // answered on the loop, without a worker
     uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
     uint64_t snapshots_refused = 0;
-    uint64_t peer_posts = 0;    // batches sent to peers as POSTs
-    uint64_t peer_replies = 0;  // batches sent back in the answer to a peer's POST
+    uint64_t votes_skipped = 0;  // divergence votes not cast: the previous one was hashing
+    uint64_t peer_posts = 0;     // batches sent to peers as POSTs
+    uint64_t peer_replies = 0;   // batches sent back in the answer to a peer's POST
   };
 
   // The driver's interfaces.
@@ -192,6 +193,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // Starts writing this replica's own snapshot image on a worker thread, or records one
   // written, when it is time.
   void StartSnapshotBuild();
+  // Hashes the state at `revision` (just applied) on a worker, then proposes the vote.
+  void StartStateHash(uint64_t revision);
   static void OnSnapshotBuildDone(uv_work_t* work, int status);
   // Unpacks and checks the image of `meta` from the snapshot store (staged_snapshot_).
   absl::Status StageSnapshot(const SnapshotMeta& meta);
@@ -226,6 +229,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // The image of this replica's own snapshot is written on a worker thread (SnapshotBuild);
   // once written it waits here until the driver can record it (Compact).
   struct SnapshotBuild;
+  struct StateHashJob;
+  bool hashing_state_ = false;  // a divergence vote's state hash is computed on a worker
   bool snapshot_building_ = false;
   std::optional<SnapshotMeta> built_snapshot_;
   std::atomic<bool> cancel_snapshot_build_{false};
