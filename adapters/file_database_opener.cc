@@ -120,7 +120,60 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
 }
 
 FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync)
-    : db_dir_(std::move(db_dir)), fsync_(fsync) {}
+    : db_dir_(std::move(db_dir)), fsync_(fsync), checkpointer_([this] { RunCheckpointer(); }) {}
+
+FileDatabaseOpener::~FileDatabaseOpener() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  wanted_cv_.notify_all();
+  checkpointer_.join();
+}
+
+int FileDatabaseOpener::OnWalCommit(void* hook, sqlite3* db, const char* name, int frames) {
+  auto* h = static_cast<WalHook*>(hook);
+  if (frames >= kCommitCheckpointFrames) {
+    // The checkpointer has not kept up: this commit checkpoints, so that the WAL can start
+    // over at the next one.
+    ++h->opener->commit_checkpoints_;
+    sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+  } else if (frames >= kCheckpointFrames) {
+    {
+      std::lock_guard<std::mutex> lock(h->opener->mu_);
+      h->opener->checkpoints_wanted_.insert(h->file_id);
+    }
+    h->opener->wanted_cv_.notify_one();
+  }
+  return SQLITE_OK;
+}
+
+void FileDatabaseOpener::RunCheckpointer() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    wanted_cv_.wait(lock, [this] { return stopping_ || !checkpoints_wanted_.empty(); });
+    if (stopping_) return;
+    std::string file_id = *checkpoints_wanted_.begin();
+    checkpoints_wanted_.erase(checkpoints_wanted_.begin());
+    lock.unlock();
+    // A connection of its own, never creating the file: a database removed meanwhile is
+    // simply not there. The checkpoint syncs the database file as the writer would have.
+    const std::string path = PathOf(file_id);
+    sqlite3* db = nullptr;
+    if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) ==
+        SQLITE_OK) {
+      sqlite3_busy_timeout(db, kBusyTimeoutMs);
+      sqlite3_exec(db, fsync_ ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF", nullptr,
+                   nullptr, nullptr);
+      if (sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr) ==
+          SQLITE_OK) {
+        ++checkpoints_;
+      }
+    }
+    sqlite3_close(db);
+    lock.lock();
+  }
+}
 
 std::string FileDatabaseOpener::PathOf(std::string_view file_id) const {
   SYNOD_CHECK(IsValidFileId(file_id));
@@ -179,6 +232,16 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, cons
     sqlite3_close(db);
     return status;
   }
+  // Checkpoints run on the checkpointer's thread (see the header); this replaces SQLite's
+  // automatic checkpoint on this connection.
+  auto hook = wal_hooks_.find(file_id);
+  if (hook == wal_hooks_.end()) {
+    hook = wal_hooks_
+               .emplace(std::string(file_id),
+                        std::make_unique<WalHook>(WalHook{this, std::string(file_id)}))
+               .first;
+  }
+  sqlite3_wal_hook(db, &FileDatabaseOpener::OnWalCommit, hook->second.get());
   return db;
 }
 

@@ -28,10 +28,16 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -84,8 +90,27 @@ class FileDatabaseOpener : public DatabaseOpener {
   // Whether `file_id` is a well-formed id: [A-Za-z0-9_-]{1,80}.
   static bool IsValidFileId(std::string_view file_id);
 
+  // WAL checkpoints. A connection Open() returns never checkpoints in its commits (SQLite's
+  // automatic checkpoint would copy pages and fsync the database file on the thread that
+  // commits: the event loop). Once a commit leaves kCheckpointFrames or more frames in a
+  // WAL, a checkpointer thread checkpoints that database (PASSIVE: the writer goes on), on
+  // its own connection; SQLite starts the WAL over at the first commit after a checkpoint
+  // that copied every frame. Only a WAL that reaches kCommitCheckpointFrames, because the
+  // checkpointer cannot keep up with the commits, is checkpointed in the commit itself.
+  static constexpr int kCheckpointFrames = 1000;  // SQLite's own default
+  static constexpr int kCommitCheckpointFrames = 16 * kCheckpointFrames;
+  ~FileDatabaseOpener() override;
+  uint64_t checkpoints() const { return checkpoints_.load(); }
+  uint64_t commit_checkpoints() const { return commit_checkpoints_.load(); }
+
  private:
   FileDatabaseOpener(std::string db_dir, bool fsync);
+  struct WalHook {
+    FileDatabaseOpener* opener;
+    std::string file_id;
+  };
+  static int OnWalCommit(void* hook, sqlite3* db, const char* name, int frames);
+  void RunCheckpointer();
 
   std::string PathOf(std::string_view file_id) const;
   // Unlinks `path`; a missing file is not an error.
@@ -95,6 +120,14 @@ class FileDatabaseOpener : public DatabaseOpener {
   const std::string db_dir_;
   const bool fsync_;
   bool discarded_after_restart_ = false;
+  std::map<std::string, std::unique_ptr<WalHook>, std::less<>> wal_hooks_;  // by file id
+  std::mutex mu_;
+  std::condition_variable wanted_cv_;
+  std::set<std::string> checkpoints_wanted_;  // guarded by mu_
+  bool stopping_ = false;                     // guarded by mu_
+  std::atomic<uint64_t> checkpoints_{0};
+  std::atomic<uint64_t> commit_checkpoints_{0};
+  std::thread checkpointer_;
 };
 
 }  // namespace synod

@@ -24,6 +24,7 @@ constexpr char kImageSuffix[] = ".snap";
 constexpr char kIncomingName[] = "incoming.part";
 constexpr char kOwnTempName[] = "own.tmp";
 constexpr char kStageName[] = "stage";
+constexpr char kTrashName[] = "trash";
 // Images are read back in pieces of this size to check them (memory stays bounded).
 constexpr uint64_t kCheckBlockBytes = 1 << 20;
 
@@ -64,12 +65,19 @@ absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string d
       return synced;
     }
   }
-  // What a crash left half written: never named by the log.
-  std::filesystem::remove_all(absl::StrCat(dir, "/", kStageName), error);
+  // What a crash left half written, or left to delete: never named by the log.
+  for (const char* name : {kStageName, kTrashName}) {
+    std::filesystem::remove_all(absl::StrCat(dir, "/", name), error);
+    if (error) {
+      return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                          absl::StrCat("cannot remove ", dir, "/", name, ": ", error.message()));
+    }
+  }
+  std::filesystem::create_directory(absl::StrCat(dir, "/", kTrashName), error);
   if (error) {
     return absl::Status(
         absl::ErrnoToStatusCode(error.value()),
-        absl::StrCat("cannot remove ", dir, "/", kStageName, ": ", error.message()));
+        absl::StrCat("cannot create ", dir, "/", kTrashName, ": ", error.message()));
   }
   for (const char* name : {kIncomingName, kOwnTempName}) {
     std::filesystem::remove(absl::StrCat(dir, "/", name), error);
@@ -81,9 +89,48 @@ absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string d
   return std::unique_ptr<SnapshotFiles>(new SnapshotFiles(std::move(dir), fsync));
 }
 
+SnapshotFiles::SnapshotFiles(std::string dir, bool fsync)
+    : dir_(std::move(dir)), fsync_(fsync), deleter_([this] { RunDeleter(); }) {}
+
 SnapshotFiles::~SnapshotFiles() {
   CloseReader();
   CloseIncoming();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  trash_cv_.notify_all();
+  deleter_.join();
+}
+
+void SnapshotFiles::RemoveInBackground(const std::string& path) {
+  const std::string trashed = absl::StrCat(dir_, "/", kTrashName, "/", ++trashed_);
+  if (rename(path.c_str(), trashed.c_str()) != 0) {
+    if (errno != ENOENT) {
+      fprintf(stderr, "W cannot move %s to %s: %s\n", path.c_str(), trashed.c_str(),
+              strerror(errno));
+    }
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    trash_.push_back(trashed);
+  }
+  trash_cv_.notify_one();
+}
+
+void SnapshotFiles::RunDeleter() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    trash_cv_.wait(lock, [this] { return stopping_ || !trash_.empty(); });
+    if (trash_.empty()) return;  // stopping
+    std::string path = std::move(trash_.back());
+    trash_.pop_back();
+    lock.unlock();
+    std::error_code error;
+    std::filesystem::remove_all(path, error);
+    lock.lock();
+  }
 }
 
 std::string SnapshotFiles::PathOf(const SnapshotMeta& meta) const {
@@ -174,10 +221,7 @@ void SnapshotFiles::Retain(const SnapshotMeta& meta) {
     const std::string name = it->path().filename().string();
     if (name == kept || !name.ends_with(kImageSuffix)) continue;
     CloseReader();  // it may be the one removed
-    if (unlink(it->path().c_str()) != 0) {
-      fprintf(stderr, "W cannot remove the old snapshot image %s: %s\n", it->path().c_str(),
-              strerror(errno));
-    }
+    RemoveInBackground(it->path().string());
   }
   if (error) {
     fprintf(stderr, "W cannot list %s to remove old snapshot images: %s\n", dir_.c_str(),
@@ -225,11 +269,15 @@ absl::Status SnapshotFiles::Publish(const SnapshotMeta& meta) {
 
 void SnapshotFiles::Discard() { unlink(OwnTempPath().c_str()); }
 
+void SnapshotFiles::RemoveStageDir(std::string_view name) {
+  RemoveInBackground(absl::StrCat(dir_, "/", kStageName, "/", std::string(name)));
+}
+
 absl::StatusOr<std::string> SnapshotFiles::EmptyStageDir(std::string_view name) {
   const std::string stage = absl::StrCat(dir_, "/", kStageName, "/", std::string(name));
+  RemoveStageDir(name);
   std::error_code error;
-  std::filesystem::remove_all(stage, error);
-  if (!error) std::filesystem::create_directories(stage, error);
+  std::filesystem::create_directories(stage, error);
   if (error) {
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot empty ", stage, ": ", error.message()));

@@ -12,12 +12,16 @@
 // at Open the temporary ones). Chunks are read and written with pread/pwrite: memory stays
 // at one chunk, whatever the image's size.
 
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,10 +63,17 @@ class SnapshotFiles : public SnapshotStore {
   // A directory (`name`: one per use) for the databases of an image being unpacked or
   // built, emptied of what an earlier use (or a crash) left in it.
   absl::StatusOr<std::string> EmptyStageDir(std::string_view name);
+  // Removes that directory and what it holds (in the background).
+  void RemoveStageDir(std::string_view name);
   std::string PathOf(const SnapshotMeta& meta) const;
 
  private:
-  SnapshotFiles(std::string dir, bool fsync) : dir_(std::move(dir)), fsync_(fsync) {}
+  SnapshotFiles(std::string dir, bool fsync);
+  // Moves `path` (a file or a directory) into trash/ at once and deletes it on the deleter
+  // thread: deleting an image of hundreds of megabytes takes ext4 a tenth of a second or
+  // more, which the caller (the event loop) must not wait for.
+  void RemoveInBackground(const std::string& path);
+  void RunDeleter();
   // Writes `image` to a temporary file, syncs it and renames it to `meta`'s name.
   absl::Status Keep(const SnapshotMeta& meta, std::string_view image);
   // Syncs the file at `path` (open as `fd`), checks it holds the image `meta` names, and
@@ -82,6 +93,12 @@ class SnapshotFiles : public SnapshotStore {
   uint64_t incoming_bytes_ = 0;
   std::optional<SnapshotChecksummer> incoming_checksum_;  // of the bytes written so far
   absl::Status incoming_error_;  // a chunk that could not be written: Seal fails
+  uint64_t trashed_ = 0;         // names in trash/
+  std::mutex mu_;
+  std::condition_variable trash_cv_;
+  std::vector<std::string> trash_;  // guarded by mu_
+  bool stopping_ = false;           // guarded by mu_
+  std::thread deleter_;
 };
 
 }  // namespace synod

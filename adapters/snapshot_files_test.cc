@@ -41,7 +41,7 @@ class SnapshotFilesTest : public ::testing::Test {
   std::vector<std::string> Files() const {
     std::vector<std::string> names;
     for (const auto& entry : fs::directory_iterator(dir_)) {
-      names.push_back(entry.path().filename().string());
+      if (entry.is_regular_file()) names.push_back(entry.path().filename().string());
     }
     std::sort(names.begin(), names.end());
     return names;
@@ -104,6 +104,22 @@ TEST_F(SnapshotFilesTest, AChunkAtOffsetZeroStartsTheImageOver) {
   files_->Receive(meta, 4, "efgh");
   EXPECT_TRUE(files_->Seal(meta).ok());
   EXPECT_EQ(*files_->ReadImage(meta), image);
+}
+
+TEST_F(SnapshotFilesTest, WhatIsRemovedInTheBackgroundIsGoneByTheNextOpen) {
+  absl::StatusOr<SnapshotMeta> old_meta = files_->Write(1, std::string(1 << 20, 'o'));
+  absl::StatusOr<SnapshotMeta> new_meta = files_->Write(2, "two");
+  ASSERT_TRUE(old_meta.ok() && new_meta.ok());
+  absl::StatusOr<std::string> stage = files_->EmptyStageDir("install");
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  std::ofstream(*stage + "/copy.sqlite3") << "a copy";
+  files_->Retain(*new_meta);
+  files_->RemoveStageDir("install");
+  EXPECT_FALSE(fs::exists(files_->PathOf(*old_meta))) << "moved away at once";
+  EXPECT_FALSE(fs::exists(*stage));
+  Reopen();  // waits for the deleter, or removes what it left
+  EXPECT_TRUE(fs::is_empty(dir_ + "/trash"));
+  EXPECT_TRUE(files_->Verify(*new_meta).ok());
 }
 
 TEST_F(SnapshotFilesTest, RetainRemovesEveryOtherImageButNotOneBeingReceived) {

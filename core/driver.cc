@@ -98,6 +98,15 @@ HostDriver::HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage,
 void HostDriver::Drain() {
   if (in_drain_) return;
   in_drain_ = true;
+  if (persisting_) {
+    // Messages that acknowledge nothing (a leader's accepts, a follower's heartbeat
+    // acknowledgements) need not wait for the storage: while it writes one Ready they go
+    // out as they come, so a slow fsync neither stalls the leader's pipeline nor cuts a
+    // follower off from its leader.
+    std::vector<Message> early = replica_->TakeEarlyMessages();
+    FillSnapshotChunks(&early);
+    if (!early.empty()) transport_->Send(std::move(early));
+  }
   while (!persisting_ && replica_->HasReady()) {
     Ready ready = replica_->GetReady();
     ++counters_.readys;

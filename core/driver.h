@@ -20,7 +20,9 @@
 // writer) or after a simulated delay, and calls back on the host's thread. While a Ready is
 // being persisted the host keeps stepping messages, requests and ticks into the replica;
 // they gather into the next Ready, which is persisted in one write and one fsync when the
-// current one is done (group commit). One storage operation is in flight at a time.
+// current one is done (group commit). One storage operation is in flight at a time;
+// meanwhile the messages that acknowledge nothing (Ready::early_messages) are sent as they
+// come.
 //
 // The host's own snapshots go through the driver too (Compact), so that a snapshot record
 // never overtakes or trails a Ready's records in the log out of order.

@@ -314,6 +314,31 @@ std::unique_ptr<HostDriver> FollowerAskingForASnapshot(FakeHost& host, uint64_t 
   return driver;
 }
 
+TEST(Driver, AFollowerAcknowledgesHeartbeatsWhileItsStorageIsBusy) {
+  FakeHost host;
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 0);
+  host.complete_at_once = false;
+  Message accept = To2(1, 0);
+  LogEntry* e = accept.mutable_accept()->add_entries();
+  e->set_slot(1);
+  *e->mutable_value()->add_requests() = WriteRequest(1);
+  driver->replica().Step(accept);
+  driver->Drain();
+  ASSERT_TRUE(driver->persisting());
+  host.sent.clear();
+  Message heartbeat = To2(1, 0);
+  heartbeat.mutable_heartbeat()->set_read_context(7);
+  driver->replica().Step(heartbeat);
+  driver->Drain();
+  ASSERT_EQ(host.sent.size(), 1u) << "the acknowledgement waited for the fsync";
+  EXPECT_EQ(host.sent[0].heartbeat_ack().read_context(), 7u);
+  host.CompleteAll();
+  // The accept's acknowledgement left only once it was durable.
+  bool accepted = false;
+  for (const Message& m : host.sent) accepted |= m.has_accepted();
+  EXPECT_TRUE(accepted);
+}
+
 TEST(Driver, ASnapshotFromAPeerGoesToTheStoreAndIsInstalledOnceSealed) {
   FakeHost host;
   const std::string image = "abcdefgh";

@@ -882,7 +882,10 @@ void Replica::StepHeartbeat(const Message& m) {
   LearnFromLeader(m);
   Message ack = NewMessage(m.from());
   ack.mutable_heartbeat_ack()->set_read_context(m.heartbeat().read_context());
-  Send(std::move(ack));
+  // It acknowledges nothing durable (only that this replica follows the ballot, which it
+  // has durably promised or accepted at): it need not wait for the Ready's fsync, so a
+  // follower whose disk is slow stays in contact with its leader.
+  SendEarly(std::move(ack));
 }
 
 // Learner -------------------------------------------------------------------------------
@@ -1175,15 +1178,26 @@ void Replica::SendAccept(uint32_t peer, uint64_t slot) {
   LogEntry* e = m.mutable_accept()->add_entries();
   e->set_slot(slot);
   *e->mutable_value() = log_.at(slot).value();
+  // An accept acknowledges nothing: it may leave before the leader's own write is durable.
+  SendEarly(std::move(m));
+}
+
+void Replica::SendEarly(Message m) {
   SYNOD_CHECK(IsPeer(m.to()) && m.to() != config_.id);
-  // An accept acknowledges nothing: it may leave before the leader's own write is durable,
-  // but not before the ballot it carries is (a leader elected at once, with no peer's
-  // promise needed, has not synced its round yet): a crash could reuse the round.
+  // Not before the ballot it carries is durable, though (a leader elected at once, with no
+  // peer's promise needed, has not synced its round yet: a crash could reuse the round; a
+  // follower's promise in this Ready is not durable yet).
   if (hard_state_sync_pending_ || hard_state_sync_in_flight_) {
     Send(std::move(m));
     return;
   }
   pending_.early_messages.push_back(std::move(m));
+}
+
+std::vector<Message> Replica::TakeEarlyMessages() {
+  std::vector<Message> early = std::move(pending_.early_messages);
+  pending_.early_messages.clear();
+  return early;
 }
 
 void Replica::MaybeProposeBatches() {

@@ -252,6 +252,9 @@ class Replica {
   // served to replicas that fall behind it. REQUIRES: meta.index <= applied index.
   void Compact(const SnapshotMeta& meta);
   const ReplicaConfig& config() const { return config_; }
+  // The early messages (Ready::early_messages) gathered so far, taken out now: a host whose
+  // storage is busy with the previous Ready sends them without waiting for it.
+  std::vector<Message> TakeEarlyMessages();
 
   ReplicaStatus Status() const;
   uint32_t id() const { return config_.id; }
@@ -354,6 +357,9 @@ class Replica {
   // Proposer.
   void ProposeSlot(uint64_t slot, Value value);
   void SendAccept(uint32_t peer, uint64_t slot);
+  // Sends `m` among the Ready's early messages when no hard state of this replica waits to
+  // be durable (else with the others, after the persist).
+  void SendEarly(Message m);
   // Whether the leader has requests queued and room in its pipeline for another slot.
   bool CanPropose() const;
   void MaybeProposeBatches();

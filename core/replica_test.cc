@@ -269,6 +269,35 @@ TEST(Acceptor, AcceptIsPersistedWithMustSyncInTheReadyThatAcknowledgesIt) {
   r.Advance(ready);
 }
 
+TEST(Acceptor, AHeartbeatAcknowledgementWaitsForNoFsyncUnlessItsPromiseDoes) {
+  Replica r(ConfigFor(2), PersistedState(), 1);
+  Message heartbeat = From(1, 2, MakeBallot(1, 1), /*commit=*/0);
+  heartbeat.mutable_heartbeat()->set_read_context(1);
+  // The first heartbeat of a new ballot raises this replica's promise: its acknowledgement
+  // says so, and leaves only once that is durable.
+  r.Step(heartbeat);
+  Ready ready = r.GetReady();
+  EXPECT_TRUE(ready.must_sync);
+  ASSERT_EQ(ready.messages.size(), 1u);
+  EXPECT_TRUE(ready.messages[0].has_heartbeat_ack());
+  EXPECT_TRUE(ready.early_messages.empty());
+  r.Advance(ready);
+  // The next ones acknowledge nothing new: they may leave before this Ready is persisted,
+  // and while an earlier one is (TakeEarlyMessages).
+  heartbeat.mutable_heartbeat()->set_read_context(2);
+  r.Step(heartbeat);
+  std::vector<Message> early = r.TakeEarlyMessages();
+  ASSERT_EQ(early.size(), 1u);
+  EXPECT_EQ(early[0].heartbeat_ack().read_context(), 2u);
+  heartbeat.mutable_heartbeat()->set_read_context(3);
+  r.Step(heartbeat);
+  ready = r.GetReady();
+  EXPECT_TRUE(ready.messages.empty());
+  ASSERT_EQ(ready.early_messages.size(), 1u);
+  EXPECT_EQ(ready.early_messages[0].heartbeat_ack().read_context(), 3u);
+  r.Advance(ready);
+}
+
 TEST(Acceptor, RejectsALowerBallotAndReportsTheHigherOne) {
   Replica r(ConfigFor(2), PersistedState(), 1);
   for (int i = 0; i < 8; ++i) r.Tick();

@@ -257,7 +257,7 @@ absl::Status Node::Start() {
     if (absl::Status staged = StageSnapshot(state.snapshot_meta); !staged.ok()) return staged;
     absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
     staged_snapshot_.reset();
-    (void)snapshots_->EmptyStageDir("install");  // the unpacked copies are not needed now
+    snapshots_->RemoveStageDir("install");  // the unpacked copies are not needed now
     if (!restored.ok()) return restored;
   }
   state.applied_index = sm_->revision();
@@ -442,7 +442,7 @@ void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
   cancel_snapshot_build_.store(true);
   absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
   staged_snapshot_.reset();
-  (void)snapshots_->EmptyStageDir("install");  // the unpacked copies are not needed now
+  snapshots_->RemoveStageDir("install");  // the unpacked copies are not needed now
   // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
   // the machine's (disk, memory).
   SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
@@ -497,7 +497,7 @@ void Node::ApplyQueued(bool all) {
 void Node::RefuseSnapshot(const absl::Status& why) {
   ++counters_.snapshots_refused;
   staged_snapshot_.reset();
-  (void)snapshots_->EmptyStageDir("install");
+  snapshots_->RemoveStageDir("install");
   fprintf(stderr,
           "E refused a snapshot from a peer (%s): nothing of it was recorded; the replica restarts "
           "from its log and asks again\n",
