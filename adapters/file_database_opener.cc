@@ -133,7 +133,7 @@ FileDatabaseOpener::~FileDatabaseOpener() {
 
 int FileDatabaseOpener::OnWalCommit(void* hook, sqlite3* db, const char* name, int frames) {
   auto* h = static_cast<WalHook*>(hook);
-  if (frames >= kCommitCheckpointFrames) {
+  if (frames - h->backfilled.load() >= kCommitCheckpointFrames) {
     // The checkpointer has not kept up: this commit checkpoints, so that the WAL can start
     // over at the next one.
     ++h->opener->commit_checkpoints_;
@@ -155,23 +155,35 @@ void FileDatabaseOpener::RunCheckpointer() {
     if (stopping_) return;
     std::string file_id = *checkpoints_wanted_.begin();
     checkpoints_wanted_.erase(checkpoints_wanted_.begin());
+    checkpointing_ = file_id;  // Remove() waits for it
     lock.unlock();
     // A connection of its own, never creating the file: a database removed meanwhile is
     // simply not there. The checkpoint syncs the database file as the writer would have.
     const std::string path = PathOf(file_id);
     sqlite3* db = nullptr;
+    int backfilled = -1;
     if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) ==
         SQLITE_OK) {
+      // Closing it never checkpoints or deletes the WAL: that is the writer's.
+      sqlite3_db_config(db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, nullptr);
       sqlite3_busy_timeout(db, kBusyTimeoutMs);
       sqlite3_exec(db, fsync_ ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF", nullptr,
                    nullptr, nullptr);
-      if (sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr) ==
-          SQLITE_OK) {
+      int log_frames = 0;
+      if (sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, &log_frames,
+                                    &backfilled) == SQLITE_OK &&
+          backfilled > 0) {
         ++checkpoints_;
       }
     }
     sqlite3_close(db);
     lock.lock();
+    checkpointing_.clear();
+    checkpointed_cv_.notify_all();
+    if (backfilled >= 0) {
+      auto hook = wal_hooks_.find(file_id);
+      if (hook != wal_hooks_.end()) hook->second->backfilled.store(backfilled);
+    }
   }
 }
 
@@ -234,12 +246,13 @@ absl::StatusOr<sqlite3*> FileDatabaseOpener::Open(std::string_view file_id, cons
   }
   // Checkpoints run on the checkpointer's thread (see the header); this replaces SQLite's
   // automatic checkpoint on this connection.
+  std::lock_guard<std::mutex> lock(mu_);  // the checkpointer reads wal_hooks_
   auto hook = wal_hooks_.find(file_id);
   if (hook == wal_hooks_.end()) {
-    hook = wal_hooks_
-               .emplace(std::string(file_id),
-                        std::make_unique<WalHook>(WalHook{this, std::string(file_id)}))
-               .first;
+    auto made = std::make_unique<WalHook>();
+    made->opener = this;
+    made->file_id = std::string(file_id);
+    hook = wal_hooks_.emplace(std::string(file_id), std::move(made)).first;
   }
   sqlite3_wal_hook(db, &FileDatabaseOpener::OnWalCommit, hook->second.get());
   return db;
@@ -278,6 +291,13 @@ absl::Status FileDatabaseOpener::Remove(std::string_view file_id) {
   if (!IsValidFileId(file_id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad database file id \"", ToAbsl(file_id), "\""));
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    checkpoints_wanted_.erase(std::string(file_id));
+    checkpointed_cv_.wait(lock, [&] { return checkpointing_ != file_id; });
+    auto hook = wal_hooks_.find(file_id);
+    if (hook != wal_hooks_.end()) hook->second->backfilled.store(0);
   }
   std::string path = PathOf(file_id);
   if (absl::Status removed = RemoveFile(path); !removed.ok()) return removed;

@@ -78,8 +78,10 @@ class FileDatabaseOpener : public DatabaseOpener {
   // first kReaderMapBytes of the file.
   absl::StatusOr<sqlite3*> OpenReadOnly(std::string_view file_id, const char* vfs_name) override;
 
-  // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably.
-  // REQUIRES: no handle to it is open.
+  // Deletes the database and its -wal, -shm and -journal files (OK if absent), durably,
+  // after any checkpoint of it under way (the checkpointer's connection is to that file: it
+  // must not go on into a new database created at the same path).
+  // REQUIRES: no handle to it is open but readers' (which go on reading the deleted file).
   absl::Status Remove(std::string_view file_id) override;
   bool ReadersKeepTransactions() const override { return true; }  // WAL: readers block no one
 
@@ -96,7 +98,8 @@ class FileDatabaseOpener : public DatabaseOpener {
   // WAL, a checkpointer thread checkpoints that database (PASSIVE: the writer goes on), on
   // its own connection; SQLite starts the WAL over at the first commit after a checkpoint
   // that copied every frame. Only a WAL that reaches kCommitCheckpointFrames, because the
-  // checkpointer cannot keep up with the commits, is checkpointed in the commit itself.
+  // checkpointer cannot keep up with the commits (kCommitCheckpointFrames or more frames it
+  // has not copied), is checkpointed in the commit itself.
   static constexpr int kCheckpointFrames = 1000;  // SQLite's own default
   static constexpr int kCommitCheckpointFrames = 16 * kCheckpointFrames;
   ~FileDatabaseOpener() override;
@@ -108,6 +111,8 @@ class FileDatabaseOpener : public DatabaseOpener {
   struct WalHook {
     FileDatabaseOpener* opener;
     std::string file_id;
+    // Frames of the WAL the checkpointer last found copied into the database file.
+    std::atomic<int> backfilled{0};
   };
   static int OnWalCommit(void* hook, sqlite3* db, const char* name, int frames);
   void RunCheckpointer();
@@ -120,10 +125,14 @@ class FileDatabaseOpener : public DatabaseOpener {
   const std::string db_dir_;
   const bool fsync_;
   bool discarded_after_restart_ = false;
-  std::map<std::string, std::unique_ptr<WalHook>, std::less<>> wal_hooks_;  // by file id
+  // By file id; entries are never erased (their addresses are the hooks' contexts). Guarded
+  // by mu_ (the checkpointer reads it).
+  std::map<std::string, std::unique_ptr<WalHook>, std::less<>> wal_hooks_;
   std::mutex mu_;
   std::condition_variable wanted_cv_;
   std::set<std::string> checkpoints_wanted_;  // guarded by mu_
+  std::string checkpointing_;                 // the file being checkpointed; guarded by mu_
+  std::condition_variable checkpointed_cv_;   // checkpointing_ changed
   bool stopping_ = false;                     // guarded by mu_
   std::atomic<uint64_t> checkpoints_{0};
   std::atomic<uint64_t> commit_checkpoints_{0};

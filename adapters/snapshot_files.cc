@@ -106,9 +106,9 @@ SnapshotFiles::~SnapshotFiles() {
 void SnapshotFiles::RemoveInBackground(const std::string& path) {
   const std::string trashed = absl::StrCat(dir_, "/", kTrashName, "/", ++trashed_);
   if (rename(path.c_str(), trashed.c_str()) != 0) {
-    if (errno != ENOENT) {
-      fprintf(stderr, "W cannot move %s to %s: %s\n", path.c_str(), trashed.c_str(),
-              strerror(errno));
+    if (errno != ENOENT) {  // deleted here, then
+      std::error_code error;
+      std::filesystem::remove_all(path, error);
     }
     return;
   }
@@ -123,7 +123,7 @@ void SnapshotFiles::RunDeleter() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     trash_cv_.wait(lock, [this] { return stopping_ || !trash_.empty(); });
-    if (trash_.empty()) return;  // stopping
+    if (stopping_) return;  // what is left goes at the next Open
     std::string path = std::move(trash_.back());
     trash_.pop_back();
     lock.unlock();
@@ -165,6 +165,7 @@ absl::StatusOr<std::string> SnapshotFiles::ReadChunk(const SnapshotMeta& meta, u
     reader_key_ = key;
   }
   if (offset > meta.size_bytes()) return absl::OutOfRangeError("past the snapshot's end");
+  ++chunks_read_;
   return ReadAt(reader_fd_, offset, std::min(max_bytes, meta.size_bytes() - offset), path);
 }
 
@@ -209,7 +210,7 @@ absl::Status SnapshotFiles::Seal(const SnapshotMeta& meta) {
   }
   if (sealed.ok() && fsync_) sealed = SyncDirectory(dir_);
   CloseIncoming();
-  if (!sealed.ok()) unlink(path.c_str());
+  if (!sealed.ok()) RemoveInBackground(path);
   return sealed;
 }
 
@@ -267,7 +268,7 @@ absl::Status SnapshotFiles::Publish(const SnapshotMeta& meta) {
   return fsync_ ? SyncDirectory(dir_) : absl::OkStatus();
 }
 
-void SnapshotFiles::Discard() { unlink(OwnTempPath().c_str()); }
+void SnapshotFiles::Discard() { RemoveInBackground(OwnTempPath()); }
 
 void SnapshotFiles::RemoveStageDir(std::string_view name) {
   RemoveInBackground(absl::StrCat(dir_, "/", kStageName, "/", std::string(name)));

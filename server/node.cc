@@ -656,6 +656,20 @@ void Node::MaybeCompact() {
       sm_->revision() < next_snapshot_attempt_ || !driver_->CanCompact(sm_->revision())) {
     return;
   }
+  // While a peer is fetching this replica's snapshot, a new one would start its transfer
+  // over (the old image goes), and the compaction would drop the entries it needs after
+  // the image: a replica whose transfer takes longer than the writes between two snapshots
+  // would never catch up. So none is taken while chunks were served in the last few
+  // seconds, unless the log has grown to kMaxSnapshotDelayIntervals intervals.
+  if (snapshots_->chunks_read() != chunks_read_seen_) {
+    chunks_read_seen_ = snapshots_->chunks_read();
+    last_chunk_served_ms_ = now_ms_;
+  }
+  if (now_ms_ - last_chunk_served_ms_ < kSnapshotServingQuietMs &&
+      sm_->revision() < driver_->last_snapshot_index() +
+                            kMaxSnapshotDelayIntervals * options_.snapshot_every_entries) {
+    return;
+  }
   StartSnapshotBuild();
 }
 
