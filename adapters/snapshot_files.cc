@@ -165,7 +165,6 @@ absl::StatusOr<std::string> SnapshotFiles::ReadChunk(const SnapshotMeta& meta, u
     reader_key_ = key;
   }
   if (offset > meta.size_bytes()) return absl::OutOfRangeError("past the snapshot's end");
-  ++chunks_read_;
   return ReadAt(reader_fd_, offset, std::min(max_bytes, meta.size_bytes() - offset), path);
 }
 

@@ -41,8 +41,7 @@ class SnapshotFiles : public SnapshotStore {
 
   absl::StatusOr<std::string> ReadChunk(const SnapshotMeta& meta, uint64_t offset,
                                         uint64_t max_bytes) override;
-  // Chunks read for peers so far (ReadChunk calls that found their image).
-  uint64_t chunks_read() const { return chunks_read_; }
+
   void Receive(const SnapshotMeta& meta, uint64_t offset, std::string_view data) override;
   absl::Status Seal(const SnapshotMeta& meta) override;
   void Retain(const SnapshotMeta& meta) override;
@@ -96,7 +95,6 @@ class SnapshotFiles : public SnapshotStore {
   std::optional<SnapshotChecksummer> incoming_checksum_;  // of the bytes written so far
   absl::Status incoming_error_;  // a chunk that could not be written: Seal fails
   uint64_t trashed_ = 0;         // names in trash/
-  uint64_t chunks_read_ = 0;
   std::mutex mu_;
   std::condition_variable trash_cv_;
   std::vector<std::string> trash_;  // guarded by mu_

@@ -656,19 +656,21 @@ void Node::MaybeCompact() {
       sm_->revision() < next_snapshot_attempt_ || !driver_->CanCompact(sm_->revision())) {
     return;
   }
-  // While a peer is fetching this replica's snapshot, a new one would start its transfer
-  // over (the old image goes), and the compaction would drop the entries it needs after
-  // the image: a replica whose transfer takes longer than the writes between two snapshots
-  // would never catch up. So none is taken while chunks were served in the last few
-  // seconds, unless the log has grown to kMaxSnapshotDelayIntervals intervals.
-  if (snapshots_->chunks_read() != chunks_read_seen_) {
-    chunks_read_seen_ = snapshots_->chunks_read();
-    last_chunk_served_ms_ = now_ms_;
-  }
-  if (now_ms_ - last_chunk_served_ms_ < kSnapshotServingQuietMs &&
-      sm_->revision() < driver_->last_snapshot_index() +
+  // A peer this replica sent a snapshot to recently catches up from it: it installs the
+  // image (seconds for a large one), then asks for the entries after it. A new snapshot
+  // now would start a transfer under way over, and the compaction would drop entries that
+  // peer still lacks: a peer whose catch-up takes longer than the writes between two
+  // snapshots would never catch up. So none is taken until each such peer reports a commit
+  // index at this replica's revision, unless the log has grown by
+  // kMaxSnapshotDelayIntervals intervals.
+  if (sm_->revision() < driver_->last_snapshot_index() +
                             kMaxSnapshotDelayIntervals * options_.snapshot_every_entries) {
-    return;
+    for (const auto& [peer, served_ms] : snapshot_served_ms_) {
+      if (now_ms_ - served_ms < kSnapshotCatchupWindowMs &&
+          peer_commit_index_[peer] < sm_->revision()) {
+        return;
+      }
+    }
   }
   StartSnapshotBuild();
 }
@@ -739,6 +741,7 @@ void Node::Send(std::vector<Message> messages) {
   for (Message& m : messages) {
     auto it = outboxes_.find(m.to());
     if (it == outboxes_.end()) continue;
+    if (m.has_snapshot_chunk()) snapshot_served_ms_[m.to()] = now_ms_;
     PeerOutbox& box = it->second;
     size_t size = m.ByteSizeLong();
     if (box.pending_bytes + size > kMaxOutboxBytes) continue;  // lost; the protocol retries
@@ -1117,7 +1120,14 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply
     ++counters_.peer_frames_refused;
     return absl::InvalidArgumentError("not a message batch");
   }
-  for (const Message& m : batch.messages()) replica().Step(m);
+  for (const Message& m : batch.messages()) {
+    // What the peer says it has chosen, for MaybeCompact (the replica checks the rest).
+    if (m.from() == frame->from_id) {
+      uint64_t& commit = peer_commit_index_[m.from()];
+      commit = std::max(commit, m.commit_index());
+    }
+    replica().Step(m);
+  }
   return frame->from_id;
 }
 

@@ -228,11 +228,11 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   uint64_t next_snapshot_attempt_ = 0;
   // The image of this replica's own snapshot is written on a worker thread (SnapshotBuild);
   // once written it waits here until the driver can record it (Compact).
-  // A snapshot is put off while chunks of the current one are being served (MaybeCompact).
-  static constexpr int64_t kSnapshotServingQuietMs = 3000;
+  // A snapshot is put off while a peer catches up from the current one (MaybeCompact).
+  static constexpr int64_t kSnapshotCatchupWindowMs = 120'000;
   static constexpr uint64_t kMaxSnapshotDelayIntervals = 10;
-  uint64_t chunks_read_seen_ = 0;
-  int64_t last_chunk_served_ms_ = -kSnapshotServingQuietMs;
+  std::map<uint32_t, int64_t> snapshot_served_ms_;  // by peer: when a chunk was last sent
+  std::map<uint32_t, uint64_t> peer_commit_index_;  // by peer: the highest it reported
   struct SnapshotBuild;
   struct StateHashJob;
   bool hashing_state_ = false;  // a divergence vote's state hash is computed on a worker

@@ -7,6 +7,7 @@ import base64
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -464,6 +465,88 @@ class Failures(ClusterTest):
         self.assertEqual({s["ballot"]["round"] for s in statuses.values()}, rounds, statuses)
         r = self.c.exec(follower, "p", "CREATE TABLE t(x)")
         self.assertEqual(r.status, 200, r)
+
+
+class LargeDatabase(ClusterTest):
+    """About 100 MB of data: snapshots are written, sent and installed in pieces."""
+
+    flags = ("--snapshot-every", "1000")
+
+    def rss_mib(self, i):
+        try:
+            with open(f"/proc/{self.c.procs[i].pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return 0.0
+
+    def wait_for(self, what, condition, timeout=120):
+        deadline = time.time() + timeout
+        while not condition():
+            self.assertLess(time.time(), deadline, what)
+            time.sleep(0.2)
+
+    def test_a_wiped_replica_catches_up_by_snapshot_in_bounded_memory_without_an_election(self):
+        self.create("big")
+        self.c.exec(1, "big", "CREATE TABLE blob(k INTEGER PRIMARY KEY, v BLOB)")
+        self.c.exec(1, "big", "CREATE TABLE t(k TEXT PRIMARY KEY, n INTEGER)")
+        for k in range(10):  # 10 x 10 MiB
+            r = self.c.exec_retrying(
+                1 + k % 3, "big",
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10) "
+                "INSERT INTO blob(v) SELECT randomblob(1048576) FROM n")
+            self.assertEqual(r.status, 200, r)
+        leader = self.c.wait_leader()
+        round_before = self.c.status(leader)["ballot"]["round"]
+        peak, sampling = {1: 0.0, 2: 0.0, 3: 0.0}, threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                for i in (1, 2, 3):
+                    peak[i] = max(peak[i], self.rss_mib(i))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        acknowledged, stop, threads = self.start_writers(
+            "big", "INSERT INTO t VALUES (?, ?)", lambda key, k: [key, k], writers=2)
+        try:
+            # Every replica snapshots the whole 100 MB while the writes go on.
+            first = {i: self.c.status(i)["snapshot_index"] for i in (1, 2, 3)}
+            self.wait_for("a snapshot on every replica", lambda: all(
+                self.c.status(i)["snapshot_index"] > first[i] for i in (1, 2, 3)))
+            victim = 1 + leader % 3
+            self.c.kill(victim, signal.SIGKILL)
+            shutil.rmtree(os.path.join(self.c.root, str(victim)))
+            self.c.start(victim)
+            others = [i for i in (1, 2, 3) if i != victim]
+
+            def caught_up():
+                try:
+                    s = self.c.status(victim)
+                except OSError:
+                    return False
+                top = max(self.c.status(i)["revision"] for i in others)
+                return s["snapshot_index"] > 0 and s["revision"] >= top - 50
+
+            self.wait_for("the wiped replica caught up", caught_up)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            sampling.set()
+            sampler.join()
+        self.assertGreater(len(acknowledged), 50)
+        self.assert_same_rows_with("big", "SELECT k FROM t", acknowledged)
+        q = self.c.query(victim, "big", "SELECT count(*), sum(length(v)) FROM blob", "local")
+        self.assertEqual(q.json()["rows"], [[100, 100 * 1048576]])
+        for i in (1, 2, 3):
+            s = self.c.status(i)
+            self.assertEqual((s["leader"], s["ballot"]["round"]), (leader, round_before),
+                             f"replica {i}: an election during the snapshot and catch-up")
+            self.assertLess(peak[i], 150, f"replica {i} peaked at {peak[i]:.0f} MiB")
 
 
 if __name__ == "__main__":
