@@ -1254,7 +1254,10 @@ void Replica::BroadcastHeartbeat() {
     Message m = NewMessage(peer);
     m.mutable_heartbeat()->set_read_context(read_context_);
     m.mutable_heartbeat()->set_ballot_floor(read_floor_);
-    Send(std::move(m));
+    // It acknowledges nothing, and the commit index it carries is of values a majority
+    // holds durably: it need not wait for this leader's fsync. (A lease counts from the tick
+    // the round began, no later than any follower's grant.)
+    SendEarly(std::move(m));
   }
   if (config_.replica_ids.size() == 1) {
     quorum_acked_context_ = read_context_;

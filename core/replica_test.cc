@@ -298,6 +298,21 @@ TEST(Acceptor, AHeartbeatAcknowledgementWaitsForNoFsyncUnlessItsPromiseDoes) {
   r.Advance(ready);
 }
 
+TEST(Leader, HeartbeatsWaitForNoFsyncOnceTheBallotIsDurable) {
+  Replica r(ConfigFor(1), PersistedState(), 1);
+  BecomeLeaderWithAcknowledgedHeartbeat(r);
+  // A write in flight (its accepts and its own write not yet durable) and the next
+  // heartbeat round: the heartbeats go with the accepts, ahead of the leader's fsync.
+  r.Propose(Write(7, 1, "INSERT INTO t VALUES (1)"));
+  for (int i = 0; i < ConfigFor(1).heartbeat_interval_ticks; ++i) r.Tick();
+  Ready ready = r.GetReady();
+  int heartbeats = 0;
+  for (const Message& m : ready.early_messages) heartbeats += m.has_heartbeat() ? 1 : 0;
+  for (const Message& m : ready.messages) EXPECT_FALSE(m.has_heartbeat());
+  EXPECT_EQ(heartbeats, 2);
+  r.Advance(ready);
+}
+
 TEST(Acceptor, RejectsALowerBallotAndReportsTheHigherOne) {
   Replica r(ConfigFor(2), PersistedState(), 1);
   for (int i = 0; i < 8; ++i) r.Tick();
@@ -660,8 +675,10 @@ uint64_t ProposeLinearizableRead(Replica& r) {
   Ready ready = r.GetReady();
   EXPECT_TRUE(ready.replies.empty()) << "answered before a round confirmed the leadership";
   uint64_t context = 0;
-  for (const Message& m : ready.messages) {
-    if (m.has_heartbeat()) context = m.heartbeat().read_context();
+  for (const auto* messages : {&ready.early_messages, &ready.messages}) {
+    for (const Message& m : *messages) {
+      if (m.has_heartbeat()) context = m.heartbeat().read_context();
+    }
   }
   r.Advance(ready);
   return context;
