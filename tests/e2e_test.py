@@ -542,6 +542,10 @@ class LargeDatabase(ClusterTest):
         self.assert_same_rows_with("big", "SELECT k FROM t", acknowledged)
         q = self.c.query(victim, "big", "SELECT count(*), sum(length(v)) FROM blob", "local")
         self.assertEqual(q.json()["rows"], [[100, 100 * 1048576]])
+        if os.environ.get("SYNOD_SANITIZED"):
+            # AddressSanitizer's shadow memory and quarantine make RSS meaningless, and its
+            # slowdown stretches the loop's stalls: the sanitized run checks the rest.
+            return
         for i in (1, 2, 3):
             s = self.c.status(i)
             self.assertEqual((s["leader"], s["ballot"]["round"]), (leader, round_before),
