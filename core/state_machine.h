@@ -265,13 +265,15 @@ class StateMachine {
   // The owner of a registered unique name (NotFound if it is not registered).
   absl::StatusOr<std::string> NameOwner(std::string_view name);
 
-  // The whole state (every database and the session table) as one byte string, and back.
-  // Snapshot() is FailedPrecondition right after an Open() that found an entry half applied
-  // by a crash, until that entry is applied again. RestoreSnapshot checks the whole snapshot
-  // before changing anything (InvalidArgument if it is damaged), then replaces the whole
-  // state, removing the databases the snapshot does not have. A snapshot of more than
-  // `max_bytes` (a protobuf message, the log record that holds it, stays under 2 GiB; and the
-  // image is held in memory) is ResourceExhausted, found from the databases' sizes before
+  // The whole state (every database and the session table) as one byte string, and back:
+  // the simulator's snapshots, held in memory (the server writes and reads images as files,
+  // in pieces: OpenSnapshotView, CheckSnapshotImages, RestoreSnapshotImages and
+  // adapters/snapshot_image.h). Snapshot() is FailedPrecondition right after an Open() that
+  // found an entry half applied by a crash, until that entry is applied again.
+  // RestoreSnapshot checks the whole snapshot before changing anything (InvalidArgument if
+  // it is damaged), then replaces the whole state, removing the databases the snapshot does
+  // not have. A snapshot of more than `max_bytes` (SQLite serializes a database in one
+  // allocation of under 2 GiB) is ResourceExhausted, found from the databases' sizes before
   // anything is copied.
   static constexpr uint64_t kMaxSnapshotBytes = (uint64_t{2} << 30) - (64 << 20);
   absl::StatusOr<std::string> Snapshot(uint64_t max_bytes = kMaxSnapshotBytes);
