@@ -39,24 +39,6 @@ class Fd {
   int fd_;
 };
 
-// The size of the main database of `db` as its open transaction sees it.
-absl::StatusOr<uint64_t> DatabaseBytes(sqlite3* db) {
-  int64_t values[2] = {-1, -1};
-  const char* pragmas[2] = {"PRAGMA page_count", "PRAGMA page_size"};
-  for (int i = 0; i < 2; ++i) {
-    sqlite3_stmt* stmt = nullptr;
-    if (sqlite3_prepare_v2(db, pragmas[i], -1, &stmt, nullptr) == SQLITE_OK &&
-        sqlite3_step(stmt) == SQLITE_ROW) {
-      values[i] = sqlite3_column_int64(stmt, 0);
-    }
-    sqlite3_finalize(stmt);
-  }
-  if (values[0] < 0 || values[1] <= 0) {
-    return absl::DataLossError(absl::StrCat("cannot read a database's size: ", sqlite3_errmsg(db)));
-  }
-  return static_cast<uint64_t>(values[0]) * static_cast<uint64_t>(values[1]);
-}
-
 // Pages copied per backup step: the cancel flag is looked at between steps.
 constexpr int kBackupStepPages = 256;
 
@@ -134,7 +116,7 @@ absl::StatusOr<SnapshotMeta> WriteSnapshotImage(SnapshotView& view, const std::s
   uint64_t total = kSnapshotMagic.size() + kSnapshotU64Bytes;
   std::vector<uint64_t> sizes;
   for (const auto& [file_id, reader] : view.databases) {
-    absl::StatusOr<uint64_t> bytes = DatabaseBytes(reader.get());
+    absl::StatusOr<uint64_t> bytes = FileBytes(reader.get());
     if (!bytes.ok()) return bytes.status();
     sizes.push_back(*bytes);
     total += SnapshotFrameHeader(file_id, *bytes).size() + *bytes;

@@ -781,6 +781,29 @@ absl::StatusOr<Db> LoadImage(std::string_view image) {
   return scratch;
 }
 
+absl::StatusOr<uint64_t> FileBytes(sqlite3* db) {
+  std::optional<int64_t> pages = SingleInteger(db, "PRAGMA page_count");
+  std::optional<int64_t> page_bytes = SingleInteger(db, "PRAGMA page_size");
+  if (!pages.has_value() || !page_bytes.has_value() || *pages < 0 || *page_bytes <= 0) {
+    return absl::DataLossError(
+        absl::StrCat("cannot read the database's size: ", ValidUtf8(sqlite3_errmsg(db))));
+  }
+  return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
+}
+
+std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql) {
+  sqlite3_stmt* raw = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return std::nullopt;
+  Stmt stmt(raw);
+  if (sqlite3_step(stmt.get()) != SQLITE_ROW ||
+      sqlite3_column_type(stmt.get(), 0) != SQLITE_INTEGER) {
+    return std::nullopt;
+  }
+  int64_t value = sqlite3_column_int64(stmt.get(), 0);
+  if (sqlite3_step(stmt.get()) != SQLITE_DONE) return std::nullopt;
+  return value;
+}
+
 void CopyDatabase(sqlite3* from, sqlite3* to) {
   SYNOD_CHECK_EQ(PageSize(from), PageSize(to));
   sqlite3_backup* backup = sqlite3_backup_init(to, "main", from, "main");

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -154,6 +155,14 @@ inline constexpr size_t kImageHeaderBytes = 100;
 absl::Status CheckImageHeader(std::string_view header);
 void NormalizeImageHeader(char* header);
 absl::Status CheckImageContent(sqlite3* db);
+
+// The single integer `sql` returns from `db`, if it returns exactly that.
+std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql);
+
+// The size of `db`'s main database file, as its transaction (if one is open) sees it: its
+// page count times its page size. DataLoss when SQLite cannot read them (a file damaged on
+// this replica's disk).
+absl::StatusOr<uint64_t> FileBytes(sqlite3* db);
 
 // Replaces the content of `to` with that of `from`. REQUIRES: same page size.
 void CopyDatabase(sqlite3* from, sqlite3* to);

@@ -162,35 +162,6 @@ std::string OwnSchemaOf(const char* sql) {
   return OwnSchema(scratch.get());
 }
 
-// The single integer `sql` returns from `db`, if it returns exactly that.
-std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql);
-
-// The size of `db`'s main database file: its page count times its page size. An error when
-// SQLite cannot read them (a file damaged on this replica's disk).
-absl::StatusOr<uint64_t> FileBytes(sqlite3* db) {
-  std::optional<int64_t> pages = SingleInteger(db, "PRAGMA page_count");
-  std::optional<int64_t> page_bytes = SingleInteger(db, "PRAGMA page_size");
-  if (!pages.has_value() || !page_bytes.has_value() || *pages < 0 || *page_bytes <= 0) {
-    return absl::DataLossError(
-        absl::StrCat("cannot read the database's size: ", ValidUtf8(sqlite3_errmsg(db))));
-  }
-  return static_cast<uint64_t>(*pages) * static_cast<uint64_t>(*page_bytes);
-}
-
-// The single integer `sql` returns from `db`, if it returns exactly that.
-std::optional<int64_t> SingleInteger(sqlite3* db, const char* sql) {
-  sqlite3_stmt* raw = nullptr;
-  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK) return std::nullopt;
-  Stmt stmt(raw);
-  if (sqlite3_step(stmt.get()) != SQLITE_ROW ||
-      sqlite3_column_type(stmt.get(), 0) != SQLITE_INTEGER) {
-    return std::nullopt;
-  }
-  int64_t value = sqlite3_column_int64(stmt.get(), 0);
-  if (sqlite3_step(stmt.get()) != SQLITE_DONE) return std::nullopt;
-  return value;
-}
-
 // Checks everything the state machine relies on without checking when it loads a state
 // (it stops the process instead): the exact schema of its own tables, one position per
 // database no further than one entry ahead of the system's, and the session bound. A peer's
