@@ -22,6 +22,8 @@ constexpr size_t kMaxBufferedInputBytes = 64 * 1024;
 // would reset the connection and could destroy the response before the client reads it.
 constexpr uint64_t kLingerMs = 1000;
 constexpr int kListenBacklog = 511;
+// A streamed body is asked for in pieces of at most this many bytes.
+constexpr size_t kStreamPieceBytes = 256 * 1024;
 
 // `text` as the inside of a JSON string literal. The result is always valid JSON and valid
 // UTF-8, whatever `text` holds: each byte that is not part of a well-formed UTF-8 sequence
@@ -117,6 +119,7 @@ bool IsSafeHeaderText(std::string_view text) {
 // The response's bytes on the wire, or nullopt when the handler's response cannot be sent
 // as given (bad status or a header that would break the framing).
 std::optional<std::string> SerializeHead(const HttpResponse& response, bool close, bool send_body) {
+  if (response.body_source != nullptr && !response.body.empty()) return std::nullopt;
   if (response.status < 200 || response.status > 599) return std::nullopt;
   std::string head =
       "HTTP/1.1 " + std::to_string(response.status) + " " + ReasonPhrase(response.status) + "\r\n";
@@ -128,7 +131,11 @@ std::optional<std::string> SerializeHead(const HttpResponse& response, bool clos
     if (IsFramingHeader(name)) continue;
     head += name + ": " + value + "\r\n";
   }
-  if (send_body) head += "Content-Length: " + std::to_string(response.body.size()) + "\r\n";
+  if (send_body) {
+    const uint64_t length =
+        response.body_source != nullptr ? response.body_source->size() : response.body.size();
+    head += "Content-Length: " + std::to_string(length) + "\r\n";
+  }
   if (close) head += "Connection: close\r\n";
   head += "\r\n";
   return head;
@@ -181,6 +188,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    body_source_.reset();
     LeaveIdleList();
     SYNOD_CHECK_GT(server_->open_connection_count_, 0u);
     --server_->open_connection_count_;
@@ -212,6 +220,8 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     ServerConnection* connection;
     std::string head;
     std::string body;
+    // Whether the response goes on (a streamed body's next piece) once this is written.
+    bool more = false;
   };
 
   static ServerConnection* From(llhttp_t* parser) {
@@ -453,26 +463,68 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     }
     auto write = std::make_unique<PendingWrite>();
     write->head = std::move(*head);
-    if (!no_body && !in_flight_is_head_) write->body = std::move(response.body);
+    if (!no_body && !in_flight_is_head_) {
+      write->body = std::move(response.body);
+      if (response.body_source != nullptr && response.body_source->size() > 0) {
+        body_source_ = std::move(response.body_source);
+        body_left_ = body_source_->size();
+        write->more = true;
+      }
+    }
+    writing_ = true;
+    close_after_write_ = close_after;
+    Write(std::move(write));
+  }
+
+  // Writes `write` (the head, a body, or a streamed body's piece) and arms the write timer.
+  void Write(std::unique_ptr<PendingWrite> write) {
     write->connection = this;
     write->request.data = write.get();
     uv_buf_t bufs[2] = {uv_buf_init(write->head.data(), write->head.size()),
                         uv_buf_init(write->body.data(), write->body.size())};
-    int rc = uv_write(&write->request, reinterpret_cast<uv_stream_t*>(&tcp_), bufs,
-                      write->body.empty() ? 1 : 2, OnWriteDone);
+    uv_buf_t* first = write->head.empty() ? &bufs[1] : &bufs[0];
+    const unsigned count = (write->head.empty() ? 0 : 1) + (write->body.empty() ? 0 : 1);
+    SYNOD_CHECK_GT(count, 0u);
+    int rc =
+        uv_write(&write->request, reinterpret_cast<uv_stream_t*>(&tcp_), first, count, OnWriteDone);
     if (rc != 0) {
       Close();
       return;
     }
     write.release();  // OnWriteDone owns it now
-    writing_ = true;
-    close_after_write_ = close_after;
     ArmTimer(TimerPurpose::kWrite, server_->limits_.write_timeout_ms);
+  }
+
+  // Asks the body source for the next piece of a streamed body and writes it. The write
+  // timer runs meanwhile: a source that does not answer closes the connection like a client
+  // that does not read.
+  void StreamNextPiece() {
+    ArmTimer(TimerPurpose::kWrite, server_->limits_.write_timeout_ms);
+    const size_t max_bytes = static_cast<size_t>(std::min<uint64_t>(body_left_, kStreamPieceBytes));
+    std::weak_ptr<ServerConnection> weak = weak_from_this();
+    body_source_->Read(max_bytes, [weak, max_bytes](absl::StatusOr<std::string> piece) {
+      std::shared_ptr<ServerConnection> self = weak.lock();
+      if (self == nullptr || self->closing_ || self->body_source_ == nullptr) return;
+      if (!piece.ok() || piece->empty() || piece->size() > max_bytes) {
+        self->Close();  // the client sees a short body
+        return;
+      }
+      self->body_left_ -= piece->size();
+      auto write = std::make_unique<PendingWrite>();
+      write->body = *std::move(piece);
+      write->more = self->body_left_ > 0;
+      if (!write->more) self->body_source_.reset();
+      self->Write(std::move(write));
+    });
   }
 
   static void OnWriteDone(uv_write_t* request, int status) {
     std::unique_ptr<PendingWrite> write(static_cast<PendingWrite*>(request->data));
     ServerConnection* self = write->connection;
+    if (!self->closing_ && status >= 0 && write->more) {
+      self->StreamNextPiece();
+      return;
+    }
     self->writing_ = false;
     self->in_flight_request_id_ = 0;
     if (self->closing_) return;
@@ -582,6 +634,9 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   uint64_t in_flight_request_id_ = 0;
   bool in_flight_is_head_ = false;
   uint64_t next_request_id_ = 1;
+  // A streamed body being written, and how many of its bytes are still to come.
+  std::shared_ptr<HttpBodySource> body_source_;
+  uint64_t body_left_ = 0;
 };
 
 }  // namespace http_internal

@@ -20,10 +20,12 @@
 // it arrives); every request has a deadline; and when all connections are taken, the one idle
 // the longest makes room for a newcomer (see HttpServerLimits).
 //
-// Streaming (planned, see DESIGN.md "Coming next"): today a request body is delivered whole,
-// bounded by the request's body limit (HttpServerLimits). Streamed bodies will arrive through a
-// second handler kind that receives the request head and then body chunks; streamed responses will
-// be further methods on Responder beside Send. Neither changes the Handler below.
+// Streamed responses: a response may carry its body as an HttpBodySource instead of a string.
+// The server writes the head, then asks the source for one piece at a time, and asks for the
+// next only once the previous piece has been written to the socket: a client that reads
+// slowly holds one piece of memory, not the body. (Streamed request bodies are planned, see
+// DESIGN.md "Coming next"; today a request body is delivered whole, bounded by the request's
+// body limit.)
 
 #include <uv.h>
 
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace synod {
 
@@ -51,12 +54,31 @@ struct HttpRequest {
   std::string body;     // de-chunked
 };
 
+// A response body produced in pieces, with back-pressure (see above). Used on the loop thread
+// only.
+class HttpBodySource {
+ public:
+  using ReadDone = std::function<void(absl::StatusOr<std::string> piece)>;
+  virtual ~HttpBodySource() = default;
+  // The body's length in bytes, sent as its Content-Length before any piece.
+  virtual uint64_t size() const = 0;
+  // Produces the next piece, 1 to `max_bytes` bytes long, and passes it to `done` on the loop
+  // thread, at once or later. The server asks again only after `done` has run, and never
+  // beyond size(). An error (or an empty piece) ends the connection: the head is gone, so
+  // the client sees a body shorter than its Content-Length. The server may drop the source
+  // (the client left) with a read under way: `done` must then still be safe to run, or never
+  // run.
+  virtual void Read(size_t max_bytes, ReadDone done) = 0;
+};
+
 struct HttpResponse {
   int status = 200;
   // Content-Length is added by the server (and Connection when it closes); any such
   // headers given here are dropped.
   HttpHeaders headers;
   std::string body;
+  // When set, the body comes from here (and `body` must be empty).
+  std::shared_ptr<HttpBodySource> body_source;
 };
 
 // Synod's JSON error shape: {"error":{"code":code,"message":message}}, with

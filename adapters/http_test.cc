@@ -3,6 +3,7 @@
 // thread, so that each test reads like the exchange it checks.
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "adapters/file_body.h"
 #include "adapters/http_client.h"
 #include "adapters/http_server.h"
 #include "gtest/gtest.h"
@@ -94,6 +96,14 @@ class RawClient {
     response.body = buffer_.substr(head_end + 4, length);
     buffer_.erase(0, head_end + 4 + length);
     return response;
+  }
+
+  // Reads until `marker` has been received; false on EOF or timeout first.
+  bool ReadUntil(std::string_view marker) {
+    while (buffer_.find(marker) == std::string::npos) {
+      if (!Fill()) return false;
+    }
+    return true;
   }
 
   // Everything until the server closes the connection (or 5 s pass).
@@ -613,6 +623,153 @@ TEST_F(HttpTest, HeadGetsLengthWithoutBody) {
     EXPECT_NE(received.find("Content-Length: 8\r\n"), std::string::npos) << received;
     EXPECT_EQ(received.substr(received.size() - 4), "\r\n\r\n") << received;
   });
+}
+
+// A streamed body of `size` bytes whose byte i is 'a' + i % 26, made at each Read; it
+// counts what it has produced, and fails at `fail_at` when set.
+class PatternSource : public HttpBodySource {
+ public:
+  PatternSource(uint64_t size, uint64_t fail_at = UINT64_MAX) : size_(size), fail_at_(fail_at) {}
+  uint64_t size() const override { return size_; }
+  void Read(size_t max_bytes, ReadDone done) override {
+    if (produced_ >= fail_at_) {
+      done(absl::UnavailableError("the disk went away"));
+      return;
+    }
+    std::string piece;
+    for (size_t i = 0; i < max_bytes && produced_ < size_; ++i, ++produced_) {
+      piece.push_back(static_cast<char>('a' + produced_ % 26));
+    }
+    done(std::move(piece));
+  }
+  std::atomic<uint64_t>& produced() { return produced_; }
+
+ private:
+  const uint64_t size_;
+  const uint64_t fail_at_;
+  std::atomic<uint64_t> produced_{0};
+};
+
+bool IsPattern(std::string_view body, uint64_t from = 0) {
+  for (size_t i = 0; i < body.size(); ++i) {
+    if (body[i] != static_cast<char>('a' + (from + i) % 26)) return false;
+  }
+  return true;
+}
+
+TEST_F(HttpTest, StreamedBodyIsProducedOnlyAsFastAsTheClientReadsThenWhole) {
+  const uint64_t body_bytes = 64 << 20;
+  auto source = std::make_shared<PatternSource>(body_bytes);
+  StartServer({}, [&](HttpRequest request, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    if (request.target == "/stream") {
+      response.body_source = source;
+    } else {
+      response.body = "small";
+    }
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/stream"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    // Only what the socket buffers hold has been produced, not the body.
+    EXPECT_LT(source->produced().load(), uint64_t{16} << 20);
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 200);
+    EXPECT_NE(response->head.find("Content-Length: 67108864\r\n"), std::string::npos);
+    ASSERT_EQ(response->body.size(), body_bytes);
+    EXPECT_TRUE(IsPattern(response->body));
+    // The connection goes on to the next request.
+    client.Send(Get("/next"));
+    std::optional<RawResponse> next = client.Read();
+    ASSERT_TRUE(next);
+    EXPECT_EQ(next->body, "small");
+  });
+}
+
+TEST_F(HttpTest, StreamedBodyThatFailsEndsTheConnectionShort) {
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    response.body_source = std::make_shared<PatternSource>(4 << 20, 1 << 20);
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/stream"));
+    std::string received = client.ReadToEof();
+    const size_t head_end = received.find("\r\n\r\n");
+    ASSERT_NE(head_end, std::string::npos);
+    EXPECT_EQ(received.size() - head_end - 4, size_t{1} << 20);
+  });
+  RunUntil([&] { return server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, AClientLeavingMidStreamReleasesTheSource) {
+  std::weak_ptr<PatternSource> weak;
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    auto source = std::make_shared<PatternSource>(uint64_t{1} << 30);
+    weak = source;
+    HttpResponse response;
+    response.body_source = std::move(source);
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/stream"));
+    ASSERT_TRUE(client.ReadUntil("\r\n\r\n"));
+    client.Reset();
+  });
+  RunUntil([&] { return weak.expired() && server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, HeadOfAStreamedBodyGetsItsLengthAndNoPiece) {
+  auto source = std::make_shared<PatternSource>(12345);
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    response.body_source = source;
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("HEAD /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    std::string received = client.ReadToEof();
+    EXPECT_NE(received.find("Content-Length: 12345\r\n"), std::string::npos) << received;
+    EXPECT_EQ(received.substr(received.size() - 4), "\r\n\r\n") << received;
+  });
+  EXPECT_EQ(source->produced().load(), 0u);
+}
+
+TEST_F(HttpTest, FileBodyServesAByteRangeOfTheFileInPieces) {
+  const std::string path = std::string(getenv("TEST_TMPDIR")) + "/body";
+  std::string content;
+  for (int i = 0; i < 3 << 20; ++i) content.push_back(static_cast<char>('a' + i % 26));
+  {
+    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(write(fd, content.data(), content.size()), static_cast<ssize_t>(content.size()));
+    close(fd);
+  }
+  const uint64_t offset = 1000;
+  const uint64_t length = (2 << 20) + 7;
+  auto hold = std::make_shared<int>(0);
+  std::weak_ptr<int> held = hold;
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    int fd = open(path.c_str(), O_RDONLY);
+    response.body_source = FileBodySource::Create(&loop_, fd, offset, length, std::move(hold));
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/file"));
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, content.substr(offset, length));
+  });
+  // Once the body is written, the source and what it holds are let go.
+  RunUntil([&] { return held.expired(); });
 }
 
 TEST_F(HttpTest, NewClientTakesTheLongestIdleConnectionsPlaceWhenAllAreTaken) {

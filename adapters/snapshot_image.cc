@@ -70,9 +70,12 @@ absl::Status BackupToFile(sqlite3* from, const std::string& path,
     }
   }
   if (rc != SQLITE_OK) {
-    return absl::UnavailableError(
+    if (cancelled()) return absl::CancelledError("the copy was cancelled");
+    const std::string message =
         absl::StrCat("cannot copy a database into ", path, ": ",
-                     to != nullptr ? sqlite3_errmsg(to.get()) : sqlite3_errstr(rc)));
+                     to != nullptr ? sqlite3_errmsg(to.get()) : sqlite3_errstr(rc));
+    return (rc & 0xff) == SQLITE_FULL ? absl::ResourceExhaustedError(message)
+                                      : absl::UnavailableError(message);
   }
   return absl::OkStatus();
 }
@@ -101,6 +104,11 @@ class ImageWriter {
 };
 
 }  // namespace
+
+absl::Status CopyDatabaseToFile(sqlite3* from, const std::string& path,
+                                const std::atomic<bool>* cancel) {
+  return BackupToFile(from, path, [cancel] { return cancel != nullptr && cancel->load(); });
+}
 
 absl::StatusOr<SnapshotMeta> WriteSnapshotImage(SnapshotView& view, const std::string& stage_path,
                                                 const std::string& path, bool fsync,

@@ -14,6 +14,12 @@
 
 namespace synod {
 
+// Copies the main database of `from` into a new plain database file at `path` (replacing
+// it) with SQLite's backup API, inside `from`'s open read transaction, 256 pages per step.
+// Stops early (Cancelled) once `*cancel` is set. For a worker thread. Not synced.
+absl::Status CopyDatabaseToFile(sqlite3* from, const std::string& path,
+                                const std::atomic<bool>* cancel = nullptr);
+
 // Writes the image of `view` (StateMachine::OpenSnapshotView) to `path`, replacing it: each
 // database is copied with SQLite's backup API, inside the view's read transaction, into the
 // plain database file `stage_path`, whose bytes are then appended to the image; the

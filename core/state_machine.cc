@@ -937,6 +937,24 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   return RestoreSnapshotImages(*loaded);
 }
 
+namespace {
+
+// A read-only connection to `file_id` in a read transaction begun now.
+absl::StatusOr<Db> OpenHeldReader(DatabaseOpener& opener, const std::string& file_id) {
+  absl::StatusOr<sqlite3*> opened = opener.OpenReadOnly(file_id, nullptr);
+  if (!opened.ok()) return opened.status();
+  Db reader(*opened);
+  // The read transaction begins at the first read: the state as of this revision.
+  if (sqlite3_exec(reader.get(), "BEGIN; SELECT count(*) FROM sqlite_schema;", nullptr, nullptr,
+                   nullptr) != SQLITE_OK) {
+    return absl::UnavailableError(absl::StrCat("cannot read database ", file_id, ": ",
+                                               ValidUtf8(sqlite3_errmsg(reader.get()))));
+  }
+  return reader;
+}
+
+}  // namespace
+
 absl::StatusOr<SnapshotView> StateMachine::OpenSnapshotView() {
   if (impl_->mid_entry) {
     return absl::FailedPreconditionError(
@@ -953,18 +971,22 @@ absl::StatusOr<SnapshotView> StateMachine::OpenSnapshotView() {
     view.positions.push_back({name, db.revision, db.request_index});
   }
   for (const std::string& file_id : file_ids) {
-    absl::StatusOr<sqlite3*> opened = impl_->opener->OpenReadOnly(file_id, nullptr);
-    if (!opened.ok()) return opened.status();
-    Db reader(*opened);
-    // The read transaction begins at the first read: the state as of this revision.
-    if (sqlite3_exec(reader.get(), "BEGIN; SELECT count(*) FROM sqlite_schema;", nullptr, nullptr,
-                     nullptr) != SQLITE_OK) {
-      return absl::UnavailableError(absl::StrCat("cannot read database ", file_id, ": ",
-                                                 ValidUtf8(sqlite3_errmsg(reader.get()))));
-    }
-    view.databases.emplace_back(file_id, std::move(reader));
+    absl::StatusOr<Db> reader = OpenHeldReader(*impl_->opener, file_id);
+    if (!reader.ok()) return reader.status();
+    view.databases.emplace_back(file_id, *std::move(reader));
   }
   return view;
+}
+
+absl::StatusOr<Db> StateMachine::OpenDatabaseView(std::string_view database) {
+  auto it = impl_->databases.find(database);
+  if (it == impl_->databases.end()) {
+    return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
+  }
+  if (!impl_->opener->ReadersKeepTransactions()) {
+    return absl::UnimplementedError("these databases cannot be read beside their writer");
+  }
+  return OpenHeldReader(*impl_->opener, it->second.file_id);
 }
 
 absl::Status StateMachine::RestoreSnapshotImages(const SnapshotImages& images) {

@@ -298,6 +298,9 @@ class StateMachine {
   // is half applied (as Snapshot()); Unimplemented when the opener's readers cannot keep a
   // transaction open beside the writer (in-memory databases).
   absl::StatusOr<SnapshotView> OpenSnapshotView();
+  // The same for one user database (NotFound if there is none): a read-only connection in a
+  // read transaction begun at the current revision, for a backup copied off this thread.
+  absl::StatusOr<Db> OpenDatabaseView(std::string_view database);
 
   // A hash of the logical content of every database and the session table: equal on two
   // replicas exactly when they hold the same state. Stable across processes.

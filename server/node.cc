@@ -1,6 +1,8 @@
 #include "server/node.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -14,6 +16,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "adapters/file_body.h"
+#include "adapters/file_util.h"
 #include "core/check.h"
 #include "core/log_codec.h"
 #include "server/api.pb.h"
@@ -241,6 +245,10 @@ absl::Status Node::Start() {
   if (!snapshots.ok()) return snapshots.status();
   snapshots_ = std::move(*snapshots);
   if (absl::Status moved = MoveSnapshotOutOfLog(*store); !moved.ok()) return moved;
+  // Backups under way when the process stopped left their copies here.
+  absl::StatusOr<std::string> backup_dir = snapshots_->EmptyStageDir("backups");
+  if (!backup_dir.ok()) return backup_dir.status();
+  backup_dir_ = *std::move(backup_dir);
   PersistedState state = std::move(store->recovered());
   if (state.snapshot_meta.index() > 0) {
     if (absl::Status whole = snapshots_->Verify(state.snapshot_meta); !whole.ok()) {
@@ -340,6 +348,7 @@ absl::Status Node::Start() {
 void Node::Stop(std::function<void()> done) {
   stopping_ = true;
   cancel_snapshot_build_.store(true);
+  cancel_backups_.store(true);
   for (auto& [id, query] : running_queries_) query->reader->Interrupt();
   if (tick_timer_started_) {
     uv_timer_stop(&tick_timer_);
@@ -1006,14 +1015,11 @@ void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
 
 void Node::Respond(const std::shared_ptr<HttpResponder>& responder, int status, std::string body,
                    std::string content_type) {
-  ++counters_.requests;
-  if (status >= 500) ++counters_.errors;
-  counters_.response_us_total += responder->ElapsedMicros();
   HttpResponse response;
   response.status = status;
   response.headers.push_back({"Content-Type", std::move(content_type)});
   response.body = std::move(body);
-  responder->Send(std::move(response));
+  SendCounted(responder, std::move(response));
 }
 
 void Node::RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
@@ -1021,6 +1027,91 @@ void Node::RespondError(const std::shared_ptr<HttpResponder>& responder, int sta
   Respond(responder, status,
           ErrorJson(std::string_view(code.data(), code.size()),
                     std::string_view(message.data(), message.size())));
+}
+
+// A backup is copied with SQLite's backup API on a worker thread, from a read transaction
+// begun on the loop at the revision the read was confirmed at, into a file in the snapshot
+// store's stage; the file is then opened, unlinked (nothing is left behind whatever happens
+// next) and streamed to the client in pieces. Memory stays at a piece; disk holds one copy
+// of the database per backup under way, and at most kMaxBackups run at once.
+struct Node::BackupCopy {
+  uv_work_t work;
+  Node* node = nullptr;
+  Db view;
+  std::string path;
+  std::shared_ptr<HttpResponder> responder;
+  std::shared_ptr<int> slot;  // counted in backup_slots_ until the body is sent
+  absl::Status copied;
+};
+
+void Node::StartBackup(const std::string& name, std::shared_ptr<HttpResponder> responder) {
+  if (static_cast<size_t>(backup_slots_.use_count()) > kMaxBackups) {
+    return RespondError(responder, 503, "unavailable",
+                        absl::StrCat(kMaxBackups, " backups are under way; try again later"));
+  }
+  absl::StatusOr<Db> view = sm_->OpenDatabaseView(name);
+  if (absl::IsNotFound(view.status())) {
+    return RespondError(responder, 404, "not_found", view.status().message());
+  }
+  if (!view.ok()) return RespondError(responder, 500, "internal", view.status().message());
+  auto* job = new BackupCopy();
+  job->work.data = job;
+  job->node = this;
+  job->view = *std::move(view);
+  job->path = absl::StrCat(backup_dir_, "/", ++backups_started_, ".sqlite3");
+  job->responder = std::move(responder);
+  job->slot = backup_slots_;
+  SYNOD_CHECK_EQ(uv_queue_work(
+                     loop_, &job->work,
+                     [](uv_work_t* work) {
+                       auto* j = static_cast<BackupCopy*>(work->data);
+                       j->copied =
+                           CopyDatabaseToFile(j->view.get(), j->path, &j->node->cancel_backups_);
+                       j->view.reset();  // ends the read transaction
+                     },
+                     &Node::OnBackupCopied),
+                 0);
+}
+
+void Node::OnBackupCopied(uv_work_t* work, int status) {
+  std::unique_ptr<BackupCopy> job(static_cast<BackupCopy*>(work->data));
+  Node* node = job->node;
+  job->view.reset();
+  absl::Status copied = status != 0 || node->stopping_
+                            ? absl::UnavailableError("the server is stopping")
+                            : job->copied;
+  int fd = -1;
+  struct stat st;
+  if (copied.ok()) {
+    absl::StatusOr<int> opened = OpenFile(job->path, O_RDONLY);
+    if (opened.ok() && fstat(*opened, &st) != 0) {
+      const int error = errno;
+      close(*opened);
+      opened = OsError(error, job->path);
+    }
+    if (opened.ok()) fd = *opened;
+    copied = opened.status();
+  }
+  unlink(job->path.c_str());  // an open file lives on until its descriptor closes
+  if (!copied.ok()) {
+    const bool full = absl::IsResourceExhausted(copied);
+    return node->RespondError(job->responder, full ? 507 : 503,
+                              full ? "insufficient_storage" : "unavailable",
+                              absl::StrCat("the backup could not be made: ", copied.message()));
+  }
+  HttpResponse response;
+  response.status = 200;
+  response.headers.push_back({"Content-Type", "application/vnd.sqlite3"});
+  response.body_source = FileBodySource::Create(
+      node->loop_, fd, 0, static_cast<uint64_t>(st.st_size), std::move(job->slot));
+  node->SendCounted(job->responder, std::move(response));
+}
+
+void Node::SendCounted(const std::shared_ptr<HttpResponder>& responder, HttpResponse response) {
+  ++counters_.requests;
+  if (response.status >= 500) ++counters_.errors;
+  counters_.response_us_total += responder->ElapsedMicros();
+  responder->Send(std::move(response));
 }
 
 void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
@@ -1168,16 +1259,8 @@ void Node::HandleDatabase(const std::string& method, const std::string& name,
   if (rest == "exec" && method == "POST") return HandleExec(name, request, std::move(responder));
   if (rest == "query" && method == "POST") return HandleQuery(name, request, std::move(responder));
   if (rest == "backup" && method == "GET") {
-    return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
-      absl::StatusOr<std::string> image = sm_->Backup(name);
-      if (absl::IsNotFound(image.status())) {
-        return RespondError(responder, 404, "not_found", image.status().message());
-      }
-      if (!image.ok()) {
-        return RespondError(responder, 507, "too_large", image.status().message());
-      }
-      Respond(responder, 200, *std::move(image), "application/vnd.sqlite3");
-    });
+    return ConsistentRead(LINEARIZABLE, 0, responder,
+                          [this, name, responder] { StartBackup(name, responder); });
   }
   if (!rest.empty()) return RespondError(responder, 404, "not_found", "no such endpoint");
   if (method == "PUT") {

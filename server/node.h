@@ -196,6 +196,12 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // Hashes the state at `revision` (just applied) on a worker, then proposes the vote.
   void StartStateHash(uint64_t revision);
   static void OnSnapshotBuildDone(uv_work_t* work, int status);
+  // GET /v1/db/{name}/backup once the read is confirmed: copies the database on a worker
+  // thread and streams the copy (BackupCopy in node.cc).
+  void StartBackup(const std::string& name, std::shared_ptr<HttpResponder> responder);
+  static void OnBackupCopied(uv_work_t* work, int status);
+  // Sends `response`, counted in status and metrics.
+  void SendCounted(const std::shared_ptr<HttpResponder>& responder, HttpResponse response);
   // Unpacks and checks the image of `meta` from the snapshot store (staged_snapshot_).
   absl::Status StageSnapshot(const SnapshotMeta& meta);
   // Answers a query's result (or error), from the loop or from a worker.
@@ -239,6 +245,14 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   bool snapshot_building_ = false;
   std::optional<SnapshotMeta> built_snapshot_;
   std::atomic<bool> cancel_snapshot_build_{false};
+  // Backups being copied or streamed: each holds a copy of backup_slots_ (its use count is
+  // one more than their number) until its body is sent or its client leaves.
+  struct BackupCopy;
+  static constexpr size_t kMaxBackups = 2;
+  std::shared_ptr<int> backup_slots_ = std::make_shared<int>(0);
+  uint64_t backups_started_ = 0;
+  std::string backup_dir_;  // in the snapshot store's stage, emptied at start
+  std::atomic<bool> cancel_backups_{false};
   // A snapshot from a peer between CheckSnapshot and InstallSnapshot: its databases,
   // unpacked and checked.
   std::optional<SnapshotImages> staged_snapshot_;

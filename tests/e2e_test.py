@@ -532,6 +532,17 @@ class LargeDatabase(ClusterTest):
                 return s["snapshot_index"] > 0 and s["revision"] >= top - 50
 
             self.wait_for("the wiped replica caught up", caught_up)
+            # A backup of the whole database streams from a copy on disk, not from memory.
+            backup = self.c.request(victim, "GET", "/v1/db/big/backup", timeout=120)
+            self.assertEqual(backup.status, 200)
+            self.assertGreater(len(backup.body), 100 * 1048576)
+            path = os.path.join(self.c.root, "big-backup.sqlite3")
+            with open(path, "wb") as f:
+                f.write(backup.body)
+            del backup
+            with sqlite3.connect(path) as db:
+                self.assertEqual(db.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+                self.assertEqual(db.execute("SELECT count(*) FROM blob").fetchall(), [(100,)])
         finally:
             stop.set()
             for t in threads:
