@@ -1,19 +1,27 @@
 #ifndef SYNOD_ADAPTERS_LOG_STORE_H_
 #define SYNOD_ADAPTERS_LOG_STORE_H_
 
-// The server's durable log: one file, `<dir>/log`, in the format of core/log_codec.h and
-// recovered by the same rules as the simulator's disk (sim/world.cc, SimDisk):
-// - Open() replays the log. A torn tail (a write a crash cut short) is truncated away and
-//   reported; a corrupt record followed by valid ones fails Open() with DataLoss, and the
-//   replica must refuse to start (docs/simulation.md, "Storage faults").
-// - Append() buffers a Ready's records in memory; Sync() writes them, fdatasyncs the file,
-//   then writes a sync mark (made durable by the next Sync()), so that every synced record
-//   has a successor and a corrupt synced record is never mistaken for a torn tail.
+// The server's durable log: a directory of segment files, `<dir>/logs/<number>.seg`, each in
+// the format of core/log_codec.h, replayed in order by the same rules as the simulator's disk
+// (sim/world.cc, SimDisk):
+// - Open() replays every segment. A torn tail of the last segment (a write a crash cut
+//   short) is truncated away and reported; a corrupt record followed by valid ones, or any
+//   damage in a segment that is not the last, fails Open() with DataLoss, and the replica
+//   must refuse to start (docs/simulation.md, "Storage faults").
+// - Append() buffers a Ready's records in memory; Sync() writes them and a sync mark to the
+//   last segment and fdatasyncs it, so that every synced record has a successor and a
+//   corrupt synced record is never mistaken for a torn tail.
 // - Group commit is the caller's choice: Append() every Ready of a drained batch, then call
 //   Sync() once if any of them had must_sync, before sending their messages.
-// - Compaction rewrites the log from the state it holds: Sync(), ReadBack(), Rewrite() (as
-//   the simulator does on Ready::compacted_through). The rewrite goes to `<dir>/log.tmp` and
-//   is renamed over `<dir>/log`, so a crash leaves either the old log or the new one.
+// - A new segment is started when the last one reaches options.segment_bytes, and at each
+//   compaction. It begins with the current hard state and snapshot metadata, so the state
+//   the segments before it held beyond their entries is repeated in it.
+// - Compaction (Compact(), after the Sync() that made the snapshot durable) starts a new
+//   segment and deletes the oldest segments whose every entry the snapshot covers: nothing
+//   is read back or rewritten. A crash leaves the old segments or fewer of them, each
+//   replaying to the same state.
+// - A data directory of a version that kept the log in one file, `<dir>/log`, is moved into
+//   `<dir>/logs/` as its first segment at Open().
 //
 // Errors: every OS failure is returned as a Status carrying the errno text. A failed write
 // or fsync cannot be retried safely (the kernel may have dropped the dirty pages), so after
@@ -28,13 +36,25 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/replica.h"
 
 namespace synod {
+
+// What a batch of framed records changes that the store itself must know: a new segment
+// repeats the latest hard state and snapshot metadata, and compaction deletes a segment only
+// once every entry in it is covered.
+struct RecordsSummary {
+  std::optional<HardState> hard_state;
+  std::optional<SnapshotMeta> snapshot;
+  uint64_t max_slot = 0;  // of its entries (0: none)
+  static RecordsSummary Of(const Ready& ready);
+};
 
 struct LogStoreOptions {
   // false skips every fsync and fdatasync (the server's --fsync=false). The bytes still
@@ -45,12 +65,14 @@ struct LogStoreOptions {
   // Called right after each fdatasync of the log, with the log's size at that moment: what
   // a power failure then would leave. For tests of what Sync() makes durable.
   std::function<void(uint64_t log_bytes)> after_log_fsync;
+  // A new segment is started at the first Sync() after the last one has reached this size.
+  uint64_t segment_bytes = 64 << 20;
 };
 
 class LogStore {
  public:
-  // Opens `<dir>/log`, creating `dir` and the log if missing, and recovers it. A torn tail
-  // is truncated (and the truncation made durable); see truncated_tail_bytes().
+  // Opens the log in `dir`, creating `dir` and the log if missing, and recovers it. A torn
+  // tail is truncated (and the truncation made durable); see truncated_tail_bytes().
   // Errors: DataLoss when the log is corrupt (the replica must refuse to start);
   // FailedPrecondition when another process holds the directory; the OS error otherwise.
   static absl::StatusOr<std::unique_ptr<LogStore>> Open(std::string dir,
@@ -76,46 +98,74 @@ class LogStore {
   // Buffers the records of `ready` (hard state, snapshot, entries, compaction). Nothing
   // reaches the file before the next Sync().
   void Append(const Ready& ready);
-  // The same, for records already framed (EncodeReady).
-  void AppendFramed(std::string framed);
+  // The same, for records already framed (EncodeReady), with what they change.
+  void AppendFramed(std::string framed, RecordsSummary summary);
 
-  // Writes every buffered record, makes it durable (unless options.fsync is false), then
-  // writes a sync mark. Returns at once when nothing was appended since the last Sync().
+  // Writes every buffered record and a sync mark, and makes them durable (unless
+  // options.fsync is false). Returns at once when nothing was appended since the last Sync().
   absl::Status Sync();
 
-  // Recovers the state the log file holds now (applied_index 0), e.g. to Rewrite() it
-  // compactly after a Ready with compacted_through > 0.
+  // Drops what a durable snapshot at `through` or later covers: starts a new segment (synced,
+  // with its directory entry) and deletes the oldest segments whose entries are all at or
+  // below `through`. REQUIRES: nothing was appended since the last Sync(), and the snapshot
+  // record is durable.
+  absl::Status Compact(uint64_t through);
+
+  // Recovers the state the log holds now (applied_index 0), reading every segment.
   // REQUIRES: nothing was appended since the last Sync().
   absl::StatusOr<PersistedState> ReadBack();
 
-  // Replaces the log with a compact one holding exactly `state` (hard state, snapshot,
-  // entries), atomically: write `<dir>/log.tmp`, fsync it, rename it over `<dir>/log`,
-  // fsync `dir`. applied_index is not stored.
+  // Replaces the log with one holding exactly `state` (hard state, snapshot, entries): a new
+  // segment written and synced, then every older one deleted. applied_index is not stored.
   // REQUIRES: nothing was appended since the last Sync().
   absl::Status Rewrite(const PersistedState& state);
 
+  // The segment files, oldest first (tests, status).
+  std::vector<std::string> SegmentPaths() const;
+
  private:
+  struct SegmentFile {
+    uint64_t number = 0;
+    uint64_t max_slot = 0;
+  };
+
   LogStore(std::string dir, LogStoreOptions options, int lock_fd);
 
-  // Recovers `log_path_` into recovered_ and truncates a torn tail.
+  // Moves a one-file log of an earlier version into the segment directory.
+  absl::Status MigrateOneFileLog();
+  // Replays every segment into recovered_ and truncates a torn tail of the last.
   absl::Status Recover();
+  // Creates segment `number` holding the current hard state and snapshot, then `records`
+  // (framed, with `summary`), and a sync mark; syncs it and the directory; makes it the
+  // segment appended to.
+  absl::Status StartSegment(std::string records, const RecordsSummary& summary);
+  // Deletes the oldest segments (never the last) whose entries are all at or below
+  // `through`.
+  absl::Status DeleteSegmentsThrough(uint64_t through);
+  std::string PathOf(uint64_t number) const;
   // Makes `status` the store's failure (see "Errors" above) and returns it.
   absl::Status Fail(absl::Status status);
+  void Note(const RecordsSummary& summary);
 
   const std::string dir_;
-  const std::string log_path_;
+  const std::string segments_dir_;
   const LogStoreOptions options_;
   const int lock_fd_;
-  int log_fd_ = -1;  // opened with O_APPEND: every write goes to the end
+  int log_fd_ = -1;  // the last segment, opened with O_APPEND: every write goes to the end
   absl::Status failure_;
 
   PersistedState recovered_;
   std::string legacy_snapshot_data_;
   uint64_t truncated_tail_bytes_ = 0;
 
-  std::string pending_;   // framed records appended since the last Sync()
-  uint64_t records_ = 0;  // records in the file, pending ones included
-  uint64_t bytes_ = 0;    // the file's size, pending records included
+  std::vector<SegmentFile> segments_;  // oldest first; the last is appended to
+  // The latest hard state and snapshot metadata written (a new segment starts with them).
+  std::optional<HardState> hard_state_;
+  SnapshotMeta snapshot_;
+  std::string pending_;  // framed records appended since the last Sync()
+  RecordsSummary pending_summary_;
+  uint64_t records_ = 0;  // records in the last segment, pending ones included
+  uint64_t bytes_ = 0;    // the last segment's size, pending records included
 };
 
 }  // namespace synod

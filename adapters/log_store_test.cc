@@ -41,7 +41,8 @@ class TempDirTest : public ::testing::Test {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
     out << bytes;
   }
-  std::string LogPath() const { return dir_ + "/log"; }
+  // The first segment of the log (the only one until a segment is started).
+  std::string LogPath() const { return dir_ + "/logs/00000000000000000001.seg"; }
 
   std::string dir_;
 };
@@ -97,7 +98,7 @@ TEST_F(LogStoreTest, ANewDirectoryStartsEmpty) {
   EXPECT_EQ(store->recovered().hard_state.promised().round(), 0u);
   EXPECT_TRUE(store->recovered().entries.empty());
   EXPECT_EQ(store->truncated_tail_bytes(), 0u);
-  EXPECT_TRUE(fs::exists(dir_ + "/nested/data/log"));
+  EXPECT_TRUE(fs::exists(dir_ + "/nested/data/logs/00000000000000000001.seg"));
 }
 
 TEST_F(LogStoreTest, WhatWasSyncedIsRecoveredAfterReopening) {
@@ -213,7 +214,7 @@ TEST_F(LogStoreTest, TheSyncMarkIsDurableWithTheBatchItEnds) {
   EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
 }
 
-TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
+TEST_F(LogStoreTest, RewriteKeepsTheStateInOneShorterSegment) {
   std::unique_ptr<LogStore> store = MustOpen(dir_);
   for (uint64_t round = 1; round <= 20; ++round) {
     store->Append(AcceptReady(round, {Entry(1, round, false), Entry(2, round, false)}));
@@ -226,10 +227,11 @@ TEST_F(LogStoreTest, RewriteKeepsTheStateInAShorterFile) {
   ASSERT_TRUE(state.ok()) << state.status();
   ASSERT_EQ(state->entries.size(), 1u);  // slot 1 was compacted away
   ASSERT_TRUE(store->Rewrite(*state).ok());
-  EXPECT_LT(fs::file_size(LogPath()), size_before);
-  EXPECT_FALSE(fs::exists(LogPath() + ".tmp"));
+  ASSERT_EQ(store->SegmentPaths().size(), 1u);
+  EXPECT_LT(fs::file_size(store->SegmentPaths()[0]), size_before);
+  EXPECT_FALSE(fs::exists(LogPath()));
 
-  // The store goes on appending to the new file.
+  // The store goes on appending to the new segment.
   store->Append(AcceptReady(21, {Entry(3, 21, false)}));
   ASSERT_TRUE(store->Sync().ok());
   store.reset();
@@ -251,13 +253,16 @@ TEST_F(LogStoreTest, AnImageInAnOlderSnapshotRecordIsRecoveredAndRewrittenAway) 
     StorageRecord record;
     *record.mutable_snapshot() = SnapshotMetaOf(1, image);
     record.set_snapshot_data(image);
-    store->AppendFramed(EncodeRecord(record));
+    RecordsSummary summary;
+    summary.snapshot = record.snapshot();
+    store->AppendFramed(EncodeRecord(record), summary);
     ASSERT_TRUE(store->Sync().ok());
   }
   std::unique_ptr<LogStore> store = MustOpen(dir_);
   EXPECT_EQ(store->legacy_snapshot_data(), image);
   ASSERT_TRUE(store->Rewrite(store->recovered()).ok());
-  EXPECT_LT(fs::file_size(LogPath()), 200u);
+  ASSERT_EQ(store->SegmentPaths().size(), 1u);
+  EXPECT_LT(fs::file_size(store->SegmentPaths()[0]), 200u);
   store.reset();
   store = MustOpen(dir_);
   EXPECT_TRUE(store->legacy_snapshot_data().empty());
@@ -269,10 +274,158 @@ TEST_F(LogStoreTest, ALeftoverTemporaryFromAnInterruptedRewriteIsIgnored) {
     std::unique_ptr<LogStore> store = MustOpen(dir_);
     WriteTwoBatches(*store);
   }
-  WriteFile(LogPath() + ".tmp", "half a rewrite");
+  // An earlier version rewrote its one-file log through log.tmp.
+  WriteFile(dir_ + "/log.tmp", "half a rewrite");
   std::unique_ptr<LogStore> store = MustOpen(dir_);
   EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
-  EXPECT_FALSE(fs::exists(LogPath() + ".tmp"));
+  EXPECT_FALSE(fs::exists(dir_ + "/log.tmp"));
+}
+
+TEST_F(LogStoreTest, AOneFileLogOfAnEarlierVersionBecomesTheFirstSegment) {
+  std::string old_log;
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+    old_log = ReadFile(LogPath());
+  }
+  fs::remove_all(dir_ + "/logs");
+  WriteFile(dir_ + "/log", old_log);
+  std::unique_ptr<LogStore> store = MustOpen(dir_);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+  EXPECT_EQ(store->recovered().entries.size(), 2u);
+  EXPECT_FALSE(fs::exists(dir_ + "/log"));
+  EXPECT_EQ(ReadFile(LogPath()), old_log);
+}
+
+TEST_F(LogStoreTest, BothAOneFileLogAndSegmentsRefuseToOpen) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  WriteFile(dir_ + "/log", ReadFile(LogPath()));
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
+}
+
+// Slots 1..n, one synced batch each, with the promise's round equal to the slot.
+void WriteSlots(LogStore& store, uint64_t from, uint64_t to) {
+  for (uint64_t slot = from; slot <= to; ++slot) {
+    store.Append(AcceptReady(slot, {Entry(slot, slot, true)}));
+    ASSERT_TRUE(store.Sync().ok());
+  }
+}
+
+TEST_F(LogStoreTest, SegmentsStartAtTheirSizeAndReplayInOrder) {
+  const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
+  PersistedState before;
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+    WriteSlots(*store, 1, 40);
+    EXPECT_GT(store->SegmentPaths().size(), 5u);
+    absl::StatusOr<PersistedState> state = store->ReadBack();
+    ASSERT_TRUE(state.ok()) << state.status();
+    before = *std::move(state);
+  }
+  EXPECT_EQ(before.entries.size(), 40u);
+  EXPECT_EQ(before.hard_state.promised().round(), 40u);
+  std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+  EXPECT_EQ(Describe(store->recovered()), Describe(before));
+}
+
+TEST_F(LogStoreTest, CompactionDeletesTheSegmentsTheSnapshotCoversAndNothingElse) {
+  const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
+  std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+  WriteSlots(*store, 1, 40);
+  const std::vector<std::string> segments = store->SegmentPaths();
+  store->Append(SnapshotReady(SnapshotMetaOf(25, "image")));
+  ASSERT_TRUE(store->Sync().ok());
+  const std::string kept_before = ReadFile(segments.back());
+  ASSERT_TRUE(store->Compact(25).ok());
+  // The segments whose entries are all at or below 25 are gone; the others are untouched.
+  absl::StatusOr<PersistedState> state = store->ReadBack();
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_EQ(state->entries.size(), 15u);
+  EXPECT_EQ(state->entries.front().slot(), 26u);
+  EXPECT_EQ(state->hard_state.promised().round(), 40u);
+  EXPECT_EQ(state->snapshot_meta.index(), 25u);
+  const std::vector<std::string> left = store->SegmentPaths();
+  EXPECT_LT(left.size(), segments.size());
+  EXPECT_FALSE(fs::exists(segments.front()));
+  EXPECT_EQ(ReadFile(segments.back()), kept_before);
+  for (const std::string& path : segments) {
+    if (!fs::exists(path)) continue;
+    // A kept segment holds an entry above the snapshot (or is the newest).
+    EXPECT_TRUE(std::find(left.begin(), left.end(), path) != left.end());
+  }
+  // A crash that undid the deletions would replay to the same state.
+  const std::string deleted = segments.front();
+  {
+    store.reset();
+    std::unique_ptr<LogStore> reopened = MustOpen(dir_, small);
+    EXPECT_EQ(Describe(reopened->recovered()), Describe(*state));
+  }
+  WriteFile(deleted, "");
+  std::unique_ptr<LogStore> undone = MustOpen(dir_, small);
+  EXPECT_EQ(Describe(undone->recovered()), Describe(*state));
+}
+
+TEST_F(LogStoreTest, DamageAtTheEndOfASegmentThatIsNotTheLastIsDataLoss) {
+  const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
+  std::vector<std::string> segments;
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+    WriteSlots(*store, 1, 10);
+    segments = store->SegmentPaths();
+  }
+  ASSERT_GE(segments.size(), 2u);
+  // Cut into the first segment's last mark: in the last segment this would be a torn tail;
+  // here a later segment shows it was synced.
+  fs::resize_file(segments[0], fs::file_size(segments[0]) - 3);
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_, small);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+  EXPECT_NE(store.status().message().find(segments[0]), absl::string_view::npos);
+}
+
+TEST_F(LogStoreTest, ANewSegmentACrashCutShortLeavesTheStateBeforeIt) {
+  const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
+  std::string next_segment;
+  PersistedState before;
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+    WriteSlots(*store, 1, 10);
+    absl::StatusOr<PersistedState> state = store->ReadBack();
+    ASSERT_TRUE(state.ok());
+    before = *std::move(state);
+    // What the next segment would hold, cut short as by a crash mid-write.
+    WriteSlots(*store, 11, 30);
+    next_segment = store->SegmentPaths().back();
+  }
+  std::string bytes = ReadFile(next_segment);
+  // Drop every segment after the one that was last when `before` was read...
+  std::vector<std::string> all;
+  for (const auto& f : fs::directory_iterator(dir_ + "/logs")) all.push_back(f.path().string());
+  std::sort(all.begin(), all.end());
+  size_t keep = 0;
+  for (; keep < all.size(); ++keep) {
+    // The state after segments [0, keep] equals `before` at the first keep that holds slot 10.
+    if (ReadFile(all[keep]).find(Entry(10, 10, true).SerializeAsString()) != std::string::npos) {
+      break;
+    }
+  }
+  ASSERT_LT(keep + 1, all.size());
+  for (size_t i = keep + 1; i < all.size(); ++i) fs::remove(all[i]);
+  // ...and put back the next one, torn after 20 bytes.
+  WriteFile(all[keep + 1], bytes.substr(0, 20));
+  std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+  EXPECT_EQ(store->truncated_tail_bytes(), 20u);
+  EXPECT_EQ(Describe(store->recovered()), Describe(before));
+  // The store goes on from there.
+  WriteSlots(*store, 11, 11);
+  store.reset();
+  store = MustOpen(dir_, small);
+  EXPECT_EQ(store->recovered().entries.size(), 11u);
 }
 
 TEST_F(LogStoreTest, ASecondStoreOnTheSameDirectoryIsRefused) {

@@ -24,9 +24,10 @@ void LogWriter::Persist(const Ready& ready, PersistOptions options, std::functio
   if (closed_) return;
   Job job;
   job.framed = EncodeReady(ready);
+  job.summary = RecordsSummary::Of(ready);
   job.sync = options.sync;
-  job.compact = options.compact;
-  const bool wait = options.sync || options.compact;
+  if (options.compact) job.compact_through = ready.compacted_through;
+  const bool wait = options.sync || job.compact_through > 0;
   if (wait) job.done = std::move(done);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -58,14 +59,12 @@ void LogWriter::Run() {
 }
 
 void LogWriter::RunJob(Job& job) {
-  store_->AppendFramed(std::move(job.framed));
-  if (!job.sync && !job.compact) return;
+  store_->AppendFramed(std::move(job.framed), std::move(job.summary));
+  if (!job.sync && job.compact_through == 0) return;
   job.status = store_->Sync();
-  if (!job.status.ok() || !job.compact) return;
-  // Durable first, then the log is rewritten without what the snapshot covers (an atomic
-  // rename: a crash leaves the old log or the new one).
-  absl::StatusOr<PersistedState> state = store_->ReadBack();
-  job.status = state.ok() ? store_->Rewrite(*state) : state.status();
+  if (!job.status.ok() || job.compact_through == 0) return;
+  // Durable first, then the segments the snapshot covers are deleted.
+  job.status = store_->Compact(job.compact_through);
 }
 
 void LogWriter::OnCompletions() {

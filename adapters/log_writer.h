@@ -7,9 +7,9 @@
 // Persist() frames the Ready's records on the loop thread and queues them. A write that
 // needs no fsync is done at once (its records become durable with the next sync, as with
 // LogStore::Append); one that does completes later: the writer thread writes, fdatasyncs
-// (and rewrites the log, when it compacts), and then the loop thread calls its done().
-// Operations run in the order they were queued. While the writer is busy, the driver
-// keeps gathering requests into its next Ready: that is the group commit.
+// (and compacts the log: a new segment, older ones deleted), and then the loop thread calls its
+// done(). Operations run in the order they were queued. While the writer is busy, the driver keeps
+// gathering requests into its next Ready: that is the group commit.
 //
 // A failed write or fsync stops the process (SYNOD_CHECK on the loop thread): the log
 // store is failed for good, and nothing that depended on it may be acknowledged.
@@ -57,9 +57,10 @@ class LogWriter : public LogStorage {
  private:
   struct Job {
     std::string framed;
+    RecordsSummary summary;
     bool sync = false;
-    bool compact = false;
-    std::function<void()> done;  // empty: nobody waits for it
+    uint64_t compact_through = 0;  // 0: no compaction
+    std::function<void()> done;    // empty: nobody waits for it
     absl::Status status;
   };
 

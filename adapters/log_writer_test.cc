@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/driver.h"
 #include "core/log_codec.h"
@@ -90,7 +92,17 @@ TEST_F(LogWriterTest, AWriteWithoutSyncIsDoneAtOnceAndDurableWithTheNextSync) {
   EXPECT_EQ(Recovered().entries.size(), 3u);
 }
 
-TEST_F(LogWriterTest, ACompactingWriteRewritesTheLogOffTheLoop) {
+// The log's segment files, by name.
+std::vector<std::string> SegmentNames(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& f : std::filesystem::directory_iterator(dir + "/logs")) {
+    names.push_back(f.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+TEST_F(LogWriterTest, ACompactingWriteDeletesTheSegmentsItCoversOffTheLoop) {
   std::unique_ptr<LogWriter> writer = OpenWriter();
   bool written = false, compacted = false;
   Ready entries = EntriesReady(1, 10, true);
@@ -100,13 +112,22 @@ TEST_F(LogWriterTest, ACompactingWriteRewritesTheLogOffTheLoop) {
                   [&] { compacted = true; });
   RunUntil(compacted);
   EXPECT_TRUE(written);
-  const uint64_t after = std::filesystem::file_size(dir_ + "/log");
+  // Slots 9 and 10 are in the first segment: it stays, and a new one is started.
+  EXPECT_EQ(SegmentNames(dir_),
+            (std::vector<std::string>{"00000000000000000001.seg", "00000000000000000002.seg"}));
+  compacted = false;
+  Ready more = EntriesReady(11, 12, true);
+  writer->Persist(more, PersistOptions{.sync = true}, [] {});
+  Ready later = SnapshotReady(SnapshotMetaOf(12, "later image"));
+  writer->Persist(later, PersistOptions{.sync = true, .compact = true}, [&] { compacted = true; });
+  RunUntil(compacted);
+  // Every entry written so far is covered: only the new segment is left.
+  EXPECT_EQ(SegmentNames(dir_), (std::vector<std::string>{"00000000000000000003.seg"}));
   writer->Close();
   PersistedState state = Recovered();
-  EXPECT_EQ(state.snapshot_meta.index(), 8u);
-  EXPECT_EQ(state.snapshot_meta.checksum(), SnapshotChecksum("image"));
-  ASSERT_EQ(state.entries.size(), 2u);  // 9 and 10
-  EXPECT_LT(after, 400u) << "the log still holds the compacted entries";
+  EXPECT_EQ(state.snapshot_meta.index(), 12u);
+  EXPECT_EQ(state.snapshot_meta.checksum(), SnapshotChecksum("later image"));
+  EXPECT_TRUE(state.entries.empty());
 }
 
 TEST_F(LogWriterTest, FlushRunsEveryQueuedOperationAndItsCompletion) {

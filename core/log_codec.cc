@@ -1,5 +1,6 @@
 #include "core/log_codec.h"
 
+#include <algorithm>
 #include <map>
 
 #include "absl/status/status.h"
@@ -116,9 +117,8 @@ std::string EncodeSyncMark(uint64_t records, uint64_t offset) {
   return EncodeRecord(r);
 }
 
-absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
-  RecoveredLog out;
-  std::map<uint64_t, LogEntry> entries;
+absl::StatusOr<LogReplay::Segment> LogReplay::Add(std::string_view log, bool more_follow) {
+  Segment out;
   uint64_t offset = 0;
   while (offset < log.size()) {
     std::string_view payload;
@@ -135,7 +135,7 @@ absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
         size_t next_bytes = 0;
         valid_next = !rest.empty() && ReadFrame(rest, &next_payload, &next_bytes) == Frame::kValid;
       }
-      if (valid_next || GenuineSyncMarkAfter(log, offset + 1)) {
+      if (more_follow || valid_next || GenuineSyncMarkAfter(log, offset + 1)) {
         return absl::DataLossError(absl::StrCat("log record ", out.records, " at byte ", offset,
                                                 " is corrupt and synced records follow it"));
       }
@@ -144,25 +144,26 @@ absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
     }
     switch (record.kind_case()) {
       case StorageRecord::kHardState:
-        out.state.hard_state = record.hard_state();
+        state_.hard_state = record.hard_state();
         break;
       case StorageRecord::kEntry:
-        entries[record.entry().slot()] = record.entry();
+        out.max_slot = std::max(out.max_slot, record.entry().slot());
+        entries_[record.entry().slot()] = record.entry();
         break;
       case StorageRecord::kSnapshot:
-        out.state.snapshot_meta = record.snapshot();
+        state_.snapshot_meta = record.snapshot();
         // A log of an older version holds the image in the record; it moves to the host's
         // snapshot store at start.
-        out.legacy_snapshot_data = record.snapshot_data();
-        if (!out.legacy_snapshot_data.empty() &&
-            out.legacy_snapshot_data.size() != out.state.snapshot_meta.size_bytes()) {
+        legacy_snapshot_data_ = record.snapshot_data();
+        if (!legacy_snapshot_data_.empty() &&
+            legacy_snapshot_data_.size() != state_.snapshot_meta.size_bytes()) {
           return absl::DataLossError(
               absl::StrCat("snapshot record ", out.records, " does not match its declared size"));
         }
-        entries.erase(entries.begin(), entries.upper_bound(record.snapshot().index()));
+        entries_.erase(entries_.begin(), entries_.upper_bound(record.snapshot().index()));
         break;
       case StorageRecord::kCompactedThrough:
-        entries.erase(entries.begin(), entries.upper_bound(record.compacted_through()));
+        entries_.erase(entries_.begin(), entries_.upper_bound(record.compacted_through()));
         break;
       case StorageRecord::kSyncMark:
       case StorageRecord::KIND_NOT_SET:
@@ -172,7 +173,25 @@ absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
     ++out.records;
   }
   out.valid_bytes = offset;
-  for (auto& [slot, e] : entries) out.state.entries.push_back(std::move(e));
+  return out;
+}
+
+RecoveredLog LogReplay::Finish() && {
+  RecoveredLog out;
+  out.state = std::move(state_);
+  out.legacy_snapshot_data = std::move(legacy_snapshot_data_);
+  for (auto& [slot, e] : entries_) out.state.entries.push_back(std::move(e));
+  return out;
+}
+
+absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log) {
+  LogReplay replay;
+  absl::StatusOr<LogReplay::Segment> segment = replay.Add(log, /*more_follow=*/false);
+  if (!segment.ok()) return segment.status();
+  RecoveredLog out = std::move(replay).Finish();
+  out.valid_bytes = segment->valid_bytes;
+  out.records = segment->records;
+  out.torn_tail = segment->torn_tail;
   return out;
 }
 

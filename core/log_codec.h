@@ -22,6 +22,7 @@
 //   synced batch ends with its mark). It is dropped, and the host truncates it.
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 
@@ -57,6 +58,31 @@ struct RecoveredLog {
 
 // Replays a log. DataLoss when a record in the middle is corrupt (see above).
 absl::StatusOr<RecoveredLog> RecoverLog(std::string_view log);
+
+// Replays a log kept in segments (files written one after another, each framed and marked
+// as above on its own: a mark's offset and count are within its segment), one segment at a
+// time, so that only one segment is in memory at once.
+class LogReplay {
+ public:
+  struct Segment {
+    uint64_t valid_bytes = 0;  // the segment's valid prefix
+    uint64_t records = 0;
+    bool torn_tail = false;
+    uint64_t max_slot = 0;  // the highest slot of an entry record in it (0: none)
+  };
+  // Replays the records of the next segment. `more_follow`: a later segment exists. A
+  // segment is complete (its last batch synced) before the next one is started, so damage
+  // anywhere in it is then corruption (DataLoss), never a torn tail.
+  absl::StatusOr<Segment> Add(std::string_view segment, bool more_follow);
+  // The state the segments added hold (valid_bytes, records and torn_tail are left 0: they
+  // are each segment's).
+  RecoveredLog Finish() &&;
+
+ private:
+  PersistedState state_;
+  std::map<uint64_t, LogEntry> entries_;
+  std::string legacy_snapshot_data_;
+};
 
 }  // namespace synod
 

@@ -647,8 +647,8 @@ void Node::MaybeCompact() {
       absl::Status published = snapshots_->Publish(*built_snapshot_);
       if (published.ok()) {
         // The image is durable under its name; its record goes to the log (the log writer's
-        // thread), then the replica compacts, and the log is rewritten without what the
-        // snapshot covers when its next Ready reports it.
+        // thread), then the replica compacts, and the log's segments the snapshot covers
+        // are deleted when its next Ready reports it.
         SYNOD_CHECK(driver_->Compact(*built_snapshot_));
       } else {
         fprintf(stderr, "W no snapshot at revision %llu: %s\n",
