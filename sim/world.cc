@@ -159,6 +159,13 @@ Swarm DrawSwarm(Prng& p, int clients_option) {
   return s;
 }
 
+// A hash of a snapshot image's bytes, apart from its checksum (the oracle compares bytes).
+uint64_t ImageHash(std::string_view image) {
+  StableHash h;
+  h.Add(image);
+  return h.value();
+}
+
 // ---------------------------------------------------------------------------------------
 // Disk: a log image with an fsync boundary and fault injection.
 
@@ -435,6 +442,11 @@ class World {
   ChosenChecker chosen_;
   AcceptorChecker acceptors_;
   StateHashChecker state_hashes_;
+  // Every snapshot image a replica wrote of its own state, by (index, checksum): a hash of its
+  // bytes and who wrote it. An image installed anywhere must be one of these, byte for byte
+  // (CheckInstalledImage).
+  std::map<std::pair<uint64_t, uint64_t>, std::pair<uint64_t, uint32_t>> images_written_;
+  void CheckInstalledImage(uint32_t id, const SnapshotMeta& meta, const std::string& image);
   std::vector<Operation> history_;
   std::vector<LocalRead> local_reads_;
   int64_t next_value_ = 1;
@@ -574,6 +586,7 @@ void World::StartHost(Host& h) {
   if (h.sm->revision() < state.snapshot_meta.index()) {
     const std::string* image = h.snapshots.Find(state.snapshot_meta);
     SYNOD_CHECK(image != nullptr) << "the log names a snapshot image the store lacks";
+    CheckInstalledImage(h.id, state.snapshot_meta, *image);
     absl::Status restored = h.sm->RestoreSnapshot(*image);
     SYNOD_CHECK(restored.ok()) << restored;
   }
@@ -696,6 +709,7 @@ class World::HostSide : public LogStorage,
   void InstallSnapshot(const SnapshotToInstall& snapshot) override {
     const std::string* image = h_->snapshots.Find(snapshot.meta);
     SYNOD_CHECK(image != nullptr) << "a sealed snapshot is not in the store";
+    w_->CheckInstalledImage(h_->id, snapshot.meta, *image);
     absl::Status restored = h_->sm->RestoreSnapshot(*image);
     SYNOD_CHECK(restored.ok()) << restored;
     SYNOD_CHECK_EQ(h_->sm->revision(), snapshot.meta.index());
@@ -869,7 +883,23 @@ void World::MaybeCompact(Host& h) {
   absl::StatusOr<std::string> snapshot = h.sm->Snapshot();
   if (!snapshot.ok()) return;  // right after a restart that found a half-applied entry
   // Durable in the store before the log names it.
-  SYNOD_CHECK(h.driver->Compact(h.snapshots.Add(h.sm->revision(), *std::move(snapshot))));
+  const SnapshotMeta meta = h.snapshots.Add(h.sm->revision(), *snapshot);
+  images_written_.emplace(std::make_pair(meta.index(), meta.checksum()),
+                          std::make_pair(ImageHash(*snapshot), h.id));
+  SYNOD_CHECK(h.driver->Compact(meta));
+}
+
+void World::CheckInstalledImage(uint32_t id, const SnapshotMeta& meta, const std::string& image) {
+  auto it = images_written_.find({meta.index(), meta.checksum()});
+  if (it == images_written_.end()) {
+    return Fail(absl::StrCat("replica ", id, " installs a snapshot image at ", meta.index(),
+                             " that no replica wrote"));
+  }
+  if (it->second.first != ImageHash(image)) {
+    Fail(absl::StrCat("replica ", id, " installs a snapshot image at ", meta.index(),
+                      " whose bytes differ from the image replica ", it->second.second,
+                      " wrote under the same checksum"));
+  }
 }
 
 void World::OnTick(Host& h, uint64_t incarnation) {
