@@ -98,7 +98,7 @@ HostDriver::HostDriver(std::unique_ptr<Replica> replica, LogStorage* storage,
 void HostDriver::Drain() {
   if (in_drain_) return;
   in_drain_ = true;
-  if (persisting_) {
+  if (persisting_ || checking_) {
     // Messages that acknowledge nothing (a leader's accepts, a follower's heartbeat
     // acknowledgements) need not wait for the storage: while it writes one Ready they go
     // out as they come, so a slow fsync neither stalls the leader's pipeline nor cuts a
@@ -107,7 +107,7 @@ void HostDriver::Drain() {
     FillSnapshotChunks(&early);
     if (!early.empty()) transport_->Send(std::move(early));
   }
-  while (!persisting_ && replica_->HasReady()) {
+  while (!persisting_ && !checking_ && replica_->HasReady()) {
     Ready ready = replica_->GetReady();
     ++counters_.readys;
     // 0. The chunks of a snapshot a peer sends go to the store as they come. A snapshot from
@@ -124,34 +124,64 @@ void HostDriver::Drain() {
     }
     ready.snapshot_chunks.clear();
     if (ready.snapshot) {
-      if (valid.ok()) valid = state_->CheckSnapshot(*ready.snapshot);
       if (!valid.ok()) {
         ++counters_.snapshots_refused;
         state_->RefuseSnapshot(valid);
         continue;  // the host replaced the replica (ReplaceReplica)
       }
+      // What acknowledges nothing need not wait for the check.
+      FillSnapshotChunks(&ready.early_messages);
+      if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
+      ready.early_messages.clear();
+      checking_ = true;
+      in_flight_ = std::move(ready);
+      state_->CheckSnapshot(*in_flight_->snapshot, [this](absl::Status verdict) {
+        OnSnapshotChecked(std::move(verdict));
+      });
+      continue;  // the loop ends here unless the verdict came at once
     }
-    if (!NeedsStorage(ready)) {
-      Finish(std::move(ready));
-      continue;
-    }
-    // 1. Persist. An fsync when a promise or an accept depends on it, and before an
-    //    installed snapshot or a compaction replaces what the log holds.
-    PersistOptions options;
-    options.compact = ready.compacted_through > 0;
-    options.sync = ready.must_sync || ready.snapshot.has_value() || options.compact;
-    persisting_ = true;
-    ++counters_.persists;
-    if (options.sync) ++counters_.synced;
-    // A leader's accepts leave now: its fsync and its followers' run at the same time.
-    FillSnapshotChunks(&ready.early_messages);
-    if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
-    ready.early_messages.clear();
-    in_flight_ = std::move(ready);
-    after_persist_ = nullptr;
-    storage_->Persist(*in_flight_, options, [this] { OnPersisted(); });
+    Persist(std::move(ready));
   }
   in_drain_ = false;
+}
+
+void HostDriver::OnSnapshotChecked(absl::Status verdict) {
+  SYNOD_CHECK(checking_ && in_flight_.has_value()) << "a snapshot verdict with none checked";
+  checking_ = false;
+  Ready ready = std::move(*in_flight_);
+  in_flight_.reset();
+  const bool nested = in_drain_;
+  in_drain_ = true;
+  if (verdict.ok()) {
+    Persist(std::move(ready));
+  } else {
+    ++counters_.snapshots_refused;
+    state_->RefuseSnapshot(verdict);  // the host replaced the replica (ReplaceReplica)
+  }
+  in_drain_ = nested;
+  if (!nested) Drain();
+}
+
+void HostDriver::Persist(Ready ready) {
+  if (!NeedsStorage(ready)) {
+    Finish(std::move(ready));
+    return;
+  }
+  // 1. Persist. An fsync when a promise or an accept depends on it, and before an installed
+  //    snapshot or a compaction replaces what the log holds.
+  PersistOptions options;
+  options.compact = ready.compacted_through > 0;
+  options.sync = ready.must_sync || ready.snapshot.has_value() || options.compact;
+  persisting_ = true;
+  ++counters_.persists;
+  if (options.sync) ++counters_.synced;
+  // A leader's accepts leave now: its fsync and its followers' run at the same time.
+  FillSnapshotChunks(&ready.early_messages);
+  if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
+  ready.early_messages.clear();
+  in_flight_ = std::move(ready);
+  after_persist_ = nullptr;
+  storage_->Persist(*in_flight_, options, [this] { OnPersisted(); });
 }
 
 void HostDriver::OnPersisted() {
@@ -222,8 +252,8 @@ void HostDriver::FillSnapshotChunks(std::vector<Message>* messages) {
 }
 
 bool HostDriver::CanCompact(uint64_t index) const {
-  return !persisting_ && index > last_snapshot_index_ && index > replica_->snapshot_index() &&
-         index <= replica_->applied_index();
+  return !persisting_ && !checking_ && index > last_snapshot_index_ &&
+         index > replica_->snapshot_index() && index <= replica_->applied_index();
 }
 
 bool HostDriver::Compact(const SnapshotMeta& meta) {
@@ -249,7 +279,8 @@ bool HostDriver::Compact(const SnapshotMeta& meta) {
 }
 
 void HostDriver::ReplaceReplica(std::unique_ptr<Replica> replica) {
-  SYNOD_CHECK(!persisting_) << "the replica was replaced while its storage was busy";
+  SYNOD_CHECK(!persisting_ && !checking_)
+      << "the replica was replaced while its storage or a snapshot check was busy";
   replica_ = std::move(replica);
   last_snapshot_index_ = std::max(last_snapshot_index_, replica_->snapshot_index());
 }

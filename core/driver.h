@@ -128,9 +128,14 @@ class PeerTransport {
 class AppliedState {
  public:
   virtual ~AppliedState() = default;
-  // A snapshot from a peer, sealed in the snapshot store and checked whole before anything
-  // of its Ready is persisted.
-  virtual absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) = 0;
+  // A snapshot from a peer, sealed in the snapshot store, is checked whole before anything
+  // of its Ready is persisted: the host calls `done` with its verdict on its own thread, at
+  // once or later (checking a large image takes seconds: a host does it off its loop).
+  // Meanwhile the driver holds that Ready, as while it is persisted: only early messages
+  // leave, and no snapshot of the host's own is recorded. `done` is never called after the
+  // host stops (nothing more is persisted then).
+  virtual void CheckSnapshot(const SnapshotToInstall& snapshot,
+                             std::function<void(absl::Status)> done) = 0;
   // Sealing or CheckSnapshot failed. The replica already counts the snapshot as installed, so the
   // host must rebuild it from what is durable (HostDriver::ReplaceReplica) before it returns.
   virtual void RefuseSnapshot(const absl::Status& why) = 0;
@@ -184,15 +189,20 @@ class HostDriver {
   uint64_t last_snapshot_index() const { return last_snapshot_index_; }
 
   // Replaces the replica with one rebuilt from durable state (from RefuseSnapshot).
-  // REQUIRES: no storage operation in flight.
+  // REQUIRES: no storage operation or snapshot check in flight.
   void ReplaceReplica(std::unique_ptr<Replica> replica);
 
   // Whether a storage operation is in flight.
   bool persisting() const { return persisting_; }
+  // Whether a snapshot from a peer is being checked (AppliedState::CheckSnapshot).
+  bool checking() const { return checking_; }
   const DriverCounters& counters() const { return counters_; }
 
  private:
   void OnPersisted();
+  // Persists `ready` (or finishes it at once when it needs no storage).
+  void Persist(Ready ready);
+  void OnSnapshotChecked(absl::Status verdict);
   void Finish(Ready ready);
   // Fills the snapshot chunks among `messages` with their bytes from the store; drops those
   // it cannot read (the receiver asks again).
@@ -206,8 +216,10 @@ class HostDriver {
   ClientAnswers* const answers_;
 
   bool persisting_ = false;
-  bool in_drain_ = false;           // a Drain loop or a Finish runs: nested Drains return
-  std::optional<Ready> in_flight_;  // the Ready being persisted (empty for own snapshots)
+  bool checking_ = false;  // in_flight_ holds a snapshot being checked
+  bool in_drain_ = false;  // a Drain loop or a Finish runs: nested Drains return
+  // The Ready being checked or persisted (empty for own snapshots).
+  std::optional<Ready> in_flight_;
   std::function<void()> after_persist_;
   uint64_t last_snapshot_index_ = 0;
   DriverCounters counters_;

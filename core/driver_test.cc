@@ -43,7 +43,13 @@ class FakeHost : public LogStorage,
   void Send(std::vector<Message> messages) override {
     for (Message& m : messages) sent.push_back(std::move(m));
   }
-  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  void CheckSnapshot(const SnapshotToInstall&, std::function<void(absl::Status)> done) override {
+    if (check_at_once) {
+      done(absl::OkStatus());
+    } else {
+      checks.push_back(std::move(done));
+    }
+  }
   void RefuseSnapshot(const absl::Status& why) override {
     ASSERT_NE(driver, nullptr) << "nothing is refused: " << why;
     refused.push_back(why);
@@ -77,6 +83,8 @@ class FakeHost : public LogStorage,
   std::vector<SnapshotMeta> installed;
   bool complete_at_once = true;
   std::deque<std::function<void()>> completions;
+  bool check_at_once = true;
+  std::deque<std::function<void(absl::Status)>> checks;  // verdicts not given yet
   std::vector<Persisted> persisted;
   std::vector<Message> sent;
   std::vector<uint64_t> applied;  // sequences, in apply order
@@ -403,6 +411,63 @@ TEST(Driver, AnImageTheStoreCannotSealIsRefusedWholeNeverPersisted) {
     EXPECT_FALSE(host.persisted[i].has_snapshot) << "a spliced image was persisted";
   }
   EXPECT_EQ(driver->replica().commit_index(), 0u);
+  EXPECT_EQ(driver->counters().snapshots_refused, 1u);
+}
+
+// A host checks a large image off its loop: the verdict comes later. Until then nothing of
+// the snapshot's Ready is persisted or sent but what acknowledges nothing, the follower
+// goes on acknowledging heartbeats, and no snapshot of the host's own is recorded.
+TEST(Driver, ASnapshotCheckedLaterIsPersistedOnlyAfterItsVerdict) {
+  FakeHost host;
+  const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
+  host.check_at_once = false;
+  const size_t persisted_before = host.persisted.size();
+  driver->replica().Step(ChunkTo2(meta, 0, "abcdefgh"));
+  driver->Drain();
+  ASSERT_TRUE(driver->checking());
+  ASSERT_EQ(host.checks.size(), 1u);
+  EXPECT_EQ(host.persisted.size(), persisted_before);
+  EXPECT_FALSE(driver->CanCompact(5));
+  host.sent.clear();
+  Message heartbeat = To2(1, 10);
+  heartbeat.mutable_heartbeat()->set_read_context(9);
+  driver->replica().Step(heartbeat);
+  driver->Drain();
+  ASSERT_EQ(host.sent.size(), 1u) << "the acknowledgement waited for the check";
+  EXPECT_EQ(host.sent[0].heartbeat_ack().read_context(), 9u);
+  EXPECT_TRUE(host.installed.empty());
+
+  std::function<void(absl::Status)> verdict = std::move(host.checks.front());
+  host.checks.pop_front();
+  verdict(absl::OkStatus());
+  EXPECT_FALSE(driver->checking());
+  ASSERT_GT(host.persisted.size(), persisted_before);
+  EXPECT_TRUE(host.persisted[persisted_before].has_snapshot);
+  ASSERT_EQ(host.installed.size(), 1u);
+  EXPECT_EQ(host.installed[0].checksum(), meta.checksum());
+  EXPECT_EQ(driver->replica().commit_index(), 10u);
+}
+
+TEST(Driver, ASnapshotRefusedLaterIsNeverPersisted) {
+  FakeHost host;
+  const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
+  std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
+  host.check_at_once = false;
+  const size_t persisted_before = host.persisted.size();
+  driver->replica().Step(ChunkTo2(meta, 0, "abcdefgh"));
+  driver->Drain();
+  ASSERT_EQ(host.checks.size(), 1u);
+  std::function<void(absl::Status)> verdict = std::move(host.checks.front());
+  host.checks.pop_front();
+  verdict(absl::InvalidArgumentError("integrity_check failed"));
+  ASSERT_EQ(host.refused.size(), 1u);
+  EXPECT_TRUE(absl::IsInvalidArgument(host.refused[0]));
+  EXPECT_FALSE(driver->checking());
+  EXPECT_TRUE(host.installed.empty());
+  for (size_t i = persisted_before; i < host.persisted.size(); ++i) {
+    EXPECT_FALSE(host.persisted[i].has_snapshot) << "a refused image was persisted";
+  }
   EXPECT_EQ(driver->counters().snapshots_refused, 1u);
 }
 

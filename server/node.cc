@@ -438,8 +438,58 @@ absl::Status Node::StageSnapshot(const SnapshotMeta& meta) {
   return absl::OkStatus();
 }
 
-absl::Status Node::CheckSnapshot(const SnapshotToInstall& snapshot) {
-  return StageSnapshot(snapshot.meta);
+// A peer's image is unpacked and checked (integrity_check of every database: seconds for a
+// large one) on a worker thread; the driver holds the snapshot's Ready meanwhile and the
+// loop goes on (heartbeats are acknowledged, requests answered).
+struct Node::SnapshotCheck {
+  uv_work_t work;
+  Node* node = nullptr;
+  std::string image_path;
+  std::string stage_dir;
+  SnapshotMeta meta;
+  std::function<void(absl::Status)> done;
+  absl::StatusOr<SnapshotImages> images = absl::UnknownError("not checked");
+  uint64_t started_ns = 0;
+};
+
+void Node::CheckSnapshot(const SnapshotToInstall& snapshot,
+                         std::function<void(absl::Status)> done) {
+  staged_snapshot_.reset();
+  staged_meta_ = snapshot.meta;
+  absl::StatusOr<std::string> stage = snapshots_->EmptyStageDir("install");
+  if (!stage.ok()) return done(stage.status());
+  auto* check = new SnapshotCheck();
+  check->work.data = check;
+  check->node = this;
+  check->image_path = snapshots_->PathOf(snapshot.meta);
+  check->stage_dir = *std::move(stage);
+  check->meta = snapshot.meta;
+  check->done = std::move(done);
+  check->started_ns = uv_hrtime();
+  SYNOD_CHECK_EQ(
+      uv_queue_work(
+          loop_, &check->work,
+          [](uv_work_t* work) {
+            // On a worker thread: the image file and the stage's files only.
+            auto* c = static_cast<SnapshotCheck*>(work->data);
+            c->images = StageSnapshotImage(c->image_path, c->stage_dir, c->meta.index());
+          },
+          [](uv_work_t* work, int status) {
+            std::unique_ptr<SnapshotCheck> c(static_cast<SnapshotCheck*>(work->data));
+            Node* node = c->node;
+            // Stopping: nothing more is persisted, so no verdict is given.
+            if (status != 0 || node->stopping_) return;
+            fprintf(stderr, "I checked the snapshot at revision %llu in %llu ms: %s\n",
+                    static_cast<unsigned long long>(c->meta.index()),
+                    static_cast<unsigned long long>((uv_hrtime() - c->started_ns) / 1'000'000),
+                    c->images.ok() ? "ok" : c->images.status().ToString().c_str());
+            absl::Status verdict = c->images.status();
+            if (verdict.ok()) node->staged_snapshot_ = *std::move(c->images);
+            c->images = absl::UnknownError("moved");  // its handles close now
+            c->done(verdict);
+            node->Drain();
+          }),
+      0);
 }
 
 void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {

@@ -123,7 +123,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
 
   // The driver's interfaces.
   void Send(std::vector<Message> messages) override;
-  absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) override;
+  void CheckSnapshot(const SnapshotToInstall& snapshot,
+                     std::function<void(absl::Status)> done) override;
   // A log of an older version holds its snapshot's image: it moves to the snapshot store,
   // and the log is rewritten without it.
   absl::Status MoveSnapshotOutOfLog(LogStore& store);
@@ -240,6 +241,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::map<uint32_t, int64_t> snapshot_served_ms_;  // by peer: when a chunk was last sent
   std::map<uint32_t, uint64_t> peer_commit_index_;  // by peer: the highest it reported
   struct SnapshotBuild;
+  struct SnapshotCheck;
   struct StateHashJob;
   bool hashing_state_ = false;  // a divergence vote's state hash is computed on a worker
   bool snapshot_building_ = false;

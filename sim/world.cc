@@ -305,8 +305,9 @@ class World {
     kClientWake,
     kFault,
     kHostile,
-    kDiskDone,  // a host's oldest storage operation finishes (target: replica; incarnation)
-    kCrash,     // a crash decided inside the driver's callbacks (target: replica; incarnation)
+    kDiskDone,   // a host's oldest storage operation finishes (target: replica; incarnation)
+    kCrash,      // a crash decided inside the driver's callbacks (target: replica; incarnation)
+    kCheckDone,  // a host's check of a peer's snapshot gives its verdict (target; incarnation)
   };
   struct Event {
     int64_t time_us;
@@ -358,6 +359,10 @@ class World {
     std::vector<PendingRead> reads_waiting_apply;
     uint64_t last_local_read_revision = 0;
     uint64_t incarnation = 0;  // process starts so far; tick events carry theirs
+    // A peer's snapshot being checked (as the server does, off the loop): its verdict,
+    // given to the driver when kCheckDone comes.
+    std::function<void(absl::Status)> check_done;
+    absl::Status check_verdict;
   };
 
   void Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m = Message(),
@@ -418,7 +423,10 @@ class World {
   Swarm swarm_;
   Prng hostile_;     // drawn from the root after the others: runs without it are unchanged
   Prng send_crash_;  // crashes right after a send (Swarm::crash_after_send_per_10k)
-  Prng fsync_;       // drawn last: how long each storage operation takes
+  // How long a snapshot check takes (its own stream, apart from the root's: the draws of
+  // the other streams stay as they were).
+  Prng check_delay_;
+  Prng fsync_;  // drawn last: how long each storage operation takes
   int64_t max_fsync_us_ = 0;
   std::vector<Host> hosts_;
   std::vector<Client> clients_;
@@ -462,6 +470,7 @@ World::World(const SimOptions& options)
       workload_(root_.Next()),
       hostile_(0),
       send_crash_(0),
+      check_delay_(options.seed ^ 0x5eedc4ecdd5eedull),
       fsync_(0),
       chosen_(static_cast<size_t>(options.replicas)) {
   SYNOD_CHECK(options_.replicas >= 1 && options_.replicas <= 7) << options_.replicas;
@@ -624,6 +633,7 @@ void World::CrashHost(Host& h) {
   h.paused = false;
   h.driver.reset();
   h.disk_ops.clear();
+  h.check_done = nullptr;
   h.sm.reset();
   h.snapshots.Crash();
   bool tear = disk_.Chance(swarm_.torn_write_per_100, 100);
@@ -689,10 +699,17 @@ class World::HostSide : public LogStorage,
     }
   }
 
-  absl::Status CheckSnapshot(const SnapshotToInstall& snapshot) override {
+  // The verdict comes after a delay, as a server's does from its worker thread: meanwhile
+  // the replica steps messages, and the host may crash or pause.
+  void CheckSnapshot(const SnapshotToInstall& snapshot,
+                     std::function<void(absl::Status)> done) override {
     const std::string* image = h_->snapshots.Find(snapshot.meta);
     SYNOD_CHECK(image != nullptr) << "a sealed snapshot is not in the store";
-    return StateMachine::CheckSnapshot(*image, snapshot.meta.index());
+    SYNOD_CHECK(h_->check_done == nullptr) << "two snapshot checks at once";
+    h_->check_verdict = StateMachine::CheckSnapshot(*image, snapshot.meta.index());
+    h_->check_done = std::move(done);
+    w_->Schedule(w_->now_us_ + w_->check_delay_.Range(50, 50'000), EventKind::kCheckDone, h_->id,
+                 Message(), h_->incarnation);
   }
   // As the server does: the replica is rebuilt from what its log holds (a restart without
   // the crash). The simulator's peers send whole, correct images, and the replica checks
@@ -1556,6 +1573,21 @@ SimResult World::Run() {
       case EventKind::kCrash: {
         Host& h = hosts_[ev.target - 1];
         if (h.up && h.incarnation == ev.client_sequence) CrashHost(h);
+        break;
+      }
+      case EventKind::kCheckDone: {
+        Host& h = hosts_[ev.target - 1];
+        if (!h.up || h.incarnation != ev.client_sequence || h.check_done == nullptr) break;
+        if (h.paused) {
+          Schedule(now_us_ + h.tick_period_us, EventKind::kCheckDone, h.id, Message(),
+                   h.incarnation);
+          break;
+        }
+        std::function<void(absl::Status)> done = std::move(h.check_done);
+        h.check_done = nullptr;
+        Trace(absl::StrCat("replica ", h.id, " checked a snapshot: ", h.check_verdict.ToString()));
+        done(h.check_verdict);
+        DrainHost(h);
         break;
       }
     }

@@ -82,7 +82,9 @@ class Cluster::Host : public LogStorage,
     }
   }
 
-  absl::Status CheckSnapshot(const SnapshotToInstall&) override { return absl::OkStatus(); }
+  void CheckSnapshot(const SnapshotToInstall&, std::function<void(absl::Status)> done) override {
+    done(absl::OkStatus());
+  }
   void RefuseSnapshot(const absl::Status& why) override {
     SYNOD_CHECK(false) << "the test cluster refuses no snapshot: " << why;
   }
