@@ -33,7 +33,18 @@ FileBodySource::FileBodySource(uv_loop_t* loop, int fd, uint64_t offset, uint64_
       position_(offset),
       hold_(std::move(hold)) {}
 
-FileBodySource::~FileBodySource() { close(fd_); }
+void CloseOnPool(uv_loop_t* loop, int fd) {
+  auto* request = new uv_fs_t;
+  if (uv_fs_close(loop, request, fd, [](uv_fs_t* done) {
+        uv_fs_req_cleanup(done);
+        delete done;
+      }) != 0) {
+    delete request;
+    close(fd);
+  }
+}
+
+FileBodySource::~FileBodySource() { CloseOnPool(loop_, fd_); }
 
 void FileBodySource::Read(size_t max_bytes, ReadDone done) {
   const uint64_t want = std::min<uint64_t>(max_bytes, end_ - position_);

@@ -14,11 +14,16 @@
 
 namespace synod {
 
+// Closes `fd` on libuv's pool. Closing the last descriptor of an unlinked file frees its
+// blocks, which takes ext4 a while for a large file: the loop must not wait for it.
+void CloseOnPool(uv_loop_t* loop, int fd);
+
 class FileBodySource : public HttpBodySource, public std::enable_shared_from_this<FileBodySource> {
  public:
   // Serves bytes [offset, offset + length) of the file open as `fd`, which the source owns
-  // (closed once the source and any read under way are gone). `hold` lives as long as the
-  // source: the caller's token for a resource the body uses (a slot it counts, say).
+  // (closed on libuv's pool once the source and any read under way are gone: the last close
+  // of an unlinked file frees its blocks, which the loop must not wait for). `hold` lives as long
+  // as the source: the caller's token for a resource the body uses (a slot it counts, say).
   // REQUIRES: `loop` outlives the source.
   static std::shared_ptr<FileBodySource> Create(uv_loop_t* loop, int fd, uint64_t offset,
                                                 uint64_t length,

@@ -468,6 +468,10 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       if (response.body_source != nullptr && response.body_source->size() > 0) {
         body_source_ = std::move(response.body_source);
         body_left_ = body_source_->size();
+        const HttpServerLimits& limits = server_->limits_;
+        stream_deadline_ms_ =
+            uv_now(server_->loop_) + limits.write_timeout_ms +
+            body_left_ * 1000 / std::max<uint64_t>(limits.min_stream_bytes_per_second, 1);
         write->more = true;
       }
     }
@@ -492,17 +496,29 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       return;
     }
     write.release();  // OnWriteDone owns it now
-    ArmTimer(TimerPurpose::kWrite, server_->limits_.write_timeout_ms);
+    ArmTimer(TimerPurpose::kWrite, WriteTimeoutMs());
+  }
+
+  // How long the next write (or piece) may take: write_timeout_ms, and for a streamed body
+  // no later than its deadline.
+  uint64_t WriteTimeoutMs() const {
+    const uint64_t timeout = server_->limits_.write_timeout_ms;
+    if (body_source_ == nullptr) return timeout;
+    const uint64_t now = uv_now(server_->loop_);
+    return stream_deadline_ms_ > now ? std::min(timeout, stream_deadline_ms_ - now) : 0;
   }
 
   // Asks the body source for the next piece of a streamed body and writes it. The write
   // timer runs meanwhile: a source that does not answer closes the connection like a client
   // that does not read.
   void StreamNextPiece() {
-    ArmTimer(TimerPurpose::kWrite, server_->limits_.write_timeout_ms);
+    ArmTimer(TimerPurpose::kWrite, WriteTimeoutMs());
     const size_t max_bytes = static_cast<size_t>(std::min<uint64_t>(body_left_, kStreamPieceBytes));
     std::weak_ptr<ServerConnection> weak = weak_from_this();
-    body_source_->Read(max_bytes, [weak, max_bytes](absl::StatusOr<std::string> piece) {
+    // Held across the call: a source that answers at once may end the body (or the
+    // connection), which drops body_source_.
+    std::shared_ptr<HttpBodySource> source = body_source_;
+    source->Read(max_bytes, [weak, max_bytes](absl::StatusOr<std::string> piece) {
       std::shared_ptr<ServerConnection> self = weak.lock();
       if (self == nullptr || self->closing_ || self->body_source_ == nullptr) return;
       if (!piece.ok() || piece->empty() || piece->size() > max_bytes) {
@@ -637,6 +653,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   // A streamed body being written, and how many of its bytes are still to come.
   std::shared_ptr<HttpBodySource> body_source_;
   uint64_t body_left_ = 0;
+  uint64_t stream_deadline_ms_ = 0;  // loop time by which the whole body must be written
 };
 
 }  // namespace http_internal

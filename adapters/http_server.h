@@ -107,6 +107,10 @@ struct HttpServerLimits {
   uint64_t request_timeout_ms = 30'000;
   // A response the client does not read within this long: the connection is closed.
   uint64_t write_timeout_ms = 30'000;
+  // A streamed body must be read at this rate on average: it is cut off (the connection
+  // closed) at write_timeout_ms plus its size over this rate, so that a client reading
+  // slowly cannot hold what the body holds (a file, a slot) for ever.
+  uint64_t min_stream_bytes_per_second = 1 << 20;
   // Open connections at most. A connection arriving when all are taken closes the one that
   // has been idle the longest (kept alive with no request under way and no response being
   // written): its client loses only a connection it can reopen, while refusing newcomers

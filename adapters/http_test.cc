@@ -98,6 +98,14 @@ class RawClient {
     return response;
   }
 
+  // Receives up to `max` bytes (after what is buffered is dropped); 0 at EOF or timeout.
+  size_t ReadSome(size_t max) {
+    buffer_.clear();
+    std::string chunk(max, '\0');
+    ssize_t n = recv(fd_, chunk.data(), max, 0);
+    return n > 0 ? static_cast<size_t>(n) : 0;
+  }
+
   // Reads until `marker` has been received; false on EOF or timeout first.
   bool ReadUntil(std::string_view marker) {
     while (buffer_.find(marker) == std::string::npos) {
@@ -724,6 +732,84 @@ TEST_F(HttpTest, AClientLeavingMidStreamReleasesTheSource) {
   RunUntil([&] { return weak.expired() && server_->connection_count() == 0; });
 }
 
+// A source that answers each Read a millisecond later, from the loop (as a file read on the
+// thread pool does).
+class LaterSource : public HttpBodySource, public std::enable_shared_from_this<LaterSource> {
+ public:
+  LaterSource(uint64_t size, std::function<void(uint64_t, std::function<void()>)> later)
+      : size_(size), later_(std::move(later)) {}
+  uint64_t size() const override { return size_; }
+  void Read(size_t max_bytes, ReadDone done) override {
+    auto self = shared_from_this();
+    later_(1, [self, max_bytes, done = std::move(done)] {
+      const size_t n =
+          static_cast<size_t>(std::min<uint64_t>(max_bytes, self->size_ - self->produced_));
+      self->produced_ += n;
+      ++self->answered_;
+      done(std::string(n, 'x'));
+    });
+  }
+  int answered() const { return answered_; }
+
+ private:
+  const uint64_t size_;
+  std::function<void(uint64_t, std::function<void()>)> later_;
+  uint64_t produced_ = 0;
+  int answered_ = 0;
+};
+
+TEST_F(HttpTest, AClientLeavingWhileAPieceIsBeingReadReleasesTheSourceOnceItAnswers) {
+  std::weak_ptr<LaterSource> weak;
+  auto later = [this](uint64_t ms, std::function<void()> action) { Later(ms, std::move(action)); };
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    auto source = std::make_shared<LaterSource>(uint64_t{1} << 30, later);
+    weak = source;
+    HttpResponse response;
+    response.body_source = std::move(source);
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/stream"));
+    ASSERT_TRUE(client.ReadUntil("\r\n\r\n"));
+    ASSERT_GT(client.ReadSome(64 * 1024), 0u);
+    client.Reset();
+  });
+  // The connection closes with a read under way; the late answer is dropped and the source
+  // goes with it.
+  RunUntil([&] { return weak.expired() && server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, AStreamedBodyReadTooSlowlyIsCutOffAtItsDeadline) {
+  HttpServerLimits limits;
+  limits.write_timeout_ms = 1000;
+  limits.min_stream_bytes_per_second = 16 << 20;
+  const uint64_t body_bytes = 16 << 20;  // deadline: 1 s + 1 s
+  StartServer(limits, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    response.body_source = std::make_shared<PatternSource>(body_bytes);
+    responder->Send(std::move(response));
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(Get("/slow"));
+    // 64 KiB every 20 ms, about 3 MiB/s: every piece within the write timeout, the whole
+    // body not within its deadline.
+    uint64_t received = 0;
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+      const size_t n = client.ReadSome(64 * 1024);
+      if (n == 0) break;
+      received += n;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(received, body_bytes);
+    EXPECT_LT(seconds, 4.5);
+  });
+}
+
 TEST_F(HttpTest, HeadOfAStreamedBodyGetsItsLengthAndNoPiece) {
   auto source = std::make_shared<PatternSource>(12345);
   StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
@@ -736,6 +822,7 @@ TEST_F(HttpTest, HeadOfAStreamedBodyGetsItsLengthAndNoPiece) {
     client.Send("HEAD /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     std::string received = client.ReadToEof();
     EXPECT_NE(received.find("Content-Length: 12345\r\n"), std::string::npos) << received;
+    ASSERT_GE(received.size(), 4u);
     EXPECT_EQ(received.substr(received.size() - 4), "\r\n\r\n") << received;
   });
   EXPECT_EQ(source->produced().load(), 0u);

@@ -200,6 +200,10 @@ int main(int argc, char** argv) {
   setenv("TZ", "UTC", 1);
   tzset();
 
+  // libuv's pool runs queries, snapshot writes and checks, vote hashes, backup copies and
+  // the reads of streamed bodies: 4 threads (its default) are too few for long jobs beside
+  // short ones. Set before the pool's first use; an operator's setting wins.
+  setenv("UV_THREADPOOL_SIZE", "16", /*overwrite=*/0);
   uv_loop_t* loop = uv_default_loop();
   synod::server::Node node(loop, options);
   absl::Status started = node.Start();

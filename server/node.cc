@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include "adapters/file_util.h"
 #include "core/check.h"
 #include "core/log_codec.h"
+#include "core/sqlite_util.h"
 #include "server/api.pb.h"
 #include "server/json.h"
 
@@ -1081,79 +1083,119 @@ void Node::RespondError(const std::shared_ptr<HttpResponder>& responder, int sta
 
 // A backup is copied with SQLite's backup API on a worker thread, from a read transaction
 // begun on the loop at the revision the read was confirmed at, into a file in the snapshot
-// store's stage; the file is then opened, unlinked (nothing is left behind whatever happens
-// next) and streamed to the client in pieces. Memory stays at a piece; disk holds one copy
-// of the database per backup under way, and at most kMaxBackups run at once.
+// store's stage; the worker then opens the copy and unlinks it (nothing is left behind
+// whatever happens next), and the loop streams it to the client in pieces. Memory stays at
+// a piece; disk holds one copy of the database per backup under way. At most kMaxBackups
+// run at once, and none starts unless the disk keeps kBackupReserve free beside it.
 struct Node::BackupCopy {
   uv_work_t work;
   Node* node = nullptr;
   Db view;
   std::string path;
   std::shared_ptr<HttpResponder> responder;
-  std::shared_ptr<int> slot;  // counted in backup_slots_ until the body is sent
+  std::shared_ptr<void> slot;  // counted in backups_ until the body is sent
   absl::Status copied;
+  int fd = -1;  // the copy, opened and unlinked
+  uint64_t bytes = 0;
 };
 
 void Node::StartBackup(const std::string& name, std::shared_ptr<HttpResponder> responder) {
-  if (static_cast<size_t>(backup_slots_.use_count()) > kMaxBackups) {
-    return RespondError(responder, 503, "unavailable",
-                        absl::StrCat(kMaxBackups, " backups are under way; try again later"));
-  }
   absl::StatusOr<Db> view = sm_->OpenDatabaseView(name);
   if (absl::IsNotFound(view.status())) {
     return RespondError(responder, 404, "not_found", view.status().message());
   }
-  if (!view.ok()) return RespondError(responder, 500, "internal", view.status().message());
+  if (!view.ok()) {
+    const bool transient = absl::IsUnavailable(view.status());
+    return RespondError(responder, transient ? 503 : 500, transient ? "unavailable" : "internal",
+                        view.status().message());
+  }
+  if (backups_->count >= kMaxBackups) {
+    return RespondError(responder, 503, "unavailable",
+                        absl::StrCat(kMaxBackups, " backups are under way; try again later"));
+  }
+  if (!responder->connection_open()) return;  // the client left while its read was confirmed
+  // The copy must fit beside the other copies with room to spare: a full disk would stop
+  // the log and the databases.
+  absl::StatusOr<uint64_t> bytes = FileBytes(view->get());
+  struct statvfs fs;
+  if (!bytes.ok() || statvfs(backup_dir_.c_str(), &fs) != 0) {
+    return RespondError(
+        responder, 500, "internal",
+        bytes.ok() ? "cannot read the free space of the data directory" : bytes.status().message());
+  }
+  const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+  const uint64_t reserve = std::max<uint64_t>(
+      kBackupReserveBytes, static_cast<uint64_t>(fs.f_blocks) * fs.f_frsize / 50);
+  if (free_bytes < *bytes + backups_->bytes + reserve) {
+    return RespondError(
+        responder, 507, "insufficient_storage",
+        absl::StrCat("a backup of ", *bytes, " bytes does not fit: ", free_bytes, " bytes free, ",
+                     backups_->bytes, " held by other backups, ", reserve, " kept in reserve"));
+  }
   auto* job = new BackupCopy();
   job->work.data = job;
   job->node = this;
   job->view = *std::move(view);
   job->path = absl::StrCat(backup_dir_, "/", ++backups_started_, ".sqlite3");
   job->responder = std::move(responder);
-  job->slot = backup_slots_;
-  SYNOD_CHECK_EQ(uv_queue_work(
-                     loop_, &job->work,
-                     [](uv_work_t* work) {
-                       auto* j = static_cast<BackupCopy*>(work->data);
-                       j->copied =
-                           CopyDatabaseToFile(j->view.get(), j->path, &j->node->cancel_backups_);
-                       j->view.reset();  // ends the read transaction
-                     },
-                     &Node::OnBackupCopied),
-                 0);
+  // The slot gives its count and bytes back when the body is sent or dropped.
+  ++backups_->count;
+  backups_->bytes += *bytes;
+  job->slot = std::shared_ptr<void>(nullptr, [usage = backups_, held = *bytes](void*) {
+    --usage->count;
+    usage->bytes -= held;
+  });
+  SYNOD_CHECK_EQ(uv_queue_work(loop_, &job->work, &Node::CopyBackup, &Node::OnBackupCopied), 0);
+}
+
+void Node::CopyBackup(uv_work_t* work) {
+  // On a worker thread: the job's connection and file only.
+  auto* job = static_cast<BackupCopy*>(work->data);
+  job->copied = CopyDatabaseToFile(job->view.get(), job->path, &job->node->cancel_backups_);
+  job->view.reset();  // ends the read transaction
+  if (job->copied.ok()) {
+    absl::StatusOr<int> opened = OpenFile(job->path, O_RDONLY);
+    struct stat st;
+    if (opened.ok() && fstat(*opened, &st) != 0) {
+      const int error = errno;
+      close(*opened);
+      opened = OsError(error, job->path);
+    }
+    if (opened.ok()) {
+      job->fd = *opened;
+      job->bytes = static_cast<uint64_t>(st.st_size);
+    }
+    job->copied = opened.status();
+  }
+  // An open file lives on until its descriptor closes; a failed copy goes now (here, not on
+  // the loop: freeing a large file's blocks takes a while).
+  unlink(job->path.c_str());
 }
 
 void Node::OnBackupCopied(uv_work_t* work, int status) {
   std::unique_ptr<BackupCopy> job(static_cast<BackupCopy*>(work->data));
   Node* node = job->node;
   job->view.reset();
-  absl::Status copied = status != 0 || node->stopping_
-                            ? absl::UnavailableError("the server is stopping")
-                            : job->copied;
-  int fd = -1;
-  struct stat st;
-  if (copied.ok()) {
-    absl::StatusOr<int> opened = OpenFile(job->path, O_RDONLY);
-    if (opened.ok() && fstat(*opened, &st) != 0) {
-      const int error = errno;
-      close(*opened);
-      opened = OsError(error, job->path);
-    }
-    if (opened.ok()) fd = *opened;
-    copied = opened.status();
-  }
-  unlink(job->path.c_str());  // an open file lives on until its descriptor closes
+  absl::Status copied = job->copied;
+  if (status != 0 || node->stopping_) copied = absl::UnavailableError("the server is stopping");
   if (!copied.ok()) {
+    if (job->fd >= 0) CloseOnPool(node->loop_, job->fd);
     const bool full = absl::IsResourceExhausted(copied);
-    return node->RespondError(job->responder, full ? 507 : 503,
-                              full ? "insufficient_storage" : "unavailable",
+    const bool transient = absl::IsUnavailable(copied) || absl::IsCancelled(copied);
+    return node->RespondError(job->responder,
+                              full        ? 507
+                              : transient ? 503
+                                          : 500,
+                              full        ? "insufficient_storage"
+                              : transient ? "unavailable"
+                                          : "internal",
                               absl::StrCat("the backup could not be made: ", copied.message()));
   }
   HttpResponse response;
   response.status = 200;
   response.headers.push_back({"Content-Type", "application/vnd.sqlite3"});
-  response.body_source = FileBodySource::Create(
-      node->loop_, fd, 0, static_cast<uint64_t>(st.st_size), std::move(job->slot));
+  response.body_source =
+      FileBodySource::Create(node->loop_, job->fd, 0, job->bytes, std::move(job->slot));
   node->SendCounted(job->responder, std::move(response));
 }
 

@@ -38,6 +38,7 @@ class HttpResponder {
   explicit HttpResponder(std::shared_ptr<Responder> responder)
       : responder_(std::move(responder)), start_ns_(uv_hrtime()) {}
   void Send(HttpResponse response) { responder_->Send(std::move(response)); }
+  bool connection_open() const { return responder_->connection_open(); }
   uint64_t ElapsedMicros() const { return (uv_hrtime() - start_ns_) / 1000; }
 
  private:
@@ -200,6 +201,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // GET /v1/db/{name}/backup once the read is confirmed: copies the database on a worker
   // thread and streams the copy (BackupCopy in node.cc).
   void StartBackup(const std::string& name, std::shared_ptr<HttpResponder> responder);
+  static void CopyBackup(uv_work_t* work);
   static void OnBackupCopied(uv_work_t* work, int status);
   // Sends `response`, counted in status and metrics.
   void SendCounted(const std::shared_ptr<HttpResponder>& responder, HttpResponse response);
@@ -247,11 +249,17 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   bool snapshot_building_ = false;
   std::optional<SnapshotMeta> built_snapshot_;
   std::atomic<bool> cancel_snapshot_build_{false};
-  // Backups being copied or streamed: each holds a copy of backup_slots_ (its use count is
-  // one more than their number) until its body is sent or its client leaves.
+  // Backups being copied or streamed: each holds a slot (BackupCopy::slot) until its body is
+  // sent or its client leaves.
   struct BackupCopy;
   static constexpr size_t kMaxBackups = 2;
-  std::shared_ptr<int> backup_slots_ = std::make_shared<int>(0);
+  // Free disk kept beside backups: this, or a fiftieth of the file system if more.
+  static constexpr uint64_t kBackupReserveBytes = uint64_t{256} << 20;
+  struct BackupUsage {
+    size_t count = 0;    // backups being copied or sent
+    uint64_t bytes = 0;  // the disk their copies hold
+  };
+  std::shared_ptr<BackupUsage> backups_ = std::make_shared<BackupUsage>();
   uint64_t backups_started_ = 0;
   std::string backup_dir_;  // in the snapshot store's stage, emptied at start
   std::atomic<bool> cancel_backups_{false};

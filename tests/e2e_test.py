@@ -144,6 +144,12 @@ class Basics(ClusterTest):
         self.assertEqual(self.c.request(2, "DELETE", "/v1/db/a1").status, 204)
         self.assertEqual(self.c.request(3, "DELETE", "/v1/db/a1").status, 404)
         self.assertEqual(self.c.request(1, "GET", "/v1/db/a1").status, 404)
+        missing = self.c.request(2, "GET", "/v1/db/a1/backup")
+        self.assertEqual(missing.status, 404, missing)
+        self.assertEqual(missing.json()["error"]["code"], "not_found")
+        # The copies the backups were streamed from are gone.
+        stage = os.path.join(self.c.root, "2", "snapshots", "stage", "backups")
+        self.assertEqual(os.listdir(stage), [])
 
     def test_d3b_endpoint(self):
         self.create("legacy")
