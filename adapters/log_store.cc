@@ -42,6 +42,19 @@ uint64_t CountRecords(std::string_view framed) {
   return records;
 }
 
+// What `<dir>/log` holds once its records have moved into segments: a damaged record followed
+// by a genuine sync mark, which a version that kept its log in that one file recovers as
+// corruption (it refuses to start) rather than starting over without its promises.
+const std::string& OneFileTombstone() {
+  static const std::string* tombstone = [] {
+    std::string damaged(kFrameHeaderBytes, '\0');
+    damaged[0] = 1;     // a payload of one byte
+    damaged += "\xff";  // whose checksum (0) does not match
+    return new std::string(damaged + EncodeSyncMark(1, damaged.size()));
+  }();
+  return *tombstone;
+}
+
 }  // namespace
 
 RecordsSummary RecordsSummary::Of(const Ready& ready) {
@@ -111,12 +124,27 @@ absl::Status LogStore::MigrateOneFileLog() {
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot create ", segments_dir_, ": ", error.message()));
   }
-  struct stat st;
-  if (stat(old_path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return absl::OkStatus();
-    return OsError(errno, absl::StrCat("cannot stat ", old_path));
+  const bool no_segments = std::filesystem::is_empty(segments_dir_, error);
+  if (error) {
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        absl::StrCat("cannot list ", segments_dir_, ": ", error.message()));
   }
-  if (!std::filesystem::is_empty(segments_dir_, error) || error) {
+  absl::StatusOr<int> old_fd = OpenFile(old_path, O_RDONLY);
+  if (!old_fd.ok()) {
+    if (absl::IsNotFound(old_fd.status())) return absl::OkStatus();
+    return old_fd.status();
+  }
+  absl::StatusOr<std::string> old_bytes = ReadAll(*old_fd, old_path);
+  close(*old_fd);
+  if (!old_bytes.ok()) return old_bytes.status();
+  if (*old_bytes == OneFileTombstone()) {
+    if (!no_segments) return absl::OkStatus();
+    return absl::DataLossError(
+        absl::StrCat("the log was moved into ", segments_dir_,
+                     ", which holds no segment: this replica "
+                     "refuses to start (docs/operations.md, \"Data directory\")"));
+  }
+  if (!no_segments) {
     return absl::FailedPreconditionError(
         absl::StrCat("both ", old_path, " (a log of an earlier version) and segments in ",
                      segments_dir_, " exist: move one away"));
@@ -128,8 +156,27 @@ absl::Status LogStore::MigrateOneFileLog() {
   }
   if (options_.fsync) {
     if (absl::Status synced = SyncDirectory(segments_dir_); !synced.ok()) return synced;
-    if (absl::Status synced = SyncDirectory(dir_); !synced.ok()) return synced;
   }
+  return absl::OkStatus();
+}
+
+absl::Status LogStore::WriteTombstone() {
+  // An earlier version started on this directory would find no log and begin again as a
+  // new acceptor, forgetting what this one promised: it finds a log it refuses instead.
+  // Written once the segments are durable: a tombstone without them means they were lost.
+  const std::string path = absl::StrCat(dir_, "/log");
+  if (access(path.c_str(), F_OK) == 0) return absl::OkStatus();
+  const std::string tmp = absl::StrCat(path, ".tmp");
+  absl::StatusOr<int> fd = OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC);
+  if (!fd.ok()) return fd.status();
+  absl::Status written = WriteAll(*fd, OneFileTombstone(), tmp);
+  if (written.ok() && options_.fsync) written = DataSync(*fd, tmp);
+  close(*fd);
+  if (!written.ok()) return written;
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    return OsError(errno, absl::StrCat("cannot rename ", tmp, " to ", path));
+  }
+  if (options_.fsync) return SyncDirectory(dir_);
   return absl::OkStatus();
 }
 
@@ -151,6 +198,16 @@ absl::Status LogStore::Recover() {
   }
   std::sort(numbers.begin(), numbers.end());
   if (numbers.empty()) numbers.push_back(1);  // a new log: its first segment, empty
+  // Segments are deleted oldest first, each deletion made durable before the next: the ones
+  // left are numbered without a gap. A gap is a segment lost, and what it held with it.
+  for (size_t i = 1; i < numbers.size(); ++i) {
+    if (numbers[i] != numbers[i - 1] + 1) {
+      return absl::DataLossError(absl::StrCat(
+          PathOf(numbers[i - 1] + 1), " is missing (segments ", numbers[i - 1], " and ", numbers[i],
+          " are there): state this replica made durable is lost, so it refuses to "
+          "start (docs/simulation.md, \"Storage faults\")"));
+    }
+  }
   LogReplay replay;
   for (size_t i = 0; i < numbers.size(); ++i) {
     const bool last = i + 1 == numbers.size();
@@ -173,7 +230,10 @@ absl::Status LogStore::Recover() {
     }
     segments_.push_back({numbers[i], segment->max_slot});
     if (!last) {
+      // Written before a crash, perhaps never flushed: durable before the replica acts on it.
+      absl::Status synced = options_.fsync ? DataSync(*fd, path) : absl::OkStatus();
       close(*fd);
+      if (!synced.ok()) return synced;
       continue;
     }
     log_fd_ = *fd;
@@ -194,7 +254,9 @@ absl::Status LogStore::Recover() {
       return synced;
     }
     if (absl::Status synced = SyncDirectory(segments_dir_); !synced.ok()) return synced;
+    if (absl::Status synced = SyncDirectory(dir_); !synced.ok()) return synced;
   }
+  if (absl::Status written = WriteTombstone(); !written.ok()) return written;
   RecoveredLog log = std::move(replay).Finish();
   recovered_ = std::move(log.state);
   legacy_snapshot_data_ = std::move(log.legacy_snapshot_data);
@@ -286,13 +348,17 @@ absl::Status LogStore::StartSegment(std::string records, const RecordsSummary& s
 
 absl::Status LogStore::DeleteSegmentsThrough(uint64_t through) {
   // A deletion a crash undoes is harmless: the segments after it repeat the hard state and
-  // snapshot it held, and the snapshot covers its entries.
+  // snapshot it held, and the snapshot covers its entries. Each is made durable before the
+  // next, so the segments left are always numbered without a gap (Recover checks it).
   while (segments_.size() > 1 && segments_.front().max_slot <= through) {
     const std::string path = PathOf(segments_.front().number);
     if (unlink(path.c_str()) != 0 && errno != ENOENT) {
       return Fail(OsError(errno, absl::StrCat("cannot delete ", path)));
     }
     segments_.erase(segments_.begin());
+    if (options_.fsync) {
+      if (absl::Status synced = SyncDirectory(segments_dir_); !synced.ok()) return Fail(synced);
+    }
   }
   return absl::OkStatus();
 }

@@ -9,8 +9,8 @@
 //   damage in a segment that is not the last, fails Open() with DataLoss, and the replica
 //   must refuse to start (docs/simulation.md, "Storage faults").
 // - Append() buffers a Ready's records in memory; Sync() writes them and a sync mark to the
-//   last segment and fdatasyncs it, so that every synced record has a successor and a
-//   corrupt synced record is never mistaken for a torn tail.
+//   last segment (or to a new one, see below) and fdatasyncs it, so that every synced record has a
+//   successor and a corrupt synced record is never mistaken for a torn tail.
 // - Group commit is the caller's choice: Append() every Ready of a drained batch, then call
 //   Sync() once if any of them had must_sync, before sending their messages.
 // - A new segment is started when the last one reaches options.segment_bytes, and at each
@@ -21,7 +21,9 @@
 //   is read back or rewritten. A crash leaves the old segments or fewer of them, each
 //   replaying to the same state.
 // - A data directory of a version that kept the log in one file, `<dir>/log`, is moved into
-//   `<dir>/logs/` as its first segment at Open().
+//   `<dir>/logs/` as its first segment at Open(). Once the segments are durable, `<dir>/log`
+//   holds a record that such a version refuses as corruption: started on this directory, it
+//   stops rather than begin as a new acceptor without its promises.
 //
 // Errors: every OS failure is returned as a Status carrying the errno text. A failed write
 // or fsync cannot be retried safely (the kernel may have dropped the dirty pages), so after
@@ -116,8 +118,10 @@ class LogStore {
   absl::StatusOr<PersistedState> ReadBack();
 
   // Replaces the log with one holding exactly `state` (hard state, snapshot, entries): a new
-  // segment written and synced, then every older one deleted. applied_index is not stored.
-  // REQUIRES: nothing was appended since the last Sync().
+  // segment written and synced, then every older one deleted. Not atomic: a crash may leave
+  // older segments before the new one, which replay first, so `state` must hold at least what
+  // they hold (the state recovered, say, with an image moved out). applied_index is not
+  // stored. REQUIRES: nothing was appended since the last Sync().
   absl::Status Rewrite(const PersistedState& state);
 
   // The segment files, oldest first (tests, status).
@@ -133,6 +137,8 @@ class LogStore {
 
   // Moves a one-file log of an earlier version into the segment directory.
   absl::Status MigrateOneFileLog();
+  // Leaves in `<dir>/log` what a version that kept its log there refuses to start from.
+  absl::Status WriteTombstone();
   // Replays every segment into recovered_ and truncates a torn tail of the last.
   absl::Status Recover();
   // Creates segment `number` holding the current hard state and snapshot, then `records`

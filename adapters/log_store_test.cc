@@ -281,6 +281,14 @@ TEST_F(LogStoreTest, ALeftoverTemporaryFromAnInterruptedRewriteIsIgnored) {
   EXPECT_FALSE(fs::exists(dir_ + "/log.tmp"));
 }
 
+// Slots 1..n, one synced batch each, with the promise's round equal to the slot.
+void WriteSlots(LogStore& store, uint64_t from, uint64_t to) {
+  for (uint64_t slot = from; slot <= to; ++slot) {
+    store.Append(AcceptReady(slot, {Entry(slot, slot, true)}));
+    ASSERT_TRUE(store.Sync().ok());
+  }
+}
+
 TEST_F(LogStoreTest, AOneFileLogOfAnEarlierVersionBecomesTheFirstSegment) {
   std::string old_log;
   {
@@ -293,8 +301,49 @@ TEST_F(LogStoreTest, AOneFileLogOfAnEarlierVersionBecomesTheFirstSegment) {
   std::unique_ptr<LogStore> store = MustOpen(dir_);
   EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
   EXPECT_EQ(store->recovered().entries.size(), 2u);
-  EXPECT_FALSE(fs::exists(dir_ + "/log"));
   EXPECT_EQ(ReadFile(LogPath()), old_log);
+  // What is left in its place is refused by the earlier version's recovery.
+  absl::StatusOr<RecoveredLog> old_reading = RecoverLog(ReadFile(dir_ + "/log"));
+  ASSERT_FALSE(old_reading.ok());
+  EXPECT_EQ(old_reading.status().code(), absl::StatusCode::kDataLoss);
+  // And the store opens on it again.
+  store.reset();
+  store = MustOpen(dir_);
+  EXPECT_EQ(store->recovered().hard_state.promised().round(), 4u);
+}
+
+TEST_F(LogStoreTest, ANewDataDirectoryHasTheMarkAnEarlierVersionRefuses) {
+  { MustOpen(dir_); }
+  absl::StatusOr<RecoveredLog> old_reading = RecoverLog(ReadFile(dir_ + "/log"));
+  ASSERT_FALSE(old_reading.ok());
+  EXPECT_EQ(old_reading.status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST_F(LogStoreTest, SegmentsGoneFromBesideTheMarkAreDataLoss) {
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_);
+    WriteTwoBatches(*store);
+  }
+  fs::remove_all(dir_ + "/logs");
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+}
+
+TEST_F(LogStoreTest, AMissingSegmentBetweenOthersIsDataLoss) {
+  const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
+  std::vector<std::string> segments;
+  {
+    std::unique_ptr<LogStore> store = MustOpen(dir_, small);
+    WriteSlots(*store, 1, 20);
+    segments = store->SegmentPaths();
+  }
+  ASSERT_GE(segments.size(), 3u);
+  fs::remove(segments[1]);
+  absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_, small);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+  EXPECT_NE(store.status().message().find(segments[1]), absl::string_view::npos);
 }
 
 TEST_F(LogStoreTest, BothAOneFileLogAndSegmentsRefuseToOpen) {
@@ -306,14 +355,6 @@ TEST_F(LogStoreTest, BothAOneFileLogAndSegmentsRefuseToOpen) {
   absl::StatusOr<std::unique_ptr<LogStore>> store = LogStore::Open(dir_);
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
-}
-
-// Slots 1..n, one synced batch each, with the promise's round equal to the slot.
-void WriteSlots(LogStore& store, uint64_t from, uint64_t to) {
-  for (uint64_t slot = from; slot <= to; ++slot) {
-    store.Append(AcceptReady(slot, {Entry(slot, slot, true)}));
-    ASSERT_TRUE(store.Sync().ok());
-  }
 }
 
 TEST_F(LogStoreTest, SegmentsStartAtTheirSizeAndReplayInOrder) {
@@ -341,6 +382,8 @@ TEST_F(LogStoreTest, CompactionDeletesTheSegmentsTheSnapshotCoversAndNothingElse
   store->Append(SnapshotReady(SnapshotMetaOf(25, "image")));
   ASSERT_TRUE(store->Sync().ok());
   const std::string kept_before = ReadFile(segments.back());
+  std::vector<std::string> bytes_before;
+  for (const std::string& path : segments) bytes_before.push_back(ReadFile(path));
   ASSERT_TRUE(store->Compact(25).ok());
   // The segments whose entries are all at or below 25 are gone; the others are untouched.
   absl::StatusOr<PersistedState> state = store->ReadBack();
@@ -358,16 +401,19 @@ TEST_F(LogStoreTest, CompactionDeletesTheSegmentsTheSnapshotCoversAndNothingElse
     // A kept segment holds an entry above the snapshot (or is the newest).
     EXPECT_TRUE(std::find(left.begin(), left.end(), path) != left.end());
   }
-  // A crash that undid the deletions would replay to the same state.
-  const std::string deleted = segments.front();
   {
     store.reset();
     std::unique_ptr<LogStore> reopened = MustOpen(dir_, small);
     EXPECT_EQ(Describe(reopened->recovered()), Describe(*state));
   }
-  WriteFile(deleted, "");
-  std::unique_ptr<LogStore> undone = MustOpen(dir_, small);
-  EXPECT_EQ(Describe(undone->recovered()), Describe(*state));
+  // Deletions are durable one by one, oldest first: a crash may undo the last ones. Undone,
+  // last first, each leaves a log that replays to the same state.
+  for (size_t i = segments.size(); i-- > 0;) {
+    if (fs::exists(segments[i])) continue;
+    WriteFile(segments[i], bytes_before[i]);
+    std::unique_ptr<LogStore> undone = MustOpen(dir_, small);
+    EXPECT_EQ(Describe(undone->recovered()), Describe(*state)) << "with " << segments[i];
+  }
 }
 
 TEST_F(LogStoreTest, DamageAtTheEndOfASegmentThatIsNotTheLastIsDataLoss) {
@@ -390,42 +436,44 @@ TEST_F(LogStoreTest, DamageAtTheEndOfASegmentThatIsNotTheLastIsDataLoss) {
 
 TEST_F(LogStoreTest, ANewSegmentACrashCutShortLeavesTheStateBeforeIt) {
   const LogStoreOptions small{.fsync = true, .after_log_fsync = nullptr, .segment_bytes = 300};
-  std::string next_segment;
+  std::vector<std::string> before_roll;
+  std::vector<std::string> after_roll;
   PersistedState before;
   {
     std::unique_ptr<LogStore> store = MustOpen(dir_, small);
     WriteSlots(*store, 1, 10);
-    absl::StatusOr<PersistedState> state = store->ReadBack();
-    ASSERT_TRUE(state.ok());
-    before = *std::move(state);
-    // What the next segment would hold, cut short as by a crash mid-write.
-    WriteSlots(*store, 11, 30);
-    next_segment = store->SegmentPaths().back();
-  }
-  std::string bytes = ReadFile(next_segment);
-  // Drop every segment after the one that was last when `before` was read...
-  std::vector<std::string> all;
-  for (const auto& f : fs::directory_iterator(dir_ + "/logs")) all.push_back(f.path().string());
-  std::sort(all.begin(), all.end());
-  size_t keep = 0;
-  for (; keep < all.size(); ++keep) {
-    // The state after segments [0, keep] equals `before` at the first keep that holds slot 10.
-    if (ReadFile(all[keep]).find(Entry(10, 10, true).SerializeAsString()) != std::string::npos) {
-      break;
+    before_roll = store->SegmentPaths();
+    // Slots until the next Sync starts a new segment.
+    uint64_t slot = 11;
+    while (store->SegmentPaths().size() == before_roll.size()) {
+      WriteSlots(*store, slot, slot);
+      ++slot;
     }
+    after_roll = store->SegmentPaths();
+    // The state before the Sync that started the new segment.
+    store.reset();
+    fs::path kept = fs::path(dir_) / "kept";
+    fs::create_directory(kept);
+    fs::rename(after_roll.back(), kept / "new");
+    store = MustOpen(dir_, small);
+    before = store->recovered();
+    store.reset();
+    fs::rename(kept / "new", after_roll.back());
   }
-  ASSERT_LT(keep + 1, all.size());
-  for (size_t i = keep + 1; i < all.size(); ++i) fs::remove(all[i]);
-  // ...and put back the next one, torn after 20 bytes.
-  WriteFile(all[keep + 1], bytes.substr(0, 20));
+  ASSERT_EQ(after_roll.size(), before_roll.size() + 1);
+  // A crash while the new segment was being written: 20 of its bytes reached the disk.
+  const std::string new_segment = ReadFile(after_roll.back());
+  WriteFile(after_roll.back(), new_segment.substr(0, 20));
   std::unique_ptr<LogStore> store = MustOpen(dir_, small);
   EXPECT_EQ(store->truncated_tail_bytes(), 20u);
   EXPECT_EQ(Describe(store->recovered()), Describe(before));
   // The store goes on from there.
-  WriteSlots(*store, 11, 11);
+  const uint64_t next = before.entries.back().slot() + 1;
+  WriteSlots(*store, next, next);
   store.reset();
   store = MustOpen(dir_, small);
-  EXPECT_EQ(store->recovered().entries.size(), 11u);
+  EXPECT_EQ(store->truncated_tail_bytes(), 0u);
+  EXPECT_EQ(store->recovered().entries.back().slot(), next);
 }
 
 TEST_F(LogStoreTest, ASecondStoreOnTheSameDirectoryIsRefused) {

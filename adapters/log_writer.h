@@ -2,7 +2,7 @@
 #define SYNOD_ADAPTERS_LOG_WRITER_H_
 
 // The server's log storage for the host driver (core/driver.h): a LogStore driven by a
-// writer thread, so that appends, fsyncs and compacting rewrites never hold the loop.
+// writer thread, so that appends, fsyncs and compactions never hold the loop.
 //
 // Persist() frames the Ready's records on the loop thread and queues them. A write that
 // needs no fsync is done at once (its records become durable with the next sync, as with

@@ -117,6 +117,10 @@ TEST_F(LogWriterTest, ACompactingWriteDeletesTheSegmentsItCoversOffTheLoop) {
             (std::vector<std::string>{"00000000000000000001.seg", "00000000000000000002.seg"}));
   compacted = false;
   Ready more = EntriesReady(11, 12, true);
+  HardState promised;
+  promised.mutable_promised()->set_round(5);
+  promised.mutable_promised()->set_replica_id(3);
+  more.hard_state = promised;
   writer->Persist(more, PersistOptions{.sync = true}, [] {});
   Ready later = SnapshotReady(SnapshotMetaOf(12, "later image"));
   writer->Persist(later, PersistOptions{.sync = true, .compact = true}, [&] { compacted = true; });
@@ -128,6 +132,9 @@ TEST_F(LogWriterTest, ACompactingWriteDeletesTheSegmentsItCoversOffTheLoop) {
   EXPECT_EQ(state.snapshot_meta.index(), 12u);
   EXPECT_EQ(state.snapshot_meta.checksum(), SnapshotChecksum("later image"));
   EXPECT_TRUE(state.entries.empty());
+  // The promise was in a deleted segment: the new one's header repeats it.
+  EXPECT_EQ(state.hard_state.promised().round(), 5u);
+  EXPECT_EQ(state.hard_state.promised().replica_id(), 3u);
 }
 
 TEST_F(LogWriterTest, FlushRunsEveryQueuedOperationAndItsCompletion) {

@@ -8,7 +8,7 @@
 //   0. hand the snapshot chunks received from a peer to the snapshot store; check a
 //      snapshot whose last chunk came whole (a bad one is refused before anything is kept);
 //   1. persist: hand the Ready's records to the log storage, with an fsync when a promise,
-//      an accept or an installed snapshot depends on it, and a log rewrite when the Ready
+//      an accept or an installed snapshot depends on it, and a compaction when the Ready
 //      compacts; then wait for the storage to say it is done;
 //   2. send the Ready's messages (its early_messages, a leader's accepts, leave before step
 //      1 begins), with the bytes of the snapshot chunks they carry read from the store;
@@ -55,7 +55,7 @@ namespace synod {
 struct PersistOptions {
   // An fsync must make the records durable before done() is called.
   bool sync = false;
-  // After the sync, the storage drops what ready.compacted_through covers (a log rewrite).
+  // After the sync, the storage drops what ready.compacted_through covers.
   bool compact = false;
 };
 
