@@ -309,6 +309,22 @@ absl::Status FileDatabaseOpener::Remove(std::string_view file_id) {
   return absl::OkStatus();
 }
 
+absl::Status FileDatabaseOpener::Adopt(std::string_view file_id, const std::string& path) {
+  if (!IsValidFileId(file_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad database file id \"", ToAbsl(file_id), "\""));
+  }
+  const std::string target = PathOf(file_id);
+  // Side files a crash left (REQUIRES: no database under the id) must not meet the new file.
+  for (const char* suffix : kSideFileSuffixes) {
+    if (absl::Status removed = RemoveFile(target + suffix); !removed.ok()) return removed;
+  }
+  if (rename(path.c_str(), target.c_str()) != 0) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("cannot move ", path, " to ", target));
+  }
+  return SyncDbDirectory();
+}
+
 std::vector<std::string> FileDatabaseOpener::List() {
   std::vector<std::string> file_ids;
   std::error_code error;

@@ -83,6 +83,11 @@ class FileDatabaseOpener : public DatabaseOpener {
   // must not go on into a new database created at the same path).
   // REQUIRES: no handle to it is open but readers' (which go on reading the deleted file).
   absl::Status Remove(std::string_view file_id) override;
+  bool AdoptsFiles() const override { return true; }
+  // Renames `path` to the database's file, with the directory synced (the file's contents
+  // are the caller's to have made durable, or to rebuild after a machine restart, as every
+  // database's: see the header).
+  absl::Status Adopt(std::string_view file_id, const std::string& path) override;
   bool ReadersKeepTransactions() const override { return true; }  // WAL: readers block no one
 
   // The ids of the databases present, sorted. Stops the process (SYNOD_CHECK) when the

@@ -121,8 +121,11 @@ TEST_F(SnapshotImageTest, AnImageWrittenFromAViewRestoresTheStateOfItsRevision) 
   Replica target(dir_ + "/target");
   absl::StatusOr<SnapshotImages> images = StageSnapshotImage(ImagePath(), Stage(), revision);
   ASSERT_TRUE(images.ok()) << images.status();
-  ASSERT_TRUE(target.sm->RestoreSnapshotImages(*images).ok());
-  images->clear();
+  ASSERT_TRUE(target.sm->RestoreSnapshotImages(*std::move(images)).ok());
+  // The unpacked databases were moved into place, not copied.
+  for (const auto& f : fs::directory_iterator(Stage())) {
+    ADD_FAILURE() << "left in the stage: " << f.path();
+  }
   EXPECT_EQ(target.sm->revision(), revision);
   EXPECT_EQ(target.sm->StateHash(), hash);
   absl::StatusOr<StatementResult> found = target.sm->Query("b", [] {

@@ -934,7 +934,7 @@ absl::Status StateMachine::RestoreSnapshot(std::string_view snapshot) {
   absl::StatusOr<SnapshotImages> loaded = LoadSnapshot(snapshot);
   if (!loaded.ok()) return loaded.status();
   if (absl::Status whole = CheckImagesFormAState(*loaded); !whole.ok()) return whole;
-  return RestoreSnapshotImages(*loaded);
+  return RestoreSnapshotImages(*std::move(loaded));
 }
 
 namespace {
@@ -989,8 +989,19 @@ absl::StatusOr<Db> StateMachine::OpenDatabaseView(std::string_view database) {
   return OpenHeldReader(*impl_->opener, it->second.file_id);
 }
 
-absl::Status StateMachine::RestoreSnapshotImages(const SnapshotImages& images) {
+absl::Status StateMachine::RestoreSnapshotImages(SnapshotImages images) {
   // The caller checked the images (CheckSnapshotImages).
+
+  // The images backed by files, closed so that their files can be moved into place.
+  std::map<std::string, std::string, std::less<>> files;  // file id -> path
+  if (impl_->opener->AdoptsFiles()) {
+    for (auto& [file_id, image] : images) {
+      const char* path = sqlite3_db_filename(image.get(), "main");
+      if (path == nullptr || path[0] == '\0') continue;  // in memory
+      files.emplace(file_id, path);
+      image.reset();
+    }
+  }
 
   // Remove the system database first: a crash from here on leaves no catalog, so Open()
   // starts from an empty state (removing every user file) rather than from a mixed one.
@@ -1005,16 +1016,32 @@ absl::Status StateMachine::RestoreSnapshotImages(const SnapshotImages& images) {
     removed = impl_->opener->Remove(file_id);
     SYNOD_CHECK(removed.ok()) << removed;
   }
-  for (auto& [file_id, image] : images) {
-    if (file_id == kSystemFileId) continue;
+  // Each database is moved or copied into place; the system database last, since its
+  // catalog makes the state whole.
+  auto install = [&](const std::string& file_id, Db& image) -> Db {
+    auto staged = files.find(file_id);
+    if (staged != files.end() && impl_->opener->Adopt(file_id, staged->second).ok()) {
+      absl::StatusOr<Db> db = impl_->OpenDatabase(file_id);
+      SYNOD_CHECK(db.ok()) << db.status();
+      return *std::move(db);
+    }
+    if (staged != files.end()) {
+      // Not moved (another file system): copied from its file.
+      sqlite3* raw = nullptr;
+      const int rc = sqlite3_open_v2(staged->second.c_str(), &raw,
+                                     SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, nullptr);
+      image = Db(raw);
+      SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open the checked image " << staged->second;
+    }
     absl::StatusOr<Db> db = impl_->OpenDatabase(file_id);
     SYNOD_CHECK(db.ok()) << db.status();
     CopyDatabase(image.get(), db->get());
+    return *std::move(db);
+  };
+  for (auto& [file_id, image] : images) {
+    if (file_id != kSystemFileId) install(file_id, image);
   }
-  absl::StatusOr<Db> system_db = impl_->OpenDatabase(kSystemFileId);
-  SYNOD_CHECK(system_db.ok()) << system_db.status();
-  CopyDatabase(images.find(kSystemFileId)->second.get(), system_db->get());
-  impl_->system = std::move(*system_db);
+  impl_->system = install(std::string(kSystemFileId), images.find(kSystemFileId)->second);
   absl::Status reloaded = impl_->Load();
   SYNOD_CHECK(reloaded.ok()) << reloaded;
   return absl::OkStatus();

@@ -78,6 +78,14 @@ class DatabaseOpener {
   // Whether a reader may keep a read transaction open while the state machine writes: true
   // for WAL files, false for shared-cache memory databases (they lock whole tables).
   virtual bool ReadersKeepTransactions() const { return false; }
+  // Whether Adopt works (file-backed openers).
+  virtual bool AdoptsFiles() const { return false; }
+  // Makes the closed database file at `path` the database stored under `file_id`, by moving
+  // it there (a rename: no copy). An error (another file system, say) leaves `path` as it
+  // was; the caller copies it instead. REQUIRES: no database is stored under `file_id`.
+  virtual absl::Status Adopt(std::string_view /*file_id*/, const std::string& /*path*/) {
+    return absl::UnimplementedError("this opener keeps no files");
+  }
 };
 
 // Each Open() of a file id returns a handle to the same in-memory database until Remove(),
@@ -287,8 +295,10 @@ class StateMachine {
   // by the host, each database already checked with CheckImageContent): whether they form
   // a state at `revision` that this replica can restore, and then the restore itself (which
   // copies each database with SQLite's backup API: memory stays bounded).
+  // An image backed by a file (one the host unpacked) is moved into place when the opener
+  // adopts files, not copied: installing a large snapshot then takes renames, not a copy.
   static absl::Status CheckSnapshotImages(const SnapshotImages& images, uint64_t revision);
-  absl::Status RestoreSnapshotImages(const SnapshotImages& images);
+  absl::Status RestoreSnapshotImages(SnapshotImages images);
 
   // A consistent read view of every database at the current revision, for writing a
   // snapshot image off the state machine's thread (adapters/snapshot_image.h): one read-only

@@ -265,7 +265,7 @@ absl::Status Node::Start() {
   // A snapshot persisted but not yet installed when the process stopped: install it now.
   if (sm_->revision() < state.snapshot_meta.index()) {
     if (absl::Status staged = StageSnapshot(state.snapshot_meta); !staged.ok()) return staged;
-    absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
+    absl::Status restored = sm_->RestoreSnapshotImages(*std::move(staged_snapshot_));
     staged_snapshot_.reset();
     snapshots_->RemoveStageDir("install");  // the unpacked copies are not needed now
     if (!restored.ok()) return restored;
@@ -501,16 +501,18 @@ void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
       << "a snapshot installed without its check";
   // A snapshot of this replica's own being written is of an older state now.
   cancel_snapshot_build_.store(true);
-  absl::Status restored = sm_->RestoreSnapshotImages(*staged_snapshot_);
+  const uint64_t start_ns = uv_hrtime();
+  absl::Status restored = sm_->RestoreSnapshotImages(*std::move(staged_snapshot_));
   staged_snapshot_.reset();
   snapshots_->RemoveStageDir("install");  // the unpacked copies are not needed now
   // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
   // the machine's (disk, memory).
   SYNOD_CHECK(restored.ok()) << "a checked snapshot does not restore: " << restored;
   SYNOD_CHECK_EQ(sm_->revision(), snapshot.meta.index());
-  fprintf(stderr, "I installed a snapshot at revision %llu (%llu bytes)\n",
+  fprintf(stderr, "I installed a snapshot at revision %llu (%llu bytes) in %llu ms\n",
           static_cast<unsigned long long>(sm_->revision()),
-          static_cast<unsigned long long>(snapshot.meta.size_bytes()));
+          static_cast<unsigned long long>(snapshot.meta.size_bytes()),
+          static_cast<unsigned long long>((uv_hrtime() - start_ns) / 1'000'000));
 }
 
 void Node::Apply(CommittedEntry entry) { to_apply_.push_back(std::move(entry)); }
