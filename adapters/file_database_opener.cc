@@ -322,7 +322,11 @@ absl::Status FileDatabaseOpener::Adopt(std::string_view file_id, const std::stri
   if (rename(path.c_str(), target.c_str()) != 0) {
     return absl::ErrnoToStatus(errno, absl::StrCat("cannot move ", path, " to ", target));
   }
-  return SyncDbDirectory();
+  if (absl::Status synced = SyncDbDirectory(); !synced.ok()) {
+    return absl::DataLossError(absl::StrCat("moved ", path, " to ", target,
+                                            " but cannot sync the directory: ", synced.message()));
+  }
+  return absl::OkStatus();
 }
 
 std::vector<std::string> FileDatabaseOpener::List() {

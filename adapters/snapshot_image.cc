@@ -285,6 +285,11 @@ absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
     int rc = sqlite3_open_v2(staged_path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
                              nullptr);
     Db db(raw);
+    // The schema is read first, where damage is an error: ConfigureConnection's statements
+    // load it too, and stop the process on any error.
+    if (rc == SQLITE_OK) {
+      rc = sqlite3_exec(db.get(), "SELECT count(*) FROM sqlite_schema", nullptr, nullptr, nullptr);
+    }
     if (rc == SQLITE_OK) {
       ConfigureConnection(db.get());
       rc = sqlite3_exec(db.get(), "PRAGMA journal_mode = OFF", nullptr, nullptr, nullptr);

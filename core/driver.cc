@@ -134,10 +134,10 @@ void HostDriver::Drain() {
       if (!ready.early_messages.empty()) transport_->Send(std::move(ready.early_messages));
       ready.early_messages.clear();
       checking_ = true;
+      const SnapshotToInstall snapshot = *ready.snapshot;  // in_flight_ may go with the verdict
       in_flight_ = std::move(ready);
-      state_->CheckSnapshot(*in_flight_->snapshot, [this](absl::Status verdict) {
-        OnSnapshotChecked(std::move(verdict));
-      });
+      state_->CheckSnapshot(
+          snapshot, [this](absl::Status verdict) { OnSnapshotChecked(std::move(verdict)); });
       continue;  // the loop ends here unless the verdict came at once
     }
     Persist(std::move(ready));

@@ -1020,7 +1020,11 @@ absl::Status StateMachine::RestoreSnapshotImages(SnapshotImages images) {
   // catalog makes the state whole.
   auto install = [&](const std::string& file_id, Db& image) -> Db {
     auto staged = files.find(file_id);
-    if (staged != files.end() && impl_->opener->Adopt(file_id, staged->second).ok()) {
+    const absl::Status adopted = staged != files.end()
+                                     ? impl_->opener->Adopt(file_id, staged->second)
+                                     : absl::UnimplementedError("not a file");
+    SYNOD_CHECK(!absl::IsDataLoss(adopted)) << adopted;
+    if (adopted.ok()) {
       absl::StatusOr<Db> db = impl_->OpenDatabase(file_id);
       SYNOD_CHECK(db.ok()) << db.status();
       return *std::move(db);

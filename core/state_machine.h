@@ -81,8 +81,9 @@ class DatabaseOpener {
   // Whether Adopt works (file-backed openers).
   virtual bool AdoptsFiles() const { return false; }
   // Makes the closed database file at `path` the database stored under `file_id`, by moving
-  // it there (a rename: no copy). An error (another file system, say) leaves `path` as it
-  // was; the caller copies it instead. REQUIRES: no database is stored under `file_id`.
+  // it there (a rename: no copy). DataLoss: it moved, but the move could not be made
+  // durable (the disk is failing). Another error (another file system, say) leaves `path`
+  // as it was; the caller copies it instead. REQUIRES: no database is stored under `file_id`.
   virtual absl::Status Adopt(std::string_view /*file_id*/, const std::string& /*path*/) {
     return absl::UnimplementedError("this opener keeps no files");
   }

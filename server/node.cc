@@ -504,6 +504,7 @@ void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
   const uint64_t start_ns = uv_hrtime();
   absl::Status restored = sm_->RestoreSnapshotImages(*std::move(staged_snapshot_));
   staged_snapshot_.reset();
+  applied_bytes_since_snapshot_ = 0;
   snapshots_->RemoveStageDir("install");  // the unpacked copies are not needed now
   // CheckSnapshot accepted it (its schema, positions and bounds included): failing now is
   // the machine's (disk, memory).
@@ -655,6 +656,7 @@ void Node::StartStateHash(uint64_t revision) {
 void Node::ApplyCommitted(const CommittedEntry& entry) {
   uint64_t start_ns = uv_hrtime();
   std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  applied_bytes_since_snapshot_ += entry.value.ByteSizeLong();
   if (options_.testing_kill_after_apply != 0 && entry.slot >= options_.testing_kill_after_apply) {
     fprintf(stderr, "I applied revision %llu: killing this process (--testing-kill-after-apply)\n",
             static_cast<unsigned long long>(entry.slot));
@@ -725,9 +727,11 @@ void Node::MaybeCompact() {
   // peer still lacks: a peer whose catch-up takes longer than the writes between two
   // snapshots would never catch up. So none is taken until each such peer reports a commit
   // index at this replica's revision, unless the log has grown by
-  // kMaxSnapshotDelayIntervals intervals.
+  // kMaxSnapshotDelayIntervals intervals or kMaxSnapshotDelayBytes of applied commands (the
+  // replica holds its log's entries in memory).
   if (sm_->revision() < driver_->last_snapshot_index() +
-                            kMaxSnapshotDelayIntervals * options_.snapshot_every_entries) {
+                            kMaxSnapshotDelayIntervals * options_.snapshot_every_entries &&
+      applied_bytes_since_snapshot_ < kMaxSnapshotDelayBytes) {
     for (const auto& [peer, served_ms] : snapshot_served_ms_) {
       if (now_ms_ - served_ms < kSnapshotCatchupWindowMs &&
           peer_commit_index_[peer] < sm_->revision()) {
@@ -739,6 +743,7 @@ void Node::MaybeCompact() {
 }
 
 void Node::StartSnapshotBuild() {
+  applied_bytes_since_snapshot_ = 0;
   absl::StatusOr<SnapshotView> view = sm_->OpenSnapshotView();
   if (absl::IsFailedPrecondition(view.status())) return;  // an entry is half applied
   absl::StatusOr<std::string> stage =
@@ -1311,6 +1316,13 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply
       uint64_t& commit = peer_commit_index_[m.from()];
       commit = std::max(commit, m.commit_index());
     }
+    // While a snapshot is checked (seconds for a large one) the driver holds the replica's
+    // next Ready: accepted entries would pile up in memory meanwhile. They are dropped, as
+    // a lost message is; the leader sends them again after.
+    if (m.has_accept() && driver_->checking()) {
+      ++counters_.accepts_dropped_while_checking;
+      continue;
+    }
     replica().Step(m);
   }
   return frame->from_id;
@@ -1620,6 +1632,9 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_divergence_votes_skipped_total",
           "divergence votes not cast: the state hash of the previous one was still running",
           counters_.votes_skipped);
+  counter("synod_accepts_dropped_while_checking_total",
+          "accepts from the leader dropped while a snapshot was checked (sent again after)",
+          counters_.accepts_dropped_while_checking);
   counter("synod_snapshots_refused_total",
           "snapshots from peers refused whole before anything of them was kept",
           counters_.snapshots_refused);

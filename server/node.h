@@ -118,8 +118,9 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
     uint64_t snapshots_refused = 0;
     uint64_t votes_skipped = 0;  // divergence votes not cast: the previous one was hashing
-    uint64_t peer_posts = 0;     // batches sent to peers as POSTs
-    uint64_t peer_replies = 0;   // batches sent back in the answer to a peer's POST
+    uint64_t accepts_dropped_while_checking = 0;  // a snapshot was being checked
+    uint64_t peer_posts = 0;                      // batches sent to peers as POSTs
+    uint64_t peer_replies = 0;  // batches sent back in the answer to a peer's POST
   };
 
   // The driver's interfaces.
@@ -239,7 +240,11 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // once written it waits here until the driver can record it (Compact).
   // A snapshot is put off while a peer catches up from the current one (MaybeCompact).
   static constexpr int64_t kSnapshotCatchupWindowMs = 120'000;
-  static constexpr uint64_t kMaxSnapshotDelayIntervals = 10;
+  // A catch-up of a large image at a few MB/s takes minutes, while a busy group applies
+  // thousands of entries: the delay is bounded by the memory the log takes, not a time.
+  static constexpr uint64_t kMaxSnapshotDelayIntervals = 100;
+  static constexpr uint64_t kMaxSnapshotDelayBytes = uint64_t{256} << 20;
+  uint64_t applied_bytes_since_snapshot_ = 0;       // of commands, since a snapshot was begun
   std::map<uint32_t, int64_t> snapshot_served_ms_;  // by peer: when a chunk was last sent
   std::map<uint32_t, uint64_t> peer_commit_index_;  // by peer: the highest it reported
   struct SnapshotBuild;

@@ -708,8 +708,12 @@ class World::HostSide : public LogStorage,
     SYNOD_CHECK(h_->check_done == nullptr) << "two snapshot checks at once";
     h_->check_verdict = StateMachine::CheckSnapshot(*image, snapshot.meta.index());
     h_->check_done = std::move(done);
-    w_->Schedule(w_->now_us_ + w_->check_delay_.Range(50, 50'000), EventKind::kCheckDone, h_->id,
-                 Message(), h_->incarnation);
+    // Mostly quick; one check in ten lasts up to several election timeouts, as a large
+    // image's does.
+    const int64_t delay_us = w_->check_delay_.Chance(1, 10)
+                                 ? w_->check_delay_.Range(100'000, 2'000'000)
+                                 : w_->check_delay_.Range(50, 50'000);
+    w_->Schedule(w_->now_us_ + delay_us, EventKind::kCheckDone, h_->id, Message(), h_->incarnation);
   }
   // As the server does: the replica is rebuilt from what its log holds (a restart without
   // the crash). The simulator's peers send whole, correct images, and the replica checks
