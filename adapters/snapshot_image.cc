@@ -221,12 +221,14 @@ class ImageReader {
 
 // Copies `bytes` bytes of a database image from `in` into a new file at `path`, checking
 // and normalizing its header (core/sqlite_util.h).
-absl::Status StageDatabase(ImageReader& in, uint64_t bytes, const std::string& path) {
+absl::Status StageDatabase(ImageReader& in, uint64_t bytes, const std::string& path,
+                           const std::atomic<bool>* cancel) {
   if (bytes < kImageHeaderBytes) return ImageReader::Damaged("a database image is too short");
   absl::StatusOr<int> out = OpenFile(path, O_WRONLY | O_CREAT | O_EXCL);
   if (!out.ok()) return out.status();
   Fd out_fd(*out);
   for (uint64_t offset = 0; offset < bytes; offset += kBlockBytes) {
+    if (cancel != nullptr && cancel->load()) return absl::CancelledError("the check was cancelled");
     absl::StatusOr<std::string> block = in.Read(std::min(kBlockBytes, bytes - offset));
     if (!block.ok()) return block.status();
     if (offset == 0) {
@@ -241,7 +243,8 @@ absl::Status StageDatabase(ImageReader& in, uint64_t bytes, const std::string& p
 }  // namespace
 
 absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
-                                                  const std::string& stage_dir, uint64_t revision) {
+                                                  const std::string& stage_dir, uint64_t revision,
+                                                  const std::atomic<bool>* cancel) {
   absl::StatusOr<int> opened = OpenFile(path, O_RDONLY);
   if (!opened.ok()) return opened.status();
   Fd fd(*opened);
@@ -269,7 +272,7 @@ absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
     absl::StatusOr<uint64_t> image_bytes = in.ReadU64();
     if (!image_bytes.ok()) return image_bytes.status();
     const std::string staged_path = absl::StrCat(stage_dir, "/", *file_id, ".sqlite3");
-    if (absl::Status s = StageDatabase(in, *image_bytes, staged_path); !s.ok()) {
+    if (absl::Status s = StageDatabase(in, *image_bytes, staged_path, cancel); !s.ok()) {
       return absl::Status(s.code(),
                           absl::StrCat("snapshot database ", *file_id, ": ", s.message()));
     }
@@ -294,14 +297,23 @@ absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
       ConfigureConnection(db.get());
       rc = sqlite3_exec(db.get(), "PRAGMA journal_mode = OFF", nullptr, nullptr, nullptr);
     }
+    if (rc == SQLITE_OK && cancel != nullptr) {
+      // The checks (integrity_check reads every page) stop once the flag is set.
+      sqlite3_progress_handler(
+          db.get(), 10'000,
+          [](void* flag) { return static_cast<const std::atomic<bool>*>(flag)->load() ? 1 : 0; },
+          const_cast<std::atomic<bool>*>(cancel));
+    }
     absl::Status checked =
         rc == SQLITE_OK
             ? CheckImageContent(db.get())
             : absl::InvalidArgumentError(absl::StrCat("cannot open: ", sqlite3_errstr(rc)));
+    if (cancel != nullptr && cancel->load()) return absl::CancelledError("the check was cancelled");
     if (!checked.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("snapshot database ", file_id, ": ", checked.message()));
     }
+    if (cancel != nullptr) sqlite3_progress_handler(db.get(), 0, nullptr, nullptr);
     images.emplace(file_id, std::move(db));
   }
   if (absl::Status whole = StateMachine::CheckSnapshotImages(images, revision); !whole.ok()) {

@@ -37,8 +37,10 @@ absl::StatusOr<SnapshotMeta> WriteSnapshotImage(SnapshotView& view, const std::s
 // databases form a state at `revision` (StateMachine::CheckSnapshotImages). The databases
 // are returned open, read-only, ready for StateMachine::RestoreSnapshotImages.
 // InvalidArgument for a damaged image; the OS error when a file cannot be read or written.
+// Stops early (Cancelled) once `*cancel` is set.
 absl::StatusOr<SnapshotImages> StageSnapshotImage(const std::string& path,
-                                                  const std::string& stage_dir, uint64_t revision);
+                                                  const std::string& stage_dir, uint64_t revision,
+                                                  const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace synod
 

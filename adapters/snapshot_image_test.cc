@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -171,6 +172,23 @@ TEST_F(SnapshotImageTest, ADamagedImageIsRefusedBeforeAnythingIsRestored) {
   fs::create_directories(Stage());
   fs::resize_file(ImagePath(), size - 100);
   EXPECT_FALSE(StageSnapshotImage(ImagePath(), Stage(), revision).ok());
+}
+
+// A replica that stops while it checks a peer's image does not wait for the whole check.
+TEST_F(SnapshotImageTest, ACheckStopsOnceCancelled) {
+  Replica source(dir_ + "/source");
+  Fill(*source.sm);
+  absl::StatusOr<SnapshotView> view = source.sm->OpenSnapshotView();
+  ASSERT_TRUE(view.ok()) << view.status();
+  ASSERT_TRUE(WriteSnapshotImage(*view, Stage() + "/copy", ImagePath(), false).ok());
+  std::atomic<bool> cancel{true};
+  absl::StatusOr<SnapshotImages> staged =
+      StageSnapshotImage(ImagePath(), Stage(), source.sm->revision(), &cancel);
+  EXPECT_TRUE(absl::IsCancelled(staged.status())) << staged.status();
+  cancel.store(false);
+  fs::remove_all(Stage());
+  fs::create_directories(Stage());
+  EXPECT_TRUE(StageSnapshotImage(ImagePath(), Stage(), source.sm->revision(), &cancel).ok());
 }
 
 }  // namespace

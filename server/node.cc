@@ -351,6 +351,7 @@ void Node::Stop(std::function<void()> done) {
   stopping_ = true;
   cancel_snapshot_build_.store(true);
   cancel_backups_.store(true);
+  cancel_snapshot_check_.store(true);
   for (auto& [id, query] : running_queries_) query->reader->Interrupt();
   if (tick_timer_started_) {
     uv_timer_stop(&tick_timer_);
@@ -474,7 +475,8 @@ void Node::CheckSnapshot(const SnapshotToInstall& snapshot,
           [](uv_work_t* work) {
             // On a worker thread: the image file and the stage's files only.
             auto* c = static_cast<SnapshotCheck*>(work->data);
-            c->images = StageSnapshotImage(c->image_path, c->stage_dir, c->meta.index());
+            c->images = StageSnapshotImage(c->image_path, c->stage_dir, c->meta.index(),
+                                           &c->node->cancel_snapshot_check_);
           },
           [](uv_work_t* work, int status) {
             std::unique_ptr<SnapshotCheck> c(static_cast<SnapshotCheck*>(work->data));

@@ -268,6 +268,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   uint64_t backups_started_ = 0;
   std::string backup_dir_;  // in the snapshot store's stage, emptied at start
   std::atomic<bool> cancel_backups_{false};
+  std::atomic<bool> cancel_snapshot_check_{false};  // set at Stop
   // A snapshot from a peer between CheckSnapshot and InstallSnapshot: its databases,
   // unpacked and checked.
   std::optional<SnapshotImages> staged_snapshot_;
