@@ -82,7 +82,12 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot create ", db_dir, ": ", error.message()));
   }
-  std::unique_ptr<FileDatabaseOpener> opener(new FileDatabaseOpener(db_dir, fsync));
+  // Beside db/, on the same file system: removed databases are moved there and deleted in
+  // the background.
+  absl::StatusOr<std::unique_ptr<Trash>> trash = Trash::Open(absl::StrCat(data_dir, "/db-trash"));
+  if (!trash.ok()) return trash.status();
+  std::unique_ptr<FileDatabaseOpener> opener(
+      new FileDatabaseOpener(db_dir, fsync, *std::move(trash)));
   // The machine's boot id now, and when the databases were last written.
   std::string boot_id = ReadWhole(boot_id_source);
   const std::string kept_path = absl::StrCat(data_dir, "/boot_id");
@@ -119,8 +124,11 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
   return opener;
 }
 
-FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync)
-    : db_dir_(std::move(db_dir)), fsync_(fsync), checkpointer_([this] { RunCheckpointer(); }) {}
+FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync, std::unique_ptr<Trash> trash)
+    : db_dir_(std::move(db_dir)),
+      fsync_(fsync),
+      trash_(std::move(trash)),
+      checkpointer_([this] { RunCheckpointer(); }) {}
 
 FileDatabaseOpener::~FileDatabaseOpener() {
   {
@@ -299,13 +307,13 @@ absl::Status FileDatabaseOpener::Remove(std::string_view file_id) {
     auto hook = wal_hooks_.find(file_id);
     if (hook != wal_hooks_.end()) hook->second->backfilled.store(0);
   }
+  // Moved out of db/ (a rename), and deleted in the background: unlinking a large file
+  // takes a while, which the caller's loop must not wait for.
   std::string path = PathOf(file_id);
-  if (absl::Status removed = RemoveFile(path); !removed.ok()) return removed;
+  trash_->Remove(path);
   if (absl::Status synced = SyncDbDirectory(); !synced.ok()) return synced;
   // Leftovers of a crash from here on are harmless (see the header).
-  for (const char* suffix : kSideFileSuffixes) {
-    if (absl::Status removed = RemoveFile(path + suffix); !removed.ok()) return removed;
-  }
+  for (const char* suffix : kSideFileSuffixes) trash_->Remove(path + suffix);
   return absl::OkStatus();
 }
 

@@ -5,11 +5,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -597,6 +599,18 @@ TEST_F(FileDatabaseOpenerTest, ListShowsDatabasesSortedAndRemoveDeletesTheirFile
   }
   EXPECT_TRUE(opener->Remove("b2").ok());  // already gone
   EXPECT_TRUE(opener->Remove("never-existed").ok());
+  // The files were moved to the trash, and are deleted there in the background.
+  for (int i = 0; i < 500 && !fs::is_empty(dir_ + "/db-trash"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(fs::is_empty(dir_ + "/db-trash"));
+}
+
+TEST_F(FileDatabaseOpenerTest, WhatACrashLeftInTheTrashGoesAtTheNextStart) {
+  fs::create_directories(dir_ + "/db-trash");
+  WriteFile(dir_ + "/db-trash/7", "a database being deleted when the process died");
+  std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
+  EXPECT_TRUE(fs::is_empty(dir_ + "/db-trash"));
 }
 
 TEST_F(FileDatabaseOpenerTest, ANewDatabaseDoesNotReplayAStaleWalLeftByACrash) {

@@ -66,19 +66,14 @@ absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string d
     }
   }
   // What a crash left half written, or left to delete: never named by the log.
-  for (const char* name : {kStageName, kTrashName}) {
-    std::filesystem::remove_all(absl::StrCat(dir, "/", name), error);
-    if (error) {
-      return absl::Status(absl::ErrnoToStatusCode(error.value()),
-                          absl::StrCat("cannot remove ", dir, "/", name, ": ", error.message()));
-    }
-  }
-  std::filesystem::create_directory(absl::StrCat(dir, "/", kTrashName), error);
+  std::filesystem::remove_all(absl::StrCat(dir, "/", kStageName), error);
   if (error) {
     return absl::Status(
         absl::ErrnoToStatusCode(error.value()),
-        absl::StrCat("cannot create ", dir, "/", kTrashName, ": ", error.message()));
+        absl::StrCat("cannot remove ", dir, "/", kStageName, ": ", error.message()));
   }
+  absl::StatusOr<std::unique_ptr<Trash>> trash = Trash::Open(absl::StrCat(dir, "/", kTrashName));
+  if (!trash.ok()) return trash.status();
   for (const char* name : {kIncomingName, kOwnTempName}) {
     std::filesystem::remove(absl::StrCat(dir, "/", name), error);
     if (error) {
@@ -86,52 +81,19 @@ absl::StatusOr<std::unique_ptr<SnapshotFiles>> SnapshotFiles::Open(std::string d
                           absl::StrCat("cannot remove ", dir, "/", name, ": ", error.message()));
     }
   }
-  return std::unique_ptr<SnapshotFiles>(new SnapshotFiles(std::move(dir), fsync));
+  return std::unique_ptr<SnapshotFiles>(
+      new SnapshotFiles(std::move(dir), fsync, *std::move(trash)));
 }
 
-SnapshotFiles::SnapshotFiles(std::string dir, bool fsync)
-    : dir_(std::move(dir)), fsync_(fsync), deleter_([this] { RunDeleter(); }) {}
+SnapshotFiles::SnapshotFiles(std::string dir, bool fsync, std::unique_ptr<Trash> trash)
+    : dir_(std::move(dir)), fsync_(fsync), trash_(std::move(trash)) {}
 
 SnapshotFiles::~SnapshotFiles() {
   CloseReader();
   CloseIncoming();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stopping_ = true;
-  }
-  trash_cv_.notify_all();
-  deleter_.join();
 }
 
-void SnapshotFiles::RemoveInBackground(const std::string& path) {
-  const std::string trashed = absl::StrCat(dir_, "/", kTrashName, "/", ++trashed_);
-  if (rename(path.c_str(), trashed.c_str()) != 0) {
-    if (errno != ENOENT) {  // deleted here, then
-      std::error_code error;
-      std::filesystem::remove_all(path, error);
-    }
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    trash_.push_back(trashed);
-  }
-  trash_cv_.notify_one();
-}
-
-void SnapshotFiles::RunDeleter() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (true) {
-    trash_cv_.wait(lock, [this] { return stopping_ || !trash_.empty(); });
-    if (stopping_) return;  // what is left goes at the next Open
-    std::string path = std::move(trash_.back());
-    trash_.pop_back();
-    lock.unlock();
-    std::error_code error;
-    std::filesystem::remove_all(path, error);
-    lock.lock();
-  }
-}
+void SnapshotFiles::RemoveInBackground(const std::string& path) { trash_->Remove(path); }
 
 std::string SnapshotFiles::PathOf(const SnapshotMeta& meta) const {
   return absl::StrFormat("%s/%020" PRIu64 "-%016" PRIx64 "%s", dir_, meta.index(), meta.checksum(),

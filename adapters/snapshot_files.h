@@ -12,19 +12,17 @@
 // at Open the temporary ones). Chunks are read and written with pread/pwrite: memory stays
 // at one chunk, whatever the image's size.
 
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "adapters/trash.h"
 #include "core/driver.h"
 #include "core/replica.h"
 
@@ -69,12 +67,10 @@ class SnapshotFiles : public SnapshotStore {
   std::string PathOf(const SnapshotMeta& meta) const;
 
  private:
-  SnapshotFiles(std::string dir, bool fsync);
-  // Moves `path` (a file or a directory) into trash/ at once and deletes it on the deleter
-  // thread: deleting an image of hundreds of megabytes takes ext4 a tenth of a second or
-  // more, which the caller (the event loop) must not wait for.
+  SnapshotFiles(std::string dir, bool fsync, std::unique_ptr<Trash> trash);
+  // Moves `path` (a file or a directory) into trash/ at once and deletes it in the
+  // background (adapters/trash.h).
   void RemoveInBackground(const std::string& path);
-  void RunDeleter();
   // Writes `image` to a temporary file, syncs it and renames it to `meta`'s name.
   absl::Status Keep(const SnapshotMeta& meta, std::string_view image);
   // Syncs the file at `path` (open as `fd`), checks it holds the image `meta` names, and
@@ -94,12 +90,7 @@ class SnapshotFiles : public SnapshotStore {
   uint64_t incoming_bytes_ = 0;
   std::optional<SnapshotChecksummer> incoming_checksum_;  // of the bytes written so far
   absl::Status incoming_error_;  // a chunk that could not be written: Seal fails
-  uint64_t trashed_ = 0;         // names in trash/
-  std::mutex mu_;
-  std::condition_variable trash_cv_;
-  std::vector<std::string> trash_;  // guarded by mu_
-  bool stopping_ = false;           // guarded by mu_
-  std::thread deleter_;
+  std::unique_ptr<Trash> trash_;
 };
 
 }  // namespace synod
