@@ -82,12 +82,7 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
     return absl::Status(absl::ErrnoToStatusCode(error.value()),
                         absl::StrCat("cannot create ", db_dir, ": ", error.message()));
   }
-  // Beside db/, on the same file system: removed databases are moved there and deleted in
-  // the background.
-  absl::StatusOr<std::unique_ptr<Trash>> trash = Trash::Open(absl::StrCat(data_dir, "/db-trash"));
-  if (!trash.ok()) return trash.status();
-  std::unique_ptr<FileDatabaseOpener> opener(
-      new FileDatabaseOpener(db_dir, fsync, *std::move(trash)));
+  std::unique_ptr<FileDatabaseOpener> opener(new FileDatabaseOpener(db_dir, fsync));
   // The machine's boot id now, and when the databases were last written.
   std::string boot_id = ReadWhole(boot_id_source);
   const std::string kept_path = absl::StrCat(data_dir, "/boot_id");
@@ -121,14 +116,16 @@ absl::StatusOr<std::unique_ptr<FileDatabaseOpener>> FileDatabaseOpener::Create(
     }
     if (absl::Status synced = SyncDirectory(data_dir); !synced.ok()) return synced;
   }
+  // Inside db/ (List() sees only database files), so on its file system: removed databases
+  // are moved there and deleted in the background. Opened after any wipe of db/ above.
+  absl::StatusOr<std::unique_ptr<Trash>> trash = Trash::Open(absl::StrCat(db_dir, "/.trash"));
+  if (!trash.ok()) return trash.status();
+  opener->trash_ = *std::move(trash);
   return opener;
 }
 
-FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync, std::unique_ptr<Trash> trash)
-    : db_dir_(std::move(db_dir)),
-      fsync_(fsync),
-      trash_(std::move(trash)),
-      checkpointer_([this] { RunCheckpointer(); }) {}
+FileDatabaseOpener::FileDatabaseOpener(std::string db_dir, bool fsync)
+    : db_dir_(std::move(db_dir)), fsync_(fsync), checkpointer_([this] { RunCheckpointer(); }) {}
 
 FileDatabaseOpener::~FileDatabaseOpener() {
   {
@@ -310,10 +307,12 @@ absl::Status FileDatabaseOpener::Remove(std::string_view file_id) {
   // Moved out of db/ (a rename), and deleted in the background: unlinking a large file
   // takes a while, which the caller's loop must not wait for.
   std::string path = PathOf(file_id);
-  trash_->Remove(path);
+  if (absl::Status removed = trash_->Remove(path); !removed.ok()) return removed;
   if (absl::Status synced = SyncDbDirectory(); !synced.ok()) return synced;
   // Leftovers of a crash from here on are harmless (see the header).
-  for (const char* suffix : kSideFileSuffixes) trash_->Remove(path + suffix);
+  for (const char* suffix : kSideFileSuffixes) {
+    if (absl::Status removed = trash_->Remove(path + suffix); !removed.ok()) return removed;
+  }
   return absl::OkStatus();
 }
 

@@ -7,9 +7,9 @@
 // File ids are a hash of a database's name or "system" (core/state_machine.h); anything
 // but [A-Za-z0-9_-]{1,80} is refused, so no id ever becomes a path outside `db/`.
 //
-// Crash safety of Remove(): the main file is moved out of `db/` (durably) first, into
-// `<data_dir>/db-trash/` where a thread deletes it (adapters/trash.h), and that is the moment
-// the database is gone (List() sees main files only). A `-wal` or `-journal` file a
+// Crash safety of Remove(): the main file is moved out of its name (durably) first, into
+// `db/.trash/` where a thread deletes it (adapters/trash.h), and that is the moment the
+// database is gone (List() sees main files only). A `-wal` or `-journal` file a
 // crash leaves after that is never replayed into a new database of the same id: SQLite
 // deletes either when it finds it beside an empty database file (tested here).
 //
@@ -114,7 +114,7 @@ class FileDatabaseOpener : public DatabaseOpener {
   uint64_t commit_checkpoints() const { return commit_checkpoints_.load(); }
 
  private:
-  FileDatabaseOpener(std::string db_dir, bool fsync, std::unique_ptr<Trash> trash);
+  FileDatabaseOpener(std::string db_dir, bool fsync);
   struct WalHook {
     FileDatabaseOpener* opener;
     std::string file_id;
@@ -131,7 +131,7 @@ class FileDatabaseOpener : public DatabaseOpener {
 
   const std::string db_dir_;
   const bool fsync_;
-  std::unique_ptr<Trash> trash_;
+  std::unique_ptr<Trash> trash_;  // db/.trash, set by Create
   bool discarded_after_restart_ = false;
   // By file id; entries are never erased (their addresses are the hooks' contexts). Guarded
   // by mu_ (the checkpointer reads it).

@@ -600,17 +600,17 @@ TEST_F(FileDatabaseOpenerTest, ListShowsDatabasesSortedAndRemoveDeletesTheirFile
   EXPECT_TRUE(opener->Remove("b2").ok());  // already gone
   EXPECT_TRUE(opener->Remove("never-existed").ok());
   // The files were moved to the trash, and are deleted there in the background.
-  for (int i = 0; i < 500 && !fs::is_empty(dir_ + "/db-trash"); ++i) {
+  for (int i = 0; i < 500 && !fs::is_empty(dir_ + "/db/.trash"); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_TRUE(fs::is_empty(dir_ + "/db-trash"));
+  EXPECT_TRUE(fs::is_empty(dir_ + "/db/.trash"));
 }
 
 TEST_F(FileDatabaseOpenerTest, WhatACrashLeftInTheTrashGoesAtTheNextStart) {
-  fs::create_directories(dir_ + "/db-trash");
-  WriteFile(dir_ + "/db-trash/7", "a database being deleted when the process died");
+  fs::create_directories(dir_ + "/db/.trash");
+  WriteFile(dir_ + "/db/.trash/7", "a database being deleted when the process died");
   std::unique_ptr<FileDatabaseOpener> opener = MustCreate(dir_);
-  EXPECT_TRUE(fs::is_empty(dir_ + "/db-trash"));
+  EXPECT_TRUE(fs::is_empty(dir_ + "/db/.trash"));
 }
 
 TEST_F(FileDatabaseOpenerTest, ANewDatabaseDoesNotReplayAStaleWalLeftByACrash) {
@@ -642,7 +642,10 @@ TEST_F(FileDatabaseOpenerTest, BadFileIdsAreRejectedAndCreateNothing) {
     EXPECT_EQ(db.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ(opener->Remove(id).code(), absl::StatusCode::kInvalidArgument);
   }
-  EXPECT_TRUE(fs::is_empty(dir_ + "/db"));
+  // Only the trash's directory is there.
+  for (const auto& f : fs::directory_iterator(dir_ + "/db")) {
+    EXPECT_EQ(f.path().filename(), ".trash");
+  }
   EXPECT_FALSE(fs::exists(dir_ + "/escape.sqlite3"));
   absl::StatusOr<sqlite3*> longest = opener->Open(std::string(80, 'a'), nullptr);
   ASSERT_TRUE(longest.ok()) << longest.status();

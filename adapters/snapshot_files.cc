@@ -93,7 +93,12 @@ SnapshotFiles::~SnapshotFiles() {
   CloseIncoming();
 }
 
-void SnapshotFiles::RemoveInBackground(const std::string& path) { trash_->Remove(path); }
+void SnapshotFiles::RemoveInBackground(const std::string& path) {
+  // A file left behind is removed at the next Open (or by Retain).
+  if (absl::Status removed = trash_->Remove(path); !removed.ok()) {
+    fprintf(stderr, "W %s\n", removed.ToString().c_str());
+  }
+}
 
 std::string SnapshotFiles::PathOf(const SnapshotMeta& meta) const {
   return absl::StrFormat("%s/%020" PRIu64 "-%016" PRIx64 "%s", dir_, meta.index(), meta.checksum(),

@@ -32,20 +32,24 @@ Trash::~Trash() {
   thread_.join();
 }
 
-void Trash::Remove(const std::string& path) {
+absl::Status Trash::Remove(const std::string& path) {
   const std::string moved = absl::StrCat(dir_, "/", ++moved_);
   if (std::rename(path.c_str(), moved.c_str()) != 0) {
-    if (errno != ENOENT) {  // deleted here, then
-      std::error_code error;
-      std::filesystem::remove_all(path, error);
+    // Not moved (absent, or on another file system): deleted here.
+    std::error_code error;
+    std::filesystem::remove_all(path, error);
+    if (error) {
+      return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                          absl::StrCat("cannot remove ", path, ": ", error.message()));
     }
-    return;
+    return absl::OkStatus();
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(moved);
   }
   cv_.notify_one();
+  return absl::OkStatus();
 }
 
 void Trash::Run() {

@@ -29,8 +29,9 @@ class Trash {
   Trash& operator=(const Trash&) = delete;
 
   // Moves `path` (a file or a directory) into the trash and deletes it in the background.
-  // Nothing to do if it is absent; deleted here if it cannot be moved.
-  void Remove(const std::string& path);
+  // Nothing to do if it is absent; deleted here if it cannot be moved (the error when that
+  // fails too: `path` is still there). For one thread at a time.
+  absl::Status Remove(const std::string& path);
 
  private:
   explicit Trash(std::string dir);

@@ -471,7 +471,15 @@ absl::Status CheckVirtualTables(sqlite3* db) {
   Stmt tables = MustPrepare(db,
                             "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND "
                             "sql LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name");
-  while (MustStep(tables.get())) {
+  for (;;) {
+    // An error here (a damaged schema, or the caller's progress handler interrupting) is
+    // the image's verdict, not a reason to stop the process.
+    const int step = sqlite3_step(tables.get());
+    if (step == SQLITE_DONE) break;
+    if (step != SQLITE_ROW) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot read the schema: ", ValidUtf8(sqlite3_errmsg(db))));
+    }
     std::string name = ColumnString(tables.get(), 0);
     std::string module = VirtualTableModule(ColumnString(tables.get(), 1));
     std::string check;
