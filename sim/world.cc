@@ -159,71 +159,136 @@ Swarm DrawSwarm(Prng& p, int clients_option) {
   return s;
 }
 
-// A hash of a snapshot image's bytes, apart from its checksum (the oracle compares bytes).
-uint64_t ImageHash(std::string_view image) {
-  StableHash h;
-  h.Add(image);
-  return h.value();
-}
-
 // ---------------------------------------------------------------------------------------
 // Disk: a log image with an fsync boundary and fault injection.
 
+// The log in segments, by the server's rules (adapters/log_store.h): a new segment starts
+// once the last one holds kSegmentBytes (small here, so that runs cross many segments) and
+// at each compaction, beginning with the current promise and snapshot metadata; compaction
+// deletes the oldest segments whose entries the snapshot covers; only the last segment may
+// end in a torn write, and recovery replays the segments in order (LogReplay).
 class SimDisk {
  public:
+  static constexpr size_t kSegmentBytes = 4096;
+
+  SimDisk() : segments_(1) {}
+
   // Appends what `ready` persists, unsynced.
   void Write(const Ready& ready) {
     std::string bytes = EncodeReady(ready);
     if (bytes.empty()) return;
-    unsynced_.push_back({std::move(bytes), ready.hard_state, {}});
-    for (const LogEntry& e : ready.entries) unsynced_.back().entries.emplace(e.slot(), e.ballot());
+    UnsyncedWrite w{std::move(bytes), ready.hard_state, {}, std::nullopt, 0};
+    for (const LogEntry& e : ready.entries) {
+      w.entries.emplace(e.slot(), e.ballot());
+      w.max_slot = std::max(w.max_slot, e.slot());
+    }
+    if (ready.snapshot) w.snapshot = ready.snapshot->meta;
+    unsynced_.push_back(std::move(w));
   }
   void Sync() {
+    if (unsynced_.empty()) return;
+    if (segments_.back().bytes.size() >= kSegmentBytes) StartSegment();
+    Segment& last = segments_.back();
     for (UnsyncedWrite& w : unsynced_) {
-      record_offsets_.push_back(durable_.size());
-      durable_ += w.bytes;
-      if (w.hard_state) RaiseDurablePromise(w.hard_state->promised());
+      AppendRecords(last, w.bytes);
+      last.max_slot = std::max(last.max_slot, w.max_slot);
+      if (w.hard_state) {
+        RaiseDurablePromise(w.hard_state->promised());
+        hard_state_ = w.hard_state;
+      }
+      if (w.snapshot) snapshot_ = *w.snapshot;
       for (const auto& [slot, ballot] : w.entries) {
         durable_state_.accepted[slot] = ballot;
         RaiseDurablePromise(ballot);
       }
     }
-    if (!unsynced_.empty()) {
-      record_offsets_.push_back(durable_.size());
-      durable_ += EncodeSyncMark(record_offsets_.size() - 1, durable_.size());
-      synced_bytes_ = durable_.size();
-    }
+    Mark(last);
     unsynced_.clear();
   }
-  // A crash: every unsynced write is lost; the first may survive torn (recovery drops it).
+  // A crash: every unsynced write is lost; the first may survive torn (recovery drops it),
+  // in the segment the next sync would have written.
   void Crash(Prng& p, bool tear) {
     if (tear && !unsynced_.empty() && unsynced_.front().bytes.size() > 1) {
       const std::string& first = unsynced_.front().bytes;
-      durable_ += first.substr(0, p.Range(1, first.size() - 1));
+      const std::string torn = first.substr(0, p.Range(1, first.size() - 1));
+      if (segments_.back().bytes.size() >= kSegmentBytes) {
+        segments_.emplace_back();  // a new segment, with a part of its first write
+        segments_.back().bytes = HeaderBytes().substr(0, 1) + torn;
+      } else {
+        segments_.back().bytes += torn;
+      }
     }
     unsynced_.clear();
   }
-  // Flips a bit anywhere in a synced record, its frame header and the last record included
-  // (found later by its checksum, or by the synced mark beyond it).
+  // Flips a bit anywhere in a synced record of any segment, its frame header and the last
+  // record included (found later by its checksum, by the synced mark beyond it, or by the
+  // segments after it).
   void Corrupt(Prng& p) {
-    if (record_offsets_.empty()) return;
-    size_t i = static_cast<size_t>(p.Range(0, record_offsets_.size() - 1));
-    size_t begin = record_offsets_[i];
-    size_t end = i + 1 < record_offsets_.size() ? record_offsets_[i + 1] : synced_bytes_;
+    std::vector<Segment*> written;
+    for (Segment& s : segments_) {
+      if (!s.record_offsets.empty()) written.push_back(&s);
+    }
+    if (written.empty()) return;
+    Segment& s = *written[static_cast<size_t>(p.Range(0, written.size() - 1))];
+    size_t i = static_cast<size_t>(p.Range(0, s.record_offsets.size() - 1));
+    size_t begin = s.record_offsets[i];
+    size_t end = i + 1 < s.record_offsets.size() ? s.record_offsets[i + 1] : s.synced_bytes;
     if (begin >= end) return;
     size_t at = static_cast<size_t>(p.Range(begin, end - 1));
-    durable_[at] = static_cast<char>(durable_[at] ^ (1 << p.Range(0, 7)));
+    s.bytes[at] = static_cast<char>(s.bytes[at] ^ (1 << p.Range(0, 7)));
   }
-  const std::string& durable() const { return durable_; }
-  // What the synced records hold, as recovery would read it back.
-  const DurableAcceptorState& durable_state() const { return durable_state_; }
-  // After recovery: keep the valid prefix, and rewrite compactly from a recovered state.
-  void Rewrite(const PersistedState& state) {
-    durable_.clear();
-    record_offsets_.clear();
-    synced_bytes_ = 0;
+  // What the segments hold, replayed in order; DataLoss as the server's log store gives it.
+  absl::StatusOr<RecoveredLog> Recover() const {
+    LogReplay replay;
+    LogReplay::Segment last;
+    for (size_t i = 0; i < segments_.size(); ++i) {
+      absl::StatusOr<LogReplay::Segment> segment =
+          replay.Add(segments_[i].bytes, /*more_follow=*/i + 1 < segments_.size());
+      if (!segment.ok()) {
+        return absl::DataLossError(
+            absl::StrCat("segment ", i, " is corrupt: ", segment.status().message()));
+      }
+      last = *segment;
+    }
+    RecoveredLog out = std::move(replay).Finish();
+    out.valid_bytes = last.valid_bytes;
+    out.records = last.records;
+    out.torn_tail = last.torn_tail;
+    return out;
+  }
+  // After a recovery: the torn tail of the last segment is cut away, as the server does,
+  // and the segments go on from what `recovered` holds.
+  void Reopen(const RecoveredLog& recovered) {
+    Segment& last = segments_.back();
+    last.bytes.resize(recovered.valid_bytes);
+    while (!last.record_offsets.empty() && last.record_offsets.back() >= last.bytes.size()) {
+      last.record_offsets.pop_back();
+    }
+    last.synced_bytes = last.bytes.size();
     unsynced_.clear();
+    hard_state_ = recovered.state.hard_state;
+    snapshot_ = recovered.state.snapshot_meta;
+  }
+  // Drops what a durable snapshot at `through` covers: a new segment, then the oldest
+  // segments whose entries are all at or below it.
+  void Compact(uint64_t through) {
+    StartSegment();
+    Mark(segments_.back());
+    through = std::min(through, snapshot_.index());
+    while (segments_.size() > 1 && segments_.front().max_slot <= through) {
+      segments_.erase(segments_.begin());
+    }
+    // What the snapshot covers is no longer the acceptor's to keep (the checkers skip it).
+    auto& accepted = durable_state_.accepted;
+    accepted.erase(accepted.begin(), accepted.upper_bound(through));
+  }
+  // Replaces the log with one holding exactly `state` (the forget-promise bug).
+  void Rewrite(const PersistedState& state) {
     durable_state_ = DurableAcceptorState();
+    hard_state_.reset();
+    snapshot_ = SnapshotMeta();
+    segments_.assign(1, Segment());
+    unsynced_.clear();
     Ready r;
     r.hard_state = state.hard_state;
     if (state.snapshot_meta.index() > 0) r.snapshot = SnapshotToInstall{state.snapshot_meta};
@@ -231,21 +296,60 @@ class SimDisk {
     Write(r);
     Sync();
   }
+  // What the synced records hold, as recovery would read it back.
+  const DurableAcceptorState& durable_state() const { return durable_state_; }
+  size_t segments() const { return segments_.size(); }
 
  private:
+  struct Segment {
+    std::string bytes;
+    std::vector<size_t> record_offsets;  // of every synced record, marks included
+    size_t synced_bytes = 0;             // where the synced records end (a torn write follows)
+    uint64_t max_slot = 0;               // of its entries
+  };
   struct UnsyncedWrite {
     std::string bytes;
     std::optional<HardState> hard_state;
     std::map<uint64_t, Ballot> entries;  // slot -> ballot, as DurableAcceptorState::accepted
+    std::optional<SnapshotMeta> snapshot;
+    uint64_t max_slot = 0;
   };
 
+  std::string HeaderBytes() const {
+    Ready header;
+    header.hard_state = hard_state_;
+    if (snapshot_.index() > 0) header.snapshot = SnapshotToInstall{snapshot_};
+    return EncodeReady(header);
+  }
+  void StartSegment() {
+    segments_.emplace_back();
+    AppendRecords(segments_.back(), HeaderBytes());
+  }
+  // Records `framed` (whole frames) at the end of `s`, unsynced until Mark.
+  static void AppendRecords(Segment& s, std::string_view framed) {
+    size_t offset = 0;
+    while (offset < framed.size()) {
+      uint64_t length = 0;
+      for (int i = 0; i < 4; ++i) {
+        length |= static_cast<uint64_t>(static_cast<unsigned char>(framed[offset + i])) << (8 * i);
+      }
+      s.record_offsets.push_back(s.bytes.size() + offset);
+      offset += 12 + length;
+    }
+    s.bytes += framed;
+  }
+  static void Mark(Segment& s) {
+    s.record_offsets.push_back(s.bytes.size());
+    s.bytes += EncodeSyncMark(s.record_offsets.size() - 1, s.bytes.size());
+    s.synced_bytes = s.bytes.size();
+  }
   void RaiseDurablePromise(const Ballot& ballot) {
     if (BallotLess(durable_state_.promised, ballot)) durable_state_.promised = ballot;
   }
 
-  std::string durable_;
-  std::vector<size_t> record_offsets_;  // of every synced record, marks included
-  size_t synced_bytes_ = 0;             // where the synced records end (a torn write follows)
+  std::vector<Segment> segments_;        // oldest first; never empty
+  std::optional<HardState> hard_state_;  // the latest synced, repeated by a new segment
+  SnapshotMeta snapshot_;
   std::vector<UnsyncedWrite> unsynced_;
   DurableAcceptorState durable_state_;
 };
@@ -327,6 +431,7 @@ class World {
   struct DiskOp {
     bool sync = false;
     bool compact = false;
+    uint64_t compacted_through = 0;
     std::optional<HardState> hard_state;
     std::vector<LogEntry> entries;
     std::function<void()> done;
@@ -450,10 +555,10 @@ class World {
   ChosenChecker chosen_;
   AcceptorChecker acceptors_;
   StateHashChecker state_hashes_;
-  // Every snapshot image a replica wrote of its own state, by (index, checksum): a hash of its
-  // bytes and who wrote it. An image installed anywhere must be one of these, byte for byte
-  // (CheckInstalledImage).
-  std::map<std::pair<uint64_t, uint64_t>, std::pair<uint64_t, uint32_t>> images_written_;
+  // Every snapshot image a replica wrote of its own state, by (index, checksum): its bytes
+  // (images are small here) and who wrote it. An image installed anywhere must be one of
+  // these, byte for byte (CheckInstalledImage).
+  std::map<std::pair<uint64_t, uint64_t>, std::pair<std::string, uint32_t>> images_written_;
   void CheckInstalledImage(uint32_t id, const SnapshotMeta& meta, const std::string& image);
   std::vector<Operation> history_;
   std::vector<LocalRead> local_reads_;
@@ -569,7 +674,7 @@ ReplicaConfig World::ConfigFor(uint32_t id) const {
 
 void World::StartHost(Host& h) {
   SYNOD_CHECK(!h.up && !h.refused);
-  absl::StatusOr<RecoveredLog> recovered = RecoverLog(h.disk.durable());
+  absl::StatusOr<RecoveredLog> recovered = h.disk.Recover();
   if (!recovered.ok()) {
     // The replica cannot know what it promised or accepted in the lost records, so it must
     // not vote again: it refuses to start (docs/simulation.md, "Storage faults").
@@ -583,6 +688,7 @@ void World::StartHost(Host& h) {
     h.refused = true;  // the run has failed; starting on a forgetful log proves nothing more
     return;
   }
+  h.disk.Reopen(*recovered);
   PersistedState state = std::move(recovered->state);
   StateMachineOptions sm_options;
   sm_options.testing_no_session_dedup = options_.bugs.count("no-session-dedup") > 0;
@@ -608,8 +714,8 @@ void World::StartHost(Host& h) {
       if (e.chosen() || e.slot() <= h.sm->revision()) kept.push_back(std::move(e));
     }
     state.entries = std::move(kept);
+    h.disk.Rewrite(state);
   }
-  h.disk.Rewrite(state);
   state.applied_index = h.sm->revision();
   h.side = std::make_unique<HostSide>(this, &h);
   HostSide* side = h.side.get();
@@ -721,7 +827,7 @@ class World::HostSide : public LogStorage,
   void RefuseSnapshot(const absl::Status& why) override {
     w_->Trace(absl::StrCat("replica ", h_->id, " refuses a snapshot: ", why.ToString()));
     h_->disk.Sync();
-    absl::StatusOr<RecoveredLog> recovered = RecoverLog(h_->disk.durable());
+    absl::StatusOr<RecoveredLog> recovered = h_->disk.Recover();
     SYNOD_CHECK(recovered.ok()) << "a log just synced does not recover: " << recovered.status();
     recovered->state.applied_index = h_->sm->revision();
     h_->driver->ReplaceReplica(std::make_unique<Replica>(
@@ -795,6 +901,7 @@ void World::StartDiskOp(Host& h, const Ready& ready, PersistOptions options,
   DiskOp op;
   op.sync = options.sync;
   op.compact = options.compact;
+  op.compacted_through = ready.compacted_through;
   op.hard_state = ready.hard_state;
   op.entries = ready.entries;
   op.done = std::move(done);
@@ -837,9 +944,9 @@ void World::OnDiskDone(Host& h, uint64_t incarnation) {
     }
   }
   if (op.compact) {
-    absl::StatusOr<RecoveredLog> state = RecoverLog(h.disk.durable());
-    SYNOD_CHECK(state.ok()) << state.status();
-    h.disk.Rewrite(state->state);
+    h.disk.Compact(op.compacted_through);
+    Trace(absl::StrCat("replica ", h.id, " compacted its log through ", op.compacted_through, ": ",
+                       h.disk.segments(), " segments left"));
   }
   op.done();
   if (op.sync && op.hard_state) acceptors_.Persisted(h.id, *op.hard_state);
@@ -906,7 +1013,7 @@ void World::MaybeCompact(Host& h) {
   // Durable in the store before the log names it.
   const SnapshotMeta meta = h.snapshots.Add(h.sm->revision(), *snapshot);
   images_written_.emplace(std::make_pair(meta.index(), meta.checksum()),
-                          std::make_pair(ImageHash(*snapshot), h.id));
+                          std::make_pair(*std::move(snapshot), h.id));
   SYNOD_CHECK(h.driver->Compact(meta));
 }
 
@@ -916,7 +1023,7 @@ void World::CheckInstalledImage(uint32_t id, const SnapshotMeta& meta, const std
     return Fail(absl::StrCat("replica ", id, " installs a snapshot image at ", meta.index(),
                              " that no replica wrote"));
   }
-  if (it->second.first != ImageHash(image)) {
+  if (it->second.first != image) {
     Fail(absl::StrCat("replica ", id, " installs a snapshot image at ", meta.index(),
                       " whose bytes differ from the image replica ", it->second.second,
                       " wrote under the same checksum"));
