@@ -130,6 +130,11 @@ std::optional<std::string> CheckRecoveryKeepsDurableState(uint32_t replica,
                         " from a log whose synced records promised ", ballot_text(durable.promised),
                         ", and started");
   }
+  if (recovered.snapshot_meta.index() < durable.snapshot_index) {
+    return absl::StrCat("replica ", replica, " recovered the snapshot at ",
+                        recovered.snapshot_meta.index(), " from a log whose synced records named ",
+                        durable.snapshot_index, ", and started");
+  }
   for (const auto& [slot, ballot] : durable.accepted) {
     if (slot <= recovered.snapshot_meta.index()) continue;
     auto it = accepted.find(slot);

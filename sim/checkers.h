@@ -73,6 +73,9 @@ struct DurableAcceptorState {
   // the ballot of an entry accepted at a higher one (the replica takes that for a promise).
   Ballot promised;
   std::map<uint64_t, Ballot> accepted;  // slot -> the ballot its durable entry was accepted at
+  // The highest snapshot a synced record names: recovery must not come back with an older
+  // one (the entries it covers are gone from the log).
+  uint64_t snapshot_index = 0;
 };
 
 // Durability before send: a Promise or an Accepted leaving `message.from()` must be covered

@@ -196,7 +196,11 @@ class SimDisk {
         RaiseDurablePromise(w.hard_state->promised());
         hard_state_ = w.hard_state;
       }
-      if (w.snapshot) snapshot_ = *w.snapshot;
+      if (w.snapshot) {
+        snapshot_ = *w.snapshot;
+        durable_state_.snapshot_index =
+            std::max(durable_state_.snapshot_index, w.snapshot->index());
+      }
       for (const auto& [slot, ballot] : w.entries) {
         durable_state_.accepted[slot] = ballot;
         RaiseDurablePromise(ballot);
@@ -210,12 +214,13 @@ class SimDisk {
   void Crash(Prng& p, bool tear) {
     if (tear && !unsynced_.empty() && unsynced_.front().bytes.size() > 1) {
       const std::string& first = unsynced_.front().bytes;
-      const std::string torn = first.substr(0, p.Range(1, first.size() - 1));
       if (segments_.back().bytes.size() >= kSegmentBytes) {
-        segments_.emplace_back();  // a new segment, with a part of its first write
-        segments_.back().bytes = HeaderBytes().substr(0, 1) + torn;
+        // A new segment, cut short: any prefix of its header and first write, empty too.
+        const std::string whole = HeaderBytes() + first;
+        segments_.emplace_back();
+        segments_.back().bytes = whole.substr(0, p.Range(0, whole.size() - 1));
       } else {
-        segments_.back().bytes += torn;
+        segments_.back().bytes += first.substr(0, p.Range(1, first.size() - 1));
       }
     }
     unsynced_.clear();
