@@ -665,6 +665,20 @@ bool IsPattern(std::string_view body, uint64_t from = 0) {
   return true;
 }
 
+// A handler that answers every request with a streamed body from `make`, and keeps a weak
+// handle on the latest source in `*latest` (when given).
+template <typename Source>
+HttpServer::Handler StreamFrom(std::function<std::shared_ptr<Source>()> make,
+                               std::weak_ptr<Source>* latest = nullptr) {
+  return [make = std::move(make), latest](HttpRequest, std::shared_ptr<Responder> responder) {
+    std::shared_ptr<Source> source = make();
+    if (latest != nullptr) *latest = source;
+    HttpResponse response;
+    response.body_source = std::move(source);
+    responder->Send(std::move(response));
+  };
+}
+
 TEST_F(HttpTest, StreamedBodyIsProducedOnlyAsFastAsTheClientReadsThenWhole) {
   const uint64_t body_bytes = 64 << 20;
   auto source = std::make_shared<PatternSource>(body_bytes);
@@ -698,11 +712,8 @@ TEST_F(HttpTest, StreamedBodyIsProducedOnlyAsFastAsTheClientReadsThenWhole) {
 }
 
 TEST_F(HttpTest, StreamedBodyThatFailsEndsTheConnectionShort) {
-  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
-    HttpResponse response;
-    response.body_source = std::make_shared<PatternSource>(4 << 20, 1 << 20);
-    responder->Send(std::move(response));
-  });
+  StartServer({}, StreamFrom<PatternSource>(
+                      [] { return std::make_shared<PatternSource>(4 << 20, 1 << 20); }));
   RunClient([&] {
     RawClient client(port());
     client.Send(Get("/stream"));
@@ -716,13 +727,8 @@ TEST_F(HttpTest, StreamedBodyThatFailsEndsTheConnectionShort) {
 
 TEST_F(HttpTest, AClientLeavingMidStreamReleasesTheSource) {
   std::weak_ptr<PatternSource> weak;
-  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
-    auto source = std::make_shared<PatternSource>(uint64_t{1} << 30);
-    weak = source;
-    HttpResponse response;
-    response.body_source = std::move(source);
-    responder->Send(std::move(response));
-  });
+  StartServer({}, StreamFrom<PatternSource>(
+                      [] { return std::make_shared<PatternSource>(uint64_t{1} << 30); }, &weak));
   RunClient([&] {
     RawClient client(port());
     client.Send(Get("/stream"));
@@ -745,29 +751,22 @@ class LaterSource : public HttpBodySource, public std::enable_shared_from_this<L
       const size_t n =
           static_cast<size_t>(std::min<uint64_t>(max_bytes, self->size_ - self->produced_));
       self->produced_ += n;
-      ++self->answered_;
       done(std::string(n, 'x'));
     });
   }
-  int answered() const { return answered_; }
 
  private:
   const uint64_t size_;
   std::function<void(uint64_t, std::function<void()>)> later_;
   uint64_t produced_ = 0;
-  int answered_ = 0;
 };
 
 TEST_F(HttpTest, AClientLeavingWhileAPieceIsBeingReadReleasesTheSourceOnceItAnswers) {
   std::weak_ptr<LaterSource> weak;
   auto later = [this](uint64_t ms, std::function<void()> action) { Later(ms, std::move(action)); };
-  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
-    auto source = std::make_shared<LaterSource>(uint64_t{1} << 30, later);
-    weak = source;
-    HttpResponse response;
-    response.body_source = std::move(source);
-    responder->Send(std::move(response));
-  });
+  StartServer(
+      {}, StreamFrom<LaterSource>(
+              [later] { return std::make_shared<LaterSource>(uint64_t{1} << 30, later); }, &weak));
   RunClient([&] {
     RawClient client(port());
     client.Send(Get("/stream"));
@@ -785,11 +784,8 @@ TEST_F(HttpTest, AStreamedBodyReadTooSlowlyIsCutOffAtItsDeadline) {
   limits.write_timeout_ms = 1000;
   limits.min_stream_bytes_per_second = 16 << 20;
   const uint64_t body_bytes = 16 << 20;  // deadline: 1 s + 1 s
-  StartServer(limits, [&](HttpRequest, std::shared_ptr<Responder> responder) {
-    HttpResponse response;
-    response.body_source = std::make_shared<PatternSource>(body_bytes);
-    responder->Send(std::move(response));
-  });
+  StartServer(limits, StreamFrom<PatternSource>(
+                          [body_bytes] { return std::make_shared<PatternSource>(body_bytes); }));
   RunClient([&] {
     RawClient client(port());
     client.Send(Get("/slow"));
@@ -812,11 +808,7 @@ TEST_F(HttpTest, AStreamedBodyReadTooSlowlyIsCutOffAtItsDeadline) {
 
 TEST_F(HttpTest, HeadOfAStreamedBodyGetsItsLengthAndNoPiece) {
   auto source = std::make_shared<PatternSource>(12345);
-  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
-    HttpResponse response;
-    response.body_source = source;
-    responder->Send(std::move(response));
-  });
+  StartServer({}, StreamFrom<PatternSource>([source] { return source; }));
   RunClient([&] {
     RawClient client(port());
     client.Send("HEAD /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");

@@ -22,34 +22,14 @@
 namespace synod {
 namespace {
 
-// The frame header of core/log_codec.h: u32 payload length, u64 checksum.
-constexpr size_t kFrameHeaderBytes = 12;
-
-// The number of framed records in `framed` (concatenated whole frames).
-uint64_t CountRecords(std::string_view framed) {
-  uint64_t records = 0;
-  size_t offset = 0;
-  while (offset < framed.size()) {
-    SYNOD_CHECK_LE(offset + kFrameHeaderBytes, framed.size());
-    uint64_t length = 0;
-    for (int i = 0; i < 4; ++i) {
-      length |= static_cast<uint64_t>(static_cast<unsigned char>(framed[offset + i])) << (8 * i);
-    }
-    offset += kFrameHeaderBytes + length;
-    ++records;
-  }
-  SYNOD_CHECK_EQ(offset, framed.size());
-  return records;
-}
-
 // What `<dir>/log` holds once its records have moved into segments: a damaged record followed
 // by a genuine sync mark, which a version that kept its log in that one file recovers as
 // corruption (it refuses to start) rather than starting over without its promises.
 const std::string& OneFileTombstone() {
   static const std::string* tombstone = [] {
-    std::string damaged(kFrameHeaderBytes, '\0');
-    damaged[0] = 1;     // a payload of one byte
-    damaged += "\xff";  // whose checksum (0) does not match
+    std::string damaged(12, '\0');  // a frame header (core/log_codec.h)
+    damaged[0] = 1;                 // a payload of one byte
+    damaged += "\xff";              // whose checksum (0) does not match
     return new std::string(damaged + EncodeSyncMark(1, damaged.size()));
   }();
   return *tombstone;
@@ -300,7 +280,7 @@ absl::Status LogStore::Sync() {
   // last record of a synced segment is always a mark: corruption of the last record that
   // holds state is told from a torn write (see core/log_codec.h). It carries the count of
   // records before it in its segment.
-  const uint64_t count = CountRecords(records);
+  const uint64_t count = FrameOffsets(records).size();
   records += EncodeSyncMark(records_ + count, bytes_ + records.size());
   const std::string path = PathOf(segments_.back().number);
   if (absl::Status written = WriteAll(log_fd_, records, path); !written.ok()) {
@@ -321,7 +301,7 @@ absl::Status LogStore::StartSegment(std::string records, const RecordsSummary& s
   header.hard_state = hard_state_;
   if (snapshot_.index() > 0) header.snapshot = SnapshotToInstall{snapshot_};
   std::string framed = EncodeReady(header) + records;
-  const uint64_t count = CountRecords(framed);
+  const uint64_t count = FrameOffsets(framed).size();
   framed += EncodeSyncMark(count, framed.size());
   const uint64_t number = segments_.back().number + 1;
   const std::string path = PathOf(number);

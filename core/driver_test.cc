@@ -414,6 +414,21 @@ TEST(Driver, AnImageTheStoreCannotSealIsRefusedWholeNeverPersisted) {
   EXPECT_EQ(driver->counters().snapshots_refused, 1u);
 }
 
+// A follower sent a whole image whose check the host has not yet given a verdict on:
+// returns that verdict's callback.
+std::function<void(absl::Status)> ReceiveImageUnchecked(FakeHost& host, HostDriver& driver,
+                                                        const SnapshotMeta& meta,
+                                                        const std::string& image) {
+  host.check_at_once = false;
+  driver.replica().Step(ChunkTo2(meta, 0, image));
+  driver.Drain();
+  EXPECT_EQ(host.checks.size(), 1u);
+  if (host.checks.empty()) return [](absl::Status) {};
+  std::function<void(absl::Status)> verdict = std::move(host.checks.front());
+  host.checks.pop_front();
+  return verdict;
+}
+
 // A host checks a large image off its loop: the verdict comes later. Until then nothing of
 // the snapshot's Ready is persisted or sent but what acknowledges nothing, the follower
 // goes on acknowledging heartbeats, and no snapshot of the host's own is recorded.
@@ -421,12 +436,10 @@ TEST(Driver, ASnapshotCheckedLaterIsPersistedOnlyAfterItsVerdict) {
   FakeHost host;
   const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
   std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
-  host.check_at_once = false;
   const size_t persisted_before = host.persisted.size();
-  driver->replica().Step(ChunkTo2(meta, 0, "abcdefgh"));
-  driver->Drain();
+  std::function<void(absl::Status)> verdict =
+      ReceiveImageUnchecked(host, *driver, meta, "abcdefgh");
   ASSERT_TRUE(driver->checking());
-  ASSERT_EQ(host.checks.size(), 1u);
   EXPECT_EQ(host.persisted.size(), persisted_before);
   EXPECT_FALSE(driver->CanCompact(5));
   host.sent.clear();
@@ -438,8 +451,6 @@ TEST(Driver, ASnapshotCheckedLaterIsPersistedOnlyAfterItsVerdict) {
   EXPECT_EQ(host.sent[0].heartbeat_ack().read_context(), 9u);
   EXPECT_TRUE(host.installed.empty());
 
-  std::function<void(absl::Status)> verdict = std::move(host.checks.front());
-  host.checks.pop_front();
   verdict(absl::OkStatus());
   EXPECT_FALSE(driver->checking());
   ASSERT_GT(host.persisted.size(), persisted_before);
@@ -453,14 +464,9 @@ TEST(Driver, ASnapshotRefusedLaterIsNeverPersisted) {
   FakeHost host;
   const SnapshotMeta meta = SnapshotMetaOf(10, "abcdefgh");
   std::unique_ptr<HostDriver> driver = FollowerAskingForASnapshot(host, 10);
-  host.check_at_once = false;
   const size_t persisted_before = host.persisted.size();
-  driver->replica().Step(ChunkTo2(meta, 0, "abcdefgh"));
-  driver->Drain();
-  ASSERT_EQ(host.checks.size(), 1u);
-  std::function<void(absl::Status)> verdict = std::move(host.checks.front());
-  host.checks.pop_front();
-  verdict(absl::InvalidArgumentError("integrity_check failed"));
+  ReceiveImageUnchecked(host, *driver, meta,
+                        "abcdefgh")(absl::InvalidArgumentError("integrity_check failed"));
   ASSERT_EQ(host.refused.size(), 1u);
   EXPECT_TRUE(absl::IsInvalidArgument(host.refused[0]));
   EXPECT_FALSE(driver->checking());

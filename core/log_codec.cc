@@ -78,6 +78,18 @@ std::string EncodeRecord(const StorageRecord& record) {
   return out;
 }
 
+std::vector<size_t> FrameOffsets(std::string_view framed) {
+  std::vector<size_t> offsets;
+  size_t offset = 0;
+  while (offset < framed.size()) {
+    SYNOD_CHECK_LE(offset + kFrameHeaderBytes, framed.size());
+    offsets.push_back(offset);
+    offset += kFrameHeaderBytes + GetFixed(framed.substr(offset), 4);
+  }
+  SYNOD_CHECK_EQ(offset, framed.size());
+  return offsets;
+}
+
 std::string EncodeReady(const Ready& ready) {
   std::string out;
   if (ready.hard_state) {

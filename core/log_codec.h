@@ -25,6 +25,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/replica.h"
@@ -45,6 +46,9 @@ Ready SnapshotReady(const SnapshotMeta& meta);
 std::string EncodeSyncMark(uint64_t records, uint64_t offset);
 
 std::string EncodeRecord(const StorageRecord& record);
+
+// Where each frame of `framed` (whole frames, as EncodeReady gives them) starts.
+std::vector<size_t> FrameOffsets(std::string_view framed);
 
 struct RecoveredLog {
   PersistedState state;  // applied_index is left 0: the state machine knows its revision

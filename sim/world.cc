@@ -332,15 +332,7 @@ class SimDisk {
   }
   // Records `framed` (whole frames) at the end of `s`, unsynced until Mark.
   static void AppendRecords(Segment& s, std::string_view framed) {
-    size_t offset = 0;
-    while (offset < framed.size()) {
-      uint64_t length = 0;
-      for (int i = 0; i < 4; ++i) {
-        length |= static_cast<uint64_t>(static_cast<unsigned char>(framed[offset + i])) << (8 * i);
-      }
-      s.record_offsets.push_back(s.bytes.size() + offset);
-      offset += 12 + length;
-    }
+    for (size_t offset : FrameOffsets(framed)) s.record_offsets.push_back(s.bytes.size() + offset);
     s.bytes += framed;
   }
   static void Mark(Segment& s) {
