@@ -72,6 +72,10 @@ const char* ReasonPhrase(int status) {
       return "Not Modified";
     case 400:
       return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
     case 404:
       return "Not Found";
     case 405:
@@ -82,14 +86,20 @@ const char* ReasonPhrase(int status) {
       return "Conflict";
     case 413:
       return "Payload Too Large";
+    case 415:
+      return "Unsupported Media Type";
     case 416:
       return "Range Not Satisfiable";
     case 431:
       return "Request Header Fields Too Large";
     case 500:
       return "Internal Server Error";
+    case 501:
+      return "Not Implemented";
     case 503:
       return "Service Unavailable";
+    case 507:
+      return "Insufficient Storage";
     default:
       return "";
   }
@@ -189,6 +199,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     if (closing_) return;
     closing_ = true;
     body_source_.reset();
+    AbortSink();
     LeaveIdleList();
     SYNOD_CHECK_GT(server_->open_connection_count_, 0u);
     --server_->open_connection_count_;
@@ -207,9 +218,12 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   }
 
   // Answers request `request_id`, unless it is no longer the one awaiting an answer.
+  // An answer given before the request's body was read whole (a streamed one) ends the
+  // body: the rest is not read, and the connection closes after the answer.
   void Respond(uint64_t request_id, HttpResponse response) {
     if (closing_ || request_id != in_flight_request_id_ || writing_) return;
-    WriteResponse(std::move(response), !keep_alive_ || server_->closed_);
+    WriteResponse(std::move(response), !keep_alive_ || server_->closed_ || message_in_progress_);
+    AbortSink();  // after: a sink that goes with its Responder finds the answer given
   }
 
  private:
@@ -257,6 +271,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     message_in_progress_ = true;
     request_ = HttpRequest();
     header_bytes_ = 0;
+    body_received_ = 0;
     ArmTimer(TimerPurpose::kRequest, server_->limits_.request_timeout_ms);
     return HPE_OK;
   }
@@ -293,21 +308,32 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     // closes: what follows on the wire would not be HTTP/1.1.
     keep_alive_ = llhttp_should_keep_alive(&parser_) && !parser_.upgrade;
     const HttpServerLimits& limits = server_->limits_;
+    stream_next_ = server_->stream_handler_ != nullptr && limits.stream_body_for &&
+                   limits.stream_body_for(request_.method, request_.target);
     body_limit_bytes_ = limits.max_body_bytes;
     if (limits.max_body_bytes_for) {
-      body_limit_bytes_ =
-          std::min(body_limit_bytes_, limits.max_body_bytes_for(request_.method, request_.target));
+      const size_t limit = limits.max_body_bytes_for(request_.method, request_.target);
+      body_limit_bytes_ = stream_next_ ? limit : std::min(body_limit_bytes_, limit);
     }
     // Refused before any body byte is buffered, and before a client waiting for
     // "100 Continue" sends one.
     if ((parser_.flags & F_CONTENT_LENGTH) && parser_.content_length > body_limit_bytes_) {
       parse_error_ = BodyTooLarge();
+      stream_next_ = false;
       return -1;
     }
-    for (const auto& [name, value] : request_.headers) {
-      if (name == "expect" && EqualsIgnoreCase(value, "100-continue")) WriteContinue();
-    }
+    // A streamed request goes to its handler outside the parser (StartStream), which also
+    // decides whether the client gets "100 Continue".
+    if (stream_next_) return HPE_PAUSED;
+    if (ExpectsContinue(request_)) WriteContinue();
     return HPE_OK;
+  }
+
+  static bool ExpectsContinue(const HttpRequest& request) {
+    for (const auto& [name, value] : request.headers) {
+      if (name == "expect" && EqualsIgnoreCase(value, "100-continue")) return true;
+    }
+    return false;
   }
 
   // A client that asked may wait for this interim answer before sending the body. A write
@@ -325,12 +351,13 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   // A chunked body is counted as it arrives; a body with a Content-Length was checked whole
   // when its headers were complete.
   int OnBody(const char* at, size_t length) {
-    SYNOD_CHECK_LE(request_.body.size(), body_limit_bytes_);
-    if (length > body_limit_bytes_ - request_.body.size()) {
+    SYNOD_CHECK_LE(body_received_, body_limit_bytes_);
+    if (length > body_limit_bytes_ - body_received_) {
       parse_error_ = BodyTooLarge();
       return HPE_USER;
     }
-    request_.body.append(at, length);
+    body_received_ += length;
+    (sink_ != nullptr ? body_pending_ : request_.body).append(at, length);
     return HPE_OK;
   }
 
@@ -343,6 +370,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   // parsed only once this one is answered.
   int OnMessageComplete() {
     message_in_progress_ = false;
+    if (sink_ != nullptr) body_complete_ = true;
     return HPE_PAUSED;
   }
 
@@ -379,7 +407,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     }
     if (nread == 0 || self->close_after_write_ || self->lingering_) return;  // draining
     self->input_.append(buf->base, static_cast<size_t>(nread));
-    if (self->in_flight_request_id_ != 0) {
+    if (!self->Parsing()) {
       if (self->input_.size() > kMaxBufferedInputBytes) self->StopReading();
       return;
     }
@@ -393,15 +421,25 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   void OnInputEnded() {
     input_ended_ = true;
     StopReading();
-    // Otherwise the answer under way continues the work when it has been written.
-    if (in_flight_request_id_ == 0 && !writing_) Process();
+    // Otherwise the answer under way (or the sink's piece) continues the work when done.
+    if (Parsing() && !writing_) Process();
+  }
+
+  // Whether input is parsed now: no request is being answered, or a streamed one's sink
+  // waits for more of its body.
+  bool Parsing() const {
+    return in_flight_request_id_ == 0 || (sink_ != nullptr && !sink_busy_ && !body_complete_);
   }
 
   // Parses buffered input until a request is complete (and dispatched), the input runs
   // out, or the input is bad. Once the input has ended and every request in it has been
   // answered, finishes the connection.
   void Process() {
-    while (!closing_ && in_flight_request_id_ == 0 && !close_after_write_ && !input_.empty()) {
+    // After a streamed request's headers, the parser runs once even on no input: a body of
+    // Content-Length 0 is complete without another byte.
+    bool run_empty = false;
+    while (!closing_ && Parsing() && !close_after_write_ && (!input_.empty() || run_empty)) {
+      run_empty = false;
       llhttp_errno_t rc = llhttp_execute(&parser_, input_.data(), input_.size());
       if (rc == HPE_OK) {
         input_.clear();
@@ -410,7 +448,13 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
         SYNOD_CHECK_LE(consumed, input_.size());
         input_.erase(0, consumed);
         llhttp_resume(&parser_);
-        Dispatch();
+        if (stream_next_) {
+          stream_next_ = false;
+          StartStream();
+          run_empty = true;
+        } else if (sink_ == nullptr) {
+          Dispatch();
+        }  // else a streamed body is complete: PumpBody finishes it
       } else if (parse_error_) {
         Fail(std::move(*parse_error_));
       } else {
@@ -419,7 +463,12 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
                             llhttp_get_error_reason(&parser_)});
       }
     }
-    if (closing_ || in_flight_request_id_ != 0 || close_after_write_) return;
+    if (closing_ || close_after_write_) return;
+    if (sink_ != nullptr) {
+      PumpBody();
+      return;
+    }
+    if (in_flight_request_id_ != 0) return;
     if (!input_ended_) {
       StartReading();
       return;
@@ -446,9 +495,101 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     server_->handler_(std::move(request), std::move(responder));
   }
 
+  // Hands a streamed request to the stream handler, whose sink then takes its body.
+  void StartStream() {
+    SYNOD_CHECK(!writing_ && sink_ == nullptr);
+    const uint64_t request_id = next_request_id_++;
+    in_flight_request_id_ = request_id;
+    in_flight_is_head_ = request_.method == "HEAD";
+    body_complete_ = false;
+    stream_started_ms_ = uv_now(server_->loop_);
+    stream_busy_ms_ = 0;
+    const bool expects_continue = ExpectsContinue(request_);
+    std::shared_ptr<Responder> responder(new Responder(weak_from_this(), request_id));
+    HttpRequest head = std::move(request_);
+    request_ = HttpRequest();
+    std::shared_ptr<HttpBodySink> sink = server_->stream_handler_(head, std::move(responder));
+    if (closing_ || writing_ || in_flight_request_id_ != request_id) {
+      if (sink != nullptr) sink->Abort();  // answered (or gone) already
+      return;
+    }
+    if (sink == nullptr) {
+      // Kept the responder without answering, against the contract: the body is not read.
+      WriteResponse(JsonErrorResponse(500, "internal", "the request's body had no taker"), true);
+      return;
+    }
+    sink_ = std::move(sink);
+    if (expects_continue) WriteContinue();
+  }
+
+  // Moves a streamed body on: hands the sink what has arrived, finishes it once the body is
+  // complete, or waits for the client.
+  void PumpBody() {
+    if (sink_busy_) {
+      StopReading();
+      return;
+    }
+    if (!body_pending_.empty()) {
+      sink_busy_ = true;
+      sink_busy_since_ms_ = uv_now(server_->loop_);
+      StopReading();
+      StopTimer();  // the client is not to blame for a slow sink
+      std::string piece = std::move(body_pending_);
+      body_pending_.clear();
+      std::weak_ptr<ServerConnection> weak = weak_from_this();
+      const uint64_t generation = sink_generation_;
+      std::shared_ptr<HttpBodySink> sink = sink_;  // held across the call
+      sink->Write(std::move(piece), [weak, generation] {
+        std::shared_ptr<ServerConnection> self = weak.lock();
+        if (self == nullptr || self->closing_ || self->sink_generation_ != generation ||
+            !self->sink_busy_) {
+          return;
+        }
+        self->sink_busy_ = false;
+        self->stream_busy_ms_ += uv_now(self->server_->loop_) - self->sink_busy_since_ms_;
+        self->Process();
+      });
+      return;
+    }
+    if (body_complete_) {
+      std::shared_ptr<HttpBodySink> sink = std::move(sink_);
+      sink_.reset();
+      ++sink_generation_;
+      StopTimer();  // from here on it waits for its answer like any request
+      sink->Finish();
+      return;
+    }
+    if (input_ended_) {
+      Fail(ParseError{400, "bad_request", "the input ended inside a request"});
+      return;
+    }
+    const HttpServerLimits& limits = server_->limits_;
+    const uint64_t deadline =
+        stream_started_ms_ + stream_busy_ms_ + limits.request_timeout_ms +
+        body_received_ * 1000 / std::max<uint64_t>(limits.min_request_bytes_per_second, 1);
+    const uint64_t now = uv_now(server_->loop_);
+    ArmTimer(TimerPurpose::kRequest, deadline > now ? deadline - now : 0);
+    StartReading();
+  }
+
+  // Tells a streamed request's sink that its body will not be complete.
+  void AbortSink() {
+    if (sink_ == nullptr) return;
+    std::shared_ptr<HttpBodySink> sink = std::move(sink_);
+    sink_.reset();
+    ++sink_generation_;
+    sink_busy_ = false;
+    body_pending_.clear();
+    sink->Abort();
+  }
+
   void Fail(ParseError error) {
+    // The request is no longer the sink's to answer: a Responder dropped with it is ignored.
+    in_flight_request_id_ = 0;
+    AbortSink();
     SYNOD_CHECK(!writing_);
     message_in_progress_ = false;
+    stream_next_ = false;
     in_flight_is_head_ = false;
     WriteResponse(JsonErrorResponse(error.status, error.code, error.message), true);
   }
@@ -644,6 +785,17 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   std::string header_value_;
   size_t header_bytes_ = 0;
   size_t body_limit_bytes_ = 0;  // this request's, known once its headers are complete
+  uint64_t body_received_ = 0;   // of this request's body
+  // A streamed request body (StartStream): its sink, and what has arrived for it.
+  bool stream_next_ = false;  // the headers paused the parser to start a stream
+  std::shared_ptr<HttpBodySink> sink_;
+  uint64_t sink_generation_ = 0;  // moves on when a sink goes: a late `done` is ignored
+  bool sink_busy_ = false;        // a Write's `done` has not run yet
+  bool body_complete_ = false;
+  std::string body_pending_;
+  uint64_t stream_started_ms_ = 0;
+  uint64_t stream_busy_ms_ = 0;  // time the sink was busy, not counted against the client
+  uint64_t sink_busy_since_ms_ = 0;
   bool keep_alive_ = true;
   std::optional<ParseError> parse_error_;
   // The request being answered; 0 when none.
@@ -680,8 +832,13 @@ bool Responder::connection_open() const {
   return connection != nullptr && connection->open();
 }
 
-HttpServer::HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler)
-    : loop_(loop), limits_(limits), handler_(std::move(handler)), read_buffer_(kReadBufferBytes) {
+HttpServer::HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler,
+                       StreamHandler stream_handler)
+    : loop_(loop),
+      limits_(limits),
+      handler_(std::move(handler)),
+      stream_handler_(std::move(stream_handler)),
+      read_buffer_(kReadBufferBytes) {
   SYNOD_CHECK(loop_ != nullptr);
   SYNOD_CHECK(handler_ != nullptr);
 }

@@ -23,9 +23,17 @@
 // Streamed responses: a response may carry its body as an HttpBodySource instead of a string.
 // The server writes the head, then asks the source for one piece at a time, and asks for the
 // next only once the previous piece has been written to the socket: a client that reads
-// slowly holds one piece of memory, not the body. (Streamed request bodies are planned, see
-// DESIGN.md "Coming next"; today a request body is delivered whole, bounded by the request's
-// body limit.)
+// slowly holds one piece of memory, not the body.
+//
+// Streamed request bodies: a request for which HttpServerLimits::stream_body_for says so is
+// handed to the stream handler as soon as its headers are complete, and its body follows in
+// pieces to the HttpBodySink the handler returns. The server reads no more of the connection
+// while the sink is busy with a piece (back-pressure: a slow disk slows the client, memory
+// holds one read's worth). The handler may answer before the body is complete (a bad key, a
+// full disk): the rest of the body is then not read, and the connection closes after the
+// answer. A client waiting for "100 Continue" gets it only once the handler has taken the
+// request without answering. Other requests' bodies are delivered whole, bounded by the
+// request's body limit.
 
 #include <uv.h>
 
@@ -71,6 +79,24 @@ class HttpBodySource {
   virtual void Read(size_t max_bytes, ReadDone done) = 0;
 };
 
+// A request body received in pieces (see "Streamed request bodies" above). Used on the loop
+// thread only. Each sink gets Write zero or more times, then exactly one of Finish or Abort.
+class HttpBodySink {
+ public:
+  virtual ~HttpBodySink() = default;
+  // The next piece of the body, never empty. The server reads no more of the connection
+  // until `done` has run (at once or later, on the loop thread). `done` is safe to run after
+  // the connection is gone.
+  virtual void Write(std::string piece, std::function<void()> done) = 0;
+  // The whole body has arrived, and every Write's `done` has run. The request is answered
+  // through its Responder as usual.
+  virtual void Finish() = 0;
+  // The body will never be complete: the client left or sent it too slowly, it was malformed
+  // or too large, or the request was answered before the body was complete. No answer is
+  // expected any more (the server answers what it must, or the connection is gone).
+  virtual void Abort() = 0;
+};
+
 struct HttpResponse {
   int status = 200;
   // Content-Length is added by the server (and Connection when it closes); any such
@@ -101,6 +127,15 @@ struct HttpServerLimits {
   // Called once per request, on the loop thread, when its headers are complete; it must not
   // call back into the server. Unset: max_body_bytes for every request.
   std::function<size_t(std::string_view method, std::string_view target)> max_body_bytes_for;
+  // Whether a request's body is streamed to the stream handler (see "Streamed request
+  // bodies") rather than delivered whole, from its method and target; called like
+  // max_body_bytes_for. A streamed body's limit is max_body_bytes_for's answer alone:
+  // max_body_bytes bounds the bodies held in memory. Unset, or no stream handler: never.
+  std::function<bool(std::string_view method, std::string_view target)> stream_body_for;
+  // A streamed request body must arrive at this rate on average: after request_timeout_ms,
+  // a request whose body has arrived slower (not counting the time the sink was busy) is
+  // answered 408, so that a client trickling bytes cannot hold what its sink holds.
+  uint64_t min_request_bytes_per_second = 256 << 10;
   // A kept-alive connection with no request under way is closed after this long.
   uint64_t idle_timeout_ms = 60'000;
   // From a request's first byte to its last: otherwise 408 request_timeout, then close.
@@ -156,9 +191,15 @@ class HttpServer {
   // Called once per complete request. It may answer through `responder` before returning
   // or keep `responder` and answer later.
   using Handler = std::function<void(HttpRequest request, std::shared_ptr<Responder> responder)>;
+  // Called once per streamed request when its headers are complete (`head.body` is empty).
+  // Returns the sink for its body; or answers through `responder` and returns nullptr (the
+  // body is then not read). A null result without an answer is answered 500.
+  using StreamHandler = std::function<std::shared_ptr<HttpBodySink>(
+      const HttpRequest& head, std::shared_ptr<Responder> responder)>;
 
   // REQUIRES: `loop` outlives this server.
-  HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler);
+  HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler,
+             StreamHandler stream_handler = nullptr);
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
   // REQUIRES: Listen never succeeded, or Close's `done` has run.
@@ -191,6 +232,7 @@ class HttpServer {
   uv_loop_t* const loop_;
   const HttpServerLimits limits_;
   const Handler handler_;
+  const StreamHandler stream_handler_;
   uv_tcp_t* listener_ = nullptr;  // heap-allocated: frees itself when its close completes
   bool listener_closing_ = false;
   int port_ = 0;

@@ -173,8 +173,10 @@ class HttpTest : public ::testing::Test {
     EXPECT_EQ(uv_loop_close(&loop_), 0) << "a libuv handle was left open";
   }
 
-  void StartServer(HttpServerLimits limits, HttpServer::Handler handler, int port = 0) {
-    server_ = std::make_unique<HttpServer>(&loop_, limits, std::move(handler));
+  void StartServer(HttpServerLimits limits, HttpServer::Handler handler, int port = 0,
+                   HttpServer::StreamHandler stream_handler = nullptr) {
+    server_ =
+        std::make_unique<HttpServer>(&loop_, limits, std::move(handler), std::move(stream_handler));
     absl::Status status = server_->Listen("127.0.0.1", port);
     ASSERT_TRUE(status.ok()) << status;
   }
@@ -983,6 +985,327 @@ TEST_F(HttpTest, GarbageNeverCrashesAndLeavesNoConnections) {
     client.Send(Get("/alive"));
     EXPECT_TRUE(client.Read());
   });
+}
+
+// --- Streamed request bodies -----------------------------------------------------------
+
+// A sink that records what it is given. Each Write's `done` runs at once, or waits in
+// `held` while `hold` is set (a disk write under way).
+struct RecordingSink : HttpBodySink {
+  std::string received;
+  size_t writes = 0;
+  bool finished = false;
+  bool aborted = false;
+  bool hold = false;
+  std::function<void()> held;
+  std::shared_ptr<Responder> responder;
+  // Answers this instead of taking the body, at the first Write.
+  std::optional<HttpResponse> refuse_at_first_write;
+
+  void Write(std::string piece, std::function<void()> done) override {
+    EXPECT_FALSE(piece.empty());
+    EXPECT_FALSE(finished || aborted);
+    EXPECT_FALSE(held) << "a Write before the previous one's done";
+    ++writes;
+    received += piece;
+    if (refuse_at_first_write) {
+      responder->Send(*std::move(refuse_at_first_write));
+      refuse_at_first_write.reset();
+    }
+    if (hold) {
+      held = std::move(done);
+    } else {
+      done();
+    }
+  }
+  void Finish() override {
+    EXPECT_FALSE(finished || aborted);
+    finished = true;
+    responder->Send(TextResponse("got " + std::to_string(received.size())));
+  }
+  void Abort() override {
+    EXPECT_FALSE(finished || aborted);
+    aborted = true;
+  }
+};
+
+HttpServerLimits StreamingLimits() {
+  HttpServerLimits limits;
+  limits.max_body_bytes = 1024;  // bodies held in memory; streamed ones are not bound by it
+  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 1 << 30; };
+  limits.stream_body_for = [](std::string_view method, std::string_view target) {
+    return method == "PUT" && target.starts_with("/up");
+  };
+  return limits;
+}
+
+std::string Pattern(size_t size) {
+  std::string out(size, '\0');
+  for (size_t i = 0; i < size; ++i) out[i] = static_cast<char>('a' + i % 26);
+  return out;
+}
+
+TEST_F(HttpTest, AStreamedBodyReachesItsSinkInPiecesAndTheServerStopsReadingWhileItIsBusy) {
+  auto sink = std::make_shared<RecordingSink>();
+  sink->hold = true;
+  HttpRequest seen_head;
+  StartServer(StreamingLimits(), Echo, 0,
+              [&](const HttpRequest& head, std::shared_ptr<Responder> responder) {
+                seen_head = head;
+                sink->responder = std::move(responder);
+                return sink;
+              });
+  const std::string body = Pattern(16 << 20);
+  std::atomic<bool> sent{false};
+  std::thread client_thread;
+  std::unique_ptr<RawClient> client;
+  RunClient([&] { client = std::make_unique<RawClient>(port()); });
+  client_thread = std::thread([&] {
+    client->Send("PUT /up/a HTTP/1.1\r\nHost: t\r\nContent-Length: " + std::to_string(body.size()) +
+                 "\r\n\r\n");
+    client->Send(body);
+    sent = true;
+  });
+  // The sink holds its first piece: the server reads no more, so the client blocks once the
+  // socket buffers are full.
+  RunUntil([&] { return sink->writes == 1; });
+  bool waited = false;
+  Later(300, [&] { waited = true; });
+  RunUntil([&] { return waited; });
+  EXPECT_EQ(sink->writes, 1u);
+  EXPECT_LE(sink->received.size(), size_t{256} << 10);
+  EXPECT_FALSE(sent.load());
+  // Released, piece by piece, the whole body arrives.
+  sink->hold = false;
+  std::function<void()> done = std::move(sink->held);
+  sink->held = nullptr;
+  done();
+  RunUntil([&] { return sink->finished; });
+  client_thread.join();
+  EXPECT_EQ(seen_head.method, "PUT");
+  EXPECT_EQ(seen_head.target, "/up/a");
+  EXPECT_TRUE(seen_head.body.empty());
+  EXPECT_EQ(sink->received, body);
+  EXPECT_GT(sink->writes, 10u);
+  RunClient([&] {
+    std::optional<RawResponse> response = client->Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->body, "got 16777216");
+    // The connection goes on: a buffered request after a streamed one.
+    client->Send("POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    std::optional<RawResponse> next = client->Read();
+    ASSERT_TRUE(next);
+    EXPECT_EQ(next->body, "POST /small abc");
+  });
+  client.reset();
+}
+
+TEST_F(HttpTest, ChunkedAndEmptyStreamedBodiesAreFinished) {
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  StartServer(StreamingLimits(), Echo, 0,
+              [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+                auto sink = std::make_shared<RecordingSink>();
+                sink->responder = std::move(responder);
+                sinks.push_back(sink);
+                return sink;
+              });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("PUT /up/chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    client.Send("5\r\nhello\r\n");
+    client.Send("6\r\n world\r\n0\r\n\r\n");
+    std::optional<RawResponse> chunked = client.Read();
+    ASSERT_TRUE(chunked);
+    EXPECT_EQ(chunked->body, "got 11");
+    client.Send("PUT /up/empty HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    std::optional<RawResponse> empty = client.Read();
+    ASSERT_TRUE(empty);
+    EXPECT_EQ(empty->body, "got 0");
+    // Pipelined behind a streamed request, in one send.
+    client.Send("PUT /up/p HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nxy" + Get("/after"));
+    std::optional<RawResponse> first = client.Read();
+    std::optional<RawResponse> second = client.Read();
+    ASSERT_TRUE(first && second);
+    EXPECT_EQ(first->body, "got 2");
+    EXPECT_EQ(second->body, "GET /after ");
+  });
+  ASSERT_EQ(sinks.size(), 3u);
+  EXPECT_EQ(sinks[0]->received, "hello world");
+  for (const auto& sink : sinks) EXPECT_TRUE(sink->finished && !sink->aborted);
+}
+
+TEST_F(HttpTest, AnAnswerBeforeTheBodyEndsItAndClosesTheConnection) {
+  auto sink = std::make_shared<RecordingSink>();
+  sink->refuse_at_first_write = JsonErrorResponse(507, "insufficient_storage", "disk full");
+  StartServer(StreamingLimits(), Echo, 0,
+              [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+                sink->responder = std::move(responder);
+                return sink;
+              });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n");
+    client.Send(std::string(1 << 20, 'x'));
+    std::optional<RawResponse> response = client.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 507);
+    EXPECT_NE(response->head.find("Connection: close\r\n"), std::string::npos);
+    client.ShutdownWrites();
+    client.ReadToEof();
+  });
+  EXPECT_TRUE(sink->aborted);
+  EXPECT_FALSE(sink->finished);
+  RunUntil([&] { return server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, AHandlerRefusingAtTheHeadersSendsNoContinueAndReadsNoBody) {
+  StartServer(StreamingLimits(), Echo, 0,
+              [&](const HttpRequest& head,
+                  std::shared_ptr<Responder> responder) -> std::shared_ptr<HttpBodySink> {
+                if (head.target == "/up/bad") {
+                  responder->Send(JsonErrorResponse(400, "bad_request", "bad key"));
+                  return nullptr;
+                }
+                auto sink = std::make_shared<RecordingSink>();
+                sink->responder = std::move(responder);
+                return sink;
+              });
+  RunClient([&] {
+    RawClient refused(port());
+    refused.Send(
+        "PUT /up/bad HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    std::optional<RawResponse> response = refused.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 400);
+    RawClient taken(port());
+    taken.Send(
+        "PUT /up/good HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    ASSERT_TRUE(taken.ReadUntil("HTTP/1.1 100 Continue\r\n\r\n"));
+    taken.Send("hello");
+    ASSERT_TRUE(taken.ReadUntil("got 5"));
+  });
+}
+
+TEST_F(HttpTest, AClientLeavingOrTricklingMidBodyAbortsTheSink) {
+  HttpServerLimits limits = StreamingLimits();
+  limits.request_timeout_ms = 300;
+  limits.min_request_bytes_per_second = 1 << 20;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  StartServer(limits, Echo, 0, [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+    auto sink = std::make_shared<RecordingSink>();
+    sink->responder = std::move(responder);
+    sinks.push_back(sink);
+    return sink;
+  });
+  RunClient([&] {
+    {
+      RawClient leaving(port());
+      leaving.Send("PUT /up/a HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n");
+      leaving.Send(std::string(1000, 'x'));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      leaving.Reset();
+    }
+    RawClient trickling(port());
+    trickling.Send("PUT /up/b HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n");
+    // 1 KiB every 50 ms: far below 1 MiB/s.
+    std::optional<RawResponse> response;
+    for (int i = 0; i < 40 && !response; ++i) {
+      if (!trickling.Send(std::string(1024, 'y'))) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    response = trickling.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 408);
+  });
+  RunUntil([&] { return sinks.size() == 2 && sinks[0]->aborted && sinks[1]->aborted; });
+  RunUntil([&] { return server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, StreamedBodiesStillHaveTheirEndpointLimit) {
+  HttpServerLimits limits = StreamingLimits();
+  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 4096; };
+  bool handled = false;
+  StartServer(limits, Echo, 0, [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+    handled = true;
+    auto sink = std::make_shared<RecordingSink>();
+    sink->responder = std::move(responder);
+    return sink;
+  });
+  RunClient([&] {
+    RawClient declared(port());
+    declared.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Length: 4097\r\n\r\n");
+    std::optional<RawResponse> response = declared.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+  });
+  EXPECT_FALSE(handled);
+  RunClient([&] {
+    RawClient chunked(port());
+    chunked.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    chunked.Send("1001\r\n" + std::string(4097, 'x') + "\r\n");
+    std::optional<RawResponse> response = chunked.Read();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 413);
+  });
+}
+
+TEST_F(HttpTest, GarbageOnStreamedRequestsNeverCrashesAndLeavesNoConnections) {
+  HttpServerLimits limits = StreamingLimits();
+  limits.max_header_bytes = 512;
+  limits.request_timeout_ms = 200;
+  limits.stream_body_for = [](std::string_view, std::string_view) { return true; };
+  size_t ended = 0;
+  size_t started = 0;
+  struct CountingSink : RecordingSink {
+    size_t* ended;
+    void Finish() override {
+      RecordingSink::Finish();
+      ++*ended;
+    }
+    void Abort() override {
+      RecordingSink::Abort();
+      ++*ended;
+    }
+  };
+  StartServer(limits, Echo, 0, [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+    ++started;
+    auto sink = std::make_shared<CountingSink>();
+    sink->ended = &ended;
+    sink->responder = std::move(responder);
+    return sink;
+  });
+  const std::string valid =
+      "PUT /p?q=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+      "POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+  std::mt19937_64 random(20261202);
+  RunClient([&] {
+    for (int round = 0; round < 300; ++round) {
+      std::string input = valid;
+      int mutations = 1 + static_cast<int>(random() % 8);
+      for (int m = 0; m < mutations; ++m) {
+        size_t at = random() % input.size();
+        switch (random() % 3) {
+          case 0:
+            input[at] = static_cast<char>(random() % 256);
+            break;
+          case 1:
+            input.erase(at, 1 + random() % 8);
+            break;
+          default:
+            input.insert(at, std::string(1 + random() % 300, static_cast<char>(random())));
+        }
+        if (input.empty()) input = "x";
+      }
+      RawClient client(port());
+      client.Send(input);
+      client.ShutdownWrites();
+      while (client.Read()) {
+      }
+    }
+  });
+  RunUntil([&] { return server_->connection_count() == 0; });
+  EXPECT_GT(started, 0u);
+  EXPECT_EQ(ended, started) << "every sink gets Finish or Abort";
 }
 
 TEST(HttpClientBackoff, JitteredWaitsStayBetweenHalfAndAllOfTheBackoffAndVary) {
