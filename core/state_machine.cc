@@ -836,6 +836,31 @@ absl::StatusOr<PutMedia> StateMachine::GetMedia(std::string_view database, std::
   return media;
 }
 
+absl::StatusOr<std::vector<StateMachine::MediaRecord>> StateMachine::ListMedia(
+    std::string_view database, std::string_view after_key, size_t limit) {
+  if (!impl_->databases.contains(database)) {
+    return absl::NotFoundError(absl::StrCat("no database named ", Quote(database)));
+  }
+  Stmt stmt =
+      MustPrepare(impl_->system.get(),
+                  "SELECT key, sha256, size_bytes, content_type, revision FROM _synod_media "
+                  "WHERE database = ? AND key > ? ORDER BY key LIMIT ?");
+  MustBindText(stmt.get(), 1, database);
+  MustBindText(stmt.get(), 2, after_key);
+  MustBindInt64(stmt.get(), 3, static_cast<int64_t>(std::min<size_t>(limit, INT64_MAX)));
+  std::vector<MediaRecord> page;
+  while (MustStep(stmt.get())) {
+    MediaRecord& record = page.emplace_back();
+    record.media.set_database(std::string(database));
+    record.media.set_key(ColumnString(stmt.get(), 0));
+    record.media.set_sha256(ColumnString(stmt.get(), 1));
+    record.media.set_size_bytes(static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 2)));
+    record.media.set_content_type(ColumnString(stmt.get(), 3));
+    record.revision = static_cast<uint64_t>(sqlite3_column_int64(stmt.get(), 4));
+  }
+  return page;
+}
+
 absl::StatusOr<std::string> StateMachine::NameOwner(std::string_view name) {
   Stmt stmt = MustPrepare(impl_->system.get(), "SELECT owner FROM _synod_names WHERE name = ?");
   MustBindText(stmt.get(), 1, name);
@@ -976,6 +1001,13 @@ absl::StatusOr<SnapshotView> StateMachine::OpenSnapshotView() {
     view.databases.emplace_back(file_id, *std::move(reader));
   }
   return view;
+}
+
+absl::StatusOr<Db> StateMachine::OpenSystemView() {
+  if (!impl_->opener->ReadersKeepTransactions()) {
+    return absl::UnimplementedError("these databases cannot be read beside their writer");
+  }
+  return OpenHeldReader(*impl_->opener, kSystemFileId);
 }
 
 absl::StatusOr<Db> StateMachine::OpenDatabaseView(std::string_view database) {
@@ -1124,6 +1156,29 @@ std::string SnapshotFrameHeader(std::string_view file_id, uint64_t image_bytes) 
   header.append(file_id);
   AppendSnapshotU64(&header, image_bytes);
   return header;
+}
+
+bool IsValidMediaKey(std::string_view key) {
+  constexpr size_t kMaxKeyBytes = 200;
+  if (key.empty() || key.size() > kMaxKeyBytes || key.find("..") != std::string_view::npos) {
+    return false;
+  }
+  for (char c : key) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '~' &&
+        c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool IsValidContentType(std::string_view type) {
+  constexpr size_t kMaxTypeBytes = 255;
+  if (type.empty() || type.size() > kMaxTypeBytes) return false;
+  for (char c : type) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
 }
 
 bool IsValidDatabaseName(std::string_view name) {

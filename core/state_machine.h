@@ -270,6 +270,19 @@ class StateMachine {
 
   // The metadata stored by PutMedia for `key` of `database` (NotFound if none).
   absl::StatusOr<PutMedia> GetMedia(std::string_view database, std::string_view key);
+  // One page of `database`'s media, in key order: up to `limit` keys after `after_key` ("":
+  // from the first). NotFound if there is no such database.
+  struct MediaRecord {
+    PutMedia media;
+    uint64_t revision = 0;  // of the PutMedia that stored it
+  };
+  absl::StatusOr<std::vector<MediaRecord>> ListMedia(std::string_view database,
+                                                     std::string_view after_key, size_t limit);
+  // A read-only connection to the state machine's own database (the catalog and the media
+  // metadata, table _synod_media), in a read transaction begun at the current revision, for
+  // a scan off this thread (the media blobs referenced, for garbage collection). As
+  // OpenDatabaseView.
+  absl::StatusOr<Db> OpenSystemView();
 
   // The owner of a registered unique name (NotFound if it is not registered).
   absl::StatusOr<std::string> NameOwner(std::string_view name);
@@ -334,6 +347,14 @@ class StateMachine {
 
 // Is `name` a valid database name ([A-Za-z0-9_-]{1,64})?
 bool IsValidDatabaseName(std::string_view name);
+
+// Is `key` a valid media key: 1 to 200 of A-Z a-z 0-9 . _ ~ -, without "..", so that a key
+// is safe in a URL path segment as it is, and never names a path?
+bool IsValidMediaKey(std::string_view key);
+
+// Is `type` a valid media content type: 1 to 255 printable ASCII characters (it is served
+// back as a header)?
+bool IsValidContentType(std::string_view type);
 
 // The on-disk id of a database: a hash of its name, so that no name becomes a path. Two
 // names with the same hash get distinct ids through the catalog (a "-N" suffix).

@@ -19,7 +19,6 @@ namespace synod {
 namespace state_machine_internal {
 namespace {
 
-constexpr size_t kMaxMediaKeyBytes = 1024;
 // A request's result is stored whole in one row (its session, and SlotResults), and a row is
 // at most kMaxValueBytes: room for a group's results (kMaxGroupResultBytes) and one more.
 constexpr size_t kMaxRequestResultBytes = 4 << 20;
@@ -42,6 +41,13 @@ absl::Status CheckLength(std::string_view what, std::string_view value, size_t m
   if (!IsValidUtf8(value))
     return absl::InvalidArgumentError(absl::StrCat(ToAbsl(what), " must be UTF-8"));
   return absl::OkStatus();
+}
+
+absl::Status CheckMediaKey(std::string_view key) {
+  if (IsValidMediaKey(key)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("invalid media key ", Quote(key),
+                   ": use 1 to 200 of A-Z, a-z, 0-9, '.', '_', '~' and '-', without '..'"));
 }
 
 absl::Status CheckSha256(std::string_view sha256) {
@@ -96,14 +102,18 @@ absl::Status CheckCommandFields(const Command& command) {
       return absl::OkStatus();
     case Command::kPutMedia: {
       const PutMedia& put = command.put_media();
-      checks = {CheckDatabaseName(put.database()),
-                CheckLength("media key", put.key(), kMaxMediaKeyBytes), CheckSha256(put.sha256()),
-                CheckLength("content type", put.content_type(), kMaxContentTypeBytes)};
+      checks = {CheckDatabaseName(put.database()), CheckMediaKey(put.key()),
+                CheckSha256(put.sha256()),
+                IsValidContentType(put.content_type())
+                    ? absl::OkStatus()
+                    : absl::InvalidArgumentError(absl::StrCat("a content type is 1 to ",
+                                                              kMaxContentTypeBytes,
+                                                              " printable ASCII characters"))};
       break;
     }
     case Command::kDeleteMedia:
       checks = {CheckDatabaseName(command.delete_media().database()),
-                CheckLength("media key", command.delete_media().key(), kMaxMediaKeyBytes)};
+                CheckMediaKey(command.delete_media().key())};
       break;
     case Command::kRegisterName:
       checks = {CheckLength("name", command.register_name().name(), kMaxRegisteredNameBytes),

@@ -35,7 +35,13 @@ constexpr const char* kUsage =
   --max-body-bytes N           largest database upload accepted (default 3145728)
   --max-json-body-bytes N      largest exec, query or d3b body accepted (default 3145728)
   --query-timeout-ms N         a query running longer is interrupted, answered 503 (default 2000)
-  --http-request-timeout-ms N  time a client has to send a whole request (default 30000)
+  --http-request-timeout-ms N  time a client has to send a whole request (default 30000); a
+                               media upload has this plus its size at 256 KiB/s
+  --max-media-bytes N          largest media file accepted (default 4294967296)
+  --media-gc-grace-ms N        an unreferenced media blob is removed once older than this
+                               (default 3600000)
+  --media-gc-interval-ms N     how often blobs are checked: fetched if missing, removed if
+                               unreferenced (default 60000)
   --testing-kill-after-apply N for crash tests: SIGKILL this process right after it applies
                                revision N (its SQLite commit done, its log not yet synced)
   --help            this text
@@ -160,6 +166,19 @@ int main(int argc, char** argv) {
       if (!absl::SimpleAtoi(value, &options.http_request_timeout_ms) ||
           options.http_request_timeout_ms <= 0) {
         return Fail("--http-request-timeout-ms must be a positive number");
+      }
+    } else if (arg == "--max-media-bytes") {
+      if (!absl::SimpleAtoi(value, &options.max_media_bytes) || options.max_media_bytes == 0) {
+        return Fail("--max-media-bytes must be a positive number");
+      }
+    } else if (arg == "--media-gc-grace-ms") {
+      if (!absl::SimpleAtoi(value, &options.media_gc_grace_ms)) {
+        return Fail("--media-gc-grace-ms must be a number");
+      }
+    } else if (arg == "--media-gc-interval-ms") {
+      if (!absl::SimpleAtoi(value, &options.media_gc_interval_ms) ||
+          options.media_gc_interval_ms == 0) {
+        return Fail("--media-gc-interval-ms must be a positive number");
       }
     } else {
       return Fail("unknown flag '" + arg + "'");

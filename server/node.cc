@@ -23,6 +23,7 @@
 #include "core/log_codec.h"
 #include "core/sqlite_util.h"
 #include "server/api.pb.h"
+#include "server/http_util.h"
 #include "server/json.h"
 
 namespace synod::server {
@@ -70,65 +71,10 @@ constexpr int64_t kInlineQueryWorkUnits = 10'000;
 constexpr uint64_t kMaxInlineWasteUs = 5'000;
 constexpr int64_t kInlineWindowMs = 100;
 
-int HttpStatusFor(ErrorCode code) {
-  switch (code) {
-    case OK:
-      return 200;
-    case INVALID_ARGUMENT:
-      return 400;
-    case NOT_FOUND:
-      return 404;
-    case ALREADY_EXISTS:
-      return 409;
-    case FAILED_PRECONDITION:
-      return 412;
-    case RESOURCE_EXHAUSTED:
-      return 429;
-    case SESSION_EXPIRED:
-      return 409;
-    case UNAVAILABLE:
-    default:
-      return 503;
-  }
-}
-
 // 64 bits from the system's entropy source, for the replica's PRNG and client ids.
 uint64_t RandomSeed() {
   std::random_device entropy;
   return (static_cast<uint64_t>(entropy()) << 32) | entropy();
-}
-
-std::string CodeName(ErrorCode code) { return absl::AsciiStrToLower(ErrorCode_Name(code)); }
-
-std::string Header(const HttpRequest& request, std::string_view name) {
-  for (const auto& [key, value] : request.headers) {
-    if (key == name) return value;
-  }
-  return "";
-}
-
-// Splits "/a/b/c?x" into {"a","b","c"}; percent-decoding is applied to each segment so
-// that "%2F" in a name is seen (and rejected) as "/".
-std::vector<std::string> PathSegments(const std::string& target) {
-  std::string path = target.substr(0, target.find('?'));
-  std::vector<std::string> out;
-  for (absl::string_view part : absl::StrSplit(path, '/', absl::SkipEmpty())) {
-    std::string decoded;
-    for (size_t i = 0; i < part.size(); ++i) {
-      int v = 0;
-      if (part[i] == '%' && i + 2 < part.size() &&
-          absl::ascii_isxdigit(static_cast<unsigned char>(part[i + 1])) &&
-          absl::ascii_isxdigit(static_cast<unsigned char>(part[i + 2])) &&
-          sscanf(std::string(part.substr(i + 1, 2)).c_str(), "%2x", &v) == 1) {
-        decoded.push_back(static_cast<char>(v));
-        i += 2;
-        continue;
-      }
-      decoded.push_back(part[i]);
-    }
-    out.push_back(decoded);
-  }
-  return out;
 }
 
 void AppendStatementResult(std::string* out, const StatementResult& r) {
@@ -210,9 +156,10 @@ absl::Status Node::Start() {
   uv_timeval64_t start;
   SYNOD_CHECK(uv_gettimeofday(&start) == 0);
   const uint64_t start_unix_ms = static_cast<uint64_t>(start.tv_sec) * 1000 + start.tv_usec / 1000;
-  // Peer sequences keep their top bit for replies (kReplySequenceBit): the clock's
-  // milliseconds must fit in 43 bits (until the year 2248).
-  if (start_unix_ms >= PeerSequence::kStartUnixMsLimit / 2) {
+  // Peer sequences keep their top two bits for replies and the blob channel
+  // (kReplySequenceBit, kBlobSequenceBit): the clock's milliseconds must fit in 42 bits
+  // (until the year 2109).
+  if (start_unix_ms >= PeerSequence::kStartUnixMsLimit / 4) {
     return absl::FailedPreconditionError(
         absl::StrCat("the wall clock reads ", start_unix_ms, " ms since 1970: set it right"));
   }
@@ -306,17 +253,54 @@ absl::Status Node::Start() {
     peer_replay_windows_[id];
     peer_reply_windows_[id];
   }
+  MediaOptions media_options;
+  media_options.id = options_.id;
+  media_options.peers = options_.peers;
+  media_options.blob_dir = absl::StrCat(options_.data_dir, "/blobs");
+  media_options.fsync = options_.fsync;
+  media_options.start_unix_ms = start_unix_ms;
+  media_options.max_media_bytes = options_.max_media_bytes;
+  media_options.gc_grace_ms = options_.media_gc_grace_ms;
+  media_options.gc_interval_ms = options_.media_gc_interval_ms;
+  MediaHost media_host;
+  media_host.propose = [this](Command command, std::shared_ptr<HttpResponder> responder,
+                              std::function<void(const CommandResult&)> on_result) {
+    ProposeWrite(std::move(command), std::move(responder), std::move(on_result));
+  };
+  media_host.read = [this](Consistency consistency, uint64_t min_revision,
+                           std::shared_ptr<HttpResponder> responder, std::function<void()> run) {
+    ConsistentRead(consistency, min_revision, std::move(responder), std::move(run));
+  };
+  media_host.send = [this](const std::shared_ptr<HttpResponder>& responder, HttpResponse response) {
+    SendCounted(responder, std::move(response));
+  };
+  media_host.stopping = [this] { return stopping_; };
+  media_host.state_machine = sm_.get();
+  media_host.auth = peer_auth_.get();
+  media_ = std::make_unique<MediaService>(loop_, std::move(media_options), std::move(media_host));
+  if (absl::Status media = media_->Start(); !media.ok()) return media;
+
   HttpServerLimits limits;
-  // Every endpoint has its own limit below this one (BodyLimit).
+  // Every endpoint has its own limit below this one (BodyLimit); streamed uploads have theirs.
   limits.max_body_bytes = PeerBodyLimit();
   limits.max_body_bytes_for = [this](std::string_view method, std::string_view target) {
     return BodyLimit(method, target);
   };
+  limits.stream_body_for = &MediaService::IsUpload;
   limits.request_timeout_ms = options_.http_request_timeout_ms;
   limits.max_connections = options_.max_connections;
   http_ = std::make_unique<HttpServer>(
-      loop_, limits, [this](HttpRequest request, std::shared_ptr<Responder> r) {
+      loop_, limits,
+      [this](HttpRequest request, std::shared_ptr<Responder> r) {
         Handle(request, std::make_shared<HttpResponder>(std::move(r)));
+      },
+      [this](const HttpRequest& head, std::shared_ptr<Responder> r) {
+        auto responder = std::make_shared<HttpResponder>(std::move(r));
+        if (stopping_) {
+          RespondError(responder, 503, "unavailable", "the server is stopping");
+          return std::shared_ptr<HttpBodySink>();
+        }
+        return media_->StartUpload(head, std::move(responder));
       });
   absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
   if (!listening.ok()) return listening;
@@ -362,6 +346,7 @@ void Node::Stop(std::function<void()> done) {
     uv_idle_stop(&apply_idle_);
     uv_close(reinterpret_cast<uv_handle_t*>(&apply_idle_), nullptr);
   }
+  if (media_) media_->Stop();
   if (log_) log_->Close();  // the last records made durable; nothing more is sent
   for (auto& [id, client] : peer_clients_) client->Close();
   if (http_) {
@@ -516,6 +501,7 @@ void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
           static_cast<unsigned long long>(sm_->revision()),
           static_cast<unsigned long long>(snapshot.meta.size_bytes()),
           static_cast<unsigned long long>((uv_hrtime() - start_ns) / 1'000'000));
+  media_->OnStateReplaced();  // the blobs the new state references are checked soon
 }
 
 void Node::Apply(CommittedEntry entry) { to_apply_.push_back(std::move(entry)); }
@@ -671,6 +657,7 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
             static_cast<unsigned long long>(took_ms));
   }
   CheckDivergence(entry);
+  media_->OnApplied(entry.value, applied);
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != options_.id) continue;
     auto it = pending_.find({a.client_id, a.sequence});
@@ -881,10 +868,13 @@ size_t Node::PeerBodyLimit() const {
 }
 
 size_t Node::BodyLimit(std::string_view method, std::string_view target) const {
+  if (uint64_t media = media_->BodyLimit(method, target); media > 0) {
+    return static_cast<size_t>(std::min<uint64_t>(media, SIZE_MAX));
+  }
   std::string_view path = target.substr(0, target.find('?'));
   if (method == "POST" && path == "/internal/v1/messages") return PeerBodyLimit();
   if (method == "PUT" && path.starts_with("/v1/db/")) {
-    return options_.max_body_bytes;  // a database image (or media, answered 501 for now)
+    return options_.max_body_bytes;  // a database image
   }
   if (method == "POST") return options_.max_json_body_bytes;
   return 0;  // GET, DELETE and the rest carry no body
@@ -1224,6 +1214,10 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
       method == "POST") {
     return HandlePeerMessages(request, std::move(responder));
   }
+  if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "blob" &&
+      method == "POST") {
+    return media_->HandlePeer(request, std::move(responder));
+  }
   if (size_t limit = BodyLimit(method, request.target); request.body.size() > limit) {
     return RespondError(responder, 413, "payload_too_large",
                         absl::StrCat("the body is over ", limit, " bytes"));
@@ -1274,7 +1268,13 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
       });
     }
     if (path.size() >= 4 && path[3] == "media") {
-      return RespondError(responder, 501, "not_implemented", "media is not served yet");
+      if (path.size() > 5) return RespondError(responder, 404, "not_found", "no such endpoint");
+      if (!IsValidDatabaseName(path[2])) {
+        return RespondError(responder, 400, "invalid_argument",
+                            "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
+      }
+      return media_->Handle(request, path[2], path.size() == 5 ? path[4] : "",
+                            std::move(responder));
     }
     std::string rest = path.size() > 3 ? path[3] : "";
     if (path.size() > 4) return RespondError(responder, 404, "not_found", "no such endpoint");
@@ -1289,6 +1289,9 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply
   // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
   absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(sealed, options_.id);
   absl::Status admitted = frame.status();
+  if (admitted.ok() && (frame->sequence & kBlobSequenceBit) != 0) {
+    admitted = absl::PermissionDeniedError("a blob channel's frame where a message was expected");
+  }
   if (admitted.ok() && reply != ((frame->sequence & kReplySequenceBit) != 0)) {
     admitted = absl::PermissionDeniedError(reply ? "a POST's frame where a reply was expected"
                                                  : "a reply's frame where a POST was expected");
@@ -1664,6 +1667,7 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
     absl::StrAppend(&out, "synod_peer_heartbeat_age_ms{peer=\"", id, "\"} ",
                     heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms, "\n");
   }
+  media_->AppendMetrics(&out);
   Respond(responder, 200, out, "text/plain; version=0.0.4");
 }
 

@@ -28,28 +28,10 @@
 #include "core/driver.h"
 #include "core/replica.h"
 #include "core/state_machine.h"
+#include "server/http_util.h"
+#include "server/media.h"
 
 namespace synod::server {
-
-// One HTTP exchange: the server's responder, and when the request arrived (for the mean
-// response time in status and metrics).
-class HttpResponder {
- public:
-  explicit HttpResponder(std::shared_ptr<Responder> responder)
-      : responder_(std::move(responder)), start_ns_(uv_hrtime()) {}
-  void Send(HttpResponse response) { responder_->Send(std::move(response)); }
-  bool connection_open() const { return responder_->connection_open(); }
-  uint64_t ElapsedMicros() const { return (uv_hrtime() - start_ns_) / 1000; }
-
- private:
-  std::shared_ptr<Responder> responder_;
-  uint64_t start_ns_;
-};
-
-struct PeerAddress {
-  std::string host;
-  int port = 0;
-};
 
 struct NodeOptions {
   uint32_t id = 0;
@@ -84,6 +66,12 @@ struct NodeOptions {
   // with it (adapters/peer_auth.h).
   std::string cluster_secret;
   int http_request_timeout_ms = 30000;  // a client must send a whole request within this
+  // (a streamed upload: within this plus its size at 256 KiB/s)
+  // Media (server/media.h): the largest file, and the grace and period of the collection of
+  // unreferenced blobs.
+  uint64_t max_media_bytes = uint64_t{4} << 30;
+  uint64_t media_gc_grace_ms = 60 * 60 * 1000;
+  uint64_t media_gc_interval_ms = 60 * 1000;
   // Open HTTP connections at most; when full, the longest-idle one makes room. main() lowers
   // it below the file-descriptor limit, so that the cap, not the kernel, decides.
   size_t max_connections = 1024;
@@ -220,6 +208,9 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
 
   uv_loop_t* loop_;
   NodeOptions options_;
+  // Media blobs and their endpoints. Declared before pending_: a pending upload's callback
+  // calls into it when it is dropped.
+  std::unique_ptr<MediaService> media_;
   std::unique_ptr<LogWriter> log_;
   std::unique_ptr<SnapshotFiles> snapshots_;  // DIR/snapshots: the images the log names
   std::unique_ptr<FileDatabaseOpener> opener_;
@@ -277,8 +268,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::unique_ptr<PeerAuthenticator> peer_auth_;
   std::map<uint32_t, PeerSequence> peer_send_sequences_;
   std::map<uint32_t, ReplayWindow> peer_replay_windows_;
-  // Replies to POSTs: their own sequences, marked by the top bit, and windows.
-  static constexpr uint64_t kReplySequenceBit = uint64_t{1} << 63;
+  // Replies to POSTs: their own sequences, marked by kReplySequenceBit, and windows.
   std::map<uint32_t, PeerSequence> peer_reply_sequences_;
   std::map<uint32_t, ReplayWindow> peer_reply_windows_;
   // While a peer's POST is being answered: its messages wait to ride back in the answer.

@@ -1,0 +1,254 @@
+"""End-to-end tests of media: uploads streamed to a majority, reads from any replica, refetch
+after a wipe, Range and ETag, deletion and collection, and every bad input refused.
+
+Usage: media_test.py PATH_TO_SYNOD_SERVER [unittest args]
+"""
+
+import hashlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster import Cluster  # noqa: E402
+
+SERVER = None
+
+
+def blob_files(root, i):
+    """The blobs stored by replica i (paths under its blob store), tmp/ included."""
+    out = []
+    for dirpath, _, files in os.walk(os.path.join(root, str(i), "blobs")):
+        out.extend(os.path.join(dirpath, f) for f in files)
+    return sorted(out)
+
+
+def stored_blobs(root, i):
+    """The hashes of the whole blobs replica i holds."""
+    out = set()
+    for path in blob_files(root, i):
+        parts = path.split(os.sep)
+        if parts[-2] != "tmp":
+            out.add(parts[-2] + parts[-1])
+    return out
+
+
+class MediaTest(unittest.TestCase):
+    flags = ("--media-gc-grace-ms", "1500", "--media-gc-interval-ms", "1000")
+
+    def setUp(self):
+        self.c = Cluster(SERVER, extra_flags=self.flags)
+        self.c.start_all()
+        r = self.c.request(1, "PUT", "/v1/db/photos")
+        self.assertEqual(r.status, 201, r)
+
+    def tearDown(self):
+        self.c.stop_all()
+        if os.environ.get("SYNOD_E2E_KEEP"):
+            print(f"data and logs kept in {self.c.root}", file=sys.stderr)
+        else:
+            self.c.cleanup()
+
+    def upload(self, i, key, data, content_type="image/png", headers=None, db="photos"):
+        h = {"Content-Type": content_type}
+        h.update(headers or {})
+        return self.c.request(i, "PUT", f"/v1/db/{db}/media/{key}", body=data, headers=h,
+                              timeout=60)
+
+    def wait_for(self, what, predicate, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.2)
+        self.fail(f"{what}: not within {timeout} s; logs in {self.c.root}")
+
+
+class Media(MediaTest):
+    def test_upload_through_one_replica_read_from_the_others_after_it_is_killed(self):
+        data = os.urandom(3 * 1048576 + 17)  # several chunks, not a multiple of one
+        r = self.upload(1, "cat.png", data)
+        self.assertEqual(r.status, 201, r)
+        body = r.json()
+        sha = hashlib.sha256(data).hexdigest()
+        self.assertEqual((body["key"], body["sha256"], body["size"]), ("cat.png", sha, len(data)))
+        # The 201 means a majority holds the bytes: two replicas at least, at once.
+        holders = [i for i in (1, 2, 3) if sha in stored_blobs(self.c.root, i)]
+        self.assertGreaterEqual(len(holders), 2, holders)
+        self.c.kill(1)
+        for i in (2, 3):
+            g = self.c.request(i, "GET", "/v1/db/photos/media/cat.png", timeout=60)
+            self.assertEqual(g.status, 200, g)
+            self.assertEqual(g.body, data)
+            self.assertEqual(g.headers["Content-Type"], "image/png")
+            self.assertEqual(g.headers["ETag"], f'"{sha}"')
+        # Every replica converges on the blob, without a read asking for it.
+        self.c.start(1)
+        self.wait_for("every replica holds the blob",
+                      lambda: all(sha in stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+
+    def test_a_wiped_replica_refetches_every_blob(self):
+        blobs = {}
+        for n in range(4):
+            data = os.urandom(200_000 + n)
+            self.assertEqual(self.upload(1 + n % 3, f"k{n}", data).status, 201)
+            blobs[f"k{n}"] = data
+        self.c.kill(3)
+        shutil.rmtree(os.path.join(self.c.root, "3"))
+        self.c.start(3)
+        want = {hashlib.sha256(d).hexdigest() for d in blobs.values()}
+        # Rebuilt from the others (log or snapshot), then the background pass fetches
+        # every referenced blob.
+        self.wait_for("the wiped replica refetched every blob",
+                      lambda: want <= stored_blobs(self.c.root, 3), timeout=60)
+        for key, data in blobs.items():
+            g = self.c.request(3, "GET", f"/v1/db/photos/media/{key}?consistency=local")
+            self.assertEqual((g.status, g.body), (200, data), key)
+
+    def test_range_etag_304_head_and_listing(self):
+        data = bytes(range(256)) * 4000
+        sha = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.upload(2, "doc.bin", data, "application/pdf").status, 201)
+        path = "/v1/db/photos/media/doc.bin"
+        r = self.c.request(3, "GET", path, headers={"Range": "bytes=100-199"})
+        self.assertEqual(r.status, 206, r)
+        self.assertEqual(r.body, data[100:200])
+        self.assertEqual(r.headers["Content-Range"], f"bytes 100-199/{len(data)}")
+        r = self.c.request(3, "GET", path, headers={"Range": "bytes=-10"})
+        self.assertEqual((r.status, r.body), (206, data[-10:]))
+        r = self.c.request(3, "GET", path, headers={"Range": f"bytes={len(data) - 5}-"})
+        self.assertEqual((r.status, r.body), (206, data[-5:]))
+        r = self.c.request(1, "GET", path, headers={"Range": f"bytes={len(data)}-"})
+        self.assertEqual(r.status, 416, r)
+        self.assertEqual(r.headers["Content-Range"], f"bytes */{len(data)}")
+        r = self.c.request(1, "GET", path, headers={"If-None-Match": f'"{sha}"'})
+        self.assertEqual((r.status, r.body), (304, b""))
+        self.assertEqual(r.headers["ETag"], f'"{sha}"')
+        r = self.c.request(1, "GET", path, headers={"If-None-Match": '"other"'})
+        self.assertEqual((r.status, r.body), (200, data))
+        r = self.c.request(1, "HEAD", path)
+        self.assertEqual((r.status, r.body), (200, b""))
+        self.assertEqual(r.headers["Content-Length"], str(len(data)))
+        for consistency in ("linearizable", "lease", "local"):
+            r = self.c.request(2, "GET", f"{path}?consistency={consistency}")
+            self.assertEqual((r.status, r.body), (200, data), consistency)
+        # Listing, paginated.
+        for n in range(5):
+            self.assertEqual(self.upload(1, f"p{n}", b"x" * n).status, 201)
+        r = self.c.request(1, "GET", "/v1/db/photos/media?limit=4")
+        self.assertEqual(r.status, 200, r)
+        page = r.json()
+        self.assertEqual([m["key"] for m in page["media"]], ["doc.bin", "p0", "p1", "p2"])
+        self.assertEqual(page["media"][0]["sha256"], sha)
+        self.assertEqual(page["media"][0]["size"], len(data))
+        self.assertEqual(page["media"][0]["content_type"], "application/pdf")
+        self.assertEqual(page["next"], "p2")
+        r = self.c.request(1, "GET", "/v1/db/photos/media?limit=4&after=p2")
+        self.assertEqual([m["key"] for m in r.json()["media"]], ["p3", "p4"])
+        self.assertIsNone(r.json()["next"])
+        # An empty file is media too.
+        r = self.c.request(3, "GET", "/v1/db/photos/media/p0")
+        self.assertEqual((r.status, r.body), (200, b""))
+
+    def test_delete_and_drop_remove_metadata_and_collect_unreferenced_blobs(self):
+        shared = os.urandom(50_000)
+        own = os.urandom(50_000)
+        sha_shared = hashlib.sha256(shared).hexdigest()
+        sha_own = hashlib.sha256(own).hexdigest()
+        self.assertEqual(self.upload(1, "a", shared).status, 201)
+        self.assertEqual(self.upload(2, "b", shared).status, 201)  # the same bytes
+        self.assertEqual(self.upload(3, "c", own).status, 201)
+        self.wait_for("all replicas hold both blobs", lambda: all(
+            {sha_shared, sha_own} <= stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+        r = self.c.request(2, "DELETE", "/v1/db/photos/media/a")
+        self.assertEqual(r.status, 204, r)
+        self.assertEqual(self.c.request(1, "GET", "/v1/db/photos/media/a").status, 404)
+        self.assertEqual(self.c.request(2, "DELETE", "/v1/db/photos/media/a").status, 404)
+        self.assertEqual(self.c.request(1, "DELETE", "/v1/db/photos/media/c").status, 204)
+        # "c"'s blob goes once past the grace; "a"'s stays, as "b" still references it.
+        self.wait_for("the unreferenced blob is collected everywhere", lambda: all(
+            sha_own not in stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+        for i in (1, 2, 3):
+            self.assertIn(sha_shared, stored_blobs(self.c.root, i))
+        g = self.c.request(3, "GET", "/v1/db/photos/media/b")
+        self.assertEqual((g.status, g.body), (200, shared))
+        # Dropping the database drops its media, and the blobs follow.
+        self.assertEqual(self.c.request(1, "DELETE", "/v1/db/photos").status, 204)
+        self.wait_for("the dropped database's blobs are collected", lambda: all(
+            not stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+
+
+class MediaBadInput(MediaTest):
+    def assert_error(self, r, status, what):
+        self.assertEqual(r.status, status, f"{what}: {r}")
+        self.assertIn("error", r.json(), what)
+
+    def assert_nothing_left(self):
+        time.sleep(0.3)
+        for i in (1, 2, 3):
+            self.assertEqual(blob_files(self.c.root, i), [], f"replica {i} kept files")
+        r = self.c.request(1, "GET", "/v1/db/photos/media")
+        self.assertEqual(r.json()["media"], [])
+
+    def test_every_bad_upload_gets_its_error_and_leaves_nothing(self):
+        for key in ("..", "a..b", "a%2Fb", "a%00b", "a%0Ab", "x" * 201, "%2E%2E", "sp%20ace"):
+            self.assert_error(self.upload(1, key, b"data"), 400, f"key {key!r}")
+        self.assert_error(self.upload(1, "k", b"data", db="bad%2Fdb"), 400, "database name")
+        self.assert_error(self.upload(1, "k", b"data", content_type="text/\x7fplain"), 400,
+                          "content type")
+        wrong = hashlib.sha256(b"other").hexdigest()
+        self.assert_error(self.upload(1, "k", b"data", headers={"Content-SHA256": wrong}), 400,
+                          "Content-SHA256 mismatch")
+        self.assert_error(self.upload(1, "k", b"data", headers={"Content-SHA256": "zz"}), 400,
+                          "malformed Content-SHA256")
+        self.assert_error(
+            self.upload(1, "k", b"data", headers={"Digest": "sha-256=AAAA"}), 400,
+            "malformed Digest")
+        self.assert_error(self.upload(1, "k", b"data", db="nosuchdb"), 404, "unknown database")
+        # A matching digest is taken.
+        good = hashlib.sha256(b"data").digest()
+        import base64
+        r = self.upload(1, "ok", b"data",
+                        headers={"Digest": "sha-256=" + base64.b64encode(good).decode()})
+        self.assertEqual(r.status, 201, r)
+        self.assertEqual(self.c.request(1, "DELETE", "/v1/db/photos/media/ok").status, 204)
+        # Over --max-media-bytes (set low below) before any byte of the body.
+        r = self.c.request(1, "PUT", "/v1/db/photos/media/big",
+                           headers={"Content-Length": str(5 << 20)}, body=None)
+        self.assert_error(r, 413, "too large")
+        self.wait_for("the deleted blob is collected",
+                      lambda: all(not blob_files(self.c.root, i) for i in (1, 2, 3)))
+        self.assert_nothing_left()
+
+    def test_a_client_leaving_mid_upload_leaves_nothing(self):
+        s = socket.create_connection(("127.0.0.1", self.c.ports[0]))
+        s.sendall(b"PUT /v1/db/photos/media/cut HTTP/1.1\r\nHost: t\r\n"
+                  b"Content-Length: 3000000\r\n\r\n" + os.urandom(1_000_000))
+        self.wait_for("the partial upload is on disk", lambda: any(
+            "tmp" in p for p in blob_files(self.c.root, 1)))
+        s.close()
+        self.wait_for("the partial upload is gone", lambda: not blob_files(self.c.root, 1))
+        self.assert_nothing_left()
+
+    def test_no_majority_for_the_bytes_is_503_and_commits_nothing(self):
+        self.c.kill(2)
+        self.c.kill(3)
+        r = self.upload(1, "lonely", os.urandom(10_000))
+        self.assert_error(r, 503, "no majority")
+        self.c.start(2)
+        self.c.start(3)
+        self.c.wait_ready()
+        r = self.c.request(2, "GET", "/v1/db/photos/media/lonely")
+        self.assertEqual(r.status, 404, r)
+
+    flags = MediaTest.flags + ("--max-media-bytes", str(4 << 20))
+
+
+if __name__ == "__main__":
+    SERVER = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)
