@@ -818,9 +818,10 @@ absl::StatusOr<std::string> StateMachine::Backup(std::string_view database) {
 }
 
 absl::StatusOr<PutMedia> StateMachine::GetMedia(std::string_view database, std::string_view key) {
-  Stmt stmt = MustPrepare(impl_->system.get(),
-                          "SELECT sha256, size_bytes, content_type FROM _synod_media "
-                          "WHERE database = ? AND key = ?");
+  // Prepared once: a media read runs it on the loop for every request.
+  StatementCache::Lease stmt = impl_->statements.Get(
+      impl_->system.get(),
+      "SELECT sha256, size_bytes, content_type FROM _synod_media WHERE database = ? AND key = ?");
   MustBindText(stmt.get(), 1, database);
   MustBindText(stmt.get(), 2, key);
   if (!MustStep(stmt.get())) {

@@ -1,5 +1,6 @@
 // synod-server: one replica of a Synod cluster. See docs/operations.md.
 
+#include <malloc.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <uv.h>
@@ -79,6 +80,13 @@ void OnSignal(uv_signal_t* handle, int signum) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Peer batches, media chunks and request bodies are allocations of a MiB or so, made and
+  // freed all the time. By default glibc maps each one fresh (and, freed, hands it back), so
+  // every one is faulted in page by page: measured here, that made pushing media to peers
+  // 2.7 times slower. Such allocations are kept for reuse instead, up to 64 MiB of freed
+  // memory at the top of the heap.
+  mallopt(M_MMAP_THRESHOLD, 16 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
   synod::server::NodeOptions options;
   bool have_id = false, have_listen = false, have_peers = false, have_dir = false;
   for (int i = 1; i < argc; ++i) {

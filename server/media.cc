@@ -171,7 +171,7 @@ void AppendMediaJson(std::string* out, const PutMedia& media, uint64_t revision)
 class MediaService::Upload : public HttpBodySink, public std::enable_shared_from_this<Upload> {
  public:
   Upload(MediaService* service, std::shared_ptr<HttpResponder> responder)
-      : responder(std::move(responder)), service_(service) {
+      : responder(std::move(responder)), started_ns(uv_hrtime()), service_(service) {
     ++service_->uploads_;
   }
   ~Upload() override { Release(); }
@@ -223,6 +223,7 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
                        if (self->ended_) return;
                        if (!sha256->ok()) return self->Fail(sha256->status());
                        self->sha256 = **sha256;
+                       self->stored_ns = uv_hrtime();
                        self->service_->counters_.upload_bytes += self->size;
                        self->service_->Replicate(self);
                      });
@@ -266,7 +267,9 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
   // Once the body is stored: its hash and size, and where it is durable.
   std::string sha256;
   uint64_t size = 0;
-  size_t stored_on = 1;  // this replica
+  const uint64_t started_ns;
+  uint64_t stored_ns = 0;  // when the body was stored here
+  size_t stored_on = 1;    // this replica
   size_t failed_on = 0;
   bool decided = false;  // proposed, or refused
 
@@ -601,6 +604,14 @@ void MediaService::OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobRe
   const size_t pending = peers - upload.stored_on - upload.failed_on;
   if (upload.stored_on >= majority()) {
     upload.decided = true;
+    const uint64_t now = uv_hrtime();
+    fprintf(stderr,
+            "I media %s/%s: %llu bytes received and stored in %llu ms, on a majority %llu ms "
+            "later\n",
+            upload.database.c_str(), upload.key.c_str(),
+            static_cast<unsigned long long>(upload.size),
+            static_cast<unsigned long long>((upload.stored_ns - upload.started_ns) / 1'000'000),
+            static_cast<unsigned long long>((now - upload.stored_ns) / 1'000'000));
     ProposeUpload(push->upload);
   } else if (upload.stored_on + pending < majority()) {
     upload.decided = true;
@@ -718,7 +729,9 @@ void MediaService::HandlePeer(const HttpRequest& request,
   }
   if (!started_ || stopped_) return RespondError(responder, 503, "unavailable", "stopping");
   if (blob_request.has_read()) return HandleBlobRead(frame->from_id, blob_request, responder);
-  if (blob_request.has_write()) return HandleBlobWrite(frame->from_id, blob_request, responder);
+  if (blob_request.has_write()) {
+    return HandleBlobWrite(frame->from_id, std::move(blob_request), responder);
+  }
   RespondError(responder, 400, "bad_request", "a blob request reads or writes");
 }
 
@@ -765,7 +778,7 @@ void MediaService::HandleBlobRead(uint32_t from, const BlobRequest& request,
       });
 }
 
-void MediaService::HandleBlobWrite(uint32_t from, const BlobRequest& request,
+void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
                                    std::shared_ptr<HttpResponder> responder) {
   const api::BlobWrite& write = request.write();
   const std::string& sha256 = request.sha256();
@@ -822,14 +835,15 @@ void MediaService::HandleBlobWrite(uint32_t from, const BlobRequest& request,
   in.last_ms = static_cast<int64_t>(uv_now(loop_));
   const bool last = write.offset() + write.data().size() == write.size_bytes();
   std::shared_ptr<BlobWriter> writer = in.writer;
-  auto data = std::make_shared<std::string>(write.data());
+  const uint64_t next = write.offset() + write.data().size();
+  auto data = std::make_shared<std::string>(std::move(*request.mutable_write()->mutable_data()));
   auto status = std::make_shared<absl::Status>();
   OnPool(
       [writer, data, status, last, sha256] {
         *status = writer->Append(*data);
         if (status->ok() && last) *status = writer->Commit(sha256).status();
       },
-      [this, id, status, last, from, responder, next = write.offset() + write.data().size()] {
+      [this, id, status, last, from, responder, next] {
         auto found = incoming_.find(id);
         const bool known = found != incoming_.end();
         if (known) {
@@ -1012,6 +1026,31 @@ void MediaService::Handle(const HttpRequest& request, const std::string& databas
   });
 }
 
+namespace {
+
+// The head of a media response: 200 for the whole blob, 206 with its Content-Range for a part.
+HttpResponse MediaHead(const PutMedia& media, const std::optional<ByteRange>& range) {
+  HttpResponse response;
+  response.status = range.has_value() ? 206 : 200;
+  response.headers.emplace_back("Content-Type", media.content_type());
+  response.headers.emplace_back("ETag", absl::StrCat("\"", media.sha256(), "\""));
+  response.headers.emplace_back("Accept-Ranges", "bytes");
+  if (range.has_value()) {
+    response.headers.emplace_back(
+        "Content-Range", absl::StrCat("bytes ", range->offset, "-",
+                                      range->offset + range->length - 1, "/", media.size_bytes()));
+  }
+  return response;
+}
+
+HttpResponse RangeNotSatisfiable(const PutMedia& media, const absl::Status& why) {
+  HttpResponse response = JsonErrorResponse(416, "range_not_satisfiable", S(why.message()));
+  response.headers.emplace_back("Content-Range", absl::StrCat("bytes */", media.size_bytes()));
+  return response;
+}
+
+}  // namespace
+
 void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
                          std::shared_ptr<HttpResponder> responder, bool fetched) {
   const std::string etag = absl::StrCat("\"", media.sha256(), "\"");
@@ -1022,6 +1061,11 @@ void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
       response.headers.emplace_back("ETag", etag);
       return host_.send(responder, std::move(response));
     }
+  }
+  if (auto cached = cache_.find(media.sha256()); cached != cache_.end()) {
+    ++counters_.cache_hits;
+    cache_order_.splice(cache_order_.begin(), cache_order_, cached->second.position);
+    return ServeBytes(request, media, cached->second.bytes, responder);
   }
   absl::StatusOr<int> fd = absl::NotFoundError("not looked up");
   std::optional<BlobInfo> info = store_->Stat(media.sha256());
@@ -1045,28 +1089,63 @@ void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
               });
     return;
   }
+  if (media.size_bytes() <= kMaxCachedBlobBytes) {
+    // Read whole, once, on the pool; then served from memory until it falls out of the cache.
+    auto bytes = std::make_shared<absl::StatusOr<std::string>>(absl::UnknownError("not run"));
+    const int file = *fd;
+    const uint64_t size = media.size_bytes();
+    OnPool(
+        [bytes, file, size] {
+          *bytes = ReadAt(file, 0, size, "a blob");
+          close(file);
+        },
+        [this, request, media, responder, bytes] {
+          if (!bytes->ok() || (*bytes)->size() != media.size_bytes()) {
+            return RespondError(responder, 500, "internal",
+                                "the media's bytes could not be read here; read from "
+                                "another replica");
+          }
+          auto shared = std::make_shared<const std::string>(**std::move(bytes));
+          CacheBlob(media.sha256(), shared);
+          ServeBytes(request, media, shared, responder);
+        });
+    return;
+  }
   absl::StatusOr<std::optional<ByteRange>> range =
       ParseRange(Header(request, "range"), media.size_bytes());
   if (!range.ok()) {
     CloseOnPool(loop_, *fd);
-    HttpResponse response =
-        JsonErrorResponse(416, "range_not_satisfiable", S(range.status().message()));
-    response.headers.emplace_back("Content-Range", absl::StrCat("bytes */", media.size_bytes()));
-    return host_.send(responder, std::move(response));
+    return host_.send(responder, RangeNotSatisfiable(media, range.status()));
   }
   const ByteRange served = range->value_or(ByteRange{0, media.size_bytes()});
-  HttpResponse response;
-  response.status = range->has_value() ? 206 : 200;
-  response.headers.emplace_back("Content-Type", media.content_type());
-  response.headers.emplace_back("ETag", etag);
-  response.headers.emplace_back("Accept-Ranges", "bytes");
-  if (range->has_value()) {
-    response.headers.emplace_back(
-        "Content-Range", absl::StrCat("bytes ", served.offset, "-",
-                                      served.offset + served.length - 1, "/", media.size_bytes()));
-  }
+  HttpResponse response = MediaHead(media, *range);
   response.body_source = FileBodySource::Create(loop_, *fd, served.offset, served.length);
   host_.send(responder, std::move(response));
+}
+
+void MediaService::ServeBytes(const HttpRequest& request, const PutMedia& media,
+                              std::shared_ptr<const std::string> bytes,
+                              const std::shared_ptr<HttpResponder>& responder) {
+  absl::StatusOr<std::optional<ByteRange>> range =
+      ParseRange(Header(request, "range"), media.size_bytes());
+  if (!range.ok()) return host_.send(responder, RangeNotSatisfiable(media, range.status()));
+  const ByteRange served = range->value_or(ByteRange{0, media.size_bytes()});
+  HttpResponse response = MediaHead(media, *range);
+  response.body = bytes->substr(served.offset, served.length);
+  host_.send(responder, std::move(response));
+}
+
+void MediaService::CacheBlob(const std::string& sha256, std::shared_ptr<const std::string> bytes) {
+  if (cache_.contains(sha256) || bytes->size() > kMaxCachedBlobBytes) return;
+  while (!cache_order_.empty() && cache_bytes_ + bytes->size() > kCacheBytes) {
+    auto oldest = cache_.find(cache_order_.back());
+    cache_bytes_ -= oldest->second.bytes->size();
+    cache_.erase(oldest);
+    cache_order_.pop_back();
+  }
+  cache_order_.push_front(sha256);
+  cache_bytes_ += bytes->size();
+  cache_[sha256] = CachedBlob{std::move(bytes), cache_order_.begin()};
 }
 
 void MediaService::List(const HttpRequest& request, const std::string& database,
@@ -1254,6 +1333,8 @@ void MediaService::AppendMetrics(std::string* out) const {
   line("synod_media_passes_total", "Convergence and collection passes run.", "counter",
        counters_.passes);
   line("synod_media_blobs", "Blobs stored here, at the last pass.", "gauge", counters_.stored);
+  line("synod_media_cache_hits_total", "Small media served from memory.", "counter",
+       counters_.cache_hits);
   line("synod_media_blobs_missing", "Referenced blobs not stored here, at the last pass.", "gauge",
        counters_.missing);
 }

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -168,7 +169,7 @@ class MediaService {
   // Peer side.
   void HandleBlobRead(uint32_t from, const BlobRequest& request,
                       std::shared_ptr<HttpResponder> responder);
-  void HandleBlobWrite(uint32_t from, const BlobRequest& request,
+  void HandleBlobWrite(uint32_t from, BlobRequest request,
                        std::shared_ptr<HttpResponder> responder);
   void Reply(uint32_t to, const BlobReply& reply, const std::shared_ptr<HttpResponder>& responder);
   // Posts a sealed `request` to `peer`; `done` gets the opened reply or why there is none.
@@ -225,6 +226,24 @@ class MediaService {
   uv_timer_t pass_timer_;
   bool pass_timer_started_ = false;
 
+  // Small blobs served lately, by sha256, kept in memory: a blob never changes, so a cached
+  // copy is right for as long as it is kept. Up to kMaxCachedBlobBytes each and
+  // kCacheBytes in all, the least recently served going first.
+  static constexpr uint64_t kMaxCachedBlobBytes = 256 << 10;
+  static constexpr uint64_t kCacheBytes = 32 << 20;
+  struct CachedBlob {
+    std::shared_ptr<const std::string> bytes;
+    std::list<std::string>::iterator position;
+  };
+  std::map<std::string, CachedBlob> cache_;
+  std::list<std::string> cache_order_;  // most recently served first
+  uint64_t cache_bytes_ = 0;
+  void CacheBlob(const std::string& sha256, std::shared_ptr<const std::string> bytes);
+  // Answers `request` for `media` from these bytes (the whole blob).
+  void ServeBytes(const HttpRequest& request, const PutMedia& media,
+                  std::shared_ptr<const std::string> bytes,
+                  const std::shared_ptr<HttpResponder>& responder);
+
   struct Counters {
     uint64_t uploads = 0;
     uint64_t upload_bytes = 0;
@@ -236,6 +255,7 @@ class MediaService {
     uint64_t passes = 0;
     uint64_t missing = 0;  // referenced blobs not here, at the last pass
     uint64_t stored = 0;   // blobs here, at the last pass
+    uint64_t cache_hits = 0;
   };
   Counters counters_;
 };
