@@ -73,20 +73,22 @@ struct BlobWriter::Hasher {
 
 absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(std::string dir, bool fsync) {
   if (absl::Status made = MakeDirectory(dir); !made.ok()) return made;
-  const std::string tmp = dir + "/tmp";
-  if (absl::Status made = MakeDirectory(tmp); !made.ok()) return made;
-  DIR* listing = opendir(tmp.c_str());
-  if (listing == nullptr) return OsError(errno, "opendir " + tmp);
-  while (dirent* entry = readdir(listing)) {
-    const std::string name = entry->d_name;
-    if (name == "." || name == "..") continue;
-    if (unlink((tmp + "/" + name).c_str()) != 0 && errno != ENOENT) {
-      const int error = errno;
-      closedir(listing);
-      return OsError(error, "unlink " + tmp + "/" + name);
+  for (const char* sub : {"/tmp", "/trash"}) {
+    const std::string path = dir + sub;
+    if (absl::Status made = MakeDirectory(path); !made.ok()) return made;
+    DIR* listing = opendir(path.c_str());
+    if (listing == nullptr) return OsError(errno, "opendir " + path);
+    while (dirent* entry = readdir(listing)) {
+      const std::string name = entry->d_name;
+      if (name == "." || name == "..") continue;
+      if (unlink((path + "/" + name).c_str()) != 0 && errno != ENOENT) {
+        const int error = errno;
+        closedir(listing);
+        return OsError(error, "unlink " + path + "/" + name);
+      }
     }
+    closedir(listing);
   }
-  closedir(listing);
   return std::unique_ptr<BlobStore>(new BlobStore(std::move(dir), fsync));
 }
 
@@ -118,6 +120,38 @@ absl::Status BlobStore::Remove(std::string_view sha256) const {
   const std::string path = PathOf(sha256);
   if (unlink(path.c_str()) != 0 && errno != ENOENT) return OsError(errno, "unlink " + path);
   return absl::OkStatus();
+}
+
+bool BlobStore::Pin(std::string_view sha256) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++pins_[std::string(sha256)];
+  return Touch(sha256).ok();
+}
+
+void BlobStore::Unpin(std::string_view sha256) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = pins_.find(sha256);
+  SYNOD_CHECK(it != pins_.end()) << "unpinning a blob that is not pinned";
+  if (--it->second == 0) pins_.erase(it);
+}
+
+bool BlobStore::Keep(std::string_view sha256) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return Touch(sha256).ok();
+}
+
+bool BlobStore::RemoveIfUnused(std::string_view sha256, int64_t cutoff_unix_ms) {
+  std::string trashed;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (pins_.find(sha256) != pins_.end()) return false;
+    std::optional<BlobInfo> info = Stat(sha256);
+    if (!info || info->modified_unix_ms >= cutoff_unix_ms) return false;
+    trashed = dir_ + "/trash/" + std::to_string(++trash_counter_);
+    if (rename(PathOf(sha256).c_str(), trashed.c_str()) != 0) return false;
+  }
+  unlink(trashed.c_str());  // slow for a large file: outside the lock
+  return true;
 }
 
 absl::StatusOr<std::vector<BlobInfo>> BlobStore::List() const {
@@ -152,14 +186,14 @@ absl::StatusOr<uint64_t> BlobStore::FreeBytes() const {
   return static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
 }
 
-absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter() const {
+absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter() {
   const std::string path = absl::StrCat(dir_, "/tmp/", getpid(), ".", temp_counter.fetch_add(1));
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return OsError(errno, "create " + path);
   return std::unique_ptr<BlobWriter>(new BlobWriter(this, path, fd));
 }
 
-BlobWriter::BlobWriter(const BlobStore* store, std::string temp_path, int fd)
+BlobWriter::BlobWriter(BlobStore* store, std::string temp_path, int fd)
     : store_(store), temp_path_(std::move(temp_path)), fd_(fd), hasher_(new Hasher) {}
 
 BlobWriter::~BlobWriter() { Discard(); }
@@ -206,14 +240,13 @@ absl::StatusOr<std::string> BlobWriter::Commit(std::string_view expected_sha256)
   const std::string shard = absl::StrCat(store_->dir_, "/", sha256.substr(0, 2));
   const std::string path = store_->PathOf(sha256);
   absl::Status moved = MakeDirectory(shard);
-  if (moved.ok() && store_->Stat(sha256).has_value()) {
-    // Stored already (the same bytes): keep that one, young again.
-    unlink(temp_path_.c_str());
-    moved = store_->Touch(sha256);
-    if (moved.ok()) return sha256;
-  }
-  if (moved.ok() && rename(temp_path_.c_str(), path.c_str()) != 0) {
-    moved = OsError(errno, "rename " + temp_path_ + " to " + path);
+  if (moved.ok()) {
+    // A copy stored already (the same bytes) is replaced, so the blob is young: under the
+    // collection lock, so that a collection never removes what was just stored.
+    std::lock_guard<std::mutex> lock(store_->mutex_);
+    if (rename(temp_path_.c_str(), path.c_str()) != 0) {
+      moved = OsError(errno, "rename " + temp_path_ + " to " + path);
+    }
   }
   if (!moved.ok()) {
     unlink(temp_path_.c_str());

@@ -13,6 +13,12 @@
 // Deletion: Remove() unlinks. A read under way on an open descriptor goes on to the end
 // (POSIX keeps an unlinked file's blocks until its last descriptor closes).
 //
+// Collection: RemoveIfUnused() removes a blob only if it is old and not pinned, and it does
+// so under the same lock as Pin(), Keep() and the rename that stores a blob, so that a blob
+// about to be referenced (pinned, or made young) is never removed in between. Under the
+// lock the blob is only renamed into DIR/trash/; it is unlinked after (that takes a while
+// for a large file, and the event loop takes this lock). Open() empties DIR/trash/ too.
+//
 // Thread-safety: BlobStore's methods may run on several threads at once (the file system
 // orders them); each BlobWriter is used by one thread at a time. Nothing here runs on an
 // event loop by itself: the host calls the slow ones (writes, syncs, listing) on workers.
@@ -20,7 +26,9 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -68,6 +76,17 @@ class BlobStore {
   // Unlinks the blob (nothing to do when it is not stored).
   absl::Status Remove(std::string_view sha256) const;
 
+  // Pins the blob: RemoveIfUnused leaves it alone until as many Unpin calls; and makes it
+  // young. Returns whether it is stored.
+  bool Pin(std::string_view sha256);
+  // REQUIRES: pinned.
+  void Unpin(std::string_view sha256);
+  // Makes the blob young, under the collection lock. Returns whether it is stored.
+  bool Keep(std::string_view sha256);
+  // Removes the blob if it is stored, not pinned, and was last modified before
+  // `cutoff_unix_ms`. Returns whether it removed it.
+  bool RemoveIfUnused(std::string_view sha256, int64_t cutoff_unix_ms);
+
   // Every stored blob, in no particular order. Files that are not blobs (bad names) are
   // skipped.
   absl::StatusOr<std::vector<BlobInfo>> List() const;
@@ -76,7 +95,7 @@ class BlobStore {
   absl::StatusOr<uint64_t> FreeBytes() const;
 
   // A writer of a new blob into DIR/tmp/.
-  absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter() const;
+  absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter();
 
  private:
   friend class BlobWriter;
@@ -84,6 +103,9 @@ class BlobStore {
 
   const std::string dir_;
   const bool fsync_;
+  std::mutex mutex_;  // the collection lock (see above)
+  std::map<std::string, int, std::less<>> pins_;
+  uint64_t trash_counter_ = 0;
 };
 
 // Writes one new blob. Destroying a writer that was not committed deletes its temporary
@@ -102,17 +124,17 @@ class BlobWriter {
 
   // Finishes the blob: its hash must be `expected_sha256` when that is not empty
   // (InvalidArgument otherwise, and nothing is stored). The file is synced and renamed into
-  // place; when the blob was stored already, the copy is dropped and the stored one touched.
+  // place (replacing a stored copy of the same bytes, so the blob is young again).
   // Returns the hash. The writer is spent either way.
   absl::StatusOr<std::string> Commit(std::string_view expected_sha256 = "");
 
  private:
   friend class BlobStore;
   struct Hasher;
-  BlobWriter(const BlobStore* store, std::string temp_path, int fd);
+  BlobWriter(BlobStore* store, std::string temp_path, int fd);
   void Discard();
 
-  const BlobStore* const store_;
+  BlobStore* const store_;
   const std::string temp_path_;
   int fd_;
   uint64_t size_ = 0;

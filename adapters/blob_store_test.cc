@@ -139,5 +139,36 @@ TEST(BlobStore, StoringTheSameBytesTwiceKeepsOneTouchedAndRemoveUnlinks) {
   EXPECT_TRUE((*store)->Remove(kHelloWorld).ok()) << "removing an absent blob is not an error";
 }
 
+TEST(BlobStore, CollectionRemovesOnlyOldUnpinnedBlobsThroughTheTrash) {
+  const std::string dir = FreshDir("collect");
+  auto store = BlobStore::Open(dir, /*fsync=*/false);
+  ASSERT_TRUE(store.ok());
+  auto writer = (*store)->NewWriter();
+  ASSERT_TRUE((*writer)->Append("hello world").ok());
+  ASSERT_TRUE((*writer)->Commit().ok());
+  const int64_t now_ms = (*store)->Stat(kHelloWorld)->modified_unix_ms;
+  // Young: spared.
+  EXPECT_FALSE((*store)->RemoveIfUnused(kHelloWorld, now_ms - 1000));
+  // Old but pinned: spared, and pinning made it young.
+  ASSERT_TRUE((*store)->Pin(kHelloWorld));
+  EXPECT_FALSE((*store)->RemoveIfUnused(kHelloWorld, now_ms + 60'000));
+  (*store)->Unpin(kHelloWorld);
+  EXPECT_TRUE((*store)->Keep(kHelloWorld));
+  // Old and unpinned: removed, and nothing is left in the trash.
+  EXPECT_TRUE((*store)->RemoveIfUnused(kHelloWorld, now_ms + 60'000));
+  EXPECT_FALSE((*store)->Stat(kHelloWorld));
+  EXPECT_EQ(CountFiles(dir), 0);
+  EXPECT_FALSE((*store)->RemoveIfUnused(kHelloWorld, now_ms + 60'000));
+  EXPECT_FALSE((*store)->Keep(kHelloWorld));
+  EXPECT_FALSE((*store)->Pin(kHelloWorld)) << "pinning an absent blob says so";
+  (*store)->Unpin(kHelloWorld);
+  // What a crash left in the trash goes at the next Open.
+  const int fd = open((dir + "/trash/7").c_str(), O_WRONLY | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  ASSERT_TRUE(BlobStore::Open(dir, /*fsync=*/false).ok());
+  EXPECT_EQ(CountFiles(dir), 0);
+}
+
 }  // namespace
 }  // namespace synod

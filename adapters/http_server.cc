@@ -577,7 +577,9 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
         stream_started_ms_ + stream_busy_ms_ + limits.request_timeout_ms +
         body_received_ * 1000 / std::max<uint64_t>(limits.min_request_bytes_per_second, 1);
     const uint64_t now = uv_now(server_->loop_);
-    ArmTimer(TimerPurpose::kRequest, deadline > now ? deadline - now : 0);
+    // And no byte for request_timeout_ms is too slow too, whatever the rate so far.
+    ArmTimer(TimerPurpose::kRequest,
+             std::min<uint64_t>(deadline > now ? deadline - now : 0, limits.request_timeout_ms));
     StartReading();
   }
 

@@ -134,7 +134,8 @@ struct HttpServerLimits {
   std::function<bool(std::string_view method, std::string_view target)> stream_body_for;
   // A streamed request body must arrive at this rate on average: after request_timeout_ms,
   // a request whose body has arrived slower (not counting the time the sink was busy) is
-  // answered 408, so that a client trickling bytes cannot hold what its sink holds.
+  // answered 408, so that a client trickling bytes cannot hold what its sink holds. A body
+  // that sends nothing for request_timeout_ms is answered 408 too.
   uint64_t min_request_bytes_per_second = 256 << 10;
   // A kept-alive connection with no request under way is closed after this long.
   uint64_t idle_timeout_ms = 60'000;

@@ -1221,6 +1221,31 @@ TEST_F(HttpTest, AClientLeavingOrTricklingMidBodyAbortsTheSink) {
   RunUntil([&] { return server_->connection_count() == 0; });
 }
 
+TEST_F(HttpTest, AStreamedBodyThatStopsComingIsCutOffWhateverItsRateSoFar) {
+  HttpServerLimits limits = StreamingLimits();
+  limits.request_timeout_ms = 300;
+  limits.min_request_bytes_per_second = 64 << 10;  // 1 MiB sent earns 16 s of credit
+  std::shared_ptr<RecordingSink> sink;
+  StartServer(limits, Echo, 0, [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
+    sink = std::make_shared<RecordingSink>();
+    sink->responder = std::move(responder);
+    return sink;
+  });
+  RunClient([&] {
+    RawClient stalling(port());
+    stalling.Send("PUT /up/s HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n");
+    stalling.Send(std::string(1 << 20, 'z'));
+    const auto start = std::chrono::steady_clock::now();
+    std::optional<RawResponse> response = stalling.Read();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    ASSERT_TRUE(response);
+    EXPECT_EQ(response->status, 408);
+    EXPECT_LT(seconds, 3.0);
+  });
+  RunUntil([&] { return sink != nullptr && sink->aborted; });
+}
+
 TEST_F(HttpTest, StreamedBodiesStillHaveTheirEndpointLimit) {
   HttpServerLimits limits = StreamingLimits();
   limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 4096; };

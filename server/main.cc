@@ -40,7 +40,7 @@ constexpr const char* kUsage =
                                media upload has this plus its size at 256 KiB/s
   --max-media-bytes N          largest media file accepted (default 4294967296)
   --media-gc-grace-ms N        an unreferenced media blob is removed once older than this
-                               (default 3600000)
+                               (default 3600000, at least 10000)
   --media-gc-interval-ms N     how often blobs are checked: fetched if missing, removed if
                                unreferenced (default 60000)
   --testing-kill-after-apply N for crash tests: SIGKILL this process right after it applies
@@ -180,8 +180,11 @@ int main(int argc, char** argv) {
         return Fail("--max-media-bytes must be a positive number");
       }
     } else if (arg == "--media-gc-grace-ms") {
-      if (!absl::SimpleAtoi(value, &options.media_gc_grace_ms)) {
-        return Fail("--media-gc-grace-ms must be a number");
+      // A blob is made young just before its metadata is proposed; the proposal must be
+      // answered (5 s at most) well within the grace.
+      if (!absl::SimpleAtoi(value, &options.media_gc_grace_ms) ||
+          options.media_gc_grace_ms < 10'000) {
+        return Fail("--media-gc-grace-ms must be at least 10000");
       }
     } else if (arg == "--media-gc-interval-ms") {
       if (!absl::SimpleAtoi(value, &options.media_gc_interval_ms) ||

@@ -271,7 +271,11 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
   uint64_t stored_ns = 0;  // when the body was stored here
   size_t stored_on = 1;    // this replica
   size_t failed_on = 0;
-  bool decided = false;  // proposed, or refused
+  std::vector<uint32_t> holders;  // peers that stored it
+  bool decided = false;           // proposing, or refused
+  bool cancelled = false;         // refused: its pushes stop
+  size_t keeps_answered = 0;
+  size_t kept_on = 1;  // this replica, pinned
 
  private:
   void Discard() {
@@ -325,8 +329,7 @@ struct MediaService::Pass {
   Db view;
   BlobStore* store = nullptr;
   uint64_t grace_ms = 0;
-  std::shared_ptr<std::mutex> mutex;
-  std::shared_ptr<std::map<std::string, int>> pins;
+  bool collect = false;
   std::map<std::string, uint64_t> referenced;
   size_t stored = 0;
   std::vector<std::pair<std::string, uint64_t>> missing;
@@ -499,34 +502,47 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
 }
 
 void MediaService::Replicate(std::shared_ptr<Upload> upload) {
-  Pin(upload->sha256);
+  if (!store_->Pin(upload->sha256)) {
+    store_->Unpin(upload->sha256);
+    upload->decided = true;
+    return upload->Fail(absl::InternalError("the stored blob vanished"));
+  }
   if (stopped_ || host_.stopping()) {
-    Unpin(upload->sha256);
-    upload->Fail(absl::UnavailableError("the server is stopping"));
-    return;
+    store_->Unpin(upload->sha256);
+    upload->decided = true;
+    return upload->Fail(absl::UnavailableError("the server is stopping"));
   }
   if (upload->stored_on >= majority()) {
     upload->decided = true;
     return ProposeUpload(upload);
   }
-  for (const auto& [peer, client] : clients_) {
+  std::vector<int> fds;
+  for (size_t i = 0; i < clients_.size(); ++i) {
     absl::StatusOr<int> fd = store_->OpenForReading(upload->sha256);
     if (!fd.ok()) {
-      Unpin(upload->sha256);
+      for (int open : fds) CloseOnPool(loop_, open);
+      store_->Unpin(upload->sha256);
       upload->decided = true;
       return upload->Fail(fd.status());
     }
+    fds.push_back(*fd);
+  }
+  size_t next_fd = 0;
+  for (const auto& [peer, client] : clients_) {
+    const int fd = fds[next_fd++];
     auto push = std::make_shared<Push>();
     push->loop = loop_;
     push->upload = upload;
     push->peer = peer;
-    push->fd = *fd;
+    push->fd = fd;
     PushChunk(push);
   }
 }
 
 void MediaService::PushChunk(std::shared_ptr<Push> push) {
-  if (stopped_) return OnPushReply(push, absl::CancelledError("stopping"));
+  if (stopped_ || push->upload->cancelled) {
+    return OnPushReply(push, absl::CancelledError("stopped"));
+  }
   const uint64_t size = push->upload->size;
   push->length = std::min(kBlobChunkBytes, size - push->offset);
   auto status = std::make_shared<absl::Status>();
@@ -589,7 +605,7 @@ void MediaService::OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobRe
         break;
     }
   }
-  if (failed) {
+  if (failed && !upload.cancelled) {
     ++counters_.pushes_failed;
     fprintf(
         stderr, "W pushing blob %s to replica %u failed: %s\n", upload.sha256.c_str(), push->peer,
@@ -599,6 +615,7 @@ void MediaService::OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobRe
   }
   upload.stored_on += stored ? 1 : 0;
   upload.failed_on += failed ? 1 : 0;
+  if (stored) upload.holders.push_back(push->peer);
   if (upload.decided) return;  // a push that goes on after the majority: for convergence
   const size_t peers = options_.peers.size();
   const size_t pending = peers - upload.stored_on - upload.failed_on;
@@ -612,16 +629,43 @@ void MediaService::OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobRe
             static_cast<unsigned long long>(upload.size),
             static_cast<unsigned long long>((upload.stored_ns - upload.started_ns) / 1'000'000),
             static_cast<unsigned long long>((now - upload.stored_ns) / 1'000'000));
-    ProposeUpload(push->upload);
+    ConfirmUpload(push->upload);
   } else if (upload.stored_on + pending < majority()) {
     upload.decided = true;
-    Unpin(upload.sha256);
-    ++counters_.uploads_refused;
-    RespondError(upload.responder, 503, "unavailable",
-                 absl::StrCat("only ", upload.stored_on, " of ", peers,
-                              " replicas could store the media, and a majority must; nothing "
-                              "was committed"));
-    upload.Release();
+    RefuseUpload(upload, absl::StrCat("only ", upload.stored_on, " of ", peers,
+                                      " replicas could store the media, and a majority must; "
+                                      "nothing was committed"));
+  }
+}
+
+void MediaService::RefuseUpload(Upload& upload, std::string_view why) {
+  upload.cancelled = true;
+  store_->Unpin(upload.sha256);
+  ++counters_.uploads_refused;
+  RespondError(upload.responder, 503, "unavailable", why);
+  upload.Release();
+}
+
+void MediaService::ConfirmUpload(std::shared_ptr<Upload> upload) {
+  // A peer's copy is spared by its collection only while it is young: a push that ended
+  // long ago (a slow peer, a large blob) may have aged past the grace. Each holder makes its
+  // copy young now, and only those that still hold it count.
+  const size_t holders = upload->holders.size();
+  for (uint32_t peer : upload->holders) {
+    BlobRequest request;
+    request.set_sha256(upload->sha256);
+    request.mutable_keep();
+    PostToPeer(peer, request, [this, upload, holders](absl::StatusOr<BlobReply> reply) {
+      ++upload->keeps_answered;
+      if (upload->cancelled || upload->kept_on >= majority()) return;  // decided already
+      if (reply.ok() && reply->status() == BlobReply::STORED) ++upload->kept_on;
+      if (upload->kept_on >= majority()) return ProposeUpload(upload);
+      if (upload->keeps_answered == holders) {
+        RefuseUpload(*upload,
+                     "the replicas that stored the media no longer hold it; nothing "
+                     "was committed");
+      }
+    });
   }
 }
 
@@ -636,13 +680,12 @@ void MediaService::ProposeUpload(std::shared_ptr<Upload> upload) {
   // Unpinned, and the slot given back, once the write is answered whichever way (applied,
   // refused, or timed out: the node drops the callback then, and this with it).
   std::shared_ptr<void> release(nullptr, [this, upload](void*) {
-    Unpin(upload->sha256);
+    store_->Unpin(upload->sha256);
     upload->Release();
   });
   if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
     return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
   }
-  KeepIfStored(upload->sha256);
   ++counters_.uploads;
   host_.propose(std::move(command), upload->responder,
                 [this, upload, release](const CommandResult& result) {
@@ -729,6 +772,12 @@ void MediaService::HandlePeer(const HttpRequest& request,
   }
   if (!started_ || stopped_) return RespondError(responder, 503, "unavailable", "stopping");
   if (blob_request.has_read()) return HandleBlobRead(frame->from_id, blob_request, responder);
+  if (blob_request.has_keep()) {
+    BlobReply reply;
+    reply.set_status(store_->Keep(blob_request.sha256()) ? BlobReply::STORED
+                                                         : BlobReply::NOT_FOUND);
+    return Reply(frame->from_id, reply, responder);
+  }
   if (blob_request.has_write()) {
     return HandleBlobWrite(frame->from_id, std::move(blob_request), responder);
   }
@@ -798,7 +847,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
   const auto id = std::make_pair(from, sha256);
   auto it = incoming_.find(id);
   if (write.offset() == 0) {
-    if (KeepIfStored(sha256)) {
+    if (store_->Keep(sha256)) {
       if (it != incoming_.end() && !it->second.busy) {
         DiscardOnPool(std::move(it->second.writer));
         incoming_.erase(it);
@@ -976,12 +1025,16 @@ void MediaService::FinishFetch(std::shared_ptr<Fetch> fetch, absl::Status status
 }
 
 void MediaService::StartQueuedFetches() {
+  // A fetch may end at once (no peer to ask) and call back here: the loop below goes on.
+  if (starting_fetches_) return;
+  starting_fetches_ = true;
   while (!stopped_ && fetches_.size() < kMaxFetches && !fetch_queue_.empty()) {
     auto [sha256, size] = fetch_queue_.front();
     fetch_queue_.pop_front();
     fetch_queued_.erase(sha256);
     FetchBlob(sha256, size, [](absl::Status) {});  // a failure waits for the next pass
   }
+  starting_fetches_ = false;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1214,24 +1267,6 @@ void MediaService::OnStateReplaced() {
   last_pass_ms_ = 0;
 }
 
-bool MediaService::KeepIfStored(const std::string& sha256) {
-  std::lock_guard<std::mutex> lock(*collection_mutex_);
-  return store_->Touch(sha256).ok();
-}
-
-void MediaService::Pin(const std::string& sha256) {
-  std::lock_guard<std::mutex> lock(*collection_mutex_);
-  ++(*pins_)[sha256];
-  store_->Touch(sha256).IgnoreError();
-}
-
-void MediaService::Unpin(const std::string& sha256) {
-  std::lock_guard<std::mutex> lock(*collection_mutex_);
-  auto it = pins_->find(sha256);
-  SYNOD_CHECK(it != pins_->end()) << "unpinning a blob that is not pinned";
-  if (--it->second == 0) pins_->erase(it);
-}
-
 void MediaService::StartPass() {
   if (pass_running_ || stopped_ || host_.stopping()) return;
   absl::StatusOr<Db> view = host_.state_machine->OpenSystemView();
@@ -1247,8 +1282,9 @@ void MediaService::StartPass() {
   pass->view = *std::move(view);
   pass->store = store_.get();
   pass->grace_ms = options_.gc_grace_ms;
-  pass->mutex = collection_mutex_;
-  pass->pins = pins_;
+  // A replica still applying what is committed may not have seen the metadata of blobs it
+  // was pushed: it only fetches until it has caught up.
+  pass->collect = host_.caught_up();
   OnPool(
       [pass] {
         // What the metadata references, as of the view's revision.
@@ -1271,14 +1307,10 @@ void MediaService::StartPass() {
           here.insert(blob.sha256);
           if (pass->referenced.contains(blob.sha256)) continue;
           const int64_t old_before = WallMs() - static_cast<int64_t>(pass->grace_ms);
-          if (blob.modified_unix_ms >= old_before) continue;
-          // Still old and unpinned now, under the lock that touching and pinning take: a
-          // blob on its way to being referenced is young or pinned.
-          std::lock_guard<std::mutex> lock(*pass->mutex);
-          if (pass->pins->contains(blob.sha256)) continue;
-          std::optional<BlobInfo> now = pass->store->Stat(blob.sha256);
-          if (!now || now->modified_unix_ms >= old_before) continue;
-          if (pass->store->Remove(blob.sha256).ok()) ++pass->removed;
+          if (!pass->collect || blob.modified_unix_ms >= old_before) continue;
+          // Checked again under the store's lock, which pinning and keeping take: a blob on
+          // its way to being referenced is pinned or young.
+          if (pass->store->RemoveIfUnused(blob.sha256, old_before)) ++pass->removed;
         }
         for (const auto& [sha256, size] : pass->referenced) {
           if (!here.contains(sha256)) pass->missing.emplace_back(sha256, size);

@@ -37,7 +37,6 @@
 #include <list>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <utility>
@@ -89,6 +88,9 @@ struct MediaHost {
       read;
   std::function<void(const std::shared_ptr<HttpResponder>&, HttpResponse)> send;  // counted
   std::function<bool()> stopping;
+  // Whether this replica has applied what it knows to be committed (collection waits for it:
+  // a lagging replica has not seen the metadata that references new blobs).
+  std::function<bool()> caught_up;
   StateMachine* state_machine = nullptr;
   const PeerAuthenticator* auth = nullptr;
 };
@@ -148,7 +150,10 @@ class MediaService {
   // Upload: the blob is stored here; push it to the peers until a majority holds it, then
   // propose its metadata.
   void Replicate(std::shared_ptr<Upload> upload);
+  // A majority reported the blob stored: asks them to keep it young, then proposes.
+  void ConfirmUpload(std::shared_ptr<Upload> upload);
   void ProposeUpload(std::shared_ptr<Upload> upload);
+  void RefuseUpload(Upload& upload, std::string_view why);
   void PushChunk(std::shared_ptr<Push> push);
   void OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobReply> reply);
 
@@ -182,11 +187,6 @@ class MediaService {
   // Convergence and collection.
   void StartPass();
   void OnPassDone(std::shared_ptr<Pass> pass);
-  // Touches the blob when stored (under the collection lock): true if it is here.
-  bool KeepIfStored(const std::string& sha256);
-  void Pin(const std::string& sha256);
-  void Unpin(const std::string& sha256);
-
   size_t majority() const { return options_.peers.size() / 2 + 1; }
 
   uv_loop_t* const loop_;
@@ -215,12 +215,8 @@ class MediaService {
   std::set<std::string> fetch_queued_;
   uint32_t next_fetch_peer_ = 0;
 
-  // Held by a collection pass while it removes blobs, and by whoever touches or pins one:
-  // a blob is removed only if it is still old and unpinned under this lock.
-  std::shared_ptr<std::mutex> collection_mutex_ = std::make_shared<std::mutex>();
-  std::shared_ptr<std::map<std::string, int>> pins_ =
-      std::make_shared<std::map<std::string, int>>();
   bool pass_running_ = false;
+  bool starting_fetches_ = false;  // StartQueuedFetches is on the stack
   bool pass_wanted_ = false;
   int64_t last_pass_ms_ = 0;  // loop time
   uv_timer_t pass_timer_;

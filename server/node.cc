@@ -275,6 +275,10 @@ absl::Status Node::Start() {
     SendCounted(responder, std::move(response));
   };
   media_host.stopping = [this] { return stopping_; };
+  media_host.caught_up = [this] {
+    ReplicaStatus s = this->replica().Status();
+    return s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index;
+  };
   media_host.state_machine = sm_.get();
   media_host.auth = peer_auth_.get();
   media_ = std::make_unique<MediaService>(loop_, std::move(media_options), std::move(media_host));

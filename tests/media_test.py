@@ -39,7 +39,7 @@ def stored_blobs(root, i):
 
 
 class MediaTest(unittest.TestCase):
-    flags = ("--media-gc-grace-ms", "1500", "--media-gc-interval-ms", "1000")
+    flags = ("--media-gc-grace-ms", "10000", "--media-gc-interval-ms", "1000")
 
     def setUp(self):
         self.c = Cluster(SERVER, extra_flags=self.flags)
@@ -60,7 +60,7 @@ class MediaTest(unittest.TestCase):
         return self.c.request(i, "PUT", f"/v1/db/{db}/media/{key}", body=data, headers=h,
                               timeout=60)
 
-    def wait_for(self, what, predicate, timeout=30):
+    def wait_for(self, what, predicate, timeout=60):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():
