@@ -1508,17 +1508,35 @@ void Node::HandleQuery(const std::string& name, const HttpRequest& request,
 
 void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
   if (absl::StartsWith(Header(request, "content-type"), "multipart/")) {
-    return RespondError(responder, 501, "not_implemented", "media uploads are not served yet");
+    return RespondError(responder, 501, "not_implemented",
+                        "d3b multipart uploads are not served yet: PUT the file to "
+                        "/v1/db/{table}/media/{key}");
   }
   api::D3bRequest body;
   if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
     return RespondError(responder, 400, "bad_request", s.message());
   }
-  if (!body.media_op().empty() || !body.file_id().empty()) {
-    return RespondError(responder, 501, "not_implemented", "media operations are not served yet");
-  }
   if (!IsValidDatabaseName(body.table())) {
     return RespondError(responder, 400, "invalid_argument", "\"table\" must name a database");
+  }
+  if (!body.media_op().empty() || !body.file_id().empty()) {
+    // "get" streams the file back after a linearizable metadata fetch; "delete" deletes it.
+    if ((body.media_op() == "get" || body.media_op() == "delete") && !body.file_id().empty()) {
+      HttpRequest media_request;
+      media_request.method = body.media_op() == "get" ? "GET" : "DELETE";
+      media_request.target = "/";
+      for (const auto& [name, value] : request.headers) {
+        if (name == "range" || name == "if-none-match")
+          media_request.headers.emplace_back(name, value);
+      }
+      return media_->Handle(media_request, body.table(), body.file_id(), std::move(responder));
+    }
+    return RespondError(responder, body.media_op() == "upload" ? 501 : 400,
+                        body.media_op() == "upload" ? "not_implemented" : "invalid_argument",
+                        body.media_op() == "upload"
+                            ? "d3b uploads are not served yet: PUT the file to "
+                              "/v1/db/{table}/media/{file_id}"
+                            : "media_op is get or delete, with file_id");
   }
   absl::StatusOr<Statement> st = ToStatement(body.query(), body.args());
   if (!st.ok()) return RespondError(responder, 400, "invalid_argument", st.status().message());

@@ -183,6 +183,29 @@ class Media(MediaTest):
             not stored_blobs(self.c.root, i) for i in (1, 2, 3)))
 
 
+    def test_d3b_media_get_and_delete(self):
+        data = os.urandom(70_000)
+        self.assertEqual(self.upload(1, "f1", data).status, 201)
+        r = self.c.request(2, "POST", "/", {"table": "photos", "query": "", "media_op": "get",
+                                            "file_id": "f1"})
+        self.assertEqual((r.status, r.body), (200, data))
+        r = self.c.request(3, "POST", "/", {"table": "photos", "query": "", "media_op": "get",
+                                            "file_id": "f1"}, headers={"Range": "bytes=0-9"})
+        self.assertEqual((r.status, r.body), (206, data[:10]))
+        for bad in ({"media_op": "get"}, {"media_op": "rename", "file_id": "f1"},
+                    {"media_op": "get", "file_id": "../x"}):
+            r = self.c.request(1, "POST", "/", dict({"table": "photos", "query": ""}, **bad))
+            self.assertEqual(r.status, 400, (bad, r))
+        r = self.c.request(1, "POST", "/", {"table": "photos", "query": "", "media_op": "upload"})
+        self.assertEqual(r.status, 501, r)
+        r = self.c.request(1, "POST", "/", {"table": "photos", "query": "",
+                                            "media_op": "delete", "file_id": "f1"})
+        self.assertEqual(r.status, 204, r)
+        r = self.c.request(2, "POST", "/", {"table": "photos", "query": "", "media_op": "get",
+                                            "file_id": "f1"})
+        self.assertEqual(r.status, 404, r)
+
+
 class MediaBadInput(MediaTest):
     def assert_error(self, r, status, what):
         self.assertEqual(r.status, status, f"{what}: {r}")
