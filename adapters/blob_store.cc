@@ -135,9 +135,13 @@ void BlobStore::Unpin(std::string_view sha256) {
   if (--it->second == 0) pins_.erase(it);
 }
 
-bool BlobStore::Keep(std::string_view sha256) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return Touch(sha256).ok();
+bool BlobStore::Keep(std::string_view sha256, bool durable) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!Touch(sha256).ok()) return false;
+  }
+  if (!durable || !fsync_) return true;
+  return SyncDirectory(dir_ + "/" + std::string(sha256.substr(0, 2))).ok();
 }
 
 bool BlobStore::RemoveIfUnused(std::string_view sha256, int64_t cutoff_unix_ms) {
@@ -244,7 +248,11 @@ absl::StatusOr<std::string> BlobWriter::Commit(std::string_view expected_sha256)
     // A copy stored already (the same bytes) is replaced, so the blob is young: under the
     // collection lock, so that a collection never removes what was just stored.
     std::lock_guard<std::mutex> lock(store_->mutex_);
-    if (rename(temp_path_.c_str(), path.c_str()) != 0) {
+    // Young from now: the file's time is its last write's, and the sync since may have
+    // taken longer than a collection's grace.
+    if (utimensat(AT_FDCWD, temp_path_.c_str(), nullptr, 0) != 0) {
+      moved = OsError(errno, "touch " + temp_path_);
+    } else if (rename(temp_path_.c_str(), path.c_str()) != 0) {
       moved = OsError(errno, "rename " + temp_path_ + " to " + path);
     }
   }

@@ -81,8 +81,10 @@ class BlobStore {
   bool Pin(std::string_view sha256);
   // REQUIRES: pinned.
   void Unpin(std::string_view sha256);
-  // Makes the blob young, under the collection lock. Returns whether it is stored.
-  bool Keep(std::string_view sha256);
+  // Makes the blob young, under the collection lock. Returns whether it is stored. With
+  // `durable`, its directory entry is synced too (another writer of the same bytes may have
+  // just renamed it in): a peer answers that it holds a blob only once that is durable.
+  bool Keep(std::string_view sha256, bool durable = false);
   // Removes the blob if it is stored, not pinned, and was last modified before
   // `cutoff_unix_ms`. Returns whether it removed it.
   bool RemoveIfUnused(std::string_view sha256, int64_t cutoff_unix_ms);

@@ -328,7 +328,7 @@ struct MediaService::Incoming {
 struct MediaService::Pass {
   Db view;
   BlobStore* store = nullptr;
-  uint64_t grace_ms = 0;
+  int64_t cutoff_unix_ms = 0;  // blobs last made young before this may go
   bool collect = false;
   std::map<std::string, uint64_t> referenced;
   size_t stored = 0;
@@ -680,12 +680,16 @@ void MediaService::ProposeUpload(std::shared_ptr<Upload> upload) {
   // Unpinned, and the slot given back, once the write is answered whichever way (applied,
   // refused, or timed out: the node drops the callback then, and this with it).
   std::shared_ptr<void> release(nullptr, [this, upload](void*) {
+    // Young again as it is unpinned: a write that timed out may still commit later (a new
+    // leader may choose it), and its blob must outlive that by the grace.
+    store_->Keep(upload->sha256);
     store_->Unpin(upload->sha256);
     upload->Release();
   });
   if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
     return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
   }
+  store_->Keep(upload->sha256);  // this replica's copy, young as the peers' are
   ++counters_.uploads;
   host_.propose(std::move(command), upload->responder,
                 [this, upload, release](const CommandResult& result) {
@@ -773,10 +777,16 @@ void MediaService::HandlePeer(const HttpRequest& request,
   if (!started_ || stopped_) return RespondError(responder, 503, "unavailable", "stopping");
   if (blob_request.has_read()) return HandleBlobRead(frame->from_id, blob_request, responder);
   if (blob_request.has_keep()) {
-    BlobReply reply;
-    reply.set_status(store_->Keep(blob_request.sha256()) ? BlobReply::STORED
-                                                         : BlobReply::NOT_FOUND);
-    return Reply(frame->from_id, reply, responder);
+    auto kept = std::make_shared<bool>(false);
+    BlobStore* store = store_.get();
+    const std::string sha256 = blob_request.sha256();
+    const uint32_t from = frame->from_id;
+    return OnPool([store, sha256, kept] { *kept = store->Keep(sha256, /*durable=*/true); },
+                  [this, from, kept, responder] {
+                    BlobReply reply;
+                    reply.set_status(*kept ? BlobReply::STORED : BlobReply::NOT_FOUND);
+                    Reply(from, reply, responder);
+                  });
   }
   if (blob_request.has_write()) {
     return HandleBlobWrite(frame->from_id, std::move(blob_request), responder);
@@ -847,7 +857,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
   const auto id = std::make_pair(from, sha256);
   auto it = incoming_.find(id);
   if (write.offset() == 0) {
-    if (store_->Keep(sha256)) {
+    if (store_->Keep(sha256, /*durable=*/true)) {
       if (it != incoming_.end() && !it->second.busy) {
         DiscardOnPool(std::move(it->second.writer));
         incoming_.erase(it);
@@ -1115,7 +1125,8 @@ void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
       return host_.send(responder, std::move(response));
     }
   }
-  if (auto cached = cache_.find(media.sha256()); cached != cache_.end()) {
+  if (auto cached = cache_.find(media.sha256());
+      cached != cache_.end() && cached->second.bytes->size() == media.size_bytes()) {
     ++counters_.cache_hits;
     cache_order_.splice(cache_order_.begin(), cache_order_, cached->second.position);
     return ServeBytes(request, media, cached->second.bytes, responder);
@@ -1190,14 +1201,16 @@ void MediaService::ServeBytes(const HttpRequest& request, const PutMedia& media,
 
 void MediaService::CacheBlob(const std::string& sha256, std::shared_ptr<const std::string> bytes) {
   if (cache_.contains(sha256) || bytes->size() > kMaxCachedBlobBytes) return;
-  while (!cache_order_.empty() && cache_bytes_ + bytes->size() > kCacheBytes) {
+  // Each entry is charged its bookkeeping too, so that many tiny blobs stay bounded.
+  const uint64_t cost = bytes->size() + kCacheEntryOverheadBytes;
+  while (!cache_order_.empty() && cache_bytes_ + cost > kCacheBytes) {
     auto oldest = cache_.find(cache_order_.back());
-    cache_bytes_ -= oldest->second.bytes->size();
+    cache_bytes_ -= oldest->second.bytes->size() + kCacheEntryOverheadBytes;
     cache_.erase(oldest);
     cache_order_.pop_back();
   }
   cache_order_.push_front(sha256);
-  cache_bytes_ += bytes->size();
+  cache_bytes_ += cost;
   cache_[sha256] = CachedBlob{std::move(bytes), cache_order_.begin()};
 }
 
@@ -1275,13 +1288,16 @@ void MediaService::StartPass() {
     last_pass_ms_ = static_cast<int64_t>(uv_now(loop_));
     return;
   }
+  // The cutoff is taken before the view: a blob referenced after the view's revision was
+  // made young (kept) before it was proposed, so it is younger than the cutoff.
+  const int64_t cutoff = WallMs() - static_cast<int64_t>(options_.gc_grace_ms);
   pass_running_ = true;
   pass_wanted_ = false;
   last_pass_ms_ = static_cast<int64_t>(uv_now(loop_));
   auto pass = std::make_shared<Pass>();
   pass->view = *std::move(view);
   pass->store = store_.get();
-  pass->grace_ms = options_.gc_grace_ms;
+  pass->cutoff_unix_ms = cutoff;
   // A replica still applying what is committed may not have seen the metadata of blobs it
   // was pushed: it only fetches until it has caught up.
   pass->collect = host_.caught_up();
@@ -1306,7 +1322,7 @@ void MediaService::StartPass() {
         for (const BlobInfo& blob : *stored) {
           here.insert(blob.sha256);
           if (pass->referenced.contains(blob.sha256)) continue;
-          const int64_t old_before = WallMs() - static_cast<int64_t>(pass->grace_ms);
+          const int64_t old_before = pass->cutoff_unix_ms;
           if (!pass->collect || blob.modified_unix_ms >= old_before) continue;
           // Checked again under the store's lock, which pinning and keeping take: a blob on
           // its way to being referenced is pinned or young.

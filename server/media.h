@@ -227,6 +227,7 @@ class MediaService {
   // kCacheBytes in all, the least recently served going first.
   static constexpr uint64_t kMaxCachedBlobBytes = 256 << 10;
   static constexpr uint64_t kCacheBytes = 32 << 20;
+  static constexpr uint64_t kCacheEntryOverheadBytes = 256;
   struct CachedBlob {
     std::shared_ptr<const std::string> bytes;
     std::list<std::string>::iterator position;

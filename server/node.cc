@@ -277,7 +277,7 @@ absl::Status Node::Start() {
   media_host.stopping = [this] { return stopping_; };
   media_host.caught_up = [this] {
     ReplicaStatus s = this->replica().Status();
-    return s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index;
+    return s.leader_id != 0 && sm_->revision() >= s.commit_index;
   };
   media_host.state_machine = sm_.get();
   media_host.auth = peer_auth_.get();

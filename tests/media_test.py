@@ -39,7 +39,7 @@ def stored_blobs(root, i):
 
 
 class MediaTest(unittest.TestCase):
-    flags = ("--media-gc-grace-ms", "10000", "--media-gc-interval-ms", "1000")
+    flags = ("--testing-media-gc-grace-ms", "3000", "--media-gc-interval-ms", "1000")
 
     def setUp(self):
         self.c = Cluster(SERVER, extra_flags=self.flags)
