@@ -6,6 +6,8 @@
 //   --replicas 1..7  --clients 1..10  --ticks T  --mode safety|liveness
 //   --workload mixed|reads  --leases on|off  --pre-vote on|off
 //   --hostile (expensive and malformed SQL, local reads, forged messages beside the clients)
+//   --media (uploads and deletions of media beside the clients: blobs pushed, fetched and
+//   collected, then checked)
 //   --bug NAME (repeatable)  --list-bugs  --trace (readable trace of every event to stdout)
 
 #include <malloc.h>
@@ -34,7 +36,7 @@ using synod::sim::Workload;
 constexpr const char* kUsage =
     "usage: synod-sim (--seed N | --seeds A..B) [--replicas 1..7] [--clients 1..10]\n"
     "                 [--ticks T] [--mode safety|liveness] [--workload mixed|reads]\n"
-    "                 [--leases on|off] [--pre-vote on|off] [--hostile] [--bug NAME]...\n"
+    "                 [--leases on|off] [--pre-vote on|off] [--hostile] [--media] [--bug NAME]...\n"
     "                 [--trace]\n"
     "       synod-sim --list-bugs\n"
     "       synod-sim --help\n";
@@ -53,6 +55,7 @@ std::string ReplayCommand(const SimOptions& o) {
   if (!o.leases) cmd += " --leases off";
   if (!o.pre_vote) cmd += " --pre-vote off";
   if (o.hostile) cmd += " --hostile";
+  if (o.media) cmd += " --media";
   for (const std::string& b : o.bugs) cmd += " --bug " + b;
   return cmd;
 }
@@ -197,6 +200,8 @@ int main(int argc, char** argv) {
       o.bugs.insert(v);
     } else if (arg == "--hostile") {
       o.hostile = true;
+    } else if (arg == "--media") {
+      o.media = true;
     } else if (arg == "--trace") {
       o.trace = &std::cout;
     } else {

@@ -44,6 +44,8 @@ SimOptions Options(uint64_t seed) {
   // timing), and without them elections depose leaders far more often, which is what the
   // lease and read checks need to see. The needless-election check runs where they are on.
   o.pre_vote = seed % 3 != 1;
+  // Media in a third of the seeds (both modes, every size).
+  o.media = seed % 3 == 2;
   return o;
 }
 
@@ -55,6 +57,7 @@ std::string Replay(const SimOptions& o) {
   if (!o.leases) absl::StrAppend(&cmd, " --leases off");
   if (!o.pre_vote) absl::StrAppend(&cmd, " --pre-vote off");
   if (o.hostile) absl::StrAppend(&cmd, " --hostile");
+  if (o.media) absl::StrAppend(&cmd, " --media");
   for (const std::string& b : o.bugs) absl::StrAppend(&cmd, " --bug ", b);
   return cmd;
 }
@@ -87,7 +90,9 @@ INSTANTIATE_TEST_SUITE_P(Sweep, DeliberateBug,
                          ::testing::Values("forget-promise", "skip-repropose",
                                            "lease-ignores-drift", "no-session-dedup",
                                            "promise-before-durable", "majority-off-by-one",
-                                           "read-confirmed-by-old-round", "no-pre-vote"));
+                                           "read-confirmed-by-old-round", "no-pre-vote",
+                                           "media-gc-ignores-references", "media-no-collection",
+                                           "media-no-fetch"));
 
 TEST(Sweep, TheSameSeedGivesTheSameTrace) {
   SimOptions o = Options(7);

@@ -48,6 +48,33 @@ constexpr int64_t kThinkMaxUs = 400'000;
 // snapshot install): hashing the whole state after every entry would dominate the run.
 constexpr uint64_t kStateHashEveryRevisions = 8;
 constexpr const char* kDatabase = "sim";
+// Media (SimOptions::media): a media actor uploads or deletes now and then; a blob is pushed
+// to a majority before its metadata is proposed; passes fetch what is missing and collect
+// what is unreferenced and older than the grace. The run ends with a settling time long
+// enough for every pass to have done its work, then the media checks.
+constexpr int64_t kMediaEveryMinUs = 100'000;
+constexpr int64_t kMediaEveryMaxUs = 400'000;
+constexpr int64_t kMediaGraceUs = 3'000'000;
+constexpr int64_t kMediaPassEveryUs = 500'000;
+constexpr int64_t kMediaUploadDeadlineUs = 5'000'000;
+constexpr int64_t kMediaSettleUs = kMediaGraceUs + 6 * kMediaPassEveryUs;
+constexpr int kMediaKeys = 6;
+constexpr int64_t kMediaFetchTimeoutUs = 1'000'000;
+
+// A blob's name in the simulation: 64 hex digits from the content (the state machine checks
+// the form only; the server uses SHA-256).
+std::string SimBlobName(std::string_view content) {
+  std::string name;
+  for (uint64_t salt = 0; salt < 4; ++salt) {
+    StableHash hash;
+    hash.AddU64(salt);
+    hash.AddField(content);
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(hash.value()));
+    name += hex;
+  }
+  return name;
+}
 // Revisions between divergence-check votes (core/divergence.h): small, so that every run
 // votes many times.
 constexpr uint64_t kCheckpointEveryRevisions = 16;
@@ -406,10 +433,35 @@ class World {
     kClientWake,
     kFault,
     kHostile,
-    kDiskDone,   // a host's oldest storage operation finishes (target: replica; incarnation)
-    kCrash,      // a crash decided inside the driver's callbacks (target: replica; incarnation)
-    kCheckDone,  // a host's check of a peer's snapshot gives its verdict (target; incarnation)
+    kDiskDone,     // a host's oldest storage operation finishes (target: replica; incarnation)
+    kCrash,        // a crash decided inside the driver's callbacks (target: replica; incarnation)
+    kCheckDone,    // a host's check of a peer's snapshot gives its verdict (target; incarnation)
+    kMedia,        // the media actor's next upload or deletion
+    kBlobDeliver,  // a blob-channel packet arrives (target: replica)
   };
+  // The blob channel between replicas (server/media.h), as packets on the simulated network.
+  struct BlobPacket {
+    enum class Kind { kPush, kPushAck, kKeep, kKeepAck, kFetch, kFetchReply };
+    Kind kind = Kind::kPush;
+    uint32_t from = 0;
+    uint32_t to = 0;
+    uint64_t upload = 0;  // push, keep: the upload they serve
+    std::string sha;
+    std::string content;  // push, fetch reply
+    bool has = false;     // acks and replies: the sender holds the blob
+  };
+  static BlobPacket Packet(BlobPacket::Kind kind, uint32_t from, uint32_t to, uint64_t upload,
+                           std::string sha, std::string content = "", bool has = false) {
+    BlobPacket packet;
+    packet.kind = kind;
+    packet.from = from;
+    packet.to = to;
+    packet.upload = upload;
+    packet.sha = std::move(sha);
+    packet.content = std::move(content);
+    packet.has = has;
+    return packet;
+  }
   struct Event {
     int64_t time_us;
     uint64_t seq;
@@ -420,6 +472,7 @@ class World {
     // Client events: the sequence of the operation they belong to. One that arrives after
     // its operation is over does nothing, so every operation starts exactly once.
     uint64_t op_sequence = 0;
+    std::shared_ptr<const BlobPacket> blob;  // kBlobDeliver
     bool operator>(const Event& o) const {
       return std::tie(time_us, seq) > std::tie(o.time_us, o.seq);
     }
@@ -465,6 +518,33 @@ class World {
     // given to the driver when kCheckDone comes.
     std::function<void(absl::Status)> check_done;
     absl::Status check_verdict;
+    // Media blobs, by name: durable once stored (a push is acknowledged only then). When
+    // each was last made young, and the pins of uploads under way (lost at a crash).
+    struct Blob {
+      std::string content;
+      int64_t young_at_us = 0;
+    };
+    std::map<std::string, Blob> blobs;
+    std::map<std::string, int> pins;
+    // Fetches under way: peers asked so far, and when the last was asked (a lost answer is
+    // given up after kMediaFetchTimeoutUs, as the server's peer requests time out).
+    struct FetchTry {
+      int tries = 0;
+      int64_t asked_us = 0;
+    };
+    std::map<std::string, FetchTry> fetch_tries;
+    int64_t next_media_pass_us = 0;
+  };
+  // An upload from its origin's side: pushed, kept, proposed.
+  struct MediaUpload {
+    uint32_t origin = 0;
+    uint64_t incarnation = 0;
+    std::string key;
+    std::string sha;
+    std::set<uint32_t> holders;  // the origin, and the peers that stored it
+    std::set<uint32_t> kept;     // holders that made it young again before the proposal
+    bool proposed = false;
+    int64_t deadline_us = 0;
   };
 
   void Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m = Message(),
@@ -518,6 +598,17 @@ class World {
   void OnHostile();
   Statement HostileStatement();
   Message ForgedMessage();
+  // Media.
+  void Dispatch(const Event& ev);
+  void OnMediaActor();
+  void SendBlob(BlobPacket packet);
+  void OnBlob(Host& h, const BlobPacket& packet);
+  void ProposeMedia(Host& h, uint64_t upload_id);
+  void EndUpload(uint64_t upload_id);
+  void MediaApplied(Host& h, const CommittedEntry& c, const std::vector<AppliedRequest>& applied);
+  void MediaPass(Host& h);
+  void FetchBlob(Host& h, const std::string& sha);
+  void MediaChecks();
 
   SimOptions options_;
   Prng root_;
@@ -528,7 +619,12 @@ class World {
   // How long a snapshot check takes (its own stream, apart from the root's: the draws of
   // the other streams stay as they were).
   Prng check_delay_;
-  Prng fsync_;  // drawn last: how long each storage operation takes
+  Prng fsync_;  // how long each storage operation takes
+  Prng media_;  // drawn last: the media actor and the blob channel's delays
+  std::map<uint64_t, MediaUpload> uploads_;
+  uint64_t next_upload_ = 1;
+  std::map<std::pair<uint64_t, uint64_t>, uint64_t> media_proposals_;  // request -> upload
+  uint64_t media_acknowledged_ = 0;
   int64_t max_fsync_us_ = 0;
   std::vector<Host> hosts_;
   std::vector<Client> clients_;
@@ -574,6 +670,7 @@ World::World(const SimOptions& options)
       send_crash_(0),
       check_delay_(options.seed ^ 0x5eedc4ecdd5eedull),
       fsync_(0),
+      media_(0),
       chosen_(static_cast<size_t>(options.replicas)) {
   SYNOD_CHECK(options_.replicas >= 1 && options_.replicas <= 7) << options_.replicas;
   Prng swarm_prng(root_.Next());
@@ -581,6 +678,7 @@ World::World(const SimOptions& options)
   hostile_ = Prng(root_.Next());
   send_crash_ = Prng(root_.Next());
   fsync_ = Prng(root_.Next());
+  media_ = Prng(root_.Next());
   // Fast disks on some seeds, slow ones (a busy disk) on others.
   max_fsync_us_ = fsync_.Chance(1, 3) ? fsync_.Range(2'000, 20'000) : fsync_.Range(100, 2'000);
   // Many readers: at least five clients, unless the option names a number.
@@ -639,7 +737,8 @@ void World::Fail(const std::string& what) {
 
 void World::Schedule(int64_t at_us, EventKind kind, uint32_t target, Message m,
                      uint64_t client_sequence, uint64_t op_sequence) {
-  events_.push(Event{at_us, next_seq_++, kind, target, std::move(m), client_sequence, op_sequence});
+  events_.push(
+      Event{at_us, next_seq_++, kind, target, std::move(m), client_sequence, op_sequence, nullptr});
 }
 
 ReplicaConfig World::ConfigFor(uint32_t id) const {
@@ -752,6 +851,12 @@ void World::CrashHost(Host& h) {
   h.pending_writes.clear();
   h.pending_reads.clear();
   h.reads_waiting_apply.clear();
+  // Its uploads under way die with it (their clients see no answer); stored blobs stay.
+  h.pins.clear();
+  h.fetch_tries.clear();
+  for (auto it = uploads_.begin(); it != uploads_.end();) {
+    it = it->second.origin == h.id ? uploads_.erase(it) : std::next(it);
+  }
   Trace(absl::StrCat("replica ", h.id, " crashes", tear ? " (torn write)" : ""));
 }
 
@@ -970,6 +1075,7 @@ void World::ApplyCommitted(Host& h, const CommittedEntry& c) {
     Fail(absl::StrCat("divergence check: replica ", h.id, " was outvoted at revision ",
                       h.divergence->diverged()->revision));
   }
+  if (options_.media) MediaApplied(h, c, applied);
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != h.id) continue;
     auto it = h.pending_writes.find({a.client_id, a.sequence});
@@ -1033,6 +1139,7 @@ void World::OnTick(Host& h, uint64_t incarnation) {
   if (h.paused) return;
   h.replica().Tick();
   DrainHost(h);
+  if (options_.media && now_us_ >= h.next_media_pass_us) MediaPass(h);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1595,6 +1702,7 @@ SimResult World::Run() {
   int64_t fault_end_us = now_us_ + options_.ticks * kTickUs;
   Schedule(now_us_ + 100'000, EventKind::kFault, 0);
   if (options_.hostile) Schedule(now_us_ + kHostileEveryUs, EventKind::kHostile, 0);
+  if (options_.media) Schedule(now_us_ + kMediaEveryMinUs, EventKind::kMedia, 0);
   for (size_t i = 0; i < clients_.size(); ++i) ClientStartOp(i);
   int64_t end_us = fault_end_us + kLivenessBoundUs;
   bool healed = false;
@@ -1643,62 +1751,7 @@ SimResult World::Run() {
     ++events_run_;
     trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
     trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
-    switch (ev.kind) {
-      case EventKind::kTick:
-        OnTick(hosts_[ev.target - 1], ev.client_sequence);
-        break;
-      case EventKind::kDeliver: {
-        Host& h = hosts_[ev.target - 1];
-        if (!h.up || h.paused) break;
-        if (faults_on_ && blocked_.count({ev.message.from(), ev.message.to()}) > 0) break;
-        if (options_.trace != nullptr) TraceMessage(ev.message);
-        h.replica().Step(ev.message);
-        DrainHost(h);
-        break;
-      }
-      case EventKind::kClientRequest:
-        OnClientRequest(hosts_[ev.target - 1], ev.client_sequence, ev.op_sequence);
-        break;
-      case EventKind::kClientDeadline: {
-        Client& c = clients_[ev.target];
-        if (c.busy && c.sequence == ev.op_sequence) ClientWake(ev.target);
-        break;
-      }
-      case EventKind::kClientWake: {
-        Client& c = clients_[ev.target];
-        if (!c.busy && c.sequence == ev.op_sequence) ClientStartOp(ev.target);
-        break;
-      }
-      case EventKind::kFault:
-        OnFault();
-        break;
-      case EventKind::kHostile:
-        OnHostile();
-        break;
-      case EventKind::kDiskDone:
-        OnDiskDone(hosts_[ev.target - 1], ev.client_sequence);
-        break;
-      case EventKind::kCrash: {
-        Host& h = hosts_[ev.target - 1];
-        if (h.up && h.incarnation == ev.client_sequence) CrashHost(h);
-        break;
-      }
-      case EventKind::kCheckDone: {
-        Host& h = hosts_[ev.target - 1];
-        if (!h.up || h.incarnation != ev.client_sequence || h.check_done == nullptr) break;
-        if (h.paused) {
-          Schedule(now_us_ + h.tick_period_us, EventKind::kCheckDone, h.id, Message(),
-                   h.incarnation);
-          break;
-        }
-        std::function<void(absl::Status)> done = std::move(h.check_done);
-        h.check_done = nullptr;
-        Trace(absl::StrCat("replica ", h.id, " checked a snapshot: ", h.check_verdict.ToString()));
-        done(h.check_verdict);
-        DrainHost(h);
-        break;
-      }
-    }
+    Dispatch(ev);
     CheckLeases();
     if (acceptors_.violation()) Fail(*acceptors_.violation());
     if (healed) {
@@ -1732,6 +1785,20 @@ SimResult World::Run() {
     }
   }
   result.needless_elections = needless_elections_;
+  if (!failure_ && options_.media) {
+    // Media settle: the network is healed and nothing new is uploaded; every pass runs
+    // until what is missing is fetched and what is unreferenced has aged past the grace.
+    const int64_t settle_end_us = now_us_ + kMediaSettleUs;
+    while (!failure_ && !events_.empty() && events_.top().time_us <= settle_end_us) {
+      Event ev = events_.top();
+      events_.pop();
+      now_us_ = ev.time_us;
+      ++events_run_;
+      Dispatch(ev);
+    }
+    now_us_ = std::max(now_us_, settle_end_us);
+    if (!failure_) MediaChecks();
+  }
   if (!failure_) FinalChecks();
   result.passed = !failure_;
   result.failure = failure_.value_or("");
@@ -1743,6 +1810,342 @@ SimResult World::Run() {
     if (h.sm) result.revision = std::max(result.revision, h.sm->revision());
   }
   return result;
+}
+
+void World::Dispatch(const Event& ev) {
+  switch (ev.kind) {
+    case EventKind::kTick:
+      OnTick(hosts_[ev.target - 1], ev.client_sequence);
+      break;
+    case EventKind::kDeliver: {
+      Host& h = hosts_[ev.target - 1];
+      if (!h.up || h.paused) break;
+      if (faults_on_ && blocked_.count({ev.message.from(), ev.message.to()}) > 0) break;
+      if (options_.trace != nullptr) TraceMessage(ev.message);
+      h.replica().Step(ev.message);
+      DrainHost(h);
+      break;
+    }
+    case EventKind::kClientRequest:
+      OnClientRequest(hosts_[ev.target - 1], ev.client_sequence, ev.op_sequence);
+      break;
+    case EventKind::kClientDeadline: {
+      Client& c = clients_[ev.target];
+      if (c.busy && c.sequence == ev.op_sequence) ClientWake(ev.target);
+      break;
+    }
+    case EventKind::kClientWake: {
+      Client& c = clients_[ev.target];
+      if (!c.busy && c.sequence == ev.op_sequence) ClientStartOp(ev.target);
+      break;
+    }
+    case EventKind::kFault:
+      OnFault();
+      break;
+    case EventKind::kHostile:
+      OnHostile();
+      break;
+    case EventKind::kDiskDone:
+      OnDiskDone(hosts_[ev.target - 1], ev.client_sequence);
+      break;
+    case EventKind::kCrash: {
+      Host& h = hosts_[ev.target - 1];
+      if (h.up && h.incarnation == ev.client_sequence) CrashHost(h);
+      break;
+    }
+    case EventKind::kMedia:
+      OnMediaActor();
+      break;
+    case EventKind::kBlobDeliver: {
+      Host& h = hosts_[ev.target - 1];
+      if (!h.up || h.paused) break;
+      if (faults_on_ && blocked_.count({ev.blob->from, ev.blob->to}) > 0) break;
+      OnBlob(h, *ev.blob);
+      break;
+    }
+    case EventKind::kCheckDone: {
+      Host& h = hosts_[ev.target - 1];
+      if (!h.up || h.incarnation != ev.client_sequence || h.check_done == nullptr) break;
+      if (h.paused) {
+        Schedule(now_us_ + h.tick_period_us, EventKind::kCheckDone, h.id, Message(), h.incarnation);
+        break;
+      }
+      std::function<void(absl::Status)> done = std::move(h.check_done);
+      h.check_done = nullptr;
+      Trace(absl::StrCat("replica ", h.id, " checked a snapshot: ", h.check_verdict.ToString()));
+      done(h.check_verdict);
+      DrainHost(h);
+      break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Media: the blob channel and the passes, modelled on server/media.cc.
+
+void World::OnMediaActor() {
+  if (!clients_issue_) return;  // quiet after the faults stop
+  Schedule(now_us_ + media_.Range(kMediaEveryMinUs, kMediaEveryMaxUs), EventKind::kMedia, 0);
+  Host& h = hosts_[media_.Range(0, options_.replicas - 1)];
+  if (!h.up || h.paused) return;
+  const std::string key = absl::StrCat("m", media_.Range(0, kMediaKeys - 1));
+  if (media_.Chance(1, 5)) {
+    ClientRequest request;
+    request.set_client_id(media_.Next() | 1);
+    request.set_sequence(1);
+    request.set_origin_replica(h.id);
+    request.mutable_command()->mutable_delete_media()->set_database(kDatabase);
+    request.mutable_command()->mutable_delete_media()->set_key(key);
+    h.replica().Propose(std::move(request));
+    DrainHost(h);
+    return;
+  }
+  std::string content = absl::StrCat("blob ", media_.Range(0, 40), "/", media_.Next() % 7);
+  const std::string sha = SimBlobName(content);
+  // Stored on the origin first (synced), pinned while the upload is under way.
+  Host::Blob& blob = h.blobs[sha];
+  blob.content = content;
+  blob.young_at_us = now_us_;
+  ++h.pins[sha];
+  const uint64_t id = next_upload_++;
+  MediaUpload& upload = uploads_[id];
+  upload.origin = h.id;
+  upload.incarnation = h.incarnation;
+  upload.key = key;
+  upload.sha = sha;
+  upload.holders.insert(h.id);
+  upload.kept.insert(h.id);
+  upload.deadline_us = now_us_ + kMediaUploadDeadlineUs;
+  Trace(absl::StrCat("replica ", h.id, " takes upload ", id, " of ", key));
+  if (static_cast<size_t>(options_.replicas) / 2 + 1 <= 1) ProposeMedia(h, id);
+  for (const Host& peer : hosts_) {
+    if (peer.id == h.id) continue;
+    SendBlob(Packet(BlobPacket::Kind::kPush, h.id, peer.id, id, sha, content));
+  }
+}
+
+void World::SendBlob(BlobPacket packet) {
+  if (blocked_.count({packet.from, packet.to}) > 0) return;
+  if (faults_on_ && net_.Chance(swarm_.drop_per_10k, 10'000)) return;
+  int64_t delay = media_.Range(200, 3'000);
+  if (faults_on_ && media_.Chance(swarm_.tail_delay_per_10k, 10'000)) delay *= media_.Range(5, 300);
+  events_.push(Event{now_us_ + delay, next_seq_++, EventKind::kBlobDeliver, packet.to, Message(), 0,
+                     0, std::make_shared<const BlobPacket>(std::move(packet))});
+}
+
+void World::OnBlob(Host& h, const BlobPacket& p) {
+  using Kind = BlobPacket::Kind;
+  auto reply = [&](Kind kind, bool has, std::string content = "") {
+    SendBlob(Packet(kind, h.id, p.from, p.upload, p.sha, std::move(content), has));
+  };
+  switch (p.kind) {
+    case Kind::kPush: {
+      // Stored whole (hash checked, synced, renamed) before it is acknowledged; young.
+      if (SimBlobName(p.content) != p.sha) return;
+      Host::Blob& blob = h.blobs[p.sha];
+      blob.content = p.content;
+      blob.young_at_us = now_us_;
+      return reply(Kind::kPushAck, true);
+    }
+    case Kind::kKeep: {
+      auto it = h.blobs.find(p.sha);
+      if (it != h.blobs.end()) it->second.young_at_us = now_us_;
+      return reply(Kind::kKeepAck, it != h.blobs.end());
+    }
+    case Kind::kFetch: {
+      auto it = h.blobs.find(p.sha);
+      return reply(Kind::kFetchReply, it != h.blobs.end(),
+                   it != h.blobs.end() ? it->second.content : "");
+    }
+    case Kind::kFetchReply: {
+      if (!h.fetch_tries.contains(p.sha)) return;  // done, or a crash forgot it
+      if (!p.has || SimBlobName(p.content) != p.sha) return FetchBlob(h, p.sha);  // another
+      h.fetch_tries.erase(p.sha);
+      Host::Blob& blob = h.blobs[p.sha];
+      blob.content = p.content;
+      blob.young_at_us = now_us_;
+      return;
+    }
+    case Kind::kPushAck:
+    case Kind::kKeepAck: {
+      auto it = uploads_.find(p.upload);
+      if (it == uploads_.end() || it->second.origin != h.id ||
+          it->second.incarnation != h.incarnation || it->second.proposed || !p.has) {
+        return;
+      }
+      MediaUpload& upload = it->second;
+      const size_t majority = static_cast<size_t>(options_.replicas) / 2 + 1;
+      if (p.kind == Kind::kPushAck) {
+        const bool reached = upload.holders.size() >= majority;
+        upload.holders.insert(p.from);
+        if (reached || upload.holders.size() < majority) return;
+        // A majority stored it: each holder makes its copy young again before the proposal.
+        for (uint32_t holder : upload.holders) {
+          if (holder == h.id) continue;
+          SendBlob(Packet(Kind::kKeep, h.id, holder, p.upload, upload.sha));
+        }
+        return;
+      }
+      upload.kept.insert(p.from);
+      if (upload.kept.size() >= majority) ProposeMedia(h, p.upload);
+      return;
+    }
+  }
+}
+
+void World::ProposeMedia(Host& h, uint64_t upload_id) {
+  MediaUpload& upload = uploads_.at(upload_id);
+  if (upload.proposed) return;
+  upload.proposed = true;
+  h.blobs.at(upload.sha).young_at_us = now_us_;
+  ClientRequest request;
+  request.set_client_id(media_.Next() | 1);
+  request.set_sequence(1);
+  request.set_origin_replica(h.id);
+  PutMedia* put = request.mutable_command()->mutable_put_media();
+  put->set_database(kDatabase);
+  put->set_key(upload.key);
+  put->set_sha256(upload.sha);
+  put->set_size_bytes(h.blobs.at(upload.sha).content.size());
+  put->set_content_type("application/octet-stream");
+  media_proposals_[{request.client_id(), request.sequence()}] = upload_id;
+  h.replica().Propose(std::move(request));
+  DrainHost(h);
+}
+
+// The upload is answered (or given up): its pin goes, and its blob is young again (a write
+// that timed out may still be chosen later).
+void World::EndUpload(uint64_t upload_id) {
+  auto it = uploads_.find(upload_id);
+  if (it == uploads_.end()) return;
+  Host& h = hosts_[it->second.origin - 1];
+  if (h.up && h.incarnation == it->second.incarnation) {
+    auto blob = h.blobs.find(it->second.sha);
+    if (blob != h.blobs.end()) blob->second.young_at_us = now_us_;
+    if (--h.pins[it->second.sha] == 0) h.pins.erase(it->second.sha);
+  }
+  uploads_.erase(it);
+}
+
+void World::MediaApplied(Host& h, const CommittedEntry& c,
+                         const std::vector<AppliedRequest>& applied) {
+  if (static_cast<size_t>(c.value.requests_size()) != applied.size()) return;
+  for (size_t i = 0; i < applied.size(); ++i) {
+    const ClientRequest& request = c.value.requests(static_cast<int>(i));
+    if (!request.command().has_put_media()) continue;
+    const PutMedia& put = request.command().put_media();
+    if (applied[i].result.code() == OK && !h.blobs.contains(put.sha256())) {
+      FetchBlob(h, put.sha256());
+    }
+    if (request.origin_replica() != h.id) continue;
+    auto proposal = media_proposals_.find({request.client_id(), request.sequence()});
+    if (proposal == media_proposals_.end()) continue;
+    if (applied[i].result.code() == OK) ++media_acknowledged_;
+    EndUpload(proposal->second);
+    media_proposals_.erase(proposal);
+  }
+}
+
+void World::FetchBlob(Host& h, const std::string& sha) {
+  if (options_.bugs.count("media-no-fetch") > 0) return;
+  Host::FetchTry& fetch = h.fetch_tries[sha];
+  if (fetch.tries >= options_.replicas) {  // every peer asked: the next pass tries again
+    h.fetch_tries.erase(sha);
+    return;
+  }
+  const int tries = ++fetch.tries;
+  fetch.asked_us = now_us_;
+  const uint32_t peer = static_cast<uint32_t>(
+      (h.id + tries - 1 + media_.Range(0, options_.replicas - 1)) % options_.replicas + 1);
+  if (peer == h.id) return FetchBlob(h, sha);
+  SendBlob(Packet(BlobPacket::Kind::kFetch, h.id, peer, 0, sha));
+}
+
+void World::MediaPass(Host& h) {
+  h.next_media_pass_us = now_us_ + kMediaPassEveryUs;
+  // Uploads whose answer never came (the proposal was lost, or timed out): given up.
+  for (auto it = uploads_.begin(); it != uploads_.end();) {
+    const uint64_t id = it->first;
+    ++it;
+    const MediaUpload& upload = uploads_.at(id);
+    if (upload.origin == h.id && now_us_ >= upload.deadline_us) EndUpload(id);
+  }
+  absl::StatusOr<std::vector<StateMachine::MediaRecord>> media =
+      h.sm->ListMedia(kDatabase, "", 1'000'000);
+  if (!media.ok()) return;
+  std::set<std::string> referenced;
+  for (const StateMachine::MediaRecord& record : *media) referenced.insert(record.media.sha256());
+  for (auto it = h.fetch_tries.begin(); it != h.fetch_tries.end();) {
+    it = now_us_ - it->second.asked_us > kMediaFetchTimeoutUs ? h.fetch_tries.erase(it)
+                                                              : std::next(it);
+  }
+  for (const std::string& sha : referenced) {
+    if (!h.blobs.contains(sha) && !h.fetch_tries.contains(sha)) FetchBlob(h, sha);
+  }
+  // Collect only when caught up with what is known committed (server/media.cc).
+  if (h.sm->revision() < h.replica().Status().commit_index) return;
+  if (options_.bugs.count("media-no-collection") > 0) return;
+  const bool ignore_references = options_.bugs.count("media-gc-ignores-references") > 0;
+  for (auto it = h.blobs.begin(); it != h.blobs.end();) {
+    const bool collect = (ignore_references || !referenced.contains(it->first)) &&
+                         !h.pins.contains(it->first) &&
+                         it->second.young_at_us < now_us_ - kMediaGraceUs;
+    if (collect) Trace(absl::StrCat("replica ", h.id, " collects blob ", it->first.substr(0, 8)));
+    it = collect ? h.blobs.erase(it) : std::next(it);
+  }
+}
+
+void World::MediaChecks() {
+  uint64_t top = 0;
+  for (const Host& h : hosts_) {
+    if (h.up) top = std::max(top, h.sm->revision());
+  }
+  const Host* reference = nullptr;
+  for (const Host& h : hosts_) {
+    if (h.up && h.sm->revision() == top) reference = &h;
+  }
+  if (reference == nullptr) return;
+  absl::StatusOr<std::vector<StateMachine::MediaRecord>> media =
+      reference->sm->ListMedia(kDatabase, "", 1'000'000);
+  if (!media.ok()) return Fail(absl::StrCat("media: ", media.status().ToString()));
+  std::set<std::string> referenced;
+  for (const StateMachine::MediaRecord& record : *media) {
+    const std::string& sha = record.media.sha256();
+    referenced.insert(sha);
+    bool anywhere = false;
+    for (const Host& h : hosts_) {
+      auto blob = h.blobs.find(sha);
+      if (blob == h.blobs.end()) continue;
+      if (SimBlobName(blob->second.content) != sha) {
+        return Fail(absl::StrCat("media: replica ", h.id, " holds blob ", sha.substr(0, 8),
+                                 " with other bytes"));
+      }
+      anywhere = true;
+    }
+    if (!anywhere) {
+      return Fail(absl::StrCat("media: dangling metadata: key ", record.media.key(), " (revision ",
+                               record.revision, ") names blob ", sha.substr(0, 8),
+                               ", which no replica holds"));
+    }
+    for (const Host& h : hosts_) {
+      if (h.up && h.sm->revision() == top && !h.blobs.contains(sha)) {
+        return Fail(absl::StrCat("media: replica ", h.id, " lacks blob ", sha.substr(0, 8),
+                                 " of key ", record.media.key(), " after the faults stopped"));
+      }
+    }
+  }
+  for (const Host& h : hosts_) {
+    if (!h.up || h.sm->revision() != top) continue;
+    for (const auto& [sha, blob] : h.blobs) {
+      if (!referenced.contains(sha) && !h.pins.contains(sha) &&
+          blob.young_at_us < now_us_ - kMediaGraceUs - 2 * kMediaPassEveryUs) {
+        return Fail(absl::StrCat("media: replica ", h.id, " keeps orphan blob ", sha.substr(0, 8),
+                                 " after collection settled"));
+      }
+    }
+  }
+  Trace(absl::StrCat("media: ", media_acknowledged_, " uploads acknowledged, ", media->size(),
+                     " keys at the end"));
 }
 
 void World::FinalChecks() {
@@ -1786,6 +2189,11 @@ std::vector<std::pair<std::string, std::string>> KnownBugs() {
        "a linearizable read is confirmed by a heartbeat round that started before it arrived"},
       {"no-pre-vote",
        "a replica whose election timer runs out raises its ballot without asking its peers"},
+      {"media-gc-ignores-references",
+       "(media runs) collection removes old blobs that metadata still references"},
+      {"media-no-collection", "(media runs) unreferenced blobs are never removed"},
+      {"media-no-fetch", "(media runs) a replica never fetches a blob it lacks"},
+
   };
 }
 

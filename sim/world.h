@@ -48,6 +48,12 @@ struct SimOptions {
   // through the log, local reads of the same on the replicas that apply, and forged peer
   // messages (from replicas outside the group, or for other replicas) handed to the core.
   bool hostile = false;
+  // Media beside the clients: an actor uploads and deletes media through random replicas;
+  // blobs are pushed to a majority before their metadata is proposed, fetched where missing
+  // and collected when unreferenced (server/media.h, modelled). The run ends with a settling
+  // time, then checks that no referenced blob is lost or missing anywhere, that every
+  // stored blob has the right bytes, and that no orphan outlives collection.
+  bool media = false;
   // Deliberate bugs (see KnownBugs()), to test that the checkers catch them.
   std::set<std::string> bugs;
   // If set, a readable line per event is written here.
