@@ -1141,17 +1141,23 @@ void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
                           "from another replica");
     }
     // Not here yet (or damaged): fetched from a peer while the client waits.
-    FetchBlob(media.sha256(), media.size_bytes(),
-              [this, request, media, responder](absl::Status status) {
-                if (!status.ok()) {
-                  return RespondError(responder, 503, "unavailable",
-                                      absl::StrCat("the media's bytes could not be fetched from "
-                                                   "a peer: ",
-                                                   status.message()));
-                }
-                Serve(request, media, responder, /*fetched=*/true);
-              });
-    return;
+    auto fetch = [this, request, media, responder] {
+      FetchBlob(media.sha256(), media.size_bytes(),
+                [this, request, media, responder](absl::Status status) {
+                  if (!status.ok()) {
+                    return RespondError(responder, 503, "unavailable",
+                                        absl::StrCat("the media's bytes could not be fetched "
+                                                     "from a peer: ",
+                                                     status.message()));
+                  }
+                  Serve(request, media, responder, /*fetched=*/true);
+                });
+    };
+    if (!info) return fetch();
+    // Here, but of the wrong size: damaged. Removed first, or the fetch would find it.
+    BlobStore* store = store_.get();
+    const std::string sha256 = media.sha256();
+    return OnPool([store, sha256] { store->Remove(sha256).IgnoreError(); }, fetch);
   }
   if (media.size_bytes() <= kMaxCachedBlobBytes) {
     // Read whole, once, on the pool; then served from memory until it falls out of the cache.
@@ -1327,6 +1333,14 @@ void MediaService::StartPass() {
           // Checked again under the store's lock, which pinning and keeping take: a blob on
           // its way to being referenced is pinned or young.
           if (pass->store->RemoveIfUnused(blob.sha256, old_before)) ++pass->removed;
+        }
+        for (const BlobInfo& blob : *stored) {
+          // A referenced blob of the wrong size is damaged: removed, and fetched again.
+          auto ref = pass->referenced.find(blob.sha256);
+          if (ref != pass->referenced.end() && ref->second != blob.size_bytes &&
+              pass->store->Remove(blob.sha256).ok()) {
+            here.erase(blob.sha256);
+          }
         }
         for (const auto& [sha256, size] : pass->referenced) {
           if (!here.contains(sha256)) pass->missing.emplace_back(sha256, size);

@@ -102,6 +102,10 @@ TEST(Sweep, TheSameSeedGivesTheSameTrace) {
   EXPECT_EQ(a.events, b.events);
   o.seed = 8;
   EXPECT_NE(RunSimulation(o).trace_hash, a.trace_hash);
+  // And a run with media (seed 8 is one).
+  SimOptions m = Options(8);
+  ASSERT_TRUE(m.media);
+  EXPECT_EQ(RunSimulation(m).trace_hash, RunSimulation(m).trace_hash);
 }
 
 }  // namespace

@@ -54,7 +54,10 @@ constexpr const char* kDatabase = "sim";
 // enough for every pass to have done its work, then the media checks.
 constexpr int64_t kMediaEveryMinUs = 100'000;
 constexpr int64_t kMediaEveryMaxUs = 400'000;
-constexpr int64_t kMediaGraceUs = 3'000'000;
+// Longer than an upload's deadline plus the stalls the faults cause: the grace must outlast
+// the time from a blob's last keep to its metadata being applied (the server's is at least
+// a minute against a 5 s request timeout).
+constexpr int64_t kMediaGraceUs = 8'000'000;
 constexpr int64_t kMediaPassEveryUs = 500'000;
 constexpr int64_t kMediaUploadDeadlineUs = 5'000'000;
 constexpr int64_t kMediaSettleUs = kMediaGraceUs + 6 * kMediaPassEveryUs;
@@ -206,7 +209,9 @@ class SimDisk {
     if (bytes.empty()) return;
     UnsyncedWrite w{std::move(bytes), ready.hard_state, {}, std::nullopt, 0};
     for (const LogEntry& e : ready.entries) {
-      w.entries.emplace(e.slot(), e.ballot());
+      // One write may accept a slot twice (at a ballot, then at a higher one, when the
+      // driver merged two Readies): recovery keeps the later record, and so does this.
+      w.entries[e.slot()] = e.ballot();
       w.max_slot = std::max(w.max_slot, e.slot());
     }
     if (ready.snapshot) w.snapshot = ready.snapshot->meta;
@@ -530,6 +535,7 @@ class World {
     // given up after kMediaFetchTimeoutUs, as the server's peer requests time out).
     struct FetchTry {
       int tries = 0;
+      int64_t first_peer = 0;  // the round asks every peer in turn from here
       int64_t asked_us = 0;
     };
     std::map<std::string, FetchTry> fetch_tries;
@@ -1794,7 +1800,11 @@ SimResult World::Run() {
       events_.pop();
       now_us_ = ev.time_us;
       ++events_run_;
+      trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
+      trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
       Dispatch(ev);
+      CheckLeases();
+      if (acceptors_.violation()) Fail(*acceptors_.violation());
     }
     now_us_ = std::max(now_us_, settle_end_us);
     if (!failure_) MediaChecks();
@@ -1926,7 +1936,7 @@ void World::OnMediaActor() {
 
 void World::SendBlob(BlobPacket packet) {
   if (blocked_.count({packet.from, packet.to}) > 0) return;
-  if (faults_on_ && net_.Chance(swarm_.drop_per_10k, 10'000)) return;
+  if (faults_on_ && media_.Chance(swarm_.drop_per_10k, 10'000)) return;
   int64_t delay = media_.Range(200, 3'000);
   if (faults_on_ && media_.Chance(swarm_.tail_delay_per_10k, 10'000)) delay *= media_.Range(5, 300);
   events_.push(Event{now_us_ + delay, next_seq_++, EventKind::kBlobDeliver, packet.to, Message(), 0,
@@ -2053,10 +2063,11 @@ void World::FetchBlob(Host& h, const std::string& sha) {
     h.fetch_tries.erase(sha);
     return;
   }
+  if (fetch.tries == 0) fetch.first_peer = media_.Range(0, options_.replicas - 1);
   const int tries = ++fetch.tries;
   fetch.asked_us = now_us_;
-  const uint32_t peer = static_cast<uint32_t>(
-      (h.id + tries - 1 + media_.Range(0, options_.replicas - 1)) % options_.replicas + 1);
+  const uint32_t peer =
+      static_cast<uint32_t>((fetch.first_peer + tries - 1) % options_.replicas + 1);
   if (peer == h.id) return FetchBlob(h, sha);
   SendBlob(Packet(BlobPacket::Kind::kFetch, h.id, peer, 0, sha));
 }
@@ -2082,8 +2093,11 @@ void World::MediaPass(Host& h) {
   for (const std::string& sha : referenced) {
     if (!h.blobs.contains(sha) && !h.fetch_tries.contains(sha)) FetchBlob(h, sha);
   }
-  // Collect only when caught up with what is known committed (server/media.cc).
-  if (h.sm->revision() < h.replica().Status().commit_index) return;
+  // Collect only when caught up with what is known committed, under a known leader
+  // (server/media.cc): a replica just restarted knows no leader, and its commit index is
+  // only what it applied before the crash.
+  const ReplicaStatus status = h.replica().Status();
+  if (status.leader_id == 0 || h.sm->revision() < status.commit_index) return;
   if (options_.bugs.count("media-no-collection") > 0) return;
   const bool ignore_references = options_.bugs.count("media-gc-ignores-references") > 0;
   for (auto it = h.blobs.begin(); it != h.blobs.end();) {
