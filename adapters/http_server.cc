@@ -311,12 +311,16 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     // closes: what follows on the wire would not be HTTP/1.1.
     keep_alive_ = llhttp_should_keep_alive(&parser_) && !parser_.upgrade;
     const HttpServerLimits& limits = server_->limits_;
-    stream_next_ = server_->stream_handler_ != nullptr && limits.stream_body_for &&
-                   limits.stream_body_for(request_.method, request_.target);
+    const size_t stream_limit = server_->stream_handler_ != nullptr && limits.stream_body_for
+                                    ? limits.stream_body_for(request_)
+                                    : 0;
+    stream_next_ = stream_limit > 0;
     body_limit_bytes_ = limits.max_body_bytes;
-    if (limits.max_body_bytes_for) {
-      const size_t limit = limits.max_body_bytes_for(request_.method, request_.target);
-      body_limit_bytes_ = stream_next_ ? limit : std::min(body_limit_bytes_, limit);
+    if (stream_next_) {
+      body_limit_bytes_ = stream_limit;
+    } else if (limits.max_body_bytes_for) {
+      body_limit_bytes_ =
+          std::min(body_limit_bytes_, limits.max_body_bytes_for(request_.method, request_.target));
     }
     // Refused before any body byte is buffered, and before a client waiting for
     // "100 Continue" sends one.

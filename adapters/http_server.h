@@ -128,10 +128,11 @@ struct HttpServerLimits {
   // call back into the server. Unset: max_body_bytes for every request.
   std::function<size_t(std::string_view method, std::string_view target)> max_body_bytes_for;
   // Whether a request's body is streamed to the stream handler (see "Streamed request
-  // bodies") rather than delivered whole, from its method and target; called like
-  // max_body_bytes_for. A streamed body's limit is max_body_bytes_for's answer alone:
-  // max_body_bytes bounds the bodies held in memory. Unset, or no stream handler: never.
-  std::function<bool(std::string_view method, std::string_view target)> stream_body_for;
+  // bodies") rather than delivered whole, from its head (method, target, headers; the body
+  // empty): the streamed body's limit, or 0 to deliver it whole, bounded as above
+  // (max_body_bytes bounds the bodies held in memory, not streamed ones). Called like
+  // max_body_bytes_for. Unset, or no stream handler: never.
+  std::function<size_t(const HttpRequest& head)> stream_body_for;
   // A streamed request body must arrive at this rate on average: after request_timeout_ms,
   // a request whose body has arrived slower (not counting the time the sink was busy) is
   // answered 408, so that a client trickling bytes cannot hold what its sink holds. A body

@@ -1032,9 +1032,8 @@ struct RecordingSink : HttpBodySink {
 HttpServerLimits StreamingLimits() {
   HttpServerLimits limits;
   limits.max_body_bytes = 1024;  // bodies held in memory; streamed ones are not bound by it
-  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 1 << 30; };
-  limits.stream_body_for = [](std::string_view method, std::string_view target) {
-    return method == "PUT" && target.starts_with("/up");
+  limits.stream_body_for = [](const HttpRequest& head) -> size_t {
+    return head.method == "PUT" && head.target.starts_with("/up") ? 1 << 30 : 0;
   };
   return limits;
 }
@@ -1246,9 +1245,15 @@ TEST_F(HttpTest, AStreamedBodyThatStopsComingIsCutOffWhateverItsRateSoFar) {
   RunUntil([&] { return sink != nullptr && sink->aborted; });
 }
 
-TEST_F(HttpTest, StreamedBodiesStillHaveTheirEndpointLimit) {
+TEST_F(HttpTest, StreamedBodiesHaveTheLimitTheirHeadGets) {
   HttpServerLimits limits = StreamingLimits();
-  limits.max_body_bytes_for = [](std::string_view, std::string_view) -> size_t { return 4096; };
+  limits.stream_body_for = [](const HttpRequest& head) -> size_t {
+    // Decided from the headers too: only a multipart body streams here.
+    for (const auto& [name, value] : head.headers) {
+      if (name == "content-type" && value.starts_with("multipart/")) return 4096;
+    }
+    return 0;
+  };
   bool handled = false;
   StartServer(limits, Echo, 0, [&](const HttpRequest&, std::shared_ptr<Responder> responder) {
     handled = true;
@@ -1258,7 +1263,9 @@ TEST_F(HttpTest, StreamedBodiesStillHaveTheirEndpointLimit) {
   });
   RunClient([&] {
     RawClient declared(port());
-    declared.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Length: 4097\r\n\r\n");
+    declared.Send(
+        "PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/x\r\nContent-Length: "
+        "4097\r\n\r\n");
     std::optional<RawResponse> response = declared.Read();
     ASSERT_TRUE(response);
     EXPECT_EQ(response->status, 413);
@@ -1266,11 +1273,19 @@ TEST_F(HttpTest, StreamedBodiesStillHaveTheirEndpointLimit) {
   EXPECT_FALSE(handled);
   RunClient([&] {
     RawClient chunked(port());
-    chunked.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    chunked.Send(
+        "PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/x\r\nTransfer-Encoding: "
+        "chunked\r\n\r\n");
     chunked.Send("1001\r\n" + std::string(4097, 'x') + "\r\n");
     std::optional<RawResponse> response = chunked.Read();
     ASSERT_TRUE(response);
     EXPECT_EQ(response->status, 413);
+    // Not multipart: delivered whole to the handler.
+    RawClient whole(port());
+    whole.Send("PUT /up/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    std::optional<RawResponse> echoed = whole.Read();
+    ASSERT_TRUE(echoed);
+    EXPECT_EQ(echoed->body, "PUT /up/x hello");
   });
 }
 
@@ -1278,7 +1293,7 @@ TEST_F(HttpTest, GarbageOnStreamedRequestsNeverCrashesAndLeavesNoConnections) {
   HttpServerLimits limits = StreamingLimits();
   limits.max_header_bytes = 512;
   limits.request_timeout_ms = 200;
-  limits.stream_body_for = [](std::string_view, std::string_view) { return true; };
+  limits.stream_body_for = [](const HttpRequest&) -> size_t { return 1 << 30; };
   size_t ended = 0;
   size_t started = 0;
   struct CountingSink : RecordingSink {

@@ -666,7 +666,11 @@ absl::Status StateMachine::Validate(const Command& command) {
     absl::Status prepared = image.ok() ? PrepareUploadedImage(image->get()) : image.status();
     if (!prepared.ok()) return prepared;
   }
-  if (command.has_execute()) {
+  const synod::Execute* execute = command.has_execute() ? &command.execute()
+                                  : command.has_put_media() && command.put_media().has_execute()
+                                      ? &command.put_media().execute()
+                                      : nullptr;
+  if (execute != nullptr) {
     // The state machine's own table exists here, so statements naming it reach the policy.
     // Statements are only prepared on it, never run, so one per thread serves every check.
     thread_local Db scratch = [] {
@@ -674,8 +678,8 @@ absl::Status StateMachine::Validate(const Command& command) {
       MustExec(db.get(), kUserMetaSchema);
       return db;
     }();
-    for (int i = 0; i < command.execute().statements_size(); ++i) {
-      absl::Status policy = CheckStatementPolicy(scratch.get(), command.execute().statements(i));
+    for (int i = 0; i < execute->statements_size(); ++i) {
+      absl::Status policy = CheckStatementPolicy(scratch.get(), execute->statements(i));
       if (!policy.ok()) {
         return absl::InvalidArgumentError(
             absl::StrCat("statement ", i + 1, ": ", policy.message()));

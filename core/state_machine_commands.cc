@@ -43,6 +43,20 @@ absl::Status CheckLength(std::string_view what, std::string_view value, size_t m
   return absl::OkStatus();
 }
 
+absl::Status CheckExecuteFields(const Execute& execute) {
+  if (execute.statements().empty()) {
+    return absl::InvalidArgumentError("execute needs at least one statement");
+  }
+  // A log entry holding a string field that is not UTF-8 could not be read back (proto3
+  // refuses it), and a replica that cannot read its log cannot start.
+  for (const Statement& statement : execute.statements()) {
+    bool valid = IsValidUtf8(statement.sql());
+    for (const SqlValue& param : statement.params()) valid = valid && IsValidUtf8(param.text());
+    if (!valid) return absl::InvalidArgumentError("SQL text and parameters must be UTF-8");
+  }
+  return CheckDatabaseName(execute.database());
+}
+
 absl::Status CheckMediaKey(std::string_view key) {
   if (IsValidMediaKey(key)) return absl::OkStatus();
   return absl::InvalidArgumentError(
@@ -86,22 +100,23 @@ absl::Status CheckCommandFields(const Command& command) {
     case Command::kDropDatabase:
       return CheckDatabaseName(command.drop_database().name());
     case Command::kExecute:
-      if (command.execute().statements().empty()) {
-        return absl::InvalidArgumentError("execute needs at least one statement");
-      }
-      // A log entry holding a string field that is not UTF-8 could not be read back (proto3
-      // refuses it), and a replica that cannot read its log cannot start.
-      for (const Statement& statement : command.execute().statements()) {
-        bool valid = IsValidUtf8(statement.sql());
-        for (const SqlValue& param : statement.params()) valid = valid && IsValidUtf8(param.text());
-        if (!valid) return absl::InvalidArgumentError("SQL text and parameters must be UTF-8");
-      }
-      return CheckDatabaseName(command.execute().database());
+      return CheckExecuteFields(command.execute());
     case Command::kReadBarrier:
     case Command::kCheckpoint:
       return absl::OkStatus();
     case Command::kPutMedia: {
       const PutMedia& put = command.put_media();
+      if (put.has_execute()) {
+        if (put.execute().database() != put.database()) {
+          return absl::InvalidArgumentError("a media's statements run in its own database");
+        }
+        if (!put.execute().transaction()) {
+          return absl::InvalidArgumentError("a media's statements run as one transaction");
+        }
+        if (absl::Status execute = CheckExecuteFields(put.execute()); !execute.ok()) {
+          return execute;
+        }
+      }
       checks = {CheckDatabaseName(put.database()), CheckMediaKey(put.key()),
                 CheckSha256(put.sha256()),
                 IsValidContentType(put.content_type())
@@ -175,9 +190,32 @@ StateMachine::Impl::Outcome StateMachine::Impl::RunCommand(uint64_t slot, uint64
       case Command::kReadBarrier:
       case Command::kCheckpoint:  // a vote for the host's divergence check: nothing to change
         break;                    // the result's revision is the answer
-      case Command::kPutMedia:
-        outcome.result = PutMedia(slot, command.put_media());
+      case Command::kPutMedia: {
+        const synod::PutMedia& put = command.put_media();
+        if (put.has_execute()) {
+          // ANALYZE applies alone, outside a group (ApplyInGroup): not beside media.
+          if (RunsAnalyze(put.execute())) {
+            outcome.result = Failure(INVALID_ARGUMENT, "ANALYZE cannot run with a media upload");
+            break;
+          }
+          // Its key is new (a d3b file id): one taken is refused before anything applies,
+          // rather than replaced after the statements.
+          if (databases.contains(put.database()) && MediaExists(put.database(), put.key())) {
+            outcome.result =
+                Failure(ALREADY_EXISTS, absl::StrCat("media ", Quote(put.key()), " exists"));
+            break;
+          }
+          // The statements first, in the request's savepoint: the metadata only if they
+          // succeed. (The database exists if they do: PutMedia then cannot fail.)
+          outcome.result = Execute(slot, index, put.execute());
+          if (outcome.result.code() != OK) break;
+          CommandResult stored = PutMedia(slot, put);
+          SYNOD_CHECK_EQ(stored.code(), OK) << stored.message();
+          break;
+        }
+        outcome.result = PutMedia(slot, put);
         break;
+      }
       case Command::kDeleteMedia:
         outcome.result = DeleteMedia(command.delete_media());
         break;
@@ -494,6 +532,14 @@ CommandResult StateMachine::Impl::PutMedia(uint64_t slot, const synod::PutMedia&
   MustBindInt64(stmt.get(), 6, static_cast<int64_t>(slot));
   SYNOD_CHECK(!MustStep(stmt.get()));
   return CommandResult();
+}
+
+bool StateMachine::Impl::MediaExists(std::string_view database, std::string_view key) {
+  Stmt stmt =
+      MustPrepare(system.get(), "SELECT 1 FROM _synod_media WHERE database = ? AND key = ?");
+  MustBindText(stmt.get(), 1, database);
+  MustBindText(stmt.get(), 2, key);
+  return MustStep(stmt.get());
 }
 
 CommandResult StateMachine::Impl::DeleteMedia(const synod::DeleteMedia& del) {

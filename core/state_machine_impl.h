@@ -154,6 +154,7 @@ struct StateMachine::Impl {
   }
   CommandResult PutMedia(uint64_t slot, const synod::PutMedia& put);
   CommandResult DeleteMedia(const synod::DeleteMedia& del);
+  bool MediaExists(std::string_view database, std::string_view key);
   CommandResult RegisterName(uint64_t slot, const synod::RegisterName& reg);
   CommandResult ReleaseName(const synod::ReleaseName& release);
   std::string ChooseFileId(std::string_view name);

@@ -788,6 +788,46 @@ Command PutMediaCommand(std::string database, std::string key) {
   return command;
 }
 
+TEST(StateMachineTest, MediaWithStatementsStoresBothOrNeither) {
+  Replica replica;
+  replica.Apply(Create("d"));
+  replica.Apply(Exec("d", "CREATE TABLE photo(name TEXT UNIQUE, file_id TEXT)"));
+  auto with_sql = [](std::string key, std::string sql) {
+    Command command = PutMediaCommand("d", key);
+    Execute* execute = command.mutable_put_media()->mutable_execute();
+    execute->set_database("d");
+    execute->set_transaction(true);
+    execute->add_statements()->set_sql(std::move(sql));
+    return command;
+  };
+  CommandResult ok = replica.Apply(
+      with_sql("f1", "INSERT INTO photo VALUES ('cat', 'f1') RETURNING name, file_id"));
+  ASSERT_EQ(ok.code(), OK) << ok.message();
+  ASSERT_EQ(ok.results_size(), 1);
+  EXPECT_EQ(ok.results(0).rows_size(), 1);
+  EXPECT_TRUE(replica.machine().GetMedia("d", "f1").ok());
+  // A failing statement (the name is taken): neither the row nor the metadata.
+  CommandResult failed = replica.Apply(with_sql("f2", "INSERT INTO photo VALUES ('cat', 'f2')"));
+  EXPECT_EQ(failed.code(), INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::IsNotFound(replica.machine().GetMedia("d", "f2").status()));
+  // Statements for another database, or that ANALYZE, are refused.
+  Command elsewhere = with_sql("f3", "INSERT INTO photo VALUES ('dog', 'f3')");
+  elsewhere.mutable_put_media()->mutable_execute()->set_database("other");
+  EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::Validate(elsewhere)));
+  EXPECT_EQ(replica.Apply(elsewhere).code(), INVALID_ARGUMENT);
+  EXPECT_EQ(replica.Apply(with_sql("f4", "ANALYZE")).code(), INVALID_ARGUMENT);
+  // A taken key is refused before the statements run.
+  EXPECT_EQ(replica.Apply(with_sql("f1", "INSERT INTO photo VALUES ('dog', 'f1')")).code(),
+            ALREADY_EXISTS);
+  Command loose = with_sql("f6", "INSERT INTO photo VALUES ('eel', 'f6')");
+  loose.mutable_put_media()->mutable_execute()->set_transaction(false);
+  EXPECT_TRUE(absl::IsInvalidArgument(StateMachine::Validate(loose)));
+  EXPECT_TRUE(absl::IsNotFound(replica.machine().GetMedia("d", "f4").status()));
+  // The statements' policy applies as to any execute.
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(StateMachine::Validate(with_sql("f5", "PRAGMA journal_mode = OFF"))));
+}
+
 TEST(StateMachineTest, MediaMetadataIsStoredAndGoesAwayWithItsDatabase) {
   Replica replica;
   EXPECT_EQ(replica.Apply(PutMediaCommand("d", "cat.png")).code(), NOT_FOUND);

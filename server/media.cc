@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <random>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -16,6 +17,7 @@
 #include "core/check.h"
 #include "core/sqlite_util.h"
 #include "server/json.h"
+#include "server/multipart.h"
 
 namespace synod::server {
 namespace {
@@ -236,14 +238,15 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
     Release();
   }
 
-  // Answers an error: the upload stores nothing.
-  void Fail(const absl::Status& why) {
+  // Answers an error: the upload stores nothing. `invalid_code` names an InvalidArgument.
+  void Fail(const absl::Status& why, std::string_view invalid_code = "digest_mismatch") {
+    if (ended_) return;
     ended_ = true;
     ++service_->counters_.uploads_refused;
     if (absl::IsResourceExhausted(why)) {
       service_->RespondError(responder, 507, "insufficient_storage", S(why.message()));
     } else if (absl::IsInvalidArgument(why)) {
-      service_->RespondError(responder, 400, "digest_mismatch", S(why.message()));
+      service_->RespondError(responder, 400, invalid_code, S(why.message()));
     } else {
       service_->RespondError(responder, 500, "internal", S(why.message()));
     }
@@ -264,6 +267,9 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
   std::string key;
   std::string content_type;
   std::string expected_sha256;
+  // d3b: the statements that apply with the metadata, and the answer in d3b's shape.
+  std::optional<synod::Execute> execute;
+  bool d3b = false;
   // Once the body is stored: its hash and size, and where it is durable.
   std::string sha256;
   uint64_t size = 0;
@@ -379,6 +385,8 @@ absl::Status MediaService::Start() {
   pass_timer_started_ = true;
   started_ = true;
   pass_wanted_ = true;  // the first pass soon after start: what is missing, what is left
+  std::random_device entropy;
+  file_id_state_ = (static_cast<uint64_t>(entropy()) << 32) | entropy();
   return absl::OkStatus();
 }
 
@@ -499,6 +507,141 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
   upload->content_type = std::move(content_type);
   upload->expected_sha256 = *std::move(announced);
   return upload;
+}
+
+// d3b's upload: the multipart body parsed as it arrives, its `file` part streamed into an
+// Upload, its `json` field kept (small); at the end, the d3b request becomes the upload's
+// statements, and the Upload goes on as any other.
+class MediaService::D3bUpload : public HttpBodySink {
+ public:
+  static constexpr size_t kMaxJsonBytes = 1 << 20;
+
+  D3bUpload(MediaService* service, std::shared_ptr<Upload> upload, std::string boundary)
+      : service_(service),
+        upload_(std::move(upload)),
+        parser_(std::move(boundary),
+                {.begin = [this](const MultipartParser::Part& part) { return Begin(part); },
+                 .data = [this](std::string_view data) { return Data(data); },
+                 .end = [this] { return End(); }}) {}
+
+  void Write(std::string piece, std::function<void()> done) override {
+    file_bytes_.clear();
+    if (absl::Status parsed = parser_.Feed(piece); !parsed.ok()) {
+      upload_->Fail(parsed, "bad_request");
+      return done();
+    }
+    if (file_bytes_.empty()) return done();
+    upload_->Write(std::move(file_bytes_), std::move(done));
+    file_bytes_.clear();
+  }
+
+  void Finish() override {
+    if (!parser_.done() || !saw_file_ || !saw_json_) {
+      return upload_->Fail(
+          absl::InvalidArgumentError("a d3b upload is a multipart body with a \"json\" field "
+                                     "and a \"file\" part, each once, and its closing delimiter"),
+          "bad_request");
+    }
+    absl::StatusOr<Command> command = service_->host_.d3b_command(json_, upload_->key);
+    if (command.ok()) {
+      // Checked as it will be proposed (its hash is not known yet: any will do here), so
+      // that refused SQL is answered before the file is replicated.
+      Command checked = *command;
+      checked.mutable_put_media()->set_key(upload_->key);
+      checked.mutable_put_media()->set_sha256(std::string(64, '0'));
+      checked.mutable_put_media()->set_content_type(upload_->content_type);
+      if (absl::Status valid = StateMachine::Validate(checked); !valid.ok()) command = valid;
+    }
+    if (!command.ok()) return upload_->Fail(command.status(), "invalid_argument");
+    const PutMedia& put = command->put_media();
+    upload_->database = put.database();
+    upload_->execute = put.execute();
+    upload_->Finish();
+  }
+
+  void Abort() override { upload_->Abort(); }
+
+ private:
+  absl::Status Begin(const MultipartParser::Part& part) {
+    if (part.name == "json" && !saw_json_) {
+      saw_json_ = in_json_ = true;
+      return absl::OkStatus();
+    }
+    if (part.name == "file" && !saw_file_) {
+      saw_file_ = in_file_ = true;
+      if (!part.content_type.empty()) {
+        if (!IsValidContentType(part.content_type)) {
+          return absl::InvalidArgumentError(
+              "the file's content type is 1 to 255 printable ASCII characters");
+        }
+        upload_->content_type = part.content_type;
+      }
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(
+        "a d3b upload has one \"json\" field and one \"file\" part, nothing else");
+  }
+  absl::Status Data(std::string_view data) {
+    if (in_json_) {
+      if (json_.size() + data.size() > kMaxJsonBytes) {
+        return absl::InvalidArgumentError("the json field is over 1 MiB");
+      }
+      json_.append(data.data(), data.size());
+    } else if (in_file_) {
+      file_bytes_.append(data.data(), data.size());
+    }
+    return absl::OkStatus();
+  }
+  absl::Status End() {
+    in_json_ = in_file_ = false;
+    return absl::OkStatus();
+  }
+
+  MediaService* const service_;
+  std::shared_ptr<Upload> upload_;
+  MultipartParser parser_;
+  std::string json_;
+  std::string file_bytes_;  // of the file part, from the piece being parsed
+  bool saw_json_ = false, saw_file_ = false, in_json_ = false, in_file_ = false;
+};
+
+bool MediaService::IsD3bUpload(const HttpRequest& head) {
+  if (head.method != "POST" || head.target.substr(0, head.target.find('?')) != "/") return false;
+  return MultipartBoundary(Header(head, "content-type")).ok() ||
+         absl::StartsWith(absl::AsciiStrToLower(Header(head, "content-type")), "multipart/");
+}
+
+std::shared_ptr<HttpBodySink> MediaService::StartD3bUpload(
+    const HttpRequest& head, std::shared_ptr<HttpResponder> responder) {
+  absl::StatusOr<std::string> boundary = MultipartBoundary(Header(head, "content-type"));
+  if (!boundary.ok()) {
+    ++counters_.uploads_refused;
+    RespondError(responder, 400, "bad_request", S(boundary.status().message()));
+    return nullptr;
+  }
+  // The file's key: assigned here, 16 hex digits.
+  file_id_state_ += 0x9e3779b97f4a7c15ull;
+  uint64_t z = file_id_state_;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  char file_id[17];
+  std::snprintf(file_id, sizeof(file_id), "%016llx", static_cast<unsigned long long>(z));
+  HttpRequest upload_head;
+  upload_head.method = "PUT";
+  upload_head.target = absl::StrCat("/v1/db/d3b/media/", file_id);  // the database comes later
+  // The request's own digest and type describe the multipart body, not the file.
+  for (const auto& [name, value] : head.headers) {
+    if (name != "digest" && name != "content-sha256" && name != "content-type") {
+      upload_head.headers.emplace_back(name, value);
+    }
+  }
+  std::shared_ptr<HttpBodySink> sink = StartUpload(upload_head, responder);
+  if (sink == nullptr) return nullptr;  // answered
+  auto upload = std::static_pointer_cast<Upload>(sink);
+  upload->d3b = true;
+  upload->content_type = "application/octet-stream";  // unless the file part names one
+  return std::make_shared<D3bUpload>(this, std::move(upload), *std::move(boundary));
 }
 
 void MediaService::Replicate(std::shared_ptr<Upload> upload) {
@@ -686,26 +829,34 @@ void MediaService::ProposeUpload(std::shared_ptr<Upload> upload) {
     store_->Unpin(upload->sha256);
     upload->Release();
   });
+  if (upload->execute) *put->mutable_execute() = *upload->execute;
   if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
     return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
   }
   store_->Keep(upload->sha256);  // this replica's copy, young as the peers' are
   ++counters_.uploads;
-  host_.propose(std::move(command), upload->responder,
-                [this, upload, release](const CommandResult& result) {
-                  if (result.code() != OK) {
-                    return RespondError(upload->responder, HttpStatusFor(result.code()),
-                                        CodeName(result.code()), result.message());
-                  }
-                  std::string out = "{\"key\":";
-                  AppendJsonString(&out, upload->key);
-                  out += ",\"sha256\":";
-                  AppendJsonString(&out, upload->sha256);
-                  absl::StrAppend(&out, ",\"size\":", upload->size, ",\"content_type\":");
-                  AppendJsonString(&out, upload->content_type);
-                  absl::StrAppend(&out, ",\"revision\":", result.revision(), "}");
-                  Respond(upload->responder, 201, out);
-                });
+  host_.propose(
+      std::move(command), upload->responder, [this, upload, release](const CommandResult& result) {
+        if (result.code() != OK) {
+          return RespondError(upload->responder, HttpStatusFor(result.code()),
+                              CodeName(result.code()), result.message());
+        }
+        if (upload->d3b) {
+          std::string out = "{\"file_id\":";
+          AppendJsonString(&out, upload->key);
+          absl::StrAppend(&out, ",\"sha256\":\"", upload->sha256, "\",\"size\":", upload->size,
+                          ",\"rows\":", host_.d3b_rows(result), "}");
+          return Respond(upload->responder, 200, out);
+        }
+        std::string out = "{\"key\":";
+        AppendJsonString(&out, upload->key);
+        out += ",\"sha256\":";
+        AppendJsonString(&out, upload->sha256);
+        absl::StrAppend(&out, ",\"size\":", upload->size, ",\"content_type\":");
+        AppendJsonString(&out, upload->content_type);
+        absl::StrAppend(&out, ",\"revision\":", result.revision(), "}");
+        Respond(upload->responder, 201, out);
+      });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ struct MediaHost {
   // Whether this replica has applied what it knows to be committed (collection waits for it:
   // a lagging replica has not seen the metadata that references new blobs).
   std::function<bool()> caught_up;
+  // d3b uploads (POST / multipart): the command a `json` field asks for, given the file_id
+  // this replica assigned (a PutMedia whose execute holds the request's SQL, the file_id
+  // bound as its last parameter; InvalidArgument if the request is not a valid upload), and
+  // the answer's rows as d3b writes them (a JSON array of row objects).
+  std::function<absl::StatusOr<Command>(std::string_view json, const std::string& file_id)>
+      d3b_command;
+  std::function<std::string(const CommandResult&)> d3b_rows;
   StateMachine* state_machine = nullptr;
   const PeerAuthenticator* auth = nullptr;
 };
@@ -118,6 +125,13 @@ class MediaService {
   // Takes an upload at its headers: its body's sink, or nullptr once answered.
   std::shared_ptr<HttpBodySink> StartUpload(const HttpRequest& head,
                                             std::shared_ptr<HttpResponder> responder);
+  // The same for d3b's upload, POST / with a multipart/form-data body: a `json` field with
+  // the d3b request ("media_op":"upload") and a `file` part, streamed like an upload; the
+  // request's SQL applies with the metadata, as one write.
+  static bool IsD3bUpload(const HttpRequest& head);
+  std::shared_ptr<HttpBodySink> StartD3bUpload(const HttpRequest& head,
+                                               std::shared_ptr<HttpResponder> responder);
+  uint64_t max_media_bytes() const { return options_.max_media_bytes; }
   // GET (and HEAD) or DELETE /v1/db/{name}/media/{key}; GET /v1/db/{name}/media lists (key
   // empty).
   void Handle(const HttpRequest& request, const std::string& database, const std::string& key,
@@ -136,6 +150,7 @@ class MediaService {
 
  private:
   class Upload;
+  class D3bUpload;
   struct Push;
   struct Fetch;
   struct Incoming;
@@ -214,6 +229,7 @@ class MediaService {
   std::deque<std::pair<std::string, uint64_t>> fetch_queue_;
   std::set<std::string> fetch_queued_;
   uint32_t next_fetch_peer_ = 0;
+  uint64_t file_id_state_ = 0;  // d3b file ids: splitmix64 from a random seed
 
   bool pass_running_ = false;
   bool starting_fetches_ = false;  // StartQueuedFetches is on the stack

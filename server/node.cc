@@ -279,6 +279,38 @@ absl::Status Node::Start() {
     ReplicaStatus s = this->replica().Status();
     return s.leader_id != 0 && sm_->revision() >= s.commit_index;
   };
+  media_host.d3b_command = [](std::string_view json,
+                              const std::string& file_id) -> absl::StatusOr<Command> {
+    api::D3bRequest body;
+    if (absl::Status s = ParseJson(json, &body); !s.ok()) return s;
+    if (body.media_op() != "upload") {
+      return absl::InvalidArgumentError("a multipart d3b request has \"media_op\":\"upload\"");
+    }
+    if (!IsValidDatabaseName(body.table())) {
+      return absl::InvalidArgumentError("\"table\" must name a database");
+    }
+    absl::StatusOr<Statement> statement = ToStatement(body.query(), body.args());
+    if (!statement.ok()) return statement.status();
+    // The file id the server assigned is the statement's last parameter.
+    statement->add_params()->set_text(file_id);
+    Command command;
+    PutMedia* put = command.mutable_put_media();
+    put->set_database(body.table());
+    Execute* execute = put->mutable_execute();
+    execute->set_database(body.table());
+    execute->set_transaction(true);
+    *execute->add_statements() = *std::move(statement);
+    return command;
+  };
+  media_host.d3b_rows = [](const CommandResult& result) {
+    std::string out;
+    if (result.results_size() > 0) {
+      AppendRowObjects(&out, result.results(0));
+    } else {
+      out = "[]";
+    }
+    return out;
+  };
   media_host.state_machine = sm_.get();
   media_host.auth = peer_auth_.get();
   media_ = std::make_unique<MediaService>(loop_, std::move(media_options), std::move(media_host));
@@ -290,7 +322,12 @@ absl::Status Node::Start() {
   limits.max_body_bytes_for = [this](std::string_view method, std::string_view target) {
     return BodyLimit(method, target);
   };
-  limits.stream_body_for = &MediaService::IsUpload;
+  limits.stream_body_for = [this](const HttpRequest& head) -> size_t {
+    if (MediaService::IsUpload(head.method, head.target) || MediaService::IsD3bUpload(head)) {
+      return static_cast<size_t>(std::min<uint64_t>(media_->max_media_bytes(), SIZE_MAX));
+    }
+    return 0;
+  };
   limits.request_timeout_ms = options_.http_request_timeout_ms;
   limits.max_connections = options_.max_connections;
   http_ = std::make_unique<HttpServer>(
@@ -304,7 +341,9 @@ absl::Status Node::Start() {
           RespondError(responder, 503, "unavailable", "the server is stopping");
           return std::shared_ptr<HttpBodySink>();
         }
-        return media_->StartUpload(head, std::move(responder));
+        return MediaService::IsUpload(head.method, head.target)
+                   ? media_->StartUpload(head, std::move(responder))
+                   : media_->StartD3bUpload(head, std::move(responder));
       });
   absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
   if (!listening.ok()) return listening;
@@ -1507,11 +1546,6 @@ void Node::HandleQuery(const std::string& name, const HttpRequest& request,
 }
 
 void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
-  if (absl::StartsWith(Header(request, "content-type"), "multipart/")) {
-    return RespondError(responder, 501, "not_implemented",
-                        "d3b multipart uploads are not served yet: PUT the file to "
-                        "/v1/db/{table}/media/{key}");
-  }
   api::D3bRequest body;
   if (absl::Status s = ParseJson(request.body, &body); !s.ok()) {
     return RespondError(responder, 400, "bad_request", s.message());
@@ -1531,11 +1565,10 @@ void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> 
       }
       return media_->Handle(media_request, body.table(), body.file_id(), std::move(responder));
     }
-    return RespondError(responder, body.media_op() == "upload" ? 501 : 400,
-                        body.media_op() == "upload" ? "not_implemented" : "invalid_argument",
+    return RespondError(responder, 400, "invalid_argument",
                         body.media_op() == "upload"
-                            ? "d3b uploads are not served yet: PUT the file to "
-                              "/v1/db/{table}/media/{file_id}"
+                            ? "an upload is a multipart/form-data body with a \"json\" field "
+                              "and a \"file\" part"
                             : "media_op is get or delete, with file_id");
   }
   absl::StatusOr<Statement> st = ToStatement(body.query(), body.args());

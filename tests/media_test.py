@@ -6,6 +6,7 @@ Usage: media_test.py PATH_TO_SYNOD_SERVER [unittest args]
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -98,10 +99,20 @@ class Media(MediaTest):
             data = os.urandom(200_000 + n)
             self.assertEqual(self.upload(1 + n % 3, f"k{n}", data).status, 201)
             blobs[f"k{n}"] = data
+        want = {hashlib.sha256(d).hexdigest() for d in blobs.values()}
+        self.wait_for("every replica holds every blob",
+                      lambda: all(want <= stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+        # Replica 1's copy of one blob is damaged (same size, one byte changed): a fetch from
+        # it fails its hash check, and the fetcher asks another peer.
+        damaged = hashlib.sha256(blobs["k0"]).hexdigest()
+        path = os.path.join(self.c.root, "1", "blobs", damaged[:2], damaged[2:])
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
         self.c.kill(3)
         shutil.rmtree(os.path.join(self.c.root, "3"))
         self.c.start(3)
-        want = {hashlib.sha256(d).hexdigest() for d in blobs.values()}
         # Rebuilt from the others (log or snapshot), then the background pass fetches
         # every referenced blob.
         self.wait_for("the wiped replica refetched every blob",
@@ -197,13 +208,69 @@ class Media(MediaTest):
             r = self.c.request(1, "POST", "/", dict({"table": "photos", "query": ""}, **bad))
             self.assertEqual(r.status, 400, (bad, r))
         r = self.c.request(1, "POST", "/", {"table": "photos", "query": "", "media_op": "upload"})
-        self.assertEqual(r.status, 501, r)
+        self.assertEqual(r.status, 400, r)
         r = self.c.request(1, "POST", "/", {"table": "photos", "query": "",
                                             "media_op": "delete", "file_id": "f1"})
         self.assertEqual(r.status, 204, r)
         r = self.c.request(2, "POST", "/", {"table": "photos", "query": "", "media_op": "get",
                                             "file_id": "f1"})
         self.assertEqual(r.status, 404, r)
+
+
+    def d3b_upload(self, i, fields, file_bytes, boundary="b0undary", file_type="image/png"):
+        parts = []
+        if fields is not None:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="json"\r\n\r\n'
+                         .encode() + json.dumps(fields).encode() + b"\r\n")
+        if file_bytes is not None:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                         f'filename="x.png"\r\nContent-Type: {file_type}\r\n\r\n'.encode()
+                         + file_bytes + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.c.request(i, "POST", "/", body=body, timeout=60, headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def test_d3b_multipart_upload_runs_its_sql_with_the_metadata(self):
+        r = self.c.exec(1, "photos", "CREATE TABLE photo(name TEXT UNIQUE, file_id TEXT)")
+        self.assertEqual(r.status, 200, r)
+        data = os.urandom(2 * 1048576 + 5)
+        insert = {"table": "photos", "media_op": "upload", "args": ["cat"],
+                  "query": "INSERT INTO photo(name, file_id) VALUES (?, ?) RETURNING name, file_id"}
+        r = self.d3b_upload(2, insert, data)
+        self.assertEqual(r.status, 200, r)
+        answer = r.json()
+        file_id = answer["file_id"]
+        self.assertEqual(answer["sha256"], hashlib.sha256(data).hexdigest())
+        self.assertEqual(answer["rows"], [{"name": "cat", "file_id": file_id}])
+        g = self.c.request(3, "POST", "/", {"table": "photos", "query": "", "media_op": "get",
+                                            "file_id": file_id}, timeout=60)
+        self.assertEqual((g.status, g.body), (200, data))
+        self.assertEqual(g.headers["Content-Type"], "image/png")
+        q = self.c.request(1, "POST", "/", {"table": "photos", "query": "SELECT name FROM photo",
+                                            "args": []})
+        self.assertEqual(q.json(), [{"name": "cat"}])
+        # The SQL fails (the name is taken): no row, no metadata, and the blob goes.
+        r = self.d3b_upload(1, insert, b"other bytes")
+        self.assertEqual(r.status, 400, r)
+        listed = self.c.request(1, "GET", "/v1/db/photos/media").json()["media"]
+        self.assertEqual([m["key"] for m in listed], [file_id])
+        sha_other = hashlib.sha256(b"other bytes").hexdigest()
+        self.wait_for("the refused upload's blob is collected", lambda: all(
+            sha_other not in stored_blobs(self.c.root, i) for i in (1, 2, 3)))
+        # Bad bodies: no file part, no json, a json that is not an upload, no boundary.
+        self.assertEqual(self.d3b_upload(1, insert, None).status, 400)
+        self.assertEqual(self.d3b_upload(1, None, b"x").status, 400)
+        self.assertEqual(self.d3b_upload(1, dict(insert, media_op="get"), b"x").status, 400)
+        self.assertEqual(self.d3b_upload(1, dict(insert, table="no/such"), b"x").status, 400)
+        r = self.d3b_upload(1, dict(insert, query="PRAGMA journal_mode = OFF"), b"x")
+        self.assertEqual(r.status, 400, r)
+        r = self.c.request(1, "POST", "/", body=b"--x--", headers={"Content-Type": "multipart/form-data"})
+        self.assertEqual(r.status, 400, r)
+        # d3b delete; the row stays (it is the application's), the file goes.
+        r = self.c.request(1, "POST", "/", {"table": "photos", "query": "", "media_op": "delete",
+                                            "file_id": file_id})
+        self.assertEqual(r.status, 204, r)
+        self.assertEqual(self.c.request(2, "GET", f"/v1/db/photos/media/{file_id}").status, 404)
 
 
 class MediaBadInput(MediaTest):
