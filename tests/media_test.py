@@ -274,6 +274,8 @@ class Media(MediaTest):
 
 
 class MediaBadInput(MediaTest):
+    flags = MediaTest.flags + ("--max-media-bytes", str(4 << 20))
+
     def assert_error(self, r, status, what):
         self.assertEqual(r.status, status, f"{what}: {r}")
         self.assertIn("error", r.json(), what)
@@ -335,8 +337,24 @@ class MediaBadInput(MediaTest):
         self.c.wait_ready()
         r = self.c.request(2, "GET", "/v1/db/photos/media/lonely")
         self.assertEqual(r.status, 404, r)
+        # The bytes replica 1 stored go too, once past the grace.
+        self.wait_for("the refused upload's blob is collected",
+                      lambda: all(not blob_files(self.c.root, i) for i in (1, 2, 3)))
+        self.assert_nothing_left()
 
-    flags = MediaTest.flags + ("--max-media-bytes", str(4 << 20))
+
+class MediaDiskFull(MediaTest):
+    flags = MediaTest.flags + ("--max-media-bytes", str(1 << 50))
+
+    def test_an_upload_the_disk_cannot_hold_is_507_before_a_byte_is_stored(self):
+        # 500 TiB declared: more than the disk has free, within --max-media-bytes.
+        r = self.c.request(1, "PUT", "/v1/db/photos/media/huge",
+                           headers={"Content-Length": str(500 << 40)}, body=None)
+        self.assertEqual(r.status, 507, r)
+        self.assertEqual(r.json()["error"]["code"], "insufficient_storage")
+        for i in (1, 2, 3):
+            self.assertEqual(blob_files(self.c.root, i), [])
+
 
 
 if __name__ == "__main__":
