@@ -356,7 +356,6 @@ class MediaDiskFull(MediaTest):
             self.assertEqual(blob_files(self.c.root, i), [])
 
 
-
 if __name__ == "__main__":
     SERVER = os.path.abspath(sys.argv.pop(1))
     unittest.main(verbosity=2)
