@@ -163,6 +163,35 @@ std::string Get(const std::string& target) {
   return "GET " + target + " HTTP/1.1\r\nHost: t\r\n\r\n";
 }
 
+// Sends `rounds` mutations of `valid` (bytes changed, cut out or inserted), each on a
+// connection of its own that then ends its input, and reads what comes back.
+void SendMutations(int port, const std::string& valid, uint64_t seed, int rounds) {
+  std::mt19937_64 random(seed);
+  for (int round = 0; round < rounds; ++round) {
+    std::string input = valid;
+    int mutations = 1 + static_cast<int>(random() % 8);
+    for (int m = 0; m < mutations; ++m) {
+      size_t at = random() % input.size();
+      switch (random() % 3) {
+        case 0:
+          input[at] = static_cast<char>(random() % 256);
+          break;
+        case 1:
+          input.erase(at, 1 + random() % 8);
+          break;
+        default:
+          input.insert(at, std::string(1 + random() % 300, static_cast<char>(random())));
+      }
+      if (input.empty()) input = "x";
+    }
+    RawClient client(port);
+    client.Send(input);
+    client.ShutdownWrites();
+    while (client.Read()) {
+    }
+  }
+}
+
 class HttpTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_EQ(uv_loop_init(&loop_), 0); }
@@ -953,32 +982,7 @@ TEST_F(HttpTest, GarbageNeverCrashesAndLeavesNoConnections) {
   const std::string valid =
       "POST /p?q=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
       "GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
-  std::mt19937_64 random(20240601);
-  RunClient([&] {
-    for (int round = 0; round < 500; ++round) {
-      std::string input = valid;
-      int mutations = 1 + static_cast<int>(random() % 8);
-      for (int m = 0; m < mutations; ++m) {
-        size_t at = random() % input.size();
-        switch (random() % 3) {
-          case 0:
-            input[at] = static_cast<char>(random() % 256);
-            break;
-          case 1:
-            input.erase(at, 1 + random() % 8);
-            break;
-          default:
-            input.insert(at, std::string(1 + random() % 300, static_cast<char>(random())));
-        }
-        if (input.empty()) input = "x";
-      }
-      RawClient client(port());
-      client.Send(input);
-      client.ShutdownWrites();
-      while (client.Read()) {
-      }
-    }
-  });
+  RunClient([&] { SendMutations(port(), valid, 20240601, 500); });
   RunUntil([&] { return server_->connection_count() == 0; });
   RunClient([&] {
     RawClient client(port());
@@ -1317,32 +1321,7 @@ TEST_F(HttpTest, GarbageOnStreamedRequestsNeverCrashesAndLeavesNoConnections) {
   const std::string valid =
       "PUT /p?q=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
       "POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
-  std::mt19937_64 random(20261202);
-  RunClient([&] {
-    for (int round = 0; round < 300; ++round) {
-      std::string input = valid;
-      int mutations = 1 + static_cast<int>(random() % 8);
-      for (int m = 0; m < mutations; ++m) {
-        size_t at = random() % input.size();
-        switch (random() % 3) {
-          case 0:
-            input[at] = static_cast<char>(random() % 256);
-            break;
-          case 1:
-            input.erase(at, 1 + random() % 8);
-            break;
-          default:
-            input.insert(at, std::string(1 + random() % 300, static_cast<char>(random())));
-        }
-        if (input.empty()) input = "x";
-      }
-      RawClient client(port());
-      client.Send(input);
-      client.ShutdownWrites();
-      while (client.Read()) {
-      }
-    }
-  });
+  RunClient([&] { SendMutations(port(), valid, 20261202, 300); });
   RunUntil([&] { return server_->connection_count() == 0; });
   EXPECT_GT(started, 0u);
   EXPECT_EQ(ended, started) << "every sink gets Finish or Abort";

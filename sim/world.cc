@@ -605,6 +605,8 @@ class World {
   Statement HostileStatement();
   Message ForgedMessage();
   // Media.
+  // Takes the next event off the queue, runs it, and checks leases and acceptors after.
+  void RunNextEvent();
   void Dispatch(const Event& ev);
   void OnMediaActor();
   void SendBlob(BlobPacket packet);
@@ -1752,14 +1754,7 @@ SimResult World::Run() {
       continue;
     }
     if (ev.time_us > end_us) break;
-    events_.pop();
-    now_us_ = ev.time_us;
-    ++events_run_;
-    trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
-    trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
-    Dispatch(ev);
-    CheckLeases();
-    if (acceptors_.violation()) Fail(*acceptors_.violation());
+    RunNextEvent();
     if (healed) {
       if (options_.pre_vote) WatchLeaderStability();
       bool idle = true;
@@ -1796,15 +1791,7 @@ SimResult World::Run() {
     // until what is missing is fetched and what is unreferenced has aged past the grace.
     const int64_t settle_end_us = now_us_ + kMediaSettleUs;
     while (!failure_ && !events_.empty() && events_.top().time_us <= settle_end_us) {
-      Event ev = events_.top();
-      events_.pop();
-      now_us_ = ev.time_us;
-      ++events_run_;
-      trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
-      trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
-      Dispatch(ev);
-      CheckLeases();
-      if (acceptors_.violation()) Fail(*acceptors_.violation());
+      RunNextEvent();
     }
     now_us_ = std::max(now_us_, settle_end_us);
     if (!failure_) MediaChecks();
@@ -1820,6 +1807,18 @@ SimResult World::Run() {
     if (h.sm) result.revision = std::max(result.revision, h.sm->revision());
   }
   return result;
+}
+
+void World::RunNextEvent() {
+  Event ev = events_.top();
+  events_.pop();
+  now_us_ = ev.time_us;
+  ++events_run_;
+  trace_hash_.AddU64(static_cast<uint64_t>(ev.time_us));
+  trace_hash_.AddU64(static_cast<uint64_t>(ev.kind));
+  Dispatch(ev);
+  CheckLeases();
+  if (acceptors_.violation()) Fail(*acceptors_.violation());
 }
 
 void World::Dispatch(const Event& ev) {

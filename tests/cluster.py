@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -99,6 +100,15 @@ class Cluster:
 
     def cleanup(self):
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def finish(self):
+        """Stops every replica, then removes the data and logs (kept, and named on stderr,
+        when SYNOD_E2E_KEEP is set)."""
+        self.stop_all()
+        if os.environ.get("SYNOD_E2E_KEEP"):
+            print(f"data and logs kept in {self.root}", file=sys.stderr)
+        else:
+            self.cleanup()
 
     def request(self, i, method, path, body=None, headers=None, timeout=15):
         conn = http.client.HTTPConnection("127.0.0.1", self.ports[i - 1], timeout=timeout)

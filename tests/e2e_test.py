@@ -31,11 +31,7 @@ class ClusterTest(unittest.TestCase):
         self.c.start_all()
 
     def tearDown(self):
-        self.c.stop_all()
-        if os.environ.get("SYNOD_E2E_KEEP"):
-            print(f"data and logs kept in {self.c.root}", file=sys.stderr)
-        else:
-            self.c.cleanup()
+        self.c.finish()
 
     def start_writers(self, db, sql, params_of, writers=4):
         """Clients writing unique keys through every replica in turn until stop is set;

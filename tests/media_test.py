@@ -49,11 +49,7 @@ class MediaTest(unittest.TestCase):
         self.assertEqual(r.status, 201, r)
 
     def tearDown(self):
-        self.c.stop_all()
-        if os.environ.get("SYNOD_E2E_KEEP"):
-            print(f"data and logs kept in {self.c.root}", file=sys.stderr)
-        else:
-            self.c.cleanup()
+        self.c.finish()
 
     def upload(self, i, key, data, content_type="image/png", headers=None, db="photos"):
         h = {"Content-Type": content_type}
