@@ -71,6 +71,12 @@ struct BlobWriter::Hasher {
   EVP_MD_CTX* context;
 };
 
+std::string Sha256Hex(std::string_view bytes) {
+  BlobWriter::Hasher hasher;
+  hasher.Update(bytes);
+  return hasher.HexDigest();
+}
+
 absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(std::string dir, bool fsync) {
   if (absl::Status made = MakeDirectory(dir); !made.ok()) return made;
   for (const char* sub : {"/tmp", "/trash"}) {

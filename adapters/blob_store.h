@@ -42,6 +42,9 @@ namespace synod {
 // Whether `text` is 64 lower-case hex digits (a SHA-256 as this store names blobs).
 bool IsSha256Hex(std::string_view text);
 
+// The SHA-256 of `bytes`, as this store names blobs.
+std::string Sha256Hex(std::string_view bytes);
+
 struct BlobInfo {
   std::string sha256;
   uint64_t size_bytes = 0;
@@ -132,6 +135,7 @@ class BlobWriter {
 
  private:
   friend class BlobStore;
+  friend std::string Sha256Hex(std::string_view bytes);
   struct Hasher;
   BlobWriter(BlobStore* store, std::string temp_path, int fd);
   void Discard();

@@ -31,6 +31,11 @@ int CountFiles(const std::string& dir) {
   return -1;
 }
 
+TEST(BlobStore, Sha256HexIsTheStandardDigest) {
+  EXPECT_EQ(Sha256Hex("hello world"), kHelloWorld);
+  EXPECT_EQ(Sha256Hex(""), kEmpty);
+}
+
 TEST(BlobStore, IsSha256HexTakesOnly64LowerCaseHexDigits) {
   EXPECT_TRUE(IsSha256Hex(kHelloWorld));
   EXPECT_FALSE(IsSha256Hex(std::string(kHelloWorld).substr(1)));

@@ -1311,16 +1311,41 @@ void MediaService::Serve(const HttpRequest& request, const PutMedia& media,
     return OnPool([store, sha256] { store->Remove(sha256).IgnoreError(); }, fetch);
   }
   if (media.size_bytes() <= kMaxCachedBlobBytes) {
-    // Read whole, once, on the pool; then served from memory until it falls out of the cache.
+    // Read whole, once, on the pool, and checked against its name; then served from memory
+    // until it falls out of the cache. Bytes that hash otherwise (a damaged disk) are
+    // removed, and fetched again from a peer.
     auto bytes = std::make_shared<absl::StatusOr<std::string>>(absl::UnknownError("not run"));
     const int file = *fd;
     const uint64_t size = media.size_bytes();
+    BlobStore* store = store_.get();
+    const std::string sha256 = media.sha256();
     OnPool(
-        [bytes, file, size] {
+        [bytes, file, size, store, sha256] {
           *bytes = ReadAt(file, 0, size, "a blob");
           close(file);
+          if (bytes->ok() && Sha256Hex(**bytes) != sha256) {
+            *bytes = absl::DataLossError("the blob's bytes do not match its name");
+            store->Remove(sha256).IgnoreError();
+          }
         },
-        [this, request, media, responder, bytes] {
+        [this, request, media, responder, bytes, fetched] {
+          if (absl::IsDataLoss(bytes->status())) {
+            fprintf(stderr, "W blob %s was damaged here: removed, fetched again\n",
+                    media.sha256().c_str());
+            if (fetched) {
+              return RespondError(responder, 503, "unavailable",
+                                  "the media's bytes are damaged here; read from another "
+                                  "replica");
+            }
+            return FetchBlob(media.sha256(), media.size_bytes(),
+                             [this, request, media, responder](absl::Status status) {
+                               if (!status.ok()) {
+                                 return RespondError(responder, 503, "unavailable",
+                                                     S(status.message()));
+                               }
+                               Serve(request, media, responder, /*fetched=*/true);
+                             });
+          }
           if (!bytes->ok() || (*bytes)->size() != media.size_bytes()) {
             return RespondError(responder, 500, "internal",
                                 "the media's bytes could not be read here; read from "

@@ -116,6 +116,10 @@ class Media(MediaTest):
         for key, data in blobs.items():
             g = self.c.request(3, "GET", f"/v1/db/photos/media/{key}?consistency=local")
             self.assertEqual((g.status, g.body), (200, data), key)
+        # Replica 1 serves its damaged blob's bytes only after checking them: it finds the
+        # damage, removes its copy, and fetches the blob again.
+        g = self.c.request(1, "GET", "/v1/db/photos/media/k0?consistency=local")
+        self.assertEqual((g.status, g.body), (200, blobs["k0"]))
 
     def test_range_etag_304_head_and_listing(self):
         data = bytes(range(256)) * 4000
