@@ -30,8 +30,8 @@ constexpr uint64_t kReserveBytes = uint64_t{256} << 20;
 constexpr uint64_t kSpaceCheckBytes = uint64_t{64} << 20;
 // Fetches a client may wait on at once (beyond them, 503): each holds a chunk of memory.
 constexpr size_t kMaxReadFetches = 16;
-// The periodic timer's period; a pass runs every gc_interval_ms, or this long after a
-// deletion asked for one.
+// The periodic timer's period; a pass runs every gc_interval_ms, and this long after the
+// last one once a start or a snapshot install asks for one (to fetch what is missing).
 constexpr uint64_t kTimerMs = 1000;
 constexpr int64_t kWantedPassDelayMs = 2000;
 constexpr size_t kDefaultListLimit = 100;
@@ -44,10 +44,6 @@ int64_t WallMs() {
   uv_timeval64_t now;
   SYNOD_CHECK(uv_gettimeofday(&now) == 0);
   return now.tv_sec * 1000 + now.tv_usec / 1000;
-}
-
-std::string ErrorBody(std::string_view code, std::string_view message) {
-  return ErrorJson(code, message);
 }
 
 // The hash a client announced for its upload: Content-SHA256 (hex) or Digest: sha-256=
@@ -435,7 +431,7 @@ void MediaService::Respond(const std::shared_ptr<HttpResponder>& responder, int 
 
 void MediaService::RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
                                 std::string_view code, std::string_view message) {
-  Respond(responder, status, ErrorBody(code, message));
+  Respond(responder, status, ErrorJson(code, message));
 }
 
 bool MediaService::IsUpload(std::string_view method, std::string_view target) {
@@ -607,8 +603,8 @@ class MediaService::D3bUpload : public HttpBodySink {
 
 bool MediaService::IsD3bUpload(const HttpRequest& head) {
   if (head.method != "POST" || head.target.substr(0, head.target.find('?')) != "/") return false;
-  return MultipartBoundary(Header(head, "content-type")).ok() ||
-         absl::StartsWith(absl::AsciiStrToLower(Header(head, "content-type")), "multipart/");
+  // Any multipart type: StartD3bUpload refuses one that is not form-data with a boundary.
+  return absl::StartsWith(absl::AsciiStrToLower(Header(head, "content-type")), "multipart/");
 }
 
 std::shared_ptr<HttpBodySink> MediaService::StartD3bUpload(
@@ -1448,19 +1444,12 @@ void MediaService::OnApplied(const Value& value, const std::vector<AppliedReques
           fetch_queued_.insert(put.sha256()).second) {
         fetch_queue_.emplace_back(put.sha256(), put.size_bytes());
       }
-      // A key that now names another blob may have left its old one unreferenced.
-      pass_wanted_ = true;
-    } else if (command.has_delete_media() || command.has_drop_database()) {
-      pass_wanted_ = true;
     }
   }
   StartQueuedFetches();
 }
 
-void MediaService::OnStateReplaced() {
-  pass_wanted_ = true;
-  last_pass_ms_ = 0;
-}
+void MediaService::OnStateReplaced() { pass_wanted_ = true; }
 
 void MediaService::StartPass() {
   if (pass_running_ || stopped_ || host_.stopping()) return;

@@ -140,7 +140,8 @@ class MediaService {
   void HandlePeer(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
 
   // The node applied `value` (with these results, one per request): fetches the blobs new
-  // metadata names and this replica lacks, and collects after deletions.
+  // metadata names and this replica lacks. (A blob a deletion or a replacement leaves
+  // unreferenced may go only once older than the grace: the periodic pass collects it.)
   void OnApplied(const Value& value, const std::vector<AppliedRequest>& applied);
   // The state was replaced by a snapshot: every referenced blob is checked soon.
   void OnStateReplaced();
