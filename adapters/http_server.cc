@@ -21,6 +21,9 @@ constexpr size_t kMaxBufferedInputBytes = 64 * 1024;
 // side and drains the client's input for up to this long: closing with unread input
 // would reset the connection and could destroy the response before the client reads it.
 constexpr uint64_t kLingerMs = 1000;
+// An upgraded connection, quiet this long, is probed (TCP keep-alive), so that a peer
+// machine that vanished is noticed.
+constexpr int kUpgradedKeepAliveSeconds = 15;
 constexpr int kListenBacklog = 511;
 // A declared body is given room for up to this many bytes at once (more grows as it comes,
 // so that a client declaring a large body and sending none holds little).
@@ -201,6 +204,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    if (upgraded_ != nullptr) upgraded_->Closed();  // kept until the handles are closed
     body_source_.reset();
     AbortSink();
     LeaveIdleList();
@@ -407,6 +411,15 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
 
   static void OnRead(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf) {
     auto* self = static_cast<ServerConnection*>(stream->data);
+    if (self->upgraded_ != nullptr) {
+      if (nread < 0) {
+        self->Close();  // the end of the input, or an error: the stream is over
+      } else if (nread > 0 && !self->closing_ &&
+                 !self->upgraded_->Receive(std::string_view(buf->base, nread))) {
+        self->Close();
+      }
+      return;
+    }
     if (nread == UV_EOF && !self->lingering_) {
       self->OnInputEnded();
       return;
@@ -456,7 +469,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       llhttp_errno_t rc = llhttp_execute(&parser_, input_.data(), input_.size());
       if (rc == HPE_OK) {
         input_.clear();
-      } else if (rc == HPE_PAUSED) {
+      } else if (rc == HPE_PAUSED || rc == HPE_PAUSED_UPGRADE) {
         size_t consumed = llhttp_get_error_pos(&parser_) - input_.data();
         SYNOD_CHECK_LE(consumed, input_.size());
         input_.erase(0, consumed);
@@ -466,6 +479,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
           StartStream();
           run_empty = true;
         } else if (sink_ == nullptr) {
+          if (parser_.upgrade && Upgrade()) return;
           Dispatch();
         }  // else a streamed body is complete: PumpBody finishes it
       } else if (parse_error_) {
@@ -506,6 +520,52 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     HttpRequest request = std::move(request_);
     request_ = HttpRequest();
     server_->handler_(std::move(request), std::move(responder));
+  }
+
+  // Offers the request that asks for an upgrade to the upgrade handler. True: the connection
+  // now belongs to the stream it returned (or is closing).
+  bool Upgrade() {
+    if (server_->upgrade_handler_ == nullptr || request_.method == "CONNECT" ||
+        body_received_ > 0) {
+      return false;
+    }
+    std::string protocol;
+    for (const auto& [name, value] : request_.headers) {
+      if (name == "upgrade") protocol = value;
+    }
+    if (protocol.empty() || !IsSafeHeaderText(protocol)) return false;
+    std::weak_ptr<ServerConnection> weak = weak_from_this();
+    std::unique_ptr<HttpUpgradedStream> stream = server_->upgrade_handler_(request_, [weak] {
+      if (std::shared_ptr<ServerConnection> self = weak.lock()) self->Close();
+    });
+    if (stream == nullptr) return false;
+    request_ = HttpRequest();
+    StopTimer();  // no idle or request deadline from now on, and off the idle list
+    upgraded_ = std::move(stream);
+    uv_tcp_keepalive(&tcp_, 1, kUpgradedKeepAliveSeconds);
+    // A failed write is met by the next read.
+    struct RawWrite {
+      uv_write_t request;
+      std::string bytes;
+    };
+    auto* write = new RawWrite;
+    write->bytes =
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + protocol +
+        "\r\n\r\n";
+    write->request.data = write;
+    uv_buf_t buf = uv_buf_init(write->bytes.data(), write->bytes.size());
+    if (uv_write(&write->request, reinterpret_cast<uv_stream_t*>(&tcp_), &buf, 1,
+                 [](uv_write_t* done, int) { delete static_cast<RawWrite*>(done->data); }) != 0) {
+      delete write;
+      Close();
+      return true;
+    }
+    std::string rest = std::move(input_);
+    input_.clear();
+    if (!rest.empty() && !upgraded_->Receive(rest)) Close();
+    if (input_ended_) Close();  // the client sent all it will: the stream is over
+    if (!closing_) StartReading();
+    return true;
   }
 
   // Hands a streamed request to the stream handler, whose sink then takes its body.
@@ -821,6 +881,8 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   std::shared_ptr<HttpBodySource> body_source_;
   uint64_t body_left_ = 0;
   uint64_t stream_deadline_ms_ = 0;  // loop time by which the whole body must be written
+  // Set once the connection has switched protocols: it gets every byte read from then on.
+  std::unique_ptr<HttpUpgradedStream> upgraded_;
 };
 
 }  // namespace http_internal

@@ -34,6 +34,14 @@
 // answer. A client waiting for "100 Continue" gets it only once the handler has taken the
 // request without answering. Other requests' bodies are delivered whole, bounded by the
 // request's body limit.
+//
+// Upgrades: a complete request asking for another protocol ("Connection: upgrade" and an
+// "Upgrade" header, no body) goes first to the upgrade handler, when one is set. If the
+// handler takes it, the server answers "101 Switching Protocols" and from then on only
+// passes the connection's bytes to the HttpUpgradedStream the handler returned: no parsing,
+// no idle or request deadline, never evicted for a newcomer (the handler decides how many
+// it takes), and TCP keep-alive probes to notice a peer that vanished. Otherwise the request
+// is answered by the ordinary handler and the connection closes after the answer.
 
 #include <uv.h>
 
@@ -95,6 +103,22 @@ class HttpBodySink {
   // or too large, or the request was answered before the body was complete. No answer is
   // expected any more (the server answers what it must, or the connection is gone).
   virtual void Abort() = 0;
+};
+
+// A connection taken over by another protocol (see "Upgrades" above). Used on the loop
+// thread only.
+class HttpUpgradedStream {
+ public:
+  virtual ~HttpUpgradedStream() = default;
+  // The next bytes the client sent, in order, never empty (the first call may carry bytes
+  // that followed the upgrade request in the same read). The server reads no more until it
+  // returns. False: close the connection.
+  virtual bool Receive(std::string_view bytes) = 0;
+  // The connection is closing: the client left, reading failed, Receive returned false,
+  // the handler's `close` ran, or the server closes. Called once and last (possibly from
+  // inside Receive); the stream is destroyed later, once the connection's handles are
+  // closed.
+  virtual void Closed() = 0;
 };
 
 struct HttpResponse {
@@ -199,6 +223,13 @@ class HttpServer {
   using StreamHandler = std::function<std::shared_ptr<HttpBodySink>(
       const HttpRequest& head, std::shared_ptr<Responder> responder)>;
 
+  // Called once per complete request that asks for an upgrade (see "Upgrades" above).
+  // Returns the stream that takes the connection over, or nullptr to answer the request
+  // through the ordinary handler. `close` closes the connection later (safe to call at any
+  // time, even after it closed); the stream is told through Closed().
+  using UpgradeHandler = std::function<std::unique_ptr<HttpUpgradedStream>(
+      const HttpRequest& request, std::function<void()> close)>;
+
   // REQUIRES: `loop` outlives this server.
   HttpServer(uv_loop_t* loop, HttpServerLimits limits, Handler handler,
              StreamHandler stream_handler = nullptr);
@@ -211,6 +242,9 @@ class HttpServer {
   // accepting. InvalidArgument for a bad address, Unavailable when the socket cannot be
   // bound, FailedPrecondition when already listening or closed.
   absl::Status Listen(const std::string& host, int port);
+
+  // Sets the upgrade handler. REQUIRES: called before Listen.
+  void set_upgrade_handler(UpgradeHandler handler) { upgrade_handler_ = std::move(handler); }
 
   // The bound port. REQUIRES: Listen succeeded.
   int port() const;
@@ -235,6 +269,7 @@ class HttpServer {
   const HttpServerLimits limits_;
   const Handler handler_;
   const StreamHandler stream_handler_;
+  UpgradeHandler upgrade_handler_;
   uv_tcp_t* listener_ = nullptr;  // heap-allocated: frees itself when its close completes
   bool listener_closing_ = false;
   int port_ = 0;

@@ -23,6 +23,7 @@
 #include "adapters/file_body.h"
 #include "adapters/http_client.h"
 #include "adapters/http_server.h"
+#include "adapters/peer_stream.h"
 #include "gtest/gtest.h"
 
 namespace synod {
@@ -1403,6 +1404,243 @@ TEST_F(HttpTest, ClientRequestTimesOutThenNextRequestSucceeds) {
   RunUntil([&] { return answered.has_value(); });
   ASSERT_TRUE(answered->ok()) << answered->status();
   EXPECT_EQ((*answered)->body, "POST /soon y");
+}
+
+// --- Upgrades and the peer stream --------------------------------------------------------
+
+// An upgraded stream that records what it receives, and whether it was told of the close.
+struct RecordingStream : HttpUpgradedStream {
+  struct Record {
+    std::string bytes;
+    bool closed = false;
+  };
+  explicit RecordingStream(std::shared_ptr<Record> record) : record(std::move(record)) {}
+  bool Receive(std::string_view bytes) override {
+    EXPECT_FALSE(record->closed) << "bytes after Closed()";
+    record->bytes.append(bytes);
+    return record->bytes.find("stop") == std::string::npos;
+  }
+  void Closed() override {
+    EXPECT_FALSE(record->closed) << "Closed() twice";
+    record->closed = true;
+  }
+  std::shared_ptr<Record> record;
+};
+
+std::string UpgradeRequest(std::string_view protocol) {
+  return "GET /stream HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: " +
+         std::string(protocol) + "\r\n\r\n";
+}
+
+TEST_F(HttpTest, AnUpgradeTakenByItsHandlerGetsEveryByteThatFollowsTheRequest) {
+  auto record = std::make_shared<RecordingStream::Record>();
+  std::string seen_target;
+  StartServer({}, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest& request, std::function<void()>) {
+    seen_target = request.target;
+    return std::make_unique<RecordingStream>(record);
+  });
+  RunClient([&] {
+    RawClient client(port());
+    // Bytes in the same packet as the request belong to the new protocol.
+    client.Send(UpgradeRequest("test/1") + "first ");
+    ASSERT_TRUE(client.ReadUntil("\r\n\r\n"));
+    client.Send("GET / HTTP/1.1\r\n\r\n");  // not parsed as HTTP any more
+    while (record->bytes.size() < 24) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  EXPECT_EQ(seen_target, "/stream");
+  EXPECT_EQ(record->bytes, "first GET / HTTP/1.1\r\n\r\n");
+  RunUntil([&] { return record->closed && server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, AnUpgradeAnswersSwitchingProtocolsAndEndsWhenTheStreamSaysStop) {
+  auto record = std::make_shared<RecordingStream::Record>();
+  StartServer({}, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest&, std::function<void()>) {
+    return std::make_unique<RecordingStream>(record);
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(UpgradeRequest("test/1"));
+    std::optional<RawResponse> answer = client.Read();
+    ASSERT_TRUE(answer);
+    EXPECT_EQ(answer->status, 101);
+    EXPECT_NE(answer->head.find("Upgrade: test/1\r\n"), std::string::npos) << answer->head;
+    client.Send("please stop");
+    EXPECT_TRUE(client.ReadsEof());
+  });
+  RunUntil([&] { return record->closed && server_->connection_count() == 0; });
+}
+
+TEST_F(HttpTest, AnUpgradeTheHandlerDeclinesIsAnsweredAsARequestThenClosed) {
+  StartServer({}, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest&, std::function<void()>) {
+    return std::unique_ptr<HttpUpgradedStream>();
+  });
+  RunClient([&] {
+    RawClient client(port());
+    client.Send(UpgradeRequest("test/1"));
+    std::optional<RawResponse> answer = client.Read();
+    ASSERT_TRUE(answer);
+    EXPECT_EQ(answer->status, 200);
+    EXPECT_EQ(answer->body, "GET /stream ");
+    EXPECT_TRUE(client.ReadsEof());
+  });
+}
+
+TEST_F(HttpTest, AnUpgradedConnectionHasNoIdleDeadlineIsNeverEvictedAndClosesOnRequest) {
+  HttpServerLimits limits;
+  limits.idle_timeout_ms = 50;
+  limits.max_connections = 1;
+  auto record = std::make_shared<RecordingStream::Record>();
+  std::function<void()> close_stream;
+  StartServer(limits, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest&, std::function<void()> close) {
+    close_stream = std::move(close);
+    return std::make_unique<RecordingStream>(record);
+  });
+  RawClient client(port());
+  RunClient([&] {
+    client.Send(UpgradeRequest("test/1"));
+    std::optional<RawResponse> switched = client.Read();
+    ASSERT_TRUE(switched);
+    EXPECT_EQ(switched->status, 101);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // four idle timeouts
+    RawClient newcomer(port());  // no room, and nothing idle to make room
+    EXPECT_TRUE(newcomer.ReadsEof());
+    client.Send("still here");
+  });
+  RunUntil([&] { return record->bytes == "still here"; });
+  EXPECT_FALSE(record->closed);
+  close_stream();
+  RunUntil([&] { return record->closed && server_->connection_count() == 0; });
+  close_stream();  // harmless once closed
+  RunClient([&] { EXPECT_TRUE(client.ReadsEof()); });
+}
+
+TEST(PeerStreamReader, SplitsFramesArrivingByteByByteOrManyInOneRead) {
+  std::vector<std::string> frames;
+  PeerStreamReader reader(1 << 20, [&](std::string_view frame) {
+    frames.emplace_back(frame);
+    return true;
+  });
+  std::string wire;
+  const std::vector<std::string> sent = {"a", "", std::string(70000, 'x'), "last"};
+  for (const std::string& frame : sent) wire += PeerStreamHeader(frame.size()) + frame;
+  for (char byte : wire) ASSERT_TRUE(reader.Receive(std::string_view(&byte, 1)));
+  EXPECT_EQ(frames, sent);
+  EXPECT_EQ(reader.buffered_bytes(), 0u);
+  frames.clear();
+  ASSERT_TRUE(reader.Receive(wire + PeerStreamHeader(9) + "part"));
+  EXPECT_EQ(frames, sent);
+  EXPECT_EQ(reader.buffered_bytes(), 8u);  // the length and the part of the next frame
+}
+
+TEST(PeerStreamReader, RefusesAFrameOverItsLimitBeforeBufferingIt) {
+  int frames = 0;
+  PeerStreamReader reader(100, [&](std::string_view) { return ++frames < 2; });
+  EXPECT_TRUE(reader.Receive(PeerStreamHeader(100) + std::string(100, 'a')));
+  EXPECT_FALSE(reader.Receive(PeerStreamHeader(101)));
+  EXPECT_FALSE(reader.Receive(PeerStreamHeader(1) + "b"));  // failed for good
+  EXPECT_EQ(frames, 1);
+  PeerStreamReader stopping(100, [&](std::string_view) { return ++frames < 2; });
+  EXPECT_FALSE(stopping.Receive(PeerStreamHeader(1) + "c"));  // the handler said stop
+}
+
+// The receiving end of peer streams for the tests: frames in order, per connection.
+struct FrameStream : HttpUpgradedStream {
+  struct Log {
+    std::vector<std::string> frames;
+    std::vector<std::string> hellos;
+    std::vector<std::function<void()>> closers;
+    int closed = 0;
+  };
+  explicit FrameStream(Log* log)
+      : log(log), reader(1 << 22, [log](std::string_view frame) {
+          log->frames.emplace_back(frame);
+          return true;
+        }) {}
+  bool Receive(std::string_view bytes) override { return reader.Receive(bytes); }
+  void Closed() override { ++log->closed; }
+  Log* log;
+  PeerStreamReader reader;
+};
+
+TEST_F(HttpTest, PeerStreamCarriesFramesInOrderAndReconnectsAfterItsConnectionCloses) {
+  FrameStream::Log log;
+  StartServer({}, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest& request, std::function<void()> close) {
+    for (const auto& [name, value] : request.headers) {
+      if (name == kPeerStreamHelloHeader) log.hellos.push_back(value);
+    }
+    log.closers.push_back(std::move(close));
+    return std::make_unique<FrameStream>(&log);
+  });
+  int writable = 0;
+  int hellos = 0;
+  PeerStreamOptions options;
+  options.initial_backoff_ms = 1;
+  PeerStreamClient client(&loop_, "127.0.0.1", port(), "/peer", options,
+                          {.hello = [&] { return "hello-" + std::to_string(++hellos); },
+                           .writable = [&] { ++writable; }});
+  EXPECT_FALSE(client.open());
+  client.Connect();
+  RunUntil([&] { return client.open(); });
+  EXPECT_EQ(writable, 1);
+  std::vector<std::string> sent;
+  for (int i = 0; i < 50; ++i)
+    sent.push_back(std::string(i * 997, static_cast<char>('a' + i % 26)));
+  sent.push_back(std::string(3 << 20, 'z'));
+  for (const std::string& frame : sent) {
+    ASSERT_TRUE(client.HasRoom(frame.size()));
+    client.Write(frame);
+  }
+  RunUntil([&] { return log.frames.size() == sent.size(); });
+  EXPECT_EQ(log.frames, sent);
+  EXPECT_EQ(log.hellos, std::vector<std::string>{"hello-1"});
+
+  log.closers.back()();  // the receiver drops the stream
+  RunUntil([&] { return !client.open(); });
+  RunUntil([&] {
+    client.Connect();  // as the host does whenever it has something to send
+    return client.open();
+  });
+  client.Write("after");
+  RunUntil([&] { return log.frames.size() == sent.size() + 1; });
+  EXPECT_EQ(log.frames.back(), "after");
+  EXPECT_EQ(log.hellos, (std::vector<std::string>{"hello-1", "hello-2"}));
+  EXPECT_EQ(client.counters().connects, 2u);
+  EXPECT_EQ(client.counters().failures, 1u);
+  client.Close();
+  RunUntil([&] { return log.closed == 2; });
+}
+
+TEST_F(HttpTest, PeerStreamTakesAnyAnswerButSwitchingProtocolsAsARefusalAndWaits) {
+  StartServer({}, [](HttpRequest, std::shared_ptr<Responder> responder) {
+    responder->Send(JsonErrorResponse(404, "not_found", "no such endpoint"));
+  });
+  PeerStreamOptions options;
+  options.refused_retry_ms = 60'000;
+  PeerStreamClient client(&loop_, "127.0.0.1", port(), "/peer", options,
+                          {.hello = [] { return std::string("h"); }, .writable = [] {}});
+  client.Connect();
+  RunUntil([&] { return client.state() == PeerStreamClient::State::kRefused; });
+  EXPECT_EQ(client.counters().refusals, 1u);
+  client.Connect();  // too soon: no new attempt
+  EXPECT_EQ(client.state(), PeerStreamClient::State::kRefused);
+  EXPECT_FALSE(client.HasRoom(1));
+}
+
+TEST_F(HttpTest, PeerStreamToAPortNobodyListensOnBacksOff) {
+  PeerStreamOptions options;
+  options.initial_backoff_ms = 1'000;
+  PeerStreamClient client(&loop_, "127.0.0.1", 1, "/peer", options,
+                          {.hello = [] { return std::string("h"); }, .writable = [] {}});
+  client.Connect();
+  RunUntil([&] { return client.state() == PeerStreamClient::State::kBackingOff; });
+  client.Connect();  // inside the back-off: nothing
+  EXPECT_EQ(client.state(), PeerStreamClient::State::kBackingOff);
+  EXPECT_EQ(client.counters().failures, 1u);
 }
 
 TEST_F(HttpTest, ClientCloseCancelsPendingRequests) {

@@ -47,6 +47,10 @@ std::string CodeName(ErrorCode code);
 // The value of the request's header `name` (lower case), or "" when absent.
 std::string Header(const HttpRequest& request, std::string_view name);
 
+// Decodes `text`, an even number of hex digits (either case), into `out`. False, with
+// `out` unspecified, for anything else.
+bool DecodeHex(std::string_view text, std::string* out);
+
 // Splits "/a/b/c?x" into {"a","b","c"}; percent-decoding is applied to each segment so
 // that "%2F" in a name is seen (and rejected) as "/".
 std::vector<std::string> PathSegments(const std::string& target);

@@ -46,6 +46,8 @@ constexpr const char* kUsage =
                                unreferenced (default 60000)
   --testing-kill-after-apply N for crash tests: SIGKILL this process right after it applies
                                revision N (its SQLite commit done, its log not yet synced)
+  --testing-peer-streams B     for tests only: false behaves as a version without peer
+                               streams (batches as POSTs only, stream upgrades refused)
   --help            this text
 )";
 
@@ -157,6 +159,11 @@ int main(int argc, char** argv) {
       if (!absl::SimpleAtoi(value, &options.testing_kill_after_apply)) {
         return Fail("--testing-kill-after-apply must be a number");
       }
+    } else if (arg == "--testing-peer-streams") {
+      if (value != "true" && value != "false") {
+        return Fail("--testing-peer-streams must be true or false");
+      }
+      options.peer_streams = value == "true";
     } else if (arg == "--checkpoint-every") {
       if (!absl::SimpleAtoi(value, &options.checkpoint_every_entries) ||
           options.checkpoint_every_entries == 0) {

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -54,6 +55,9 @@ struct Node::RunningQuery {
 };
 
 namespace {
+
+// Where a peer's stream opens (adapters/peer_stream.h).
+constexpr char kPeerStreamTarget[] = "/internal/v1/stream";
 
 // Committed entries are applied for about this long at a time; then the loop handles its
 // I/O (heartbeats, requests, peers) before the next slice.
@@ -247,6 +251,18 @@ absl::Status Node::Start() {
     peer_options.max_response_bytes = PeerBodyLimit();
     peer_clients_[id] =
         std::make_unique<HttpClient>(loop_, address.host, address.port, peer_options);
+    if (options_.peer_streams) {
+      PeerStreamOptions stream_options;
+      stream_options.initial_backoff_ms = peer_options.initial_backoff_ms;
+      stream_options.max_backoff_ms = peer_options.max_backoff_ms;
+      stream_options.jitter_seed = RandomSeed() | 1;
+      stream_options.max_queued_bytes =
+          std::max<size_t>(stream_options.max_queued_bytes, PeerBodyLimit());
+      peer_streams_[id] = std::make_unique<PeerStreamClient>(
+          loop_, address.host, address.port, kPeerStreamTarget, stream_options,
+          PeerStreamClient::Callbacks{.hello = [this, id] { return PeerStreamHello(id); },
+                                      .writable = [this, id] { FlushOutbox(id); }});
+    }
     outboxes_[id];
     peer_send_sequences_.emplace(id, PeerSequence(start_unix_ms));
     peer_reply_sequences_.emplace(id, PeerSequence(start_unix_ms));
@@ -345,6 +361,11 @@ absl::Status Node::Start() {
                    ? media_->StartUpload(head, std::move(responder))
                    : media_->StartD3bUpload(head, std::move(responder));
       });
+  if (options_.peer_streams) {
+    http_->set_upgrade_handler([this](const HttpRequest& request, std::function<void()> close) {
+      return OpenPeerStream(request, std::move(close));
+    });
+  }
   absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
   if (!listening.ok()) return listening;
   // Nothing fails from here on: the log writer's thread and loop handle, which must be
@@ -392,6 +413,7 @@ void Node::Stop(std::function<void()> done) {
   if (media_) media_->Stop();
   if (log_) log_->Close();  // the last records made durable; nothing more is sent
   for (auto& [id, client] : peer_clients_) client->Close();
+  for (auto& [id, stream] : peer_streams_) stream->Close();
   if (http_) {
     http_->Close(std::move(done));
   } else {
@@ -878,7 +900,21 @@ std::string Node::TakeSealedBatch(uint32_t peer, bool reply) {
 
 void Node::FlushOutbox(uint32_t peer) {
   PeerOutbox& box = outboxes_.at(peer);
-  if (box.in_flight || box.pending.empty() || stopping_ || peer == answering_peer_) return;
+  if (box.pending.empty() || stopping_ || peer == answering_peer_) return;
+  auto stream_it = peer_streams_.find(peer);
+  PeerStreamClient* stream = stream_it == peer_streams_.end() ? nullptr : stream_it->second.get();
+  if (stream != nullptr && stream->open()) {
+    // One frame per call under light load; under heavy load, as many as the socket's queue
+    // takes, the rest waiting here until it drains (the stream calls back).
+    while (!box.pending.empty() &&
+           stream->HasRoom(std::min(box.pending_bytes, options_.max_body_bytes))) {
+      stream->Write(TakeSealedBatch(peer, /*reply=*/false));
+    }
+    return;
+  }
+  // Nothing while it connects, backs off, or waits after a refusal.
+  if (stream != nullptr) stream->Connect();
+  if (box.in_flight) return;
   box.in_flight = true;
   ++counters_.peer_posts;
   // "replies": the peer may answer with messages of its own for this replica (server
@@ -902,6 +938,87 @@ void Node::FlushOutbox(uint32_t peer) {
         }
         FlushOutbox(peer);
       });
+}
+
+std::string Node::PeerStreamHello(uint32_t peer) {
+  // A frame like any other (its sequence from the same counter as the batches to `peer`),
+  // whose payload names the protocol.
+  return absl::BytesToHexString(peer_auth_->Seal(
+      options_.id, peer, peer_send_sequences_.at(peer).Next(), kPeerStreamProtocol));
+}
+
+class Node::InboundPeerStream : public HttpUpgradedStream {
+ public:
+  InboundPeerStream(Node* node, uint32_t peer, uint64_t number)
+      : node_(node),
+        peer_(peer),
+        number_(number),
+        reader_(node->PeerBodyLimit(), [this](std::string_view frame) { return Step(frame); }) {}
+
+  bool Receive(std::string_view bytes) override { return reader_.Receive(bytes); }
+
+  void Closed() override {
+    auto it = node_->inbound_streams_.find(peer_);
+    if (it != node_->inbound_streams_.end() && it->second.number == number_) {
+      node_->inbound_streams_.erase(it);
+    }
+  }
+
+ private:
+  // False closes the stream: a frame that is not authentic, not from this peer, or not a
+  // batch. A stale one (a replay, or one overtaken by more than the replay window) is
+  // dropped, as a lost message is.
+  bool Step(std::string_view frame) {
+    if (node_->stopping_) return false;
+    node_->CatchUpTicks();
+    bool stale = false;
+    absl::StatusOr<uint32_t> from = node_->StepPeerBatch(frame, /*reply=*/false, peer_, &stale);
+    if (from.ok()) ++node_->counters_.peer_stream_frames_received;
+    return from.ok() || stale;
+  }
+
+  Node* const node_;
+  const uint32_t peer_;
+  const uint64_t number_;
+  PeerStreamReader reader_;
+};
+
+std::unique_ptr<HttpUpgradedStream> Node::OpenPeerStream(const HttpRequest& request,
+                                                         std::function<void()> close) {
+  if (stopping_ || request.method != "GET" || request.target != kPeerStreamTarget ||
+      Header(request, "upgrade") != kPeerStreamProtocol) {
+    return nullptr;
+  }
+  // The hello is opened and admitted like a batch, before the stream is taken: a client
+  // without the cluster secret gets no stream (and cannot hold a connection without a
+  // deadline).
+  std::string hello;
+  absl::StatusOr<OpenedFrame> frame = absl::InvalidArgumentError("no hello");
+  if (DecodeHex(Header(request, kPeerStreamHelloHeader), &hello)) {
+    frame = peer_auth_->Open(hello, options_.id);
+  }
+  absl::Status admitted = frame.status();
+  if (admitted.ok() && ((frame->sequence & (kBlobSequenceBit | kReplySequenceBit)) != 0 ||
+                        frame->payload != kPeerStreamProtocol)) {
+    admitted = absl::PermissionDeniedError("not a peer stream's hello");
+  }
+  if (admitted.ok()) {
+    auto window = peer_replay_windows_.find(frame->from_id);
+    admitted = window == peer_replay_windows_.end()
+                   ? absl::PermissionDeniedError("the sender is not a peer of this replica")
+                   : window->second.Admit(frame->sequence);
+  }
+  if (!admitted.ok()) {
+    ++counters_.peer_frames_refused;
+    return nullptr;
+  }
+  const uint32_t peer = frame->from_id;
+  Inbound& inbound = inbound_streams_[peer];
+  // The peer opened a new stream: its old one is dead or dying (a peer keeps one).
+  if (std::function<void()> close_old = std::move(inbound.close)) close_old();
+  inbound = Inbound{.number = ++inbound_streams_opened_, .close = std::move(close)};
+  ++counters_.peer_streams_accepted;
+  return std::make_unique<InboundPeerStream>(this, peer, inbound.number);
 }
 
 size_t Node::PeerBodyLimit() const {
@@ -1261,6 +1378,11 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
       method == "POST") {
     return media_->HandlePeer(request, std::move(responder));
   }
+  if (request.target == kPeerStreamTarget && options_.peer_streams) {
+    return RespondError(responder, 401, "unauthenticated",
+                        absl::StrCat("a peer stream opens with an upgrade to ", kPeerStreamProtocol,
+                                     " and an authentic ", kPeerStreamHelloHeader, " header"));
+  }
   if (size_t limit = BodyLimit(method, request.target); request.body.size() > limit) {
     return RespondError(responder, 413, "payload_too_large",
                         absl::StrCat("the body is over ", limit, " bytes"));
@@ -1328,7 +1450,7 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
 }
 
 absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply,
-                                             uint32_t expected_from) {
+                                             uint32_t expected_from, bool* stale) {
   // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
   absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(sealed, options_.id);
   absl::Status admitted = frame.status();
@@ -1340,14 +1462,18 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply
                                                  : "a reply's frame where a POST was expected");
   }
   if (admitted.ok() && expected_from != 0 && frame->from_id != expected_from) {
-    admitted = absl::PermissionDeniedError("a reply from another replica than the one asked");
+    admitted = absl::PermissionDeniedError(
+        "a frame from another replica than the one this channel is with");
   }
   if (admitted.ok()) {
     auto& windows = reply ? peer_reply_windows_ : peer_replay_windows_;
     auto window = windows.find(frame->from_id);
-    admitted = window == windows.end()
-                   ? absl::PermissionDeniedError("the sender is not a peer of this replica")
-                   : window->second.Admit(frame->sequence);
+    if (window == windows.end()) {
+      admitted = absl::PermissionDeniedError("the sender is not a peer of this replica");
+    } else {
+      admitted = window->second.Admit(frame->sequence);
+      if (!admitted.ok() && stale != nullptr) *stale = true;
+    }
   }
   if (!admitted.ok()) {
     ++counters_.peer_frames_refused;
@@ -1715,6 +1841,28 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_peer_replies_total",
           "message batches this replica sent back in its answer to a peer's POST",
           counters_.peer_replies);
+  PeerStreamCounters streams;
+  for (const auto& [id, stream] : peer_streams_) {
+    const PeerStreamCounters& c = stream->counters();
+    streams.connects += c.connects;
+    streams.failures += c.failures;
+    streams.refusals += c.refusals;
+    streams.frames += c.frames;
+    streams.bytes += c.bytes;
+  }
+  counter("synod_peer_stream_frames_total",
+          "message batches this replica wrote on its streams to peers", streams.frames);
+  counter("synod_peer_stream_bytes_total", "bytes written on streams to peers", streams.bytes);
+  counter("synod_peer_stream_connects_total", "streams to peers opened", streams.connects);
+  counter("synod_peer_stream_failures_total",
+          "streams to peers, or attempts to open one, that failed", streams.failures);
+  counter("synod_peer_stream_refusals_total",
+          "attempts to open a stream that a peer answered without switching (an older version)",
+          streams.refusals);
+  counter("synod_peer_stream_frames_received_total", "message batches stepped from peers' streams",
+          counters_.peer_stream_frames_received);
+  counter("synod_peer_streams_accepted_total", "streams from peers taken",
+          counters_.peer_streams_accepted);
   gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
   counter("synod_http_response_microseconds_total", "time spent answering",
           counters_.response_us_total);

@@ -22,6 +22,7 @@
 #include "adapters/log_store.h"
 #include "adapters/log_writer.h"
 #include "adapters/peer_auth.h"
+#include "adapters/peer_stream.h"
 #include "adapters/snapshot_files.h"
 #include "adapters/snapshot_image.h"
 #include "core/divergence.h"
@@ -60,6 +61,9 @@ struct NodeOptions {
   // For crash tests only: the process kills itself (SIGKILL) right after it applies the entry
   // at this revision, between SQLite's commit and the log's next fsync. 0: never.
   uint64_t testing_kill_after_apply = 0;
+  // For tests only: false behaves as a version before peer streams (batches as POSTs only,
+  // stream upgrades answered 404), to check that mixed versions work together.
+  bool peer_streams = true;
   // A query still running after this long is interrupted and answered 503.
   int query_timeout_ms = 2000;
   // Every replica's shared secret (at least 32 bytes): peer messages are authenticated
@@ -108,7 +112,9 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t votes_skipped = 0;  // divergence votes not cast: the previous one was hashing
     uint64_t accepts_dropped_while_checking = 0;  // a snapshot was being checked
     uint64_t peer_posts = 0;                      // batches sent to peers as POSTs
-    uint64_t peer_replies = 0;  // batches sent back in the answer to a peer's POST
+    uint64_t peer_replies = 0;                 // batches sent back in the answer to a peer's POST
+    uint64_t peer_stream_frames_received = 0;  // batches stepped from peers' streams
+    uint64_t peer_streams_accepted = 0;        // peers' streams this replica took
   };
 
   // The driver's interfaces.
@@ -144,8 +150,17 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // Opens, admits and steps one sealed batch from a peer: a POST's body, or the `reply` to
   // one of this replica's POSTs to `expected_from`. Refused frames are counted; the status
   // says why. Returns the sender.
+  // `stale` (when given) is set when the batch was authentic but refused as a replay or as
+  // too old.
   absl::StatusOr<uint32_t> StepPeerBatch(std::string_view sealed, bool reply,
-                                         uint32_t expected_from = 0);
+                                         uint32_t expected_from = 0, bool* stale = nullptr);
+  // The peer stream (adapters/peer_stream.h). Outgoing: the hello for a new stream to
+  // `peer`. Incoming: the stream a peer's upgrade request opens, or nullptr (not a peer
+  // stream, or its hello is not authentic: the request is then answered as one).
+  std::string PeerStreamHello(uint32_t peer);
+  std::unique_ptr<HttpUpgradedStream> OpenPeerStream(const HttpRequest& request,
+                                                     std::function<void()> close);
+  class InboundPeerStream;
   void ExpirePending();
 
   // HTTP.
@@ -283,6 +298,17 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   uint64_t inline_waste_us_ = 0;
   int64_t inline_window_end_ms_ = 0;
   std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
+  // Each peer's batches go on its stream while that is open, and as POSTs otherwise (the
+  // stream is connecting, backing off, or the peer is a version without streams).
+  std::map<uint32_t, std::unique_ptr<PeerStreamClient>> peer_streams_;
+  // Streams from peers: at most one each (a newer one closes the older). By peer: the
+  // stream's number and how to close it.
+  struct Inbound {
+    uint64_t number = 0;
+    std::function<void()> close;
+  };
+  std::map<uint32_t, Inbound> inbound_streams_;
+  uint64_t inbound_streams_opened_ = 0;
   std::map<uint32_t, PeerOutbox> outboxes_;
   uv_timer_t tick_timer_;
   uv_check_t drain_check_;

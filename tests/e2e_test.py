@@ -33,6 +33,10 @@ class ClusterTest(unittest.TestCase):
     def tearDown(self):
         self.c.finish()
 
+    def metric(self, i, name):
+        body = self.c.request(i, "GET", "/metrics").body.decode()
+        return int(re.search(r"^%s (\d+)$" % name, body, re.M).group(1))
+
     def start_writers(self, db, sql, params_of, writers=4):
         """Clients writing unique keys through every replica in turn until stop is set;
         returns (acknowledged keys, stop event, threads)."""
@@ -170,23 +174,57 @@ class Basics(ClusterTest):
         self.assertEqual(self.c.request(3, "GET", "/healthz").status, 200)
         self.assertEqual(self.c.request(3, "GET", "/readyz").status, 200)
 
-    def test_followers_answer_heartbeats_in_their_replies_and_refuse_no_frame(self):
-        def metric(i, name):
-            body = self.c.request(i, "GET", "/metrics").body.decode()
-            return int(re.search(r"^%s (\d+)$" % name, body, re.M).group(1))
-
-        self.c.request(1, "PUT", "/v1/db/replies")
+    def test_peers_talk_over_streams_and_refuse_no_frame(self):
+        self.c.request(1, "PUT", "/v1/db/streams")
         for _ in range(20):
-            r = self.c.request(2, "POST", "/v1/db/replies/query",
+            r = self.c.request(2, "POST", "/v1/db/streams/query",
                                {"sql": "SELECT 1", "consistency": "linearizable"})
             self.assertEqual(r.status, 200, r)
         leader = self.c.status(1)["leader"]
-        followers = [i for i in (1, 2, 3) if i != leader]
-        # Heartbeat acknowledgements ride back in the answers to the leader's POSTs.
-        self.assertGreater(sum(metric(i, "synod_peer_replies_total") for i in followers), 0)
         for i in (1, 2, 3):
-            self.assertEqual(metric(i, "synod_peer_frames_refused_total"), 0, i)
+            # The leader streams to both followers, and each follower to the leader (a
+            # follower has nothing to say to the other follower).
+            streams = 2 if i == leader else 1
+            self.assertGreaterEqual(self.metric(i, "synod_peer_stream_connects_total"), streams, i)
+            self.assertGreaterEqual(self.metric(i, "synod_peer_streams_accepted_total"), streams, i)
+            self.assertGreater(self.metric(i, "synod_peer_stream_frames_total"), 0, i)
+            self.assertGreater(self.metric(i, "synod_peer_stream_frames_received_total"), 0, i)
+            self.assertEqual(self.metric(i, "synod_peer_stream_refusals_total"), 0, i)
+            self.assertEqual(self.metric(i, "synod_peer_frames_refused_total"), 0, i)
 
+
+class MixedVersions(ClusterTest):
+    """Replica 3 behaves as a version without peer streams: the others send to it as POSTs
+    (and it to them), and the group works as one."""
+
+    def setUp(self):
+        self.c = Cluster(SERVER)
+        self.c.start(1)
+        self.c.start(2)
+        self.c.start(3, flags=("--testing-peer-streams", "false"))
+        self.c.wait_ready()
+
+    def test_a_replica_without_streams_is_sent_posts_and_the_group_works(self):
+        self.assertEqual(self.c.request(3, "PUT", "/v1/db/mixed").status, 201)
+        for i in (1, 2, 3):
+            r = self.c.exec(i, "mixed", "CREATE TABLE IF NOT EXISTS t(x)")
+            self.assertEqual(r.status, 200, r)
+            r = self.c.exec(i, "mixed", "INSERT INTO t VALUES (?)", [i])
+            self.assertEqual(r.status, 200, r)
+        # Replica 2 alone with replica 3 must still make a majority: both directions work.
+        self.c.kill(1)
+        r = self.c.exec_retrying(3, "mixed", "INSERT INTO t VALUES (4)")
+        self.assertEqual(r.status, 200, r)
+        r = self.c.request(2, "POST", "/v1/db/mixed/query",
+                           {"sql": "SELECT x FROM t ORDER BY x", "consistency": "linearizable"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["rows"], [[1], [2], [3], [4]])
+        self.assertGreaterEqual(self.metric(2, "synod_peer_stream_refusals_total"), 1)
+        self.assertGreater(self.metric(2, "synod_peer_posts_total"), 0)
+        self.assertEqual(self.metric(3, "synod_peer_stream_frames_total"), 0)
+        self.assertEqual(self.metric(3, "synod_peer_streams_accepted_total"), 0)
+        for i in (2, 3):
+            self.assertEqual(self.metric(i, "synod_peer_frames_refused_total"), 0, i)
 
 class BadInput(ClusterTest):
     flags = ("--max-body-bytes", "65536", "--http-request-timeout-ms", "1000")

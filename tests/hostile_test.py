@@ -226,10 +226,20 @@ class HostileTest(ClusterCase):
         frame = header + payload + hmac.new(key, header + payload, hashlib.sha256).digest()
         self.assert_json_error(self.c.request(1, "POST", "/internal/v1/messages", body=frame),
                                401)
+        # A peer stream: without a hello, and with one sealed with another secret.
+        upgrade = {"Connection": "Upgrade", "Upgrade": "synod-peer-stream/1"}
+        self.assert_json_error(self.c.request(1, "GET", "/internal/v1/stream", headers=upgrade),
+                               401)
+        hello = b"synod-peer-stream/1"
+        header = b"SYN1" + struct.pack("<IIQQ", 2, 1, 2, len(hello))
+        forged = header + hello + hmac.new(key, header + hello, hashlib.sha256).digest()
+        self.assert_json_error(
+            self.c.request(1, "GET", "/internal/v1/stream",
+                           headers=dict(upgrade, **{"Synod-Peer-Hello": forged.hex()})), 401)
         metrics = self.c.request(1, "GET", "/metrics").body.decode()
         refused = [line for line in metrics.splitlines()
                    if line.startswith("synod_peer_frames_refused_total ")]
-        self.assertEqual(refused, ["synod_peer_frames_refused_total 2"], metrics)
+        self.assertEqual(refused, ["synod_peer_frames_refused_total 4"], metrics)
         self.assertEqual(self.c.exec(1, "d", "INSERT INTO t VALUES (5)").status, 200)
 
     def test_error_bodies_are_valid_utf8_json(self):
