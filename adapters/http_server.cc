@@ -1,6 +1,9 @@
 #include "adapters/http_server.h"
 
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cctype>
@@ -22,8 +25,8 @@ constexpr size_t kMaxBufferedInputBytes = 64 * 1024;
 // would reset the connection and could destroy the response before the client reads it.
 constexpr uint64_t kLingerMs = 1000;
 // An upgraded connection, quiet this long, is probed (TCP keep-alive), so that a peer
-// machine that vanished is noticed.
-constexpr int kUpgradedKeepAliveSeconds = 15;
+// machine that vanished is noticed within about twice this.
+constexpr int kUpgradedKeepAliveSeconds = 10;
 constexpr int kListenBacklog = 511;
 // A declared body is given room for up to this many bytes at once (more grows as it comes,
 // so that a client declaring a large body and sending none holds little).
@@ -164,6 +167,18 @@ struct ParseError {
 };
 
 }  // namespace
+
+void SetKeepAlive(uv_stream_t* stream, int idle_seconds) {
+  uv_tcp_keepalive(reinterpret_cast<uv_tcp_t*>(stream), 1, idle_seconds);
+  uv_os_fd_t fd;
+  if (uv_fileno(reinterpret_cast<uv_handle_t*>(stream), &fd) != 0) return;
+  // libuv sets only the idle time: the probes' interval and count are the system's (75 s
+  // and 9 by default), which would take minutes to give up on a peer that vanished.
+  const int interval = std::max(1, idle_seconds / 3);
+  const int count = 3;
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
+}
 
 HttpResponse JsonErrorResponse(int status, std::string_view code, std::string_view message) {
   HttpResponse response;
@@ -539,10 +554,14 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       if (std::shared_ptr<ServerConnection> self = weak.lock()) self->Close();
     });
     if (stream == nullptr) return false;
+    if (closing_) {  // the handler closed it already
+      stream->Closed();
+      return true;
+    }
     request_ = HttpRequest();
     StopTimer();  // no idle or request deadline from now on, and off the idle list
     upgraded_ = std::move(stream);
-    uv_tcp_keepalive(&tcp_, 1, kUpgradedKeepAliveSeconds);
+    SetKeepAlive(reinterpret_cast<uv_stream_t*>(&tcp_), kUpgradedKeepAliveSeconds);
     // A failed write is met by the next read.
     struct RawWrite {
       uv_write_t request;
@@ -798,6 +817,9 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   // is on the server's idle list exactly while its idle timer is armed.
   void ArmTimer(TimerPurpose purpose, uint64_t timeout_ms) {
     SYNOD_CHECK(!closing_);
+    // An upgraded connection has no deadline and is never idle (a pipelined request before
+    // the upgrade must not arm one when its answer is written).
+    if (upgraded_ != nullptr) return;
     timer_purpose_ = purpose;
     uv_timer_start(&timer_, OnTimer, timeout_ms, 0);
     LeaveIdleList();

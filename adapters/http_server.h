@@ -131,6 +131,10 @@ struct HttpResponse {
   std::shared_ptr<HttpBodySource> body_source;
 };
 
+// Turns on TCP keep-alive probes on a connected TCP stream: the first after `idle_seconds`
+// of quiet, then a few more a third of that apart, after which the connection fails.
+void SetKeepAlive(uv_stream_t* stream, int idle_seconds);
+
 // Synod's JSON error shape: {"error":{"code":code,"message":message}}, with
 // Content-Type: application/json. `code` and `message` may hold any bytes: the body is
 // always valid JSON in valid UTF-8 (a byte that is not part of a well-formed UTF-8 sequence

@@ -1446,11 +1446,10 @@ TEST_F(HttpTest, AnUpgradeTakenByItsHandlerGetsEveryByteThatFollowsTheRequest) {
     client.Send(UpgradeRequest("test/1") + "first ");
     ASSERT_TRUE(client.ReadUntil("\r\n\r\n"));
     client.Send("GET / HTTP/1.1\r\n\r\n");  // not parsed as HTTP any more
-    while (record->bytes.size() < 24) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  });
+  });  // the client leaves: what it sent arrives before the end of its input
+  RunUntil([&] { return record->closed && server_->connection_count() == 0; });
   EXPECT_EQ(seen_target, "/stream");
   EXPECT_EQ(record->bytes, "first GET / HTTP/1.1\r\n\r\n");
-  RunUntil([&] { return record->closed && server_->connection_count() == 0; });
 }
 
 TEST_F(HttpTest, AnUpgradeAnswersSwitchingProtocolsAndEndsWhenTheStreamSaysStop) {
@@ -1516,6 +1515,32 @@ TEST_F(HttpTest, AnUpgradedConnectionHasNoIdleDeadlineIsNeverEvictedAndClosesOnR
   RunUntil([&] { return record->closed && server_->connection_count() == 0; });
   close_stream();  // harmless once closed
   RunClient([&] { EXPECT_TRUE(client.ReadsEof()); });
+}
+
+TEST_F(HttpTest, AnUpgradePipelinedBehindARequestGetsNoIdleDeadlineWhenThatIsAnswered) {
+  HttpServerLimits limits;
+  limits.idle_timeout_ms = 50;
+  auto record = std::make_shared<RecordingStream::Record>();
+  StartServer(limits, Echo);
+  server_->set_upgrade_handler([&](const HttpRequest&, std::function<void()>) {
+    return std::make_unique<RecordingStream>(record);
+  });
+  RawClient client(port());
+  RunClient([&] {
+    client.Send(Get("/before") + UpgradeRequest("test/1"));
+    std::optional<RawResponse> answer = client.Read();
+    ASSERT_TRUE(answer);
+    EXPECT_EQ(answer->body, "GET /before ");
+    std::optional<RawResponse> switched = client.Read();
+    ASSERT_TRUE(switched);
+    EXPECT_EQ(switched->status, 101);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // four idle timeouts
+    client.Send("later");
+  });
+  RunUntil([&] { return record->bytes == "later"; });
+  EXPECT_FALSE(record->closed);
+  client.Disconnect();
+  RunUntil([&] { return record->closed; });
 }
 
 TEST(PeerStreamReader, SplitsFramesArrivingByteByByteOrManyInOneRead) {
@@ -1629,6 +1654,38 @@ TEST_F(HttpTest, PeerStreamTakesAnyAnswerButSwitchingProtocolsAsARefusalAndWaits
   client.Connect();  // too soon: no new attempt
   EXPECT_EQ(client.state(), PeerStreamClient::State::kRefused);
   EXPECT_FALSE(client.HasRoom(1));
+}
+
+TEST_F(HttpTest, PeerStreamGivesUpOnAHandshakeNobodyAnswers) {
+  std::vector<std::shared_ptr<Responder>> held;
+  StartServer({}, [&](HttpRequest, std::shared_ptr<Responder> responder) {
+    held.push_back(std::move(responder));
+  });
+  PeerStreamOptions options;
+  options.handshake_timeout_ms = 100;
+  PeerStreamClient client(&loop_, "127.0.0.1", port(), "/peer", options,
+                          {.hello = [] { return std::string("h"); }, .writable = [] {}});
+  client.Connect();
+  RunUntil([&] { return client.state() == PeerStreamClient::State::kBackingOff; });
+  EXPECT_EQ(client.counters().failures, 1u);
+  EXPECT_EQ(held.size(), 1u);
+}
+
+TEST_F(HttpTest, PeerStreamWhoseReceiverSpeaksAfterSwitchingIsDropped) {
+  StartServer({}, [](HttpRequest, std::shared_ptr<Responder> responder) {
+    HttpResponse response;
+    response.status = 101;
+    response.body = "unexpected";
+    responder->Send(std::move(response));
+  });
+  PeerStreamOptions options;
+  options.initial_backoff_ms = 60'000;
+  PeerStreamClient client(&loop_, "127.0.0.1", port(), "/peer", options,
+                          {.hello = [] { return std::string("h"); }, .writable = [] {}});
+  client.Connect();
+  RunUntil([&] {
+    return client.counters().failures + client.counters().refusals == 1 && !client.open();
+  });
 }
 
 TEST_F(HttpTest, PeerStreamToAPortNobodyListensOnBacksOff) {

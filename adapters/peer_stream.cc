@@ -1,17 +1,24 @@
 #include "adapters/peer_stream.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <memory>
 #include <utility>
 #include <vector>
 
 #include "adapters/http_client.h"
+#include "adapters/http_server.h"
 #include "core/check.h"
 
 namespace synod {
 namespace {
 
 constexpr size_t kReadBufferBytes = 16 * 1024;
+// A stream open this long before it fails starts the back-off over.
+constexpr uint64_t kLastingStreamMs = 1'000;
 // A frame buffer grown past this is given back once it holds less.
 constexpr size_t kKeptBufferBytes = 1 << 20;
 // The largest handshake answer read: a 101 is a few lines.
@@ -163,6 +170,15 @@ void PeerStreamClient::OnConnected(int status) {
     return;
   }
   uv_tcp_nodelay(&connection_->tcp, 1);
+  // A stream that goes quiet (a follower may have nothing to say for hours) is probed, and
+  // one whose bytes go unacknowledged for stall_timeout_ms fails, instead of the minutes
+  // the system's defaults take, whatever a NAT or a peer machine that vanished does.
+  SetKeepAlive(reinterpret_cast<uv_stream_t*>(&connection_->tcp), options_.keepalive_seconds);
+  uv_os_fd_t fd;
+  if (uv_fileno(reinterpret_cast<uv_handle_t*>(&connection_->tcp), &fd) == 0) {
+    const unsigned int user_timeout_ms = static_cast<unsigned int>(options_.stall_timeout_ms);
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
+  }
   std::string hello = callbacks_.hello();
   auto* write = new StreamWrite(connection_);
   write->head = "GET " + target_ + " HTTP/1.1\r\nHost: " + host_ + ":" + std::to_string(port_) +
@@ -215,7 +231,7 @@ void PeerStreamClient::OnRead(std::string_view bytes) {
     return;
   }
   state_ = State::kOpen;
-  backoff_ms_ = 0;
+  opened_ms_ = uv_now(loop_);
   full_ = false;
   ++counters_.connects;
   uv_timer_stop(timer_);
@@ -279,6 +295,10 @@ void PeerStreamClient::OnWritten(size_t bytes, int status) {
 
 void PeerStreamClient::Fail(bool refused) {
   if (state_ == State::kClosed) return;
+  const uint64_t now = uv_now(loop_);
+  // The back-off starts over only after a stream that lasted: one the peer closes at once
+  // (it refuses a frame, say) must not be made again at every tick.
+  if (state_ == State::kOpen && now - opened_ms_ >= kLastingStreamMs) backoff_ms_ = 0;
   if (connection_ != nullptr) {
     connection_->Abandon();
     connection_ = nullptr;
@@ -287,7 +307,6 @@ void PeerStreamClient::Fail(bool refused) {
   full_ = false;
   answer_.clear();
   uv_timer_stop(timer_);
-  const uint64_t now = uv_now(loop_);
   if (refused) {
     ++counters_.refusals;
     state_ = State::kRefused;

@@ -75,6 +75,9 @@ struct PeerStreamOptions {
   // A queue that has not moved for this long (the peer stopped reading): the connection is
   // dropped and made again.
   uint64_t stall_timeout_ms = 5'000;
+  // A quiet connection is probed after this long (TCP keep-alive); bytes unacknowledged for
+  // stall_timeout_ms end it too (TCP_USER_TIMEOUT).
+  int keepalive_seconds = 5;
   uint64_t jitter_seed = 0;
 };
 
@@ -144,6 +147,7 @@ class PeerStreamClient {
   uint64_t backoff_ms_ = 0;
   uint64_t jitter_state_;
   uint64_t retry_at_ms_ = 0;   // a back-off or refusal ends at this loop time
+  uint64_t opened_ms_ = 0;     // when the stream last opened
   std::string answer_;         // the handshake's answer, as it arrives
   size_t queued_bytes_ = 0;    // written, not yet done
   mutable bool full_ = false;  // HasRoom said no since the queue last drained below half

@@ -1013,12 +1013,14 @@ std::unique_ptr<HttpUpgradedStream> Node::OpenPeerStream(const HttpRequest& requ
     return nullptr;
   }
   const uint32_t peer = frame->from_id;
-  Inbound& inbound = inbound_streams_[peer];
-  // The peer opened a new stream: its old one is dead or dying (a peer keeps one).
-  if (std::function<void()> close_old = std::move(inbound.close)) close_old();
-  inbound = Inbound{.number = ++inbound_streams_opened_, .close = std::move(close)};
+  const uint64_t number = ++inbound_streams_opened_;
+  // The peer opened a new stream: its old one is dead or dying (a peer keeps one). The new
+  // one is recorded first, so that the old one's Closed() leaves it be.
+  Inbound old =
+      std::exchange(inbound_streams_[peer], Inbound{.number = number, .close = std::move(close)});
+  if (old.close) old.close();
   ++counters_.peer_streams_accepted;
-  return std::make_unique<InboundPeerStream>(this, peer, inbound.number);
+  return std::make_unique<InboundPeerStream>(this, peer, number);
 }
 
 size_t Node::PeerBodyLimit() const {

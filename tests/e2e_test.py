@@ -185,7 +185,9 @@ class Basics(ClusterTest):
             # The leader streams to both followers, and each follower to the leader (a
             # follower has nothing to say to the other follower).
             streams = 2 if i == leader else 1
-            self.assertGreaterEqual(self.metric(i, "synod_peer_stream_connects_total"), streams, i)
+            connects = self.metric(i, "synod_peer_stream_connects_total")
+            # At most one per peer: a stream that kept failing would be opened again and again.
+            self.assertTrue(streams <= connects <= 2, (i, connects))
             self.assertGreaterEqual(self.metric(i, "synod_peer_streams_accepted_total"), streams, i)
             self.assertGreater(self.metric(i, "synod_peer_stream_frames_total"), 0, i)
             self.assertGreater(self.metric(i, "synod_peer_stream_frames_received_total"), 0, i)
@@ -211,7 +213,12 @@ class MixedVersions(ClusterTest):
             self.assertEqual(r.status, 200, r)
             r = self.c.exec(i, "mixed", "INSERT INTO t VALUES (?)", [i])
             self.assertEqual(r.status, 200, r)
-        # Replica 2 alone with replica 3 must still make a majority: both directions work.
+        # Replicas 1 and 2 asked replica 3 for a stream, and it answered as an older version.
+        self.assertGreaterEqual(sum(self.metric(i, "synod_peer_stream_refusals_total")
+                                    for i in (1, 2)), 1)
+        posts_before = self.metric(2, "synod_peer_posts_total")
+        # Replica 2 alone with replica 3 must still make a majority: both directions work,
+        # and replica 2 can reach replica 3 only by POSTs.
         self.c.kill(1)
         r = self.c.exec_retrying(3, "mixed", "INSERT INTO t VALUES (4)")
         self.assertEqual(r.status, 200, r)
@@ -219,10 +226,7 @@ class MixedVersions(ClusterTest):
                            {"sql": "SELECT x FROM t ORDER BY x", "consistency": "linearizable"})
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.json()["rows"], [[1], [2], [3], [4]])
-        self.assertGreaterEqual(self.metric(2, "synod_peer_stream_refusals_total"), 1)
-        self.assertGreater(self.metric(2, "synod_peer_posts_total"), 0)
-        self.assertEqual(self.metric(3, "synod_peer_stream_frames_total"), 0)
-        self.assertEqual(self.metric(3, "synod_peer_streams_accepted_total"), 0)
+        self.assertGreater(self.metric(2, "synod_peer_posts_total"), posts_before)
         for i in (2, 3):
             self.assertEqual(self.metric(i, "synod_peer_frames_refused_total"), 0, i)
 

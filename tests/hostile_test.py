@@ -215,6 +215,57 @@ class HostileTest(ClusterCase):
             for s in idle:
                 s.close()
 
+    def test_a_newer_peer_stream_replaces_an_older_one_and_replayed_hellos_are_refused(self):
+        # Streams claiming to be replica 2's, sealed with the cluster's secret (replica 2 is
+        # down meanwhile, so its own stream does not interfere).
+        self.c.kill(2)
+        with open(self.c.secret_file, "rb") as f:
+            key = hmac.new(f.read().rstrip(), b"synod peer v1", hashlib.sha256).digest()
+
+        def hello(sequence, payload=b"synod-peer-stream/1"):
+            header = b"SYN1" + struct.pack("<IIQQ", 2, 1, sequence, len(payload))
+            return (header + payload + hmac.new(key, header + payload, hashlib.sha256).digest()).hex()
+
+        def open_stream(hello_hex):
+            s = socket.create_connection(("127.0.0.1", self.c.ports[0]), timeout=5)
+            s.sendall(("GET /internal/v1/stream HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                       "Upgrade: synod-peer-stream/1\r\nSynod-Peer-Hello: %s\r\n\r\n"
+                       % hello_hex).encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            return s, head
+
+        base = int(time.time() * 1000) << 20  # below what a restarted replica 2 will use
+        first, head = open_stream(hello(base + 1))
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        second, head = open_stream(hello(base + 2))
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertEqual(first.recv(1), b"", "the older stream is closed")
+        first.close()
+        # A replayed hello, and an authentic frame that is not a hello, get no stream.
+        for refused in (hello(base + 2), hello(base + 3, payload=b"not a hello")):
+            s, head = open_stream(refused)
+            self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
+            s.close()
+        # A frame that is not authentic ends the stream.
+        second.sendall(struct.pack("<I", 5) + b"forge")
+        self.assertEqual(second.recv(1), b"")
+        second.close()
+        self.c.start(2)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if self.c.request(2, "GET", "/readyz", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.assertEqual(self.c.exec_retrying(2, "d", "INSERT INTO t VALUES (6)").status, 200)
+
     def test_peer_messages_without_the_cluster_secret_are_refused_and_counted(self):
         # A raw MessageBatch, as a forger who knows the wire format would send it.
         r = self.c.request(1, "POST", "/internal/v1/messages", body=b"\x0a\x02\x08\x01")
