@@ -51,14 +51,9 @@
 #include "core/synod.pb.h"
 #include "server/api.pb.h"
 #include "server/http_util.h"
+#include "server/peer_links.h"
 
 namespace synod::server {
-
-// Marks the sequences of the blob channel's frames (requests, and with the reply bit,
-// replies), so that a blob frame is never admitted as a consensus message or the reverse.
-inline constexpr uint64_t kBlobSequenceBit = uint64_t{1} << 62;
-// Marks replies (to consensus POSTs and to blob requests).
-inline constexpr uint64_t kReplySequenceBit = uint64_t{1} << 63;
 
 using api::BlobReply;
 using api::BlobRequest;

@@ -56,9 +56,6 @@ struct Node::RunningQuery {
 
 namespace {
 
-// Where a peer's stream opens (adapters/peer_stream.h).
-constexpr char kPeerStreamTarget[] = "/internal/v1/stream";
-
 // Committed entries are applied for about this long at a time; then the loop handles its
 // I/O (heartbeats, requests, peers) before the next slice.
 constexpr uint64_t kApplySliceMs = 20;
@@ -236,38 +233,30 @@ absl::Status Node::Start() {
   client_nonce_ = RandomSeed() & ~0xffffffffull;
   auto replica = std::make_unique<Replica>(config, std::move(state), RandomSeed());
 
-  for (const auto& [id, address] : options_.peers) {
-    if (id == options_.id) continue;
+  {
+    PeerLinksOptions links;
+    links.id = options_.id;
+    links.peers = options_.peers;
+    links.start_unix_ms = start_unix_ms;
+    links.streams = options_.peer_streams;
+    links.max_batch_bytes = options_.max_body_bytes;
+    links.max_frame_bytes = PeerBodyLimit();
     // A peer that comes back (restarted, or reachable again) must hear from this replica
     // well within an election timeout, or it stands for election although a leader is
     // healthy: reconnection backs off to a quarter of the (shortest) election timeout at
     // most, with jitter (docs/consensus.md, "Timing").
-    HttpClientOptions peer_options;
-    peer_options.initial_backoff_ms = static_cast<uint64_t>(options_.tick_ms);
-    peer_options.max_backoff_ms =
+    links.initial_backoff_ms = static_cast<uint64_t>(options_.tick_ms);
+    links.max_backoff_ms =
         static_cast<uint64_t>(options_.tick_ms * config.election_timeout_ticks / 4);
-    peer_options.backoff_jitter_seed = RandomSeed() | 1;
-    // A peer may answer a POST with a batch as large as one it POSTs.
-    peer_options.max_response_bytes = PeerBodyLimit();
-    peer_clients_[id] =
-        std::make_unique<HttpClient>(loop_, address.host, address.port, peer_options);
-    if (options_.peer_streams) {
-      PeerStreamOptions stream_options;
-      stream_options.initial_backoff_ms = peer_options.initial_backoff_ms;
-      stream_options.max_backoff_ms = peer_options.max_backoff_ms;
-      stream_options.jitter_seed = RandomSeed() | 1;
-      stream_options.max_queued_bytes =
-          std::max<size_t>(stream_options.max_queued_bytes, PeerBodyLimit());
-      peer_streams_[id] = std::make_unique<PeerStreamClient>(
-          loop_, address.host, address.port, kPeerStreamTarget, stream_options,
-          PeerStreamClient::Callbacks{.hello = [this, id] { return PeerStreamHello(id); },
-                                      .writable = [this, id] { FlushOutbox(id); }});
-    }
-    outboxes_[id];
-    peer_send_sequences_.emplace(id, PeerSequence(start_unix_ms));
-    peer_reply_sequences_.emplace(id, PeerSequence(start_unix_ms));
-    peer_replay_windows_[id];
-    peer_reply_windows_[id];
+    PeerLinksHost host;
+    host.step = [this](uint32_t from, const MessageBatch& batch) { StepPeerMessages(from, batch); };
+    host.drain = [this] { driver_->Drain(); };
+    host.send = [this](const std::shared_ptr<HttpResponder>& responder, HttpResponse response) {
+      SendCounted(responder, std::move(response));
+    };
+    host.random_seed = [] { return RandomSeed(); };
+    links_ =
+        std::make_unique<PeerLinks>(loop_, std::move(links), peer_auth_.get(), std::move(host));
   }
   MediaOptions media_options;
   media_options.id = options_.id;
@@ -361,11 +350,9 @@ absl::Status Node::Start() {
                    ? media_->StartUpload(head, std::move(responder))
                    : media_->StartD3bUpload(head, std::move(responder));
       });
-  if (options_.peer_streams) {
-    http_->set_upgrade_handler([this](const HttpRequest& request, std::function<void()> close) {
-      return OpenPeerStream(request, std::move(close));
-    });
-  }
+  http_->set_upgrade_handler([this](const HttpRequest& request, std::function<void()> close) {
+    return links_->OpenStream(request, std::move(close));
+  });
   absl::Status listening = http_->Listen(options_.listen_host, options_.listen_port);
   if (!listening.ok()) return listening;
   // Nothing fails from here on: the log writer's thread and loop handle, which must be
@@ -412,8 +399,7 @@ void Node::Stop(std::function<void()> done) {
   }
   if (media_) media_->Stop();
   if (log_) log_->Close();  // the last records made durable; nothing more is sent
-  for (auto& [id, client] : peer_clients_) client->Close();
-  for (auto& [id, stream] : peer_streams_) stream->Close();
+  if (links_) links_->Stop();
   if (http_) {
     http_->Close(std::move(done));
   } else {
@@ -858,169 +844,10 @@ void Node::OnSnapshotBuildDone(uv_work_t* work, int status) {
 }
 
 void Node::Send(std::vector<Message> messages) {
-  // Messages for a peer wait in its outbox while a POST to it is in flight, and go out
-  // together when it returns: under load, batches grow instead of queues.
-  for (Message& m : messages) {
-    auto it = outboxes_.find(m.to());
-    if (it == outboxes_.end()) continue;
+  for (const Message& m : messages) {
     if (m.has_snapshot_chunk()) snapshot_served_ms_[m.to()] = now_ms_;
-    PeerOutbox& box = it->second;
-    size_t size = m.ByteSizeLong();
-    if (box.pending_bytes + size > kMaxOutboxBytes) continue;  // lost; the protocol retries
-    box.pending_bytes += size;
-    box.pending.push_back(std::move(m));
   }
-  for (auto& [peer, box] : outboxes_) FlushOutbox(peer);
-}
-
-std::string Node::TakeSealedBatch(uint32_t peer, bool reply) {
-  PeerOutbox& box = outboxes_.at(peer);
-  // At most about max_body_bytes (a single message may carry a whole image).
-  MessageBatch batch;
-  size_t bytes = 0;
-  size_t taken = 0;
-  for (; taken < box.pending.size(); ++taken) {
-    size_t size = box.pending[taken].ByteSizeLong();
-    if (taken > 0 && bytes + size > options_.max_body_bytes) break;
-    bytes += size;
-    *batch.add_messages() = std::move(box.pending[taken]);
-  }
-  box.pending.erase(box.pending.begin(), box.pending.begin() + taken);
-  box.pending_bytes -= std::min(box.pending_bytes, bytes);
-  std::string payload;
-  SYNOD_CHECK(batch.SerializeToString(&payload));
-  // POST bodies and replies travel on different connections, so each has its own sequence
-  // and the receiver its own replay window (a POST held up by a reconnection must not fall
-  // out of a window that replies keep moving). The top bit tells them apart, so a reply
-  // cannot be replayed as a POST body or the reverse.
-  uint64_t sequence = reply ? peer_reply_sequences_.at(peer).Next() | kReplySequenceBit
-                            : peer_send_sequences_.at(peer).Next();
-  return peer_auth_->Seal(options_.id, peer, sequence, payload);
-}
-
-void Node::FlushOutbox(uint32_t peer) {
-  PeerOutbox& box = outboxes_.at(peer);
-  if (box.pending.empty() || stopping_ || peer == answering_peer_) return;
-  auto stream_it = peer_streams_.find(peer);
-  PeerStreamClient* stream = stream_it == peer_streams_.end() ? nullptr : stream_it->second.get();
-  if (stream != nullptr && stream->open()) {
-    // One frame per call under light load; under heavy load, as many as the socket's queue
-    // takes, the rest waiting here until it drains (the stream calls back).
-    while (!box.pending.empty() &&
-           stream->HasRoom(std::min(box.pending_bytes, options_.max_body_bytes))) {
-      stream->Write(TakeSealedBatch(peer, /*reply=*/false));
-    }
-    return;
-  }
-  // Nothing while it connects, backs off, or waits after a refusal.
-  if (stream != nullptr) stream->Connect();
-  if (box.in_flight) return;
-  box.in_flight = true;
-  ++counters_.peer_posts;
-  // "replies": the peer may answer with messages of its own for this replica (server
-  // versions before it answer 204 to every batch).
-  peer_clients_.at(peer)->Post(
-      "/internal/v1/messages?replies=1", TakeSealedBatch(peer, /*reply=*/false),
-      [this, peer](absl::StatusOr<HttpResponse> response) {
-        // Lost or refused batches are the protocol's business. So are the messages queued
-        // behind one that failed: the peer is down or cut off, they age while the client
-        // backs off, and the core's timers send what is still needed.
-        PeerOutbox& b = outboxes_.at(peer);
-        b.in_flight = false;
-        if (!response.ok()) {
-          b.pending.clear();
-          b.pending_bytes = 0;
-        } else if (response->status == 200 && !stopping_) {
-          CatchUpTicks();
-          // A refused one is counted; one from another replica is refused.
-          absl::StatusOr<uint32_t> from = StepPeerBatch(response->body, /*reply=*/true, peer);
-          from.IgnoreError();
-        }
-        FlushOutbox(peer);
-      });
-}
-
-std::string Node::PeerStreamHello(uint32_t peer) {
-  // A frame like any other (its sequence from the same counter as the batches to `peer`),
-  // whose payload names the protocol.
-  return absl::BytesToHexString(peer_auth_->Seal(
-      options_.id, peer, peer_send_sequences_.at(peer).Next(), kPeerStreamProtocol));
-}
-
-class Node::InboundPeerStream : public HttpUpgradedStream {
- public:
-  InboundPeerStream(Node* node, uint32_t peer, uint64_t number)
-      : node_(node),
-        peer_(peer),
-        number_(number),
-        reader_(node->PeerBodyLimit(), [this](std::string_view frame) { return Step(frame); }) {}
-
-  bool Receive(std::string_view bytes) override { return reader_.Receive(bytes); }
-
-  void Closed() override {
-    auto it = node_->inbound_streams_.find(peer_);
-    if (it != node_->inbound_streams_.end() && it->second.number == number_) {
-      node_->inbound_streams_.erase(it);
-    }
-  }
-
- private:
-  // False closes the stream: a frame that is not authentic, not from this peer, or not a
-  // batch. A stale one (a replay, or one overtaken by more than the replay window) is
-  // dropped, as a lost message is.
-  bool Step(std::string_view frame) {
-    if (node_->stopping_) return false;
-    node_->CatchUpTicks();
-    bool stale = false;
-    absl::StatusOr<uint32_t> from = node_->StepPeerBatch(frame, /*reply=*/false, peer_, &stale);
-    if (from.ok()) ++node_->counters_.peer_stream_frames_received;
-    return from.ok() || stale;
-  }
-
-  Node* const node_;
-  const uint32_t peer_;
-  const uint64_t number_;
-  PeerStreamReader reader_;
-};
-
-std::unique_ptr<HttpUpgradedStream> Node::OpenPeerStream(const HttpRequest& request,
-                                                         std::function<void()> close) {
-  if (stopping_ || request.method != "GET" || request.target != kPeerStreamTarget ||
-      Header(request, "upgrade") != kPeerStreamProtocol) {
-    return nullptr;
-  }
-  // The hello is opened and admitted like a batch, before the stream is taken: a client
-  // without the cluster secret gets no stream (and cannot hold a connection without a
-  // deadline).
-  std::string hello;
-  absl::StatusOr<OpenedFrame> frame = absl::InvalidArgumentError("no hello");
-  if (DecodeHex(Header(request, kPeerStreamHelloHeader), &hello)) {
-    frame = peer_auth_->Open(hello, options_.id);
-  }
-  absl::Status admitted = frame.status();
-  if (admitted.ok() && ((frame->sequence & (kBlobSequenceBit | kReplySequenceBit)) != 0 ||
-                        frame->payload != kPeerStreamProtocol)) {
-    admitted = absl::PermissionDeniedError("not a peer stream's hello");
-  }
-  if (admitted.ok()) {
-    auto window = peer_replay_windows_.find(frame->from_id);
-    admitted = window == peer_replay_windows_.end()
-                   ? absl::PermissionDeniedError("the sender is not a peer of this replica")
-                   : window->second.Admit(frame->sequence);
-  }
-  if (!admitted.ok()) {
-    ++counters_.peer_frames_refused;
-    return nullptr;
-  }
-  const uint32_t peer = frame->from_id;
-  const uint64_t number = ++inbound_streams_opened_;
-  // The peer opened a new stream: its old one is dead or dying (a peer keeps one). The new
-  // one is recorded first, so that the old one's Closed() leaves it be.
-  Inbound old =
-      std::exchange(inbound_streams_[peer], Inbound{.number = number, .close = std::move(close)});
-  if (old.close) old.close();
-  ++counters_.peer_streams_accepted;
-  return std::make_unique<InboundPeerStream>(this, peer, number);
+  links_->Send(std::move(messages));
 }
 
 size_t Node::PeerBodyLimit() const {
@@ -1372,18 +1199,10 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
   CatchUpTicks();
   const std::string& method = request.method;
   std::vector<std::string> path = PathSegments(request.target);
-  if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "messages" &&
-      method == "POST") {
-    return HandlePeerMessages(request, std::move(responder));
-  }
+  if (links_->HandleHttp(request, responder)) return;
   if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "blob" &&
       method == "POST") {
     return media_->HandlePeer(request, std::move(responder));
-  }
-  if (request.target == kPeerStreamTarget && options_.peer_streams) {
-    return RespondError(responder, 401, "unauthenticated",
-                        absl::StrCat("a peer stream opens with an upgrade to ", kPeerStreamProtocol,
-                                     " and an authentic ", kPeerStreamHelloHeader, " header"));
   }
   if (size_t limit = BodyLimit(method, request.target); request.body.size() > limit) {
     return RespondError(responder, 413, "payload_too_large",
@@ -1451,44 +1270,11 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
                absl::StrCat("no endpoint ", method, " ", request.target));
 }
 
-absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply,
-                                             uint32_t expected_from, bool* stale) {
-  // Nothing of the body is decoded before it is authenticated (adapters/peer_auth.h).
-  absl::StatusOr<OpenedFrame> frame = peer_auth_->Open(sealed, options_.id);
-  absl::Status admitted = frame.status();
-  if (admitted.ok() && (frame->sequence & kBlobSequenceBit) != 0) {
-    admitted = absl::PermissionDeniedError("a blob channel's frame where a message was expected");
-  }
-  if (admitted.ok() && reply != ((frame->sequence & kReplySequenceBit) != 0)) {
-    admitted = absl::PermissionDeniedError(reply ? "a POST's frame where a reply was expected"
-                                                 : "a reply's frame where a POST was expected");
-  }
-  if (admitted.ok() && expected_from != 0 && frame->from_id != expected_from) {
-    admitted = absl::PermissionDeniedError(
-        "a frame from another replica than the one this channel is with");
-  }
-  if (admitted.ok()) {
-    auto& windows = reply ? peer_reply_windows_ : peer_replay_windows_;
-    auto window = windows.find(frame->from_id);
-    if (window == windows.end()) {
-      admitted = absl::PermissionDeniedError("the sender is not a peer of this replica");
-    } else {
-      admitted = window->second.Admit(frame->sequence);
-      if (!admitted.ok() && stale != nullptr) *stale = true;
-    }
-  }
-  if (!admitted.ok()) {
-    ++counters_.peer_frames_refused;
-    return absl::UnauthenticatedError(absl::StrCat("peer frame refused: ", admitted.message()));
-  }
-  MessageBatch batch;
-  if (!batch.ParseFromArray(frame->payload.data(), static_cast<int>(frame->payload.size()))) {
-    ++counters_.peer_frames_refused;
-    return absl::InvalidArgumentError("not a message batch");
-  }
+void Node::StepPeerMessages(uint32_t from, const MessageBatch& batch) {
+  CatchUpTicks();
   for (const Message& m : batch.messages()) {
     // What the peer says it has chosen, for MaybeCompact (the replica checks the rest).
-    if (m.from() == frame->from_id) {
+    if (m.from() == from) {
       uint64_t& commit = peer_commit_index_[m.from()];
       commit = std::max(commit, m.commit_index());
     }
@@ -1501,34 +1287,6 @@ absl::StatusOr<uint32_t> Node::StepPeerBatch(std::string_view sealed, bool reply
     }
     replica().Step(m);
   }
-  return frame->from_id;
-}
-
-void Node::HandlePeerMessages(const HttpRequest& request,
-                              std::shared_ptr<HttpResponder> responder) {
-  absl::StatusOr<uint32_t> from = StepPeerBatch(request.body, /*reply=*/false);
-  if (!from.ok()) {
-    return absl::IsUnauthenticated(from.status())
-               ? RespondError(responder, 401, "unauthenticated", from.status().message())
-               : RespondError(responder, 400, "bad_request", from.status().message());
-  }
-  HttpResponse response;
-  response.status = 204;
-  if (request.target.ends_with("?replies=1") && outboxes_.contains(*from)) {
-    // What this replica has for the sender now (a heartbeat's acknowledgement, most often)
-    // rides back in the answer: one HTTP exchange per round trip instead of two. Messages
-    // that need an fsync first come later, in a POST of their own.
-    answering_peer_ = *from;
-    driver_->Drain();
-    answering_peer_ = 0;
-    if (!outboxes_.at(*from).pending.empty()) {
-      response.status = 200;
-      response.body = TakeSealedBatch(*from, /*reply=*/true);
-      ++counters_.peer_replies;
-    }
-  }
-  responder->Send(std::move(response));
-  FlushOutbox(*from);  // what did not fit
 }
 
 void Node::HandleDatabase(const std::string& method, const std::string& name,
@@ -1835,36 +1593,7 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   counter("synod_pre_votes_started_total",
           "times this replica asked whether it could win an election since it started",
           s.pre_votes_started);
-  counter("synod_peer_frames_refused_total",
-          "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
-          counters_.peer_frames_refused);
-  counter("synod_peer_posts_total", "message batches this replica POSTed to peers",
-          counters_.peer_posts);
-  counter("synod_peer_replies_total",
-          "message batches this replica sent back in its answer to a peer's POST",
-          counters_.peer_replies);
-  PeerStreamCounters streams;
-  for (const auto& [id, stream] : peer_streams_) {
-    const PeerStreamCounters& c = stream->counters();
-    streams.connects += c.connects;
-    streams.failures += c.failures;
-    streams.refusals += c.refusals;
-    streams.frames += c.frames;
-    streams.bytes += c.bytes;
-  }
-  counter("synod_peer_stream_frames_total",
-          "message batches this replica wrote on its streams to peers", streams.frames);
-  counter("synod_peer_stream_bytes_total", "bytes written on streams to peers", streams.bytes);
-  counter("synod_peer_stream_connects_total", "streams to peers opened", streams.connects);
-  counter("synod_peer_stream_failures_total",
-          "streams to peers, or attempts to open one, that failed", streams.failures);
-  counter("synod_peer_stream_refusals_total",
-          "attempts to open a stream that a peer answered without switching (an older version)",
-          streams.refusals);
-  counter("synod_peer_stream_frames_received_total", "message batches stepped from peers' streams",
-          counters_.peer_stream_frames_received);
-  counter("synod_peer_streams_accepted_total", "streams from peers taken",
-          counters_.peer_streams_accepted);
+  links_->AppendMetrics(&out);
   gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
   counter("synod_http_response_microseconds_total", "time spent answering",
           counters_.response_us_total);

@@ -22,7 +22,6 @@
 #include "adapters/log_store.h"
 #include "adapters/log_writer.h"
 #include "adapters/peer_auth.h"
-#include "adapters/peer_stream.h"
 #include "adapters/snapshot_files.h"
 #include "adapters/snapshot_image.h"
 #include "core/divergence.h"
@@ -31,6 +30,7 @@
 #include "core/state_machine.h"
 #include "server/http_util.h"
 #include "server/media.h"
+#include "server/peer_links.h"
 
 namespace synod::server {
 
@@ -106,15 +106,10 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
     uint64_t writes = 0;
     uint64_t reads = 0;
     uint64_t queries_timed_out = 0;
-    uint64_t queries_inline = 0;       // answered on the loop, without a worker
-    uint64_t peer_frames_refused = 0;  // unauthenticated, misaddressed, replayed or malformed
+    uint64_t queries_inline = 0;  // answered on the loop, without a worker
     uint64_t snapshots_refused = 0;
     uint64_t votes_skipped = 0;  // divergence votes not cast: the previous one was hashing
     uint64_t accepts_dropped_while_checking = 0;  // a snapshot was being checked
-    uint64_t peer_posts = 0;                      // batches sent to peers as POSTs
-    uint64_t peer_replies = 0;                 // batches sent back in the answer to a peer's POST
-    uint64_t peer_stream_frames_received = 0;  // batches stepped from peers' streams
-    uint64_t peer_streams_accepted = 0;        // peers' streams this replica took
   };
 
   // The driver's interfaces.
@@ -143,24 +138,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // own vote when the entry's revision is one the group hashes.
   void CheckDivergence(const CommittedEntry& entry);
   void MaybeCompact();
-  void FlushOutbox(uint32_t peer);
-  // Takes what of `peer`'s outbox fits one batch (at least one message), sealed for it as a
-  // POST's body or as the `reply` to one of its POSTs.
-  std::string TakeSealedBatch(uint32_t peer, bool reply);
-  // Opens, admits and steps one sealed batch from a peer: a POST's body, or the `reply` to
-  // one of this replica's POSTs to `expected_from`. Refused frames are counted; the status
-  // says why. Returns the sender.
-  // `stale` (when given) is set when the batch was authentic but refused as a replay or as
-  // too old.
-  absl::StatusOr<uint32_t> StepPeerBatch(std::string_view sealed, bool reply,
-                                         uint32_t expected_from = 0, bool* stale = nullptr);
-  // The peer stream (adapters/peer_stream.h). Outgoing: the hello for a new stream to
-  // `peer`. Incoming: the stream a peer's upgrade request opens, or nullptr (not a peer
-  // stream, or its hello is not authentic: the request is then answered as one).
-  std::string PeerStreamHello(uint32_t peer);
-  std::unique_ptr<HttpUpgradedStream> OpenPeerStream(const HttpRequest& request,
-                                                     std::function<void()> close);
-  class InboundPeerStream;
+  // Authentic messages from a peer (PeerLinks), stepped into the replica.
+  void StepPeerMessages(uint32_t from, const MessageBatch& batch);
   void ExpirePending();
 
   // HTTP.
@@ -169,7 +148,6 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
                std::string content_type = "application/json");
   void RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
                     absl::string_view code, absl::string_view message);
-  void HandlePeerMessages(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
   void HandleDatabase(const std::string& method, const std::string& name, const std::string& rest,
                       const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
   void HandleExec(const std::string& name, const HttpRequest& request,
@@ -233,13 +211,6 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   ReplicaConfig replica_config_;
   std::unique_ptr<HostDriver> driver_;
   std::unique_ptr<HttpServer> http_;
-  // Messages waiting for a peer while a POST to it is in flight.
-  struct PeerOutbox {
-    bool in_flight = false;
-    std::vector<Message> pending;
-    size_t pending_bytes = 0;
-  };
-  static constexpr size_t kMaxOutboxBytes = 256 << 20;
   // No snapshot is tried before this revision (one failed: its image could not be written).
   uint64_t next_snapshot_attempt_ = 0;
   // The image of this replica's own snapshot is written on a worker thread (SnapshotBuild);
@@ -281,13 +252,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   SnapshotMeta staged_meta_;
   std::unique_ptr<DivergenceCheck> divergence_;
   std::unique_ptr<PeerAuthenticator> peer_auth_;
-  std::map<uint32_t, PeerSequence> peer_send_sequences_;
-  std::map<uint32_t, ReplayWindow> peer_replay_windows_;
-  // Replies to POSTs: their own sequences, marked by kReplySequenceBit, and windows.
-  std::map<uint32_t, PeerSequence> peer_reply_sequences_;
-  std::map<uint32_t, ReplayWindow> peer_reply_windows_;
-  // While a peer's POST is being answered: its messages wait to ride back in the answer.
-  uint32_t answering_peer_ = 0;
+  std::unique_ptr<PeerLinks> links_;
   // Queries on worker threads: at most kMaxRunningQueries; more are answered 503. Each holds
   // a reader's file descriptors (main.cc keeps them in reserve).
   static constexpr size_t kMaxRunningQueries = 64;
@@ -297,19 +262,6 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // that ends at inline_window_end_ms_.
   uint64_t inline_waste_us_ = 0;
   int64_t inline_window_end_ms_ = 0;
-  std::map<uint32_t, std::unique_ptr<HttpClient>> peer_clients_;
-  // Each peer's batches go on its stream while that is open, and as POSTs otherwise (the
-  // stream is connecting, backing off, or the peer is a version without streams).
-  std::map<uint32_t, std::unique_ptr<PeerStreamClient>> peer_streams_;
-  // Streams from peers: at most one each (a newer one closes the older). By peer: the
-  // stream's number and how to close it.
-  struct Inbound {
-    uint64_t number = 0;
-    std::function<void()> close;
-  };
-  std::map<uint32_t, Inbound> inbound_streams_;
-  uint64_t inbound_streams_opened_ = 0;
-  std::map<uint32_t, PeerOutbox> outboxes_;
   uv_timer_t tick_timer_;
   uv_check_t drain_check_;
   // Runs while to_apply_ holds entries: the loop then polls without waiting, and Drain (a
