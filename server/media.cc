@@ -510,8 +510,6 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
 // statements, and the Upload goes on as any other.
 class MediaService::D3bUpload : public HttpBodySink {
  public:
-  static constexpr size_t kMaxJsonBytes = 1 << 20;
-
   D3bUpload(MediaService* service, std::shared_ptr<Upload> upload, std::string boundary)
       : service_(service),
         upload_(std::move(upload)),
@@ -579,8 +577,10 @@ class MediaService::D3bUpload : public HttpBodySink {
   }
   absl::Status Data(std::string_view data) {
     if (in_json_) {
-      if (json_.size() + data.size() > kMaxJsonBytes) {
-        return absl::InvalidArgumentError("the json field is over 1 MiB");
+      const uint64_t limit = service_->options_.max_json_bytes;
+      if (json_.size() + data.size() > limit) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("the json field is over ", limit, " bytes (--max-json-body-bytes)"));
       }
       json_.append(data.data(), data.size());
     } else if (in_file_) {

@@ -66,6 +66,8 @@ struct MediaOptions {
   uint64_t start_unix_ms = 0;  // the process's start, for the peer sequences
   // The largest media file accepted.
   uint64_t max_media_bytes = uint64_t{4} << 30;
+  // The largest `json` field of a d3b upload (as the largest JSON body elsewhere).
+  uint64_t max_json_bytes = 3 << 20;
   // An unreferenced blob is removed once it is older than this.
   uint64_t gc_grace_ms = 60 * 60 * 1000;
   // How often the convergence and collection pass runs.

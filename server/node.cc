@@ -265,6 +265,7 @@ absl::Status Node::Start() {
   media_options.fsync = options_.fsync;
   media_options.start_unix_ms = start_unix_ms;
   media_options.max_media_bytes = options_.max_media_bytes;
+  media_options.max_json_bytes = options_.max_json_body_bytes;
   media_options.gc_grace_ms = options_.media_gc_grace_ms;
   media_options.gc_interval_ms = options_.media_gc_interval_ms;
   MediaHost media_host;

@@ -257,7 +257,8 @@ void PeerLinks::HandlePost(const HttpRequest& request,
       ++counters_.replies;
     }
   }
-  host_.send(responder, std::move(response));
+  // Not through host_.send: peer traffic is not counted as client requests.
+  responder->Send(std::move(response));
   Flush(*from);  // what did not fit
 }
 

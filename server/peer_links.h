@@ -66,7 +66,7 @@ struct PeerLinksHost {
   std::function<void(uint32_t from, const MessageBatch& batch)> step;
   // Hands what the replica has to send now to Send (a Drain of the driver).
   std::function<void()> drain;
-  // Answers a request (counted by the node).
+  // Answers a refused request (counted by the node; answers to peers' batches are not).
   std::function<void(const std::shared_ptr<HttpResponder>&, HttpResponse)> send;
   std::function<uint64_t()> random_seed;
 };

@@ -264,6 +264,10 @@ class Media(MediaTest):
         self.assertEqual(self.d3b_upload(1, dict(insert, table="no/such"), b"x").status, 400)
         r = self.d3b_upload(1, dict(insert, query="PRAGMA journal_mode = OFF"), b"x")
         self.assertEqual(r.status, 400, r)
+        # A json field over --max-json-body-bytes (3 MiB by default).
+        r = self.d3b_upload(1, dict(insert, query="SELECT 1 -- " + "x" * (3 << 20)), b"x")
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("--max-json-body-bytes", r.json()["error"]["message"])
         r = self.c.request(1, "POST", "/", body=b"--x--", headers={"Content-Type": "multipart/form-data"})
         self.assertEqual(r.status, 400, r)
         # d3b delete; the row stays (it is the application's), the file goes.
