@@ -1536,11 +1536,13 @@ void MediaService::OnPassDone(std::shared_ptr<Pass> pass) {
   StartQueuedFetches();
 }
 
-void MediaService::AppendMetrics(std::string* out) const {
-  auto line = [out](absl::string_view name, absl::string_view help, absl::string_view type,
-                    uint64_t value) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n", name, " ",
-                    value, "\n");
+void MediaService::AppendMetrics(MetricsText* out) const {
+  auto line = [out](const char* name, const char* help, std::string_view type, uint64_t value) {
+    if (type == "gauge") {
+      out->Gauge(name, help, static_cast<double>(value));
+    } else {
+      out->Counter(name, help, value);
+    }
   };
   line("synod_media_uploads_total", "Media uploads whose metadata was proposed.", "counter",
        counters_.uploads);

@@ -52,6 +52,7 @@
 #include "server/api.pb.h"
 #include "server/http_util.h"
 #include "server/peer_links.h"
+#include "server/status.h"
 
 namespace synod::server {
 
@@ -144,7 +145,7 @@ class MediaService {
   void OnStateReplaced();
 
   // Prometheus lines (synod_media_*).
-  void AppendMetrics(std::string* out) const;
+  void AppendMetrics(MetricsText* out) const;
 
  private:
   class Upload;

@@ -26,6 +26,7 @@
 #include "server/api.pb.h"
 #include "server/http_util.h"
 #include "server/json.h"
+#include "server/status.h"
 
 namespace synod::server {
 
@@ -1492,64 +1493,28 @@ void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> 
 }
 
 void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
-  ReplicaStatus s = replica().Status();
-  std::string out =
-      absl::StrCat("{\"id\":", options_.id, ",\"role\":\"", RoleName(s.role),
-                   "\",\"leader\":", s.leader_id, ",\"ballot\":{\"round\":", s.ballot.round(),
-                   ",\"replica\":", s.ballot.replica_id(), "},\"revision\":", sm_->revision(),
-                   ",\"commit_index\":", s.commit_index, ",\"snapshot_index\":", s.snapshot_index,
-                   ",\"lease_valid\":", s.lease_valid ? "true" : "false");
-  out += ",\"location\":";
-  AppendJsonString(&out, options_.location);
-  if (const std::optional<Divergence>& d = divergence_->diverged()) {
-    absl::StrAppend(&out, ",\"diverged\":{\"revision\":", d->revision, ",\"own_hash\":\"",
-                    absl::Hex(d->own_hash, absl::kZeroPad16), "\",\"majority_hash\":\"",
-                    absl::Hex(d->majority_hash, absl::kZeroPad16), "\"}");
-  } else {
-    out += ",\"diverged\":null";
-  }
-  absl::StrAppend(&out, ",\"state_agreed_revision\":", divergence_->agreed_revision(),
-                  ",\"outvoted_replicas\":[");
-  bool first_outvoted = true;
-  for (uint32_t id : divergence_->outvoted_replicas()) {
-    absl::StrAppend(&out, first_outvoted ? "" : ",", id);
-    first_outvoted = false;
-  }
-  out += "]";
-  out += ",\"peers\":[";
-  bool first = true;
-  for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {
-    if (!first) out.push_back(',');
-    first = false;
-    int64_t age_ms = heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms;
-    bool reachable = heard_ticks >= 0 && age_ms < 1000;
-    absl::StrAppend(&out, "{\"id\":", id, ",\"reachable\":", reachable ? "true" : "false",
-                    ",\"heartbeat_age_ms\":", age_ms);
-    if (s.role == Role::kLeader) {
-      uint64_t match = s.peer_match_index.count(id) ? s.peer_match_index.at(id) : 0;
-      absl::StrAppend(&out, ",\"replication_delay_entries\":",
-                      s.commit_index > match ? s.commit_index - match : 0);
-    }
-    out.push_back('}');
-  }
-  uint64_t n = std::max<uint64_t>(counters_.requests, 1);
-  absl::StrAppend(&out, "],\"mean_response_ms\":",
-                  static_cast<double>(counters_.response_us_total) / n / 1000.0,
-                  ",\"error_rate\":", static_cast<double>(counters_.errors) / n,
-                  ",\"requests\":", counters_.requests, "}");
-  Respond(responder, 200, out);
+  StatusReport report{.id = options_.id,
+                      .replica = replica().Status(),
+                      .revision = sm_->revision(),
+                      .location = options_.location,
+                      .diverged = divergence_->diverged(),
+                      .state_agreed_revision = divergence_->agreed_revision(),
+                      .outvoted_replicas = divergence_->outvoted_replicas(),
+                      .tick_ms = options_.tick_ms,
+                      .requests = counters_.requests,
+                      .errors = counters_.errors,
+                      .response_us_total = counters_.response_us_total};
+  Respond(responder, 200, StatusJson(report));
 }
 
 void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   ReplicaStatus s = replica().Status();
-  std::string out;
+  MetricsText out;
   auto gauge = [&](const char* name, const char* help, double value) {
-    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ",
-                    value, "\n");
+    out.Gauge(name, help, value);
   };
   auto counter = [&](const char* name, const char* help, uint64_t value) {
-    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ",
-                    value, "\n");
+    out.Counter(name, help, value);
   };
   gauge("synod_is_leader", "1 if this replica leads", s.role == Role::kLeader ? 1 : 0);
   gauge("synod_leader_id", "the leader this replica knows (0: none)", s.leader_id);
@@ -1598,12 +1563,14 @@ void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
   counter("synod_http_response_microseconds_total", "time spent answering",
           counters_.response_us_total);
+  out.Family("synod_peer_heartbeat_age_ms",
+             "per peer, time since this replica last heard from it (-1: never)", "gauge");
   for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {
-    absl::StrAppend(&out, "synod_peer_heartbeat_age_ms{peer=\"", id, "\"} ",
-                    heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms, "\n");
+    out.Sample("synod_peer_heartbeat_age_ms", "peer", std::to_string(id),
+               heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms);
   }
   media_->AppendMetrics(&out);
-  Respond(responder, 200, out, "text/plain; version=0.0.4");
+  Respond(responder, 200, out.text(), "text/plain; version=0.0.4");
 }
 
 }  // namespace synod::server

@@ -308,10 +308,9 @@ std::unique_ptr<HttpUpgradedStream> PeerLinks::OpenStream(const HttpRequest& req
   return std::make_unique<InboundStream>(this, peer, number);
 }
 
-void PeerLinks::AppendMetrics(std::string* out) const {
+void PeerLinks::AppendMetrics(MetricsText* out) const {
   auto counter = [out](const char* name, const char* help, uint64_t value) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ",
-                    value, "\n");
+    out->Counter(name, help, value);
   };
   counter("synod_peer_frames_refused_total",
           "peer frames refused before decoding: unauthenticated, misaddressed or replayed",

@@ -34,6 +34,7 @@
 #include "adapters/peer_stream.h"
 #include "core/synod.pb.h"
 #include "server/http_util.h"
+#include "server/status.h"
 
 namespace synod::server {
 
@@ -103,7 +104,7 @@ class PeerLinks {
   // Stops sending; connections close (the loop must run for their handles).
   void Stop();
 
-  void AppendMetrics(std::string* out) const;
+  void AppendMetrics(MetricsText* out) const;
   const PeerLinksCounters& counters() const { return counters_; }
 
  private:
