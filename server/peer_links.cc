@@ -308,6 +308,11 @@ std::unique_ptr<HttpUpgradedStream> PeerLinks::OpenStream(const HttpRequest& req
   return std::make_unique<InboundStream>(this, peer, number);
 }
 
+bool PeerLinks::stream_open(uint32_t peer) const {
+  auto it = streams_.find(peer);
+  return it != streams_.end() && it->second->open();
+}
+
 void PeerLinks::AppendMetrics(MetricsText* out) const {
   auto counter = [out](const char* name, const char* help, uint64_t value) {
     out->Counter(name, help, value);

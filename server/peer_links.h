@@ -104,6 +104,9 @@ class PeerLinks {
   // Stops sending; connections close (the loop must run for their handles).
   void Stop();
 
+  // Whether the stream to `peer` is open (batches to it go on it, not as POSTs).
+  bool stream_open(uint32_t peer) const;
+
   void AppendMetrics(MetricsText* out) const;
   const PeerLinksCounters& counters() const { return counters_; }
 
