@@ -3,7 +3,7 @@
 
 // The server's durable log: a directory of segment files, `<dir>/logs/<number>.seg`, each in
 // the format of core/log_codec.h, replayed in order by the same rules as the simulator's disk
-// (sim/world.cc, SimDisk):
+// (sim/sim_disk.h, SimDisk):
 // - Open() replays every segment. A torn tail of the last segment (a write a crash cut
 //   short) is truncated away and reported; a corrupt record followed by valid ones, or any
 //   damage in a segment that is not the last, fails Open() with DataLoss, and the replica

@@ -210,6 +210,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::unique_ptr<StateMachine> sm_;
   ReplicaConfig replica_config_;
   std::unique_ptr<HostDriver> driver_;
+  std::unique_ptr<PeerAuthenticator> peer_auth_;  // outlives links_ and media_
   // Declared before http_, so destroyed after it: the server's peer streams point at it.
   std::unique_ptr<PeerLinks> links_;
   std::unique_ptr<HttpServer> http_;
@@ -253,7 +254,6 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::optional<SnapshotImages> staged_snapshot_;
   SnapshotMeta staged_meta_;
   std::unique_ptr<DivergenceCheck> divergence_;
-  std::unique_ptr<PeerAuthenticator> peer_auth_;
   // Queries on worker threads: at most kMaxRunningQueries; more are answered 503. Each holds
   // a reader's file descriptors (main.cc keeps them in reserve).
   static constexpr size_t kMaxRunningQueries = 64;

@@ -5,13 +5,17 @@
 // sim/world.cc).
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "core/check.h"
 #include "core/log_codec.h"
 #include "core/replica.h"

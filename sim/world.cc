@@ -762,6 +762,32 @@ void World::Dispatch(const Event& ev) {
   }
 }
 
+void World::FinalChecks() {
+  if (std::optional<std::string> v = chosen_.violation()) return Fail(*v);
+  // Acknowledged writes survive every crash: the replicas that are up and caught up hold
+  // every acknowledged append and at least every acknowledged increment.
+  uint64_t top = 0;
+  for (const Host& h : hosts_) {
+    if (h.up) top = std::max(top, h.sm->revision());
+  }
+  for (Host& h : hosts_) {
+    if (!h.up || h.sm->revision() != top) continue;
+    std::optional<std::string> lost =
+        CheckNoAcknowledgedWriteLost(history_, [&](const std::string& sql) {
+          Statement s;
+          s.set_sql(sql);
+          return h.sm->Query(kDatabase, s);
+        });
+    if (lost) return Fail(absl::StrCat("replica ", h.id, ": ", *lost));
+  }
+  if (std::optional<std::string> bad = CheckLocalReads(history_, local_reads_)) return Fail(*bad);
+  CheckResult lin = CheckLinearizable(history_, kLinearizabilityBudgetSteps);
+  if (lin.verdict != CheckResult::Verdict::kLinearizable) {
+    Fail(absl::StrCat("history ", VerdictName(lin.verdict), " (key ", lin.key,
+                      "): ", lin.explanation));
+  }
+}
+
 }  // namespace synod::sim::internal
 
 namespace synod::sim {
