@@ -1537,35 +1537,28 @@ void MediaService::OnPassDone(std::shared_ptr<Pass> pass) {
 }
 
 void MediaService::AppendMetrics(MetricsText* out) const {
-  auto line = [out](const char* name, const char* help, std::string_view type, uint64_t value) {
-    if (type == "gauge") {
-      out->Gauge(name, help, static_cast<double>(value));
-    } else {
-      out->Counter(name, help, value);
-    }
-  };
-  line("synod_media_uploads_total", "Media uploads whose metadata was proposed.", "counter",
-       counters_.uploads);
-  line("synod_media_upload_bytes_total", "Bytes of media uploads stored here.", "counter",
-       counters_.upload_bytes);
-  line("synod_media_uploads_refused_total",
-       "Uploads answered with an error (limits, disk, digest, no majority).", "counter",
-       counters_.uploads_refused);
-  line("synod_media_pushes_failed_total", "Blob pushes to a peer that failed.", "counter",
-       counters_.pushes_failed);
-  line("synod_media_fetches_total", "Blob fetches started.", "counter", counters_.fetches);
-  line("synod_media_fetch_failures_total",
-       "Blob fetches from one peer that failed or brought bytes of the wrong hash.", "counter",
-       counters_.fetch_failures);
-  line("synod_media_blobs_collected_total", "Unreferenced blobs removed.", "counter",
-       counters_.collected);
-  line("synod_media_passes_total", "Convergence and collection passes run.", "counter",
-       counters_.passes);
-  line("synod_media_blobs", "Blobs stored here, at the last pass.", "gauge", counters_.stored);
-  line("synod_media_cache_hits_total", "Small media served from memory.", "counter",
-       counters_.cache_hits);
-  line("synod_media_blobs_missing", "Referenced blobs not stored here, at the last pass.", "gauge",
-       counters_.missing);
+  out->Counter("synod_media_uploads_total", "Media uploads whose metadata was proposed.",
+               counters_.uploads);
+  out->Counter("synod_media_upload_bytes_total", "Bytes of media uploads stored here.",
+               counters_.upload_bytes);
+  out->Counter("synod_media_uploads_refused_total",
+               "Uploads answered with an error (limits, disk, digest, no majority).",
+               counters_.uploads_refused);
+  out->Counter("synod_media_pushes_failed_total", "Blob pushes to a peer that failed.",
+               counters_.pushes_failed);
+  out->Counter("synod_media_fetches_total", "Blob fetches started.", counters_.fetches);
+  out->Counter("synod_media_fetch_failures_total",
+               "Blob fetches from one peer that failed or brought bytes of the wrong hash.",
+               counters_.fetch_failures);
+  out->Counter("synod_media_blobs_collected_total", "Unreferenced blobs removed.",
+               counters_.collected);
+  out->Counter("synod_media_passes_total", "Convergence and collection passes run.",
+               counters_.passes);
+  out->Gauge("synod_media_blobs", "Blobs stored here, at the last pass.", counters_.stored);
+  out->Counter("synod_media_cache_hits_total", "Small media served from memory.",
+               counters_.cache_hits);
+  out->Gauge("synod_media_blobs_missing", "Referenced blobs not stored here, at the last pass.",
+             counters_.missing);
 }
 
 }  // namespace synod::server

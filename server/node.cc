@@ -1510,59 +1510,53 @@ void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
 void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
   ReplicaStatus s = replica().Status();
   MetricsText out;
-  auto gauge = [&](const char* name, const char* help, double value) {
-    out.Gauge(name, help, value);
-  };
-  auto counter = [&](const char* name, const char* help, uint64_t value) {
-    out.Counter(name, help, value);
-  };
-  gauge("synod_is_leader", "1 if this replica leads", s.role == Role::kLeader ? 1 : 0);
-  gauge("synod_leader_id", "the leader this replica knows (0: none)", s.leader_id);
-  gauge("synod_ballot_round", "the highest ballot round promised", s.ballot.round());
-  gauge("synod_revision", "the last applied log index", sm_->revision());
-  gauge("synod_commit_index", "the highest index known chosen", s.commit_index);
-  gauge("synod_snapshot_index", "the index of the latest snapshot", s.snapshot_index);
-  gauge("synod_diverged", "1 if a majority's state hash differs from this replica's",
-        divergence_->diverged() ? 1 : 0);
-  gauge("synod_state_agreed_revision",
-        "the last revision at which a majority's state hash matched this replica's",
-        divergence_->agreed_revision());
-  gauge("synod_pending_requests", "requests queued in the replica", s.pending_requests);
-  counter("synod_http_requests_total", "HTTP requests answered", counters_.requests);
-  counter("synod_http_errors_total", "HTTP requests answered with 5xx", counters_.errors);
-  counter("synod_writes_total", "writes proposed", counters_.writes);
-  counter("synod_reads_total", "consistent and local reads", counters_.reads);
-  counter("synod_queries_timed_out_total", "queries interrupted at --query-timeout-ms",
-          counters_.queries_timed_out);
-  counter("synod_queries_inline_total",
-          "queries answered on the loop thread, cheap enough to need no worker",
-          counters_.queries_inline);
-  counter("synod_log_writes_total", "log writes (one per persisted Ready or snapshot)",
-          driver_->counters().persists);
-  counter("synod_log_syncs_total", "log writes made durable with an fdatasync",
-          driver_->counters().synced);
-  counter("synod_divergence_votes_skipped_total",
-          "divergence votes not cast: the state hash of the previous one was still running",
-          counters_.votes_skipped);
-  counter("synod_accepts_dropped_while_checking_total",
-          "accepts from the leader dropped while a snapshot was checked (sent again after)",
-          counters_.accepts_dropped_while_checking);
-  counter("synod_snapshots_refused_total",
-          "snapshots from peers refused whole before anything of them was kept",
-          counters_.snapshots_refused);
-  counter("synod_peer_messages_rejected_total",
-          "authenticated peer messages the core dropped as malformed or stale",
-          s.rejected_message_count);
-  counter("synod_elections_started_total",
-          "elections this replica stood in (ballots it raised) since it started",
-          s.elections_started);
-  counter("synod_pre_votes_started_total",
-          "times this replica asked whether it could win an election since it started",
-          s.pre_votes_started);
+  out.Gauge("synod_is_leader", "1 if this replica leads", s.role == Role::kLeader ? 1 : 0);
+  out.Gauge("synod_leader_id", "the leader this replica knows (0: none)", s.leader_id);
+  out.Gauge("synod_ballot_round", "the highest ballot round promised", s.ballot.round());
+  out.Gauge("synod_revision", "the last applied log index", sm_->revision());
+  out.Gauge("synod_commit_index", "the highest index known chosen", s.commit_index);
+  out.Gauge("synod_snapshot_index", "the index of the latest snapshot", s.snapshot_index);
+  out.Gauge("synod_diverged", "1 if a majority's state hash differs from this replica's",
+            divergence_->diverged() ? 1 : 0);
+  out.Gauge("synod_state_agreed_revision",
+            "the last revision at which a majority's state hash matched this replica's",
+            divergence_->agreed_revision());
+  out.Gauge("synod_pending_requests", "requests queued in the replica", s.pending_requests);
+  out.Counter("synod_http_requests_total", "HTTP requests answered", counters_.requests);
+  out.Counter("synod_http_errors_total", "HTTP requests answered with 5xx", counters_.errors);
+  out.Counter("synod_writes_total", "writes proposed", counters_.writes);
+  out.Counter("synod_reads_total", "consistent and local reads", counters_.reads);
+  out.Counter("synod_queries_timed_out_total", "queries interrupted at --query-timeout-ms",
+              counters_.queries_timed_out);
+  out.Counter("synod_queries_inline_total",
+              "queries answered on the loop thread, cheap enough to need no worker",
+              counters_.queries_inline);
+  out.Counter("synod_log_writes_total", "log writes (one per persisted Ready or snapshot)",
+              driver_->counters().persists);
+  out.Counter("synod_log_syncs_total", "log writes made durable with an fdatasync",
+              driver_->counters().synced);
+  out.Counter("synod_divergence_votes_skipped_total",
+              "divergence votes not cast: the state hash of the previous one was still running",
+              counters_.votes_skipped);
+  out.Counter("synod_accepts_dropped_while_checking_total",
+              "accepts from the leader dropped while a snapshot was checked (sent again after)",
+              counters_.accepts_dropped_while_checking);
+  out.Counter("synod_snapshots_refused_total",
+              "snapshots from peers refused whole before anything of them was kept",
+              counters_.snapshots_refused);
+  out.Counter("synod_peer_messages_rejected_total",
+              "authenticated peer messages the core dropped as malformed or stale",
+              s.rejected_message_count);
+  out.Counter("synod_elections_started_total",
+              "elections this replica stood in (ballots it raised) since it started",
+              s.elections_started);
+  out.Counter("synod_pre_votes_started_total",
+              "times this replica asked whether it could win an election since it started",
+              s.pre_votes_started);
   links_->AppendMetrics(&out);
-  gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
-  counter("synod_http_response_microseconds_total", "time spent answering",
-          counters_.response_us_total);
+  out.Gauge("synod_queries_running", "queries on worker threads", running_queries_.size());
+  out.Counter("synod_http_response_microseconds_total", "time spent answering",
+              counters_.response_us_total);
   out.Family("synod_peer_heartbeat_age_ms",
              "per peer, time since this replica last heard from it (-1: never)", "gauge");
   for (const auto& [id, heard_ticks] : s.peer_last_heard_ticks) {

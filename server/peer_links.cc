@@ -314,17 +314,14 @@ bool PeerLinks::stream_open(uint32_t peer) const {
 }
 
 void PeerLinks::AppendMetrics(MetricsText* out) const {
-  auto counter = [out](const char* name, const char* help, uint64_t value) {
-    out->Counter(name, help, value);
-  };
-  counter("synod_peer_frames_refused_total",
-          "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
-          counters_.frames_refused);
-  counter("synod_peer_posts_total", "message batches this replica POSTed to peers",
-          counters_.posts);
-  counter("synod_peer_replies_total",
-          "message batches this replica sent back in its answer to a peer's POST",
-          counters_.replies);
+  out->Counter("synod_peer_frames_refused_total",
+               "peer frames refused before decoding: unauthenticated, misaddressed or replayed",
+               counters_.frames_refused);
+  out->Counter("synod_peer_posts_total", "message batches this replica POSTed to peers",
+               counters_.posts);
+  out->Counter("synod_peer_replies_total",
+               "message batches this replica sent back in its answer to a peer's POST",
+               counters_.replies);
   PeerStreamCounters streams;
   for (const auto& [id, stream] : streams_) {
     const PeerStreamCounters& c = stream->counters();
@@ -334,19 +331,20 @@ void PeerLinks::AppendMetrics(MetricsText* out) const {
     streams.frames += c.frames;
     streams.bytes += c.bytes;
   }
-  counter("synod_peer_stream_frames_total",
-          "message batches this replica wrote on its streams to peers", streams.frames);
-  counter("synod_peer_stream_bytes_total", "bytes written on streams to peers", streams.bytes);
-  counter("synod_peer_stream_connects_total", "streams to peers opened", streams.connects);
-  counter("synod_peer_stream_failures_total",
-          "streams to peers, or attempts to open one, that failed", streams.failures);
-  counter("synod_peer_stream_refusals_total",
-          "attempts to open a stream that a peer answered without switching (an older version)",
-          streams.refusals);
-  counter("synod_peer_stream_frames_received_total", "message batches stepped from peers' streams",
-          counters_.stream_frames_received);
-  counter("synod_peer_streams_accepted_total", "streams from peers taken",
-          counters_.streams_accepted);
+  out->Counter("synod_peer_stream_frames_total",
+               "message batches this replica wrote on its streams to peers", streams.frames);
+  out->Counter("synod_peer_stream_bytes_total", "bytes written on streams to peers", streams.bytes);
+  out->Counter("synod_peer_stream_connects_total", "streams to peers opened", streams.connects);
+  out->Counter("synod_peer_stream_failures_total",
+               "streams to peers, or attempts to open one, that failed", streams.failures);
+  out->Counter(
+      "synod_peer_stream_refusals_total",
+      "attempts to open a stream that a peer answered without switching (an older version)",
+      streams.refusals);
+  out->Counter("synod_peer_stream_frames_received_total",
+               "message batches stepped from peers' streams", counters_.stream_frames_received);
+  out->Counter("synod_peer_streams_accepted_total", "streams from peers taken",
+               counters_.streams_accepted);
 }
 
 }  // namespace synod::server
