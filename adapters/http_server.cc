@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <optional>
 
+#include "adapters/json_text.h"
 #include "core/check.h"
 #include "core/utf8.h"
 #include "llhttp.h"
@@ -33,39 +34,6 @@ constexpr int kListenBacklog = 511;
 constexpr uint64_t kMaxReservedBodyBytes = 2 << 20;
 // A streamed body is asked for in pieces of at most this many bytes.
 constexpr size_t kStreamPieceBytes = 256 * 1024;
-
-// `text` as the inside of a JSON string literal. The result is always valid JSON and valid
-// UTF-8, whatever `text` holds: each byte that is not part of a well-formed UTF-8 sequence
-// becomes U+FFFD, and control characters are escaped.
-std::string JsonEscape(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  while (!text.empty()) {
-    const char c = text[0];
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-      text.remove_prefix(1);
-      continue;
-    }
-    if (static_cast<unsigned char>(c) < 0x20) {
-      char escaped[8];
-      std::snprintf(escaped, sizeof(escaped), "\\u%04x", static_cast<unsigned>(c));
-      out += escaped;
-      text.remove_prefix(1);
-      continue;
-    }
-    const size_t length = Utf8SequenceBytes(text);
-    if (length == 0) {
-      out += "\xef\xbf\xbd";  // U+FFFD REPLACEMENT CHARACTER
-      text.remove_prefix(1);
-      continue;
-    }
-    out.append(text.substr(0, length));
-    text.remove_prefix(length);
-  }
-  return out;
-}
 
 const char* ReasonPhrase(int status) {
   switch (status) {
@@ -184,8 +152,7 @@ HttpResponse JsonErrorResponse(int status, std::string_view code, std::string_vi
   HttpResponse response;
   response.status = status;
   response.headers.emplace_back("Content-Type", "application/json");
-  response.body = "{\"error\":{\"code\":\"" + JsonEscape(code) + "\",\"message\":\"" +
-                  JsonEscape(message) + "\"}}";
+  response.body = ErrorJson(code, message);
   return response;
 }
 

@@ -23,6 +23,7 @@
 #include "adapters/file_body.h"
 #include "adapters/http_client.h"
 #include "adapters/http_server.h"
+#include "adapters/json_text.h"
 #include "adapters/peer_stream.h"
 #include "gtest/gtest.h"
 
@@ -1711,13 +1712,16 @@ TEST_F(HttpTest, ClientCloseCancelsPendingRequests) {
   EXPECT_EQ(result->code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// The same error body as the API handlers' (adapters/json_text.h).
 TEST(JsonErrorResponse, InvalidUtf8BecomesReplacementCharactersInValidJson) {
   HttpResponse response =
       JsonErrorResponse(400, "bad\xc0", std::string("no such table: t\xff\xe2\x82\n\0", 21));
   EXPECT_EQ(response.status, 400);
   EXPECT_EQ(response.body,
             "{\"error\":{\"code\":\"bad\xef\xbf\xbd\",\"message\":\"no such table: "
-            "t\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\\u000a\\u0000\"}}");
+            "t\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\\n\\u0000\"}}");
+  EXPECT_EQ(response.body,
+            ErrorJson("bad\xc0", std::string("no such table: t\xff\xe2\x82\n\0", 21)));
 }
 
 TEST(JsonErrorResponse, WellFormedUtf8IsKeptAsIs) {

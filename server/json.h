@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "adapters/json_text.h"
 #include "core/synod.pb.h"
 #include "google/protobuf/struct.pb.h"
 
@@ -34,11 +35,6 @@ absl::Status ParseJson(std::string_view json, google::protobuf::Message* message
 // real) or the string "Infinity" or "-Infinity". Anything else is InvalidArgument.
 absl::StatusOr<SqlValue> SqlValueFromJson(const google::protobuf::Value& value);
 
-// Appends `s` as a JSON string literal, quoted and escaped. `s` may hold any bytes: the
-// literal is always valid JSON in valid UTF-8 (control characters are escaped, and a byte
-// that is not part of a well-formed UTF-8 sequence becomes U+FFFD).
-void AppendJsonString(std::string* out, std::string_view s);
-
 // Appends an SQL value as JSON: null, an integer, a real, a string, or {"base64": "..."} for
 // a blob. A real is written in the shortest form that reads back as the same double, and
 // always with a '.' or an exponent (1.0, -0.0, 1e+300), so that it never reads as an integer.
@@ -46,10 +42,6 @@ void AppendJsonString(std::string* out, std::string_view s);
 // -infinity {"real":"-Infinity"} (SqlValueFromJson reads both back), and NaN is written null
 // (SQLite itself stores a NaN as NULL).
 void AppendSqlValue(std::string* out, const SqlValue& value);
-
-// {"error":{"code":code,"message":message}}, valid UTF-8 whatever the bytes of `code` and
-// `message` (see AppendJsonString).
-std::string ErrorJson(std::string_view code, std::string_view message);
 
 }  // namespace synod::server
 

@@ -30,17 +30,6 @@
 
 namespace synod::server {
 
-// A client request waiting for its answer: a write until this replica applies it, a read
-// until the leader confirms it and the state machine reaches its revision.
-struct Node::Pending {
-  std::shared_ptr<HttpResponder> responder;
-  int64_t deadline_ms = 0;
-  bool is_read = false;
-  uint64_t min_revision = 0;  // reads: run once the state machine has applied this
-  std::function<void(const CommandResult&)> on_write;
-  std::function<void()> on_read;
-};
-
 // A query on a worker thread. Owned by the uv_work_t callbacks: freed in OnQueryDone.
 struct Node::RunningQuery {
   uv_work_t work;
@@ -323,6 +312,7 @@ absl::Status Node::Start() {
   media_ = std::make_unique<MediaService>(loop_, std::move(media_options), std::move(media_host));
   if (absl::Status media = media_->Start(); !media.ok()) return media;
 
+  AddRoutes();
   HttpServerLimits limits;
   // Every endpoint has its own limit below this one (BodyLimit); streamed uploads have theirs.
   limits.max_body_bytes = PeerBodyLimit();
@@ -560,23 +550,11 @@ void Node::InstallSnapshot(const SnapshotToInstall& snapshot) {
 void Node::Apply(CommittedEntry entry) { to_apply_.push_back(std::move(entry)); }
 
 void Node::Answer(const ForwardReply& reply) {
-  auto it = pending_.find({reply.client_id(), reply.sequence()});
-  if (it == pending_.end()) return;
-  std::unique_ptr<Pending> p = std::move(it->second);
-  pending_.erase(it);
-  if (reply.code() != OK) {
-    RespondError(p->responder, HttpStatusFor(reply.code()), CodeName(reply.code()),
-                 reply.message());
-    return;
-  }
-  if (p->is_read) {
-    p->min_revision = std::max(p->min_revision, reply.read_revision());
-    waiting_reads_.push_back(std::move(p));
+  const PendingRequests::Key key{reply.client_id(), reply.sequence()};
+  if (reply.code() == OK && reply.read_barrier()) {
+    pending_.Answer(key, PendingRequests::Confirmed{reply.read_revision()});
   } else {
-    CommandResult refused;
-    refused.set_code(UNAVAILABLE);
-    refused.set_message(reply.message());
-    p->on_write(refused);
+    pending_.Answer(key, PendingRequests::Refused{reply.code(), reply.message()});
   }
 }
 
@@ -713,11 +691,7 @@ void Node::ApplyCommitted(const CommittedEntry& entry) {
   media_->OnApplied(entry.value, applied);
   for (const AppliedRequest& a : applied) {
     if (a.origin_replica != options_.id) continue;
-    auto it = pending_.find({a.client_id, a.sequence});
-    if (it == pending_.end()) continue;
-    std::unique_ptr<Pending> p = std::move(it->second);
-    pending_.erase(it);
-    p->on_write(a.result);
+    pending_.Answer({a.client_id, a.sequence}, PendingRequests::Applied{a.result});
   }
 }
 
@@ -873,29 +847,7 @@ size_t Node::BodyLimit(std::string_view method, std::string_view target) const {
 
 void Node::ExpirePending() {
   InterruptOverdueQueries();
-  auto unavailable = [&](Pending& p) {
-    RespondError(p.responder, 503, "unavailable",
-                 p.is_read ? "the read could not be confirmed in time"
-                           : "the write was not confirmed by a majority in time; it may or "
-                             "may not have been applied");
-  };
-  for (auto it = pending_.begin(); it != pending_.end();) {
-    if (now_ms_ >= it->second->deadline_ms) {
-      unavailable(*it->second);
-      it = pending_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  std::vector<std::unique_ptr<Pending>> kept;
-  for (std::unique_ptr<Pending>& p : waiting_reads_) {
-    if (now_ms_ >= p->deadline_ms) {
-      unavailable(*p);
-    } else {
-      kept.push_back(std::move(p));
-    }
-  }
-  waiting_reads_ = std::move(kept);
+  pending_.Expire(now_ms_);
 }
 
 void Node::RunQuery(const std::string& name, Statement statement,
@@ -991,17 +943,7 @@ void Node::InterruptOverdueQueries() {
   }
 }
 
-void Node::ServeWaitingReads() {
-  std::vector<std::unique_ptr<Pending>> kept;
-  for (std::unique_ptr<Pending>& p : waiting_reads_) {
-    if (sm_->revision() >= p->min_revision) {
-      p->on_read();
-    } else {
-      kept.push_back(std::move(p));
-    }
-  }
-  waiting_reads_ = std::move(kept);
-}
+void Node::ServeWaitingReads() { pending_.ServeReads(sm_->revision()); }
 
 void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responder,
                         std::function<void(const CommandResult&)> on_result) {
@@ -1018,11 +960,8 @@ void Node::ProposeWrite(Command command, std::shared_ptr<HttpResponder> responde
   uv_timeval64_t wall;
   SYNOD_CHECK(uv_gettimeofday(&wall) == 0);
   request.set_timestamp_unix_ms(wall.tv_sec * 1000 + wall.tv_usec / 1000);
-  auto p = std::make_unique<Pending>();
-  p->responder = responder;
-  p->deadline_ms = now_ms_ + options_.request_timeout_ms;
-  p->on_write = std::move(on_result);
-  pending_[{request.client_id(), request.sequence()}] = std::move(p);
+  pending_.AddWrite({request.client_id(), request.sequence()}, std::move(responder),
+                    now_ms_ + options_.request_timeout_ms, std::move(on_result));
   replica().Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
@@ -1034,21 +973,17 @@ void Node::ConsistentRead(Consistency consistency, uint64_t min_revision,
                         "this replica's state differs from the group's (see /v1/status); "
                         "read from another replica");
   }
-  auto p = std::make_unique<Pending>();
-  p->responder = responder;
-  p->deadline_ms = now_ms_ + options_.request_timeout_ms;
-  p->is_read = true;
-  p->min_revision = min_revision;
-  p->on_read = std::move(run);
+  const int64_t deadline_ms = now_ms_ + options_.request_timeout_ms;
   if (consistency == LOCAL) {
-    waiting_reads_.push_back(std::move(p));
+    pending_.AddLocalRead(std::move(responder), deadline_ms, min_revision, std::move(run));
     return ServeWaitingReads();
   }
   ClientRequest request;
   request.set_client_id(NextClientId());
   request.set_sequence(1);
   request.mutable_command()->mutable_read_barrier()->set_consistency(consistency);
-  pending_[{request.client_id(), request.sequence()}] = std::move(p);
+  pending_.AddRead({request.client_id(), request.sequence()}, std::move(responder), deadline_ms,
+                   min_revision, std::move(run));
   replica().Propose(std::move(request));  // drained after this loop iteration's I/O
 }
 
@@ -1196,80 +1131,125 @@ void Node::SendCounted(const std::shared_ptr<HttpResponder>& responder, HttpResp
   responder->Send(std::move(response));
 }
 
-void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
-  if (stopping_) return RespondError(responder, 503, "unavailable", "the server is stopping");
-  CatchUpTicks();
-  const std::string& method = request.method;
-  std::vector<std::string> path = PathSegments(request.target);
-  if (links_->HandleHttp(request, responder)) return;
-  if (path.size() == 3 && path[0] == "internal" && path[1] == "v1" && path[2] == "blob" &&
-      method == "POST") {
-    return media_->HandlePeer(request, std::move(responder));
-  }
-  if (size_t limit = BodyLimit(method, request.target); request.body.size() > limit) {
-    return RespondError(responder, 413, "payload_too_large",
-                        absl::StrCat("the body is over ", limit, " bytes"));
-  }
-  if (path.empty()) {
-    if (method != "POST") return RespondError(responder, 405, "method_not_allowed", method);
-    return HandleD3b(request, std::move(responder));
-  }
-  bool fixed_endpoint =
-      (path.size() == 1 && (path[0] == "healthz" || path[0] == "readyz" || path[0] == "metrics")) ||
-      (path.size() == 2 && path[0] == "v1" && path[1] == "status");
-  if (fixed_endpoint && method != "GET") {
-    return RespondError(responder, 405, "method_not_allowed", method);
-  }
-  if (path.size() == 1 && path[0] == "healthz") return Respond(responder, 200, "{\"ok\":true}");
-  if (path.size() == 1 && path[0] == "readyz") {
-    ReplicaStatus s = replica().Status();
-    bool ready =
-        s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index && !divergence_->diverged();
-    return Respond(responder, ready ? 200 : 503,
-                   absl::StrCat("{\"ready\":", ready ? "true" : "false", "}"));
-  }
-  if (path.size() == 1 && path[0] == "metrics" && method == "GET") {
-    return HandleMetrics(std::move(responder));
-  }
-  if (path.size() == 2 && path[0] == "v1" && path[1] == "status" && method == "GET") {
-    return HandleStatus(std::move(responder));
-  }
-  if (path.size() >= 2 && path[0] == "v1" && path[1] == "db") {
-    if (path.size() == 2) {
-      if (method != "GET") return RespondError(responder, 405, "method_not_allowed", method);
-      return ConsistentRead(LINEARIZABLE, 0, responder, [this, responder] {
-        std::string out = "{\"databases\":[";
-        bool first = true;
-        for (const auto& [name, revision] : sm_->ListDatabases()) {
-          absl::StatusOr<uint64_t> bytes = sm_->ImageBytes(name);
-          if (!first) out.push_back(',');
-          first = false;
-          out += "{\"name\":";
-          AppendJsonString(&out, name);
-          out += ",\"id\":";
-          AppendJsonString(&out, DatabaseFileId(name));
-          absl::StrAppend(&out, ",\"size\":", bytes.ok() ? *bytes : 0, ",\"revision\":", revision,
-                          "}");
-        }
-        absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
-        Respond(responder, 200, out);
-      });
-    }
-    if (path.size() >= 4 && path[3] == "media") {
-      if (path.size() > 5) return RespondError(responder, 404, "not_found", "no such endpoint");
-      if (!IsValidDatabaseName(path[2])) {
+void Node::AddRoutes() {
+  using Args = std::vector<std::string>;
+  using Handler = RouteTable::Handler;
+  // A handler of the request alone.
+  auto plain = [this](void (Node::*handler)(const HttpRequest&, std::shared_ptr<HttpResponder>)) {
+    return [this, handler](const HttpRequest& request, const Args&,
+                           std::shared_ptr<HttpResponder> responder) {
+      (this->*handler)(request, std::move(responder));
+    };
+  };
+  // A handler of /v1/db/{name}/...: the name is checked first.
+  auto checked = [this](Handler handler) -> Handler {
+    return [this, handler](const HttpRequest& request, const Args& args,
+                           std::shared_ptr<HttpResponder> responder) {
+      if (!IsValidDatabaseName(args[0])) {
         return RespondError(responder, 400, "invalid_argument",
                             "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
       }
-      return media_->Handle(request, path[2], path.size() == 5 ? path[4] : "",
-                            std::move(responder));
-    }
-    std::string rest = path.size() > 3 ? path[3] : "";
-    if (path.size() > 4) return RespondError(responder, 404, "not_found", "no such endpoint");
-    return HandleDatabase(method, path[2], rest, request, std::move(responder));
+      handler(request, args, std::move(responder));
+    };
+  };
+  auto database = [this, checked](void (Node::*handler)(const std::string&, const HttpRequest&,
+                                                        std::shared_ptr<HttpResponder>)) {
+    return checked([this, handler](const HttpRequest& request, const Args& args,
+                                   std::shared_ptr<HttpResponder> responder) {
+      (this->*handler)(args[0], request, std::move(responder));
+    });
+  };
+  routes_.Add("POST", "/", plain(&Node::HandleD3b));
+  routes_.Add("GET", "/healthz", plain(&Node::HandleHealth));
+  routes_.Add("GET", "/readyz", plain(&Node::HandleReady));
+  routes_.Add("GET", "/metrics", plain(&Node::HandleMetrics));
+  routes_.Add("GET", "/v1/status", plain(&Node::HandleStatus));
+  routes_.Add("GET", "/v1/db", plain(&Node::HandleListDatabases));
+  routes_.Add("GET", "/v1/db/{}", database(&Node::HandleDescribeDatabase));
+  routes_.Add("PUT", "/v1/db/{}", database(&Node::HandleCreateDatabase));
+  routes_.Add("DELETE", "/v1/db/{}", database(&Node::HandleDropDatabase));
+  routes_.Add("POST", "/v1/db/{}/exec", database(&Node::HandleExec));
+  routes_.Add("POST", "/v1/db/{}/query", database(&Node::HandleQuery));
+  routes_.Add("GET", "/v1/db/{}/backup", database(&Node::HandleBackup));
+  // Media answers its own methods (GET and HEAD, DELETE; its uploads stream in before
+  // this, MediaService::StartUpload). The list has no key.
+  routes_.Add("*", "/v1/db/{}/media",
+              checked([this](const HttpRequest& request, const Args& args,
+                             std::shared_ptr<HttpResponder> responder) {
+                media_->Handle(request, args[0], "", std::move(responder));
+              }));
+  routes_.Add("*", "/v1/db/{}/media/{}",
+              checked([this](const HttpRequest& request, const Args& args,
+                             std::shared_ptr<HttpResponder> responder) {
+                media_->Handle(request, args[0], args[1], std::move(responder));
+              }));
+  routes_.Add(
+      "POST", "/internal/v1/blob",
+      [this](const HttpRequest& request, const Args&, std::shared_ptr<HttpResponder> responder) {
+        media_->HandlePeer(request, std::move(responder));
+      });
+}
+
+void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> responder) {
+  if (stopping_) return RespondError(responder, 503, "unavailable", "the server is stopping");
+  CatchUpTicks();
+  if (links_->HandleHttp(request, responder)) return;  // the consensus messages and streams
+  if (size_t limit = BodyLimit(request.method, request.target); request.body.size() > limit) {
+    return RespondError(responder, 413, "payload_too_large",
+                        absl::StrCat("the body is over ", limit, " bytes"));
   }
-  RespondError(responder, 404, "not_found",
-               absl::StrCat("no endpoint ", method, " ", request.target));
+  RouteTable::Dispatched dispatched =
+      routes_.Dispatch(request, PathSegments(request.target), responder);
+  switch (dispatched.kind) {
+    case RouteTable::Dispatched::kHandled:
+      return;
+    case RouteTable::Dispatched::kMethodNotAllowed: {
+      HttpResponse response =
+          JsonErrorResponse(405, "method_not_allowed",
+                            absl::StrCat(request.method, " is not allowed on this path; it takes ",
+                                         dispatched.allow));
+      response.headers.emplace_back("Allow", dispatched.allow);
+      return SendCounted(responder, std::move(response));
+    }
+    case RouteTable::Dispatched::kNotFound:
+      return RespondError(responder, 404, "not_found",
+                          absl::StrCat("no endpoint ", request.method, " ", request.target));
+  }
+}
+
+void Node::HandleHealth(const HttpRequest&, std::shared_ptr<HttpResponder> responder) {
+  Respond(responder, 200, "{\"ok\":true}");
+}
+
+void Node::HandleReady(const HttpRequest&, std::shared_ptr<HttpResponder> responder) {
+  ReplicaStatus s = replica().Status();
+  bool ready =
+      s.leader_id != 0 && sm_->revision() + 16 >= s.commit_index && !divergence_->diverged();
+  Respond(responder, ready ? 200 : 503, absl::StrCat("{\"ready\":", ready ? "true" : "false", "}"));
+}
+
+// A database as GET /v1/db and GET /v1/db/{name} describe it.
+void Node::AppendDatabaseJson(std::string* out, const std::string& name, uint64_t revision) {
+  absl::StatusOr<uint64_t> bytes = sm_->ImageBytes(name);
+  *out += "{\"name\":";
+  AppendJsonString(out, name);
+  *out += ",\"id\":";
+  AppendJsonString(out, DatabaseFileId(name));
+  absl::StrAppend(out, ",\"size\":", bytes.ok() ? *bytes : 0, ",\"revision\":", revision, "}");
+}
+
+void Node::HandleListDatabases(const HttpRequest&, std::shared_ptr<HttpResponder> responder) {
+  ConsistentRead(LINEARIZABLE, 0, responder, [this, responder] {
+    std::string out = "{\"databases\":[";
+    bool first = true;
+    for (const auto& [name, revision] : sm_->ListDatabases()) {
+      if (!first) out.push_back(',');
+      first = false;
+      AppendDatabaseJson(&out, name, revision);
+    }
+    absl::StrAppend(&out, "],\"revision\":", sm_->revision(), "}");
+    Respond(responder, 200, out);
+  });
 }
 
 void Node::StepPeerMessages(uint32_t from, const MessageBatch& batch) {
@@ -1291,64 +1271,54 @@ void Node::StepPeerMessages(uint32_t from, const MessageBatch& batch) {
   }
 }
 
-void Node::HandleDatabase(const std::string& method, const std::string& name,
-                          const std::string& rest, const HttpRequest& request,
-                          std::shared_ptr<HttpResponder> responder) {
-  if (!IsValidDatabaseName(name)) {
-    return RespondError(responder, 400, "invalid_argument",
-                        "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
-  }
-  if (rest == "exec" && method == "POST") return HandleExec(name, request, std::move(responder));
-  if (rest == "query" && method == "POST") return HandleQuery(name, request, std::move(responder));
-  if (rest == "backup" && method == "GET") {
-    return ConsistentRead(LINEARIZABLE, 0, responder,
-                          [this, name, responder] { StartBackup(name, responder); });
-  }
-  if (!rest.empty()) return RespondError(responder, 404, "not_found", "no such endpoint");
-  if (method == "PUT") {
-    Command c;
-    c.mutable_create_database()->set_name(name);
-    std::string type = Header(request, "content-type");
-    if (!request.body.empty() || absl::StartsWith(type, "application/vnd.sqlite3")) {
-      c.mutable_create_database()->set_image(request.body);
+void Node::HandleDescribeDatabase(const std::string& name, const HttpRequest&,
+                                  std::shared_ptr<HttpResponder> responder) {
+  ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
+    for (const auto& [db, revision] : sm_->ListDatabases()) {
+      if (db != name) continue;
+      std::string out;
+      AppendDatabaseJson(&out, name, revision);
+      return Respond(responder, 200, out);
     }
-    return ProposeWrite(std::move(c), responder, [this, responder, name](const CommandResult& r) {
-      if (r.code() != OK) {
-        return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
-      }
-      std::string out = "{\"name\":";
-      AppendJsonString(&out, name);
-      absl::StrAppend(&out, ",\"revision\":", r.revision(), "}");
-      Respond(responder, 201, out);
-    });
+    RespondError(responder, 404, "not_found", absl::StrCat("no database ", name));
+  });
+}
+
+void Node::HandleCreateDatabase(const std::string& name, const HttpRequest& request,
+                                std::shared_ptr<HttpResponder> responder) {
+  Command c;
+  c.mutable_create_database()->set_name(name);
+  std::string type = Header(request, "content-type");
+  if (!request.body.empty() || absl::StartsWith(type, "application/vnd.sqlite3")) {
+    c.mutable_create_database()->set_image(request.body);
   }
-  if (method == "DELETE") {
-    Command c;
-    c.mutable_drop_database()->set_name(name);
-    return ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
-      if (r.code() != OK) {
-        return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
-      }
-      Respond(responder, 204, "");
-    });
-  }
-  if (method == "GET") {
-    return ConsistentRead(LINEARIZABLE, 0, responder, [this, name, responder] {
-      for (const auto& [db, revision] : sm_->ListDatabases()) {
-        if (db != name) continue;
-        absl::StatusOr<uint64_t> bytes = sm_->ImageBytes(name);
-        std::string out = "{\"name\":";
-        AppendJsonString(&out, name);
-        out += ",\"id\":";
-        AppendJsonString(&out, DatabaseFileId(name));
-        absl::StrAppend(&out, ",\"size\":", bytes.ok() ? *bytes : 0, ",\"revision\":", revision,
-                        "}");
-        return Respond(responder, 200, out);
-      }
-      RespondError(responder, 404, "not_found", absl::StrCat("no database ", name));
-    });
-  }
-  RespondError(responder, 405, "method_not_allowed", method);
+  ProposeWrite(std::move(c), responder, [this, responder, name](const CommandResult& r) {
+    if (r.code() != OK) {
+      return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+    }
+    std::string out = "{\"name\":";
+    AppendJsonString(&out, name);
+    absl::StrAppend(&out, ",\"revision\":", r.revision(), "}");
+    Respond(responder, 201, out);
+  });
+}
+
+void Node::HandleDropDatabase(const std::string& name, const HttpRequest&,
+                              std::shared_ptr<HttpResponder> responder) {
+  Command c;
+  c.mutable_drop_database()->set_name(name);
+  ProposeWrite(std::move(c), responder, [this, responder](const CommandResult& r) {
+    if (r.code() != OK) {
+      return RespondError(responder, HttpStatusFor(r.code()), CodeName(r.code()), r.message());
+    }
+    Respond(responder, 204, "");
+  });
+}
+
+void Node::HandleBackup(const std::string& name, const HttpRequest&,
+                        std::shared_ptr<HttpResponder> responder) {
+  ConsistentRead(LINEARIZABLE, 0, responder,
+                 [this, name, responder] { StartBackup(name, responder); });
 }
 
 void Node::HandleExec(const std::string& name, const HttpRequest& request,
@@ -1492,7 +1462,7 @@ void Node::HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> 
   });
 }
 
-void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
+void Node::HandleStatus(const HttpRequest&, std::shared_ptr<HttpResponder> responder) {
   StatusReport report{.id = options_.id,
                       .replica = replica().Status(),
                       .revision = sm_->revision(),
@@ -1507,7 +1477,7 @@ void Node::HandleStatus(std::shared_ptr<HttpResponder> responder) {
   Respond(responder, 200, StatusJson(report));
 }
 
-void Node::HandleMetrics(std::shared_ptr<HttpResponder> responder) {
+void Node::HandleMetrics(const HttpRequest&, std::shared_ptr<HttpResponder> responder) {
   ReplicaStatus s = replica().Status();
   MetricsText out;
   out.Gauge("synod_is_leader", "1 if this replica leads", s.role == Role::kLeader ? 1 : 0);

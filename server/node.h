@@ -31,6 +31,8 @@
 #include "server/http_util.h"
 #include "server/media.h"
 #include "server/peer_links.h"
+#include "server/pending_requests.h"
+#include "server/routes.h"
 
 namespace synod::server {
 
@@ -97,7 +99,6 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   void Stop(std::function<void()> done);
 
  private:
-  struct Pending;
   struct RunningQuery;
   struct Counters {
     uint64_t requests = 0;
@@ -148,15 +149,29 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
                std::string content_type = "application/json");
   void RespondError(const std::shared_ptr<HttpResponder>& responder, int status,
                     absl::string_view code, absl::string_view message);
-  void HandleDatabase(const std::string& method, const std::string& name, const std::string& rest,
-                      const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  // The API's routes (AddRoutes) and their handlers. A handler of /v1/db/{name}/... is
+  // given the name checked.
+  void AddRoutes();
+  void HandleHealth(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleReady(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleStatus(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleMetrics(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleListDatabases(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
+  void HandleDescribeDatabase(const std::string& name, const HttpRequest& request,
+                              std::shared_ptr<HttpResponder> responder);
+  void HandleCreateDatabase(const std::string& name, const HttpRequest& request,
+                            std::shared_ptr<HttpResponder> responder);
+  void HandleDropDatabase(const std::string& name, const HttpRequest& request,
+                          std::shared_ptr<HttpResponder> responder);
   void HandleExec(const std::string& name, const HttpRequest& request,
                   std::shared_ptr<HttpResponder> responder);
   void HandleQuery(const std::string& name, const HttpRequest& request,
                    std::shared_ptr<HttpResponder> responder);
-  void HandleD3b(const HttpRequest& request, std::shared_ptr<HttpResponder> responder);
-  void HandleStatus(std::shared_ptr<HttpResponder> responder);
-  void HandleMetrics(std::shared_ptr<HttpResponder> responder);
+  void HandleBackup(const std::string& name, const HttpRequest& request,
+                    std::shared_ptr<HttpResponder> responder);
+  // A database as GET /v1/db and GET /v1/db/{name} describe it.
+  void AppendDatabaseJson(std::string* out, const std::string& name, uint64_t revision);
 
   // Proposes `command`; `on_result` runs when this replica applies it (or with an
   // UNAVAILABLE result on refusal or timeout).
@@ -214,6 +229,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // Declared before http_, so destroyed after it: the server's peer streams point at it.
   std::unique_ptr<PeerLinks> links_;
   std::unique_ptr<HttpServer> http_;
+  RouteTable routes_;
   // No snapshot is tried before this revision (one failed: its image could not be written).
   uint64_t next_snapshot_attempt_ = 0;
   // The image of this replica's own snapshot is written on a worker thread (SnapshotBuild);
@@ -275,8 +291,11 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   uint64_t client_counter_ = 0;
   int64_t now_ms_ = 0;
   int64_t last_tick_ms_ = 0;  // loop time of the last tick given to the replica
-  std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
-  std::vector<std::unique_ptr<Pending>> waiting_reads_;
+  PendingRequests pending_{[this](const std::shared_ptr<HttpResponder>& responder, int status,
+                                  std::string_view code, std::string_view message) {
+    RespondError(responder, status, absl::string_view(code.data(), code.size()),
+                 absl::string_view(message.data(), message.size()));
+  }};
   Counters counters_;
 };
 

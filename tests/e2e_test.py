@@ -264,6 +264,16 @@ class BadInput(ClusterTest):
         self.assertError(self.c.request(1, "PUT", "/v1/db/big", body=b"x" * 100000,
                                         headers={"Content-Type": "application/vnd.sqlite3"}),
                          413)
+        # A known path with another method: 405, saying which methods it takes; an unknown
+        # path (or one segment too many): 404.
+        r = self.c.request(1, "PATCH", "/v1/db/ok")
+        self.assertError(r, 405)
+        self.assertEqual(r.headers.get("Allow"), "GET, PUT, DELETE")
+        r = self.c.request(1, "GET", "/v1/db/ok/exec")
+        self.assertError(r, 405)
+        self.assertEqual(r.headers.get("Allow"), "POST")
+        self.assertError(self.c.request(1, "GET", "/v1/db/ok/exec/more"), 404)
+        self.assertError(self.c.request(1, "GET", "/v2/db"), 404)
         # Nothing above changed the state (only failed requests may have been logged).
         q = self.c.request(2, "GET", "/v1/db").json()
         self.assertEqual(sorted(d["name"] for d in q["databases"]), ["ok"])
