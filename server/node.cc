@@ -1133,7 +1133,6 @@ void Node::SendCounted(const std::shared_ptr<HttpResponder>& responder, HttpResp
 
 void Node::AddRoutes() {
   using Args = std::vector<std::string>;
-  using Handler = RouteTable::Handler;
   // A handler of the request alone.
   auto plain = [this](void (Node::*handler)(const HttpRequest&, std::shared_ptr<HttpResponder>)) {
     return [this, handler](const HttpRequest& request, const Args&,
@@ -1141,23 +1140,13 @@ void Node::AddRoutes() {
       (this->*handler)(request, std::move(responder));
     };
   };
-  // A handler of /v1/db/{name}/...: the name is checked first.
-  auto checked = [this](Handler handler) -> Handler {
+  // A handler of /v1/db/{name}/... (Handle refused a bad name before routing).
+  auto database = [this](void (Node::*handler)(const std::string&, const HttpRequest&,
+                                               std::shared_ptr<HttpResponder>)) {
     return [this, handler](const HttpRequest& request, const Args& args,
                            std::shared_ptr<HttpResponder> responder) {
-      if (!IsValidDatabaseName(args[0])) {
-        return RespondError(responder, 400, "invalid_argument",
-                            "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
-      }
-      handler(request, args, std::move(responder));
-    };
-  };
-  auto database = [this, checked](void (Node::*handler)(const std::string&, const HttpRequest&,
-                                                        std::shared_ptr<HttpResponder>)) {
-    return checked([this, handler](const HttpRequest& request, const Args& args,
-                                   std::shared_ptr<HttpResponder> responder) {
       (this->*handler)(args[0], request, std::move(responder));
-    });
+    };
   };
   routes_.Add("POST", "/", plain(&Node::HandleD3b));
   routes_.Add("GET", "/healthz", plain(&Node::HandleHealth));
@@ -1171,18 +1160,15 @@ void Node::AddRoutes() {
   routes_.Add("POST", "/v1/db/{}/exec", database(&Node::HandleExec));
   routes_.Add("POST", "/v1/db/{}/query", database(&Node::HandleQuery));
   routes_.Add("GET", "/v1/db/{}/backup", database(&Node::HandleBackup));
-  // Media answers its own methods (GET and HEAD, DELETE; its uploads stream in before
-  // this, MediaService::StartUpload). The list has no key.
-  routes_.Add("*", "/v1/db/{}/media",
-              checked([this](const HttpRequest& request, const Args& args,
-                             std::shared_ptr<HttpResponder> responder) {
-                media_->Handle(request, args[0], "", std::move(responder));
-              }));
-  routes_.Add("*", "/v1/db/{}/media/{}",
-              checked([this](const HttpRequest& request, const Args& args,
-                             std::shared_ptr<HttpResponder> responder) {
-                media_->Handle(request, args[0], args[1], std::move(responder));
-              }));
+  // Media: its uploads (PUT) stream in before this (MediaService::StartUpload).
+  auto media = [this](const HttpRequest& request, const Args& args,
+                      std::shared_ptr<HttpResponder> responder) {
+    media_->Handle(request, args[0], args.size() > 1 ? args[1] : "", std::move(responder));
+  };
+  routes_.Add("GET", "/v1/db/{}/media", media);
+  for (const char* method : {"GET", "HEAD", "DELETE"}) {
+    routes_.Add(method, "/v1/db/{}/media/{}", media);
+  }
   routes_.Add(
       "POST", "/internal/v1/blob",
       [this](const HttpRequest& request, const Args&, std::shared_ptr<HttpResponder> responder) {
@@ -1198,8 +1184,13 @@ void Node::Handle(const HttpRequest& request, std::shared_ptr<HttpResponder> res
     return RespondError(responder, 413, "payload_too_large",
                         absl::StrCat("the body is over ", limit, " bytes"));
   }
-  RouteTable::Dispatched dispatched =
-      routes_.Dispatch(request, PathSegments(request.target), responder);
+  const std::vector<std::string> path = PathSegments(request.target);
+  // A bad database name is refused whatever the method or the rest of the path.
+  if (path.size() >= 3 && path[0] == "v1" && path[1] == "db" && !IsValidDatabaseName(path[2])) {
+    return RespondError(responder, 400, "invalid_argument",
+                        "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
+  }
+  RouteTable::Dispatched dispatched = routes_.Dispatch(request, path, responder);
   switch (dispatched.kind) {
     case RouteTable::Dispatched::kHandled:
       return;

@@ -173,8 +173,8 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   // A database as GET /v1/db and GET /v1/db/{name} describe it.
   void AppendDatabaseJson(std::string* out, const std::string& name, uint64_t revision);
 
-  // Proposes `command`; `on_result` runs when this replica applies it (or with an
-  // UNAVAILABLE result on refusal or timeout).
+  // Proposes `command`; `on_result` runs when this replica applies it. A refusal or a
+  // timeout is answered with its error and drops `on_result` unrun (PendingRequests).
   void ProposeWrite(Command command, std::shared_ptr<HttpResponder> responder,
                     std::function<void(const CommandResult&)> on_result);
   // Confirms a read at `consistency`, waits until `min_revision` is applied, then runs `run`.

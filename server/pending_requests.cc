@@ -51,7 +51,10 @@ void PendingRequests::Finish(std::unique_ptr<Request> request, const Outcome& ou
       [&](const auto& o) {
         using T = std::decay_t<decltype(o)>;
         if constexpr (std::is_same_v<T, TimedOut>) {
-          TimeOut(*request);
+          respond_error_(request->responder, 503, "unavailable",
+                         request->is_read ? "the read could not be confirmed in time"
+                                          : "the write was not confirmed by a majority in time; "
+                                            "it may or may not have been applied");
         } else if constexpr (std::is_same_v<T, Refused>) {
           const ErrorCode code = o.code == OK ? UNAVAILABLE : o.code;
           respond_error_(request->responder, HttpStatusFor(code), CodeName(code), o.message);
@@ -79,13 +82,6 @@ void PendingRequests::Finish(std::unique_ptr<Request> request, const Outcome& ou
       outcome);
 }
 
-void PendingRequests::TimeOut(const Request& request) {
-  respond_error_(request.responder, 503, "unavailable",
-                 request.is_read ? "the read could not be confirmed in time"
-                                 : "the write was not confirmed by a majority in time; it may or "
-                                   "may not have been applied");
-}
-
 void PendingRequests::Expire(int64_t now_ms) {
   for (auto it = by_key_.begin(); it != by_key_.end();) {
     if (now_ms < it->second->deadline_ms) {
@@ -94,13 +90,13 @@ void PendingRequests::Expire(int64_t now_ms) {
     }
     std::unique_ptr<Request> request = std::move(it->second);
     it = by_key_.erase(it);
-    TimeOut(*request);
+    Finish(std::move(request), TimedOut{});
   }
   std::vector<std::unique_ptr<Request>> waiting = std::move(confirmed_);
   confirmed_.clear();
   for (std::unique_ptr<Request>& request : waiting) {
     if (now_ms >= request->deadline_ms) {
-      TimeOut(*request);
+      Finish(std::move(request), TimedOut{});
     } else {
       confirmed_.push_back(std::move(request));
     }

@@ -4,10 +4,11 @@
 // Client requests waiting on the replica: a write until this replica applies it, a read
 // until the leader confirms it and the state machine reaches the revision it must see.
 //
-// Every request leaves through one exit, Answer(key, outcome), whatever ends it: its result
-// applied here, a read confirmed, a refusal from the replica, or its deadline. A request is
-// answered exactly once; an outcome for a key no longer held (answered already, or never
-// proposed here) is ignored.
+// Whatever ends a request ends it in one place (Finish), exactly once: what the replica
+// says of it comes in through Answer(key, outcome) (its result applied here, a read
+// confirmed, a refusal), its deadline through Expire, and a confirmed read runs from
+// ServeReads once its revision is applied. An outcome for a key no longer held (answered
+// already, or never proposed here) is ignored.
 //
 // Threading: the loop thread only.
 
@@ -68,12 +69,12 @@ class PendingRequests {
   void AddLocalRead(std::shared_ptr<HttpResponder> responder, int64_t deadline_ms,
                     uint64_t min_revision, std::function<void()> run);
 
-  // The one exit.
+  // What the replica says of the request `key`.
   void Answer(Key key, const Outcome& outcome);
   // Answers every request whose deadline is at or before `now_ms` (TimedOut).
   void Expire(int64_t now_ms);
   // Runs the confirmed reads the state machine, now at `applied_revision`, has caught up
-  // with. A read added meanwhile (by a `run`) waits for the next call.
+  // with. A read a `run` adds is left for a later call (a nested one included).
   void ServeReads(uint64_t applied_revision);
 
   // Requests held: awaiting the replica, and confirmed reads awaiting their revision.
@@ -95,7 +96,6 @@ class PendingRequests {
                                           std::function<void()> run);
   // Answers `request`, which has left the maps, with `outcome`.
   void Finish(std::unique_ptr<Request> request, const Outcome& outcome);
-  void TimeOut(const Request& request);
 
   RespondError respond_error_;
   std::map<Key, std::unique_ptr<Request>> by_key_;

@@ -57,7 +57,12 @@ TEST_F(PendingRequestsTest, AWriteIsAnsweredOnceByItsResult) {
 }
 
 TEST_F(PendingRequestsTest, ARefusalIsAnsweredWithItsErrorAndDropsTheCallback) {
-  pending_.AddWrite({1, 1}, NewResponder("w1"), 100, OnWrite("w1"));
+  // What the callback holds is released with it (media's upload slot and pin are).
+  auto held = std::make_shared<int>(0);
+  std::weak_ptr<int> watch = held;
+  pending_.AddWrite(
+      {1, 1}, NewResponder("w1"), 100,
+      [this, held = std::move(held)](const CommandResult&) { answers_.push_back("w1: ran"); });
   pending_.AddWrite({1, 2}, NewResponder("w2"), 100, OnWrite("w2"));
   pending_.AddRead({1, 3}, NewResponder("r"), 100, 0, OnRead("r"));
   pending_.Answer({1, 1}, PendingRequests::Refused{UNAVAILABLE, "no leader"});
@@ -69,6 +74,17 @@ TEST_F(PendingRequestsTest, ARefusalIsAnsweredWithItsErrorAndDropsTheCallback) {
                           "w2: error 503 unavailable lost leadership",
                           "r: error 429 resource_exhausted too many",
                       }));
+  EXPECT_TRUE(watch.expired());
+  EXPECT_EQ(pending_.awaiting_replica(), 0u);
+}
+
+TEST_F(PendingRequestsTest, ATimeoutIsAnAnswerLikeAnyOther) {
+  pending_.AddWrite({1, 1}, NewResponder("w"), 100, OnWrite("w"));
+  pending_.Answer({1, 1}, PendingRequests::TimedOut{});
+  const CommandResult result = ResultAt(3);
+  pending_.Answer({1, 1}, PendingRequests::Applied{result});
+  ASSERT_EQ(answers_.size(), 1u);
+  EXPECT_EQ(answers_[0].rfind("w: error 503 unavailable the write was not confirmed", 0), 0u);
 }
 
 TEST_F(PendingRequestsTest, AConfirmedReadWaitsForItsRevision) {

@@ -274,6 +274,13 @@ class BadInput(ClusterTest):
         self.assertEqual(r.headers.get("Allow"), "POST")
         self.assertError(self.c.request(1, "GET", "/v1/db/ok/exec/more"), 404)
         self.assertError(self.c.request(1, "GET", "/v2/db"), 404)
+        # A bad database name is a 400 whatever the method or the rest of the path.
+        for method, path in (("PATCH", "/v1/db/a.b"), ("GET", "/v1/db/a.b/exec"),
+                             ("GET", "/v1/db/a.b/nope"), ("GET", "/v1/db/a.b/media")):
+            self.assertError(self.c.request(1, method, path), 400)
+        r = self.c.request(1, "POST", "/v1/db/ok/media/k")
+        self.assertError(r, 405)
+        self.assertEqual(r.headers.get("Allow"), "GET, HEAD, DELETE")
         # Nothing above changed the state (only failed requests may have been logged).
         q = self.c.request(2, "GET", "/v1/db").json()
         self.assertEqual(sorted(d["name"] for d in q["databases"]), ["ok"])
