@@ -131,7 +131,31 @@ struct AppliedRequest {
   CommandResult result;
 };
 
+// Database images named by reference (CreateDatabase.image_sha256), staged by the host
+// before it applies the entry that names them: the host copies the blob into a private
+// file, checks it as an uploaded image is checked (CheckImageHeader on its first bytes,
+// NormalizeImageHeader, then CheckAndPrepareImage on the file opened), and keeps the
+// verdict.
+class StagedImages {
+ public:
+  virtual ~StagedImages() = default;
+  // Takes the staged image `sha256` names: the path of a private file the state machine may
+  // move (DatabaseOpener::Adopt) or copy, holding an image that passed the checks; or
+  // InvalidArgument with the reason it failed (the same verdict on every replica: the same
+  // bytes, checked the same way). Any other error is the host's bug: it must stage every
+  // image an entry names before the entry is applied.
+  virtual absl::StatusOr<std::string> Take(const std::string& sha256) = 0;
+};
+
+// Checks a database image the host opened read-write from a private copy (its header
+// already checked and normalized) as an image by value is checked (integrity, virtual
+// tables, reserved names), and prepares it in place to become a database (its _synod_meta
+// table dropped). InvalidArgument if it is not a valid image.
+absl::Status CheckAndPrepareImage(sqlite3* image);
+
 struct StateMachineOptions {
+  // Where images named by reference come from (nullptr: none may be applied).
+  StagedImages* staged_images = nullptr;
 #ifdef SYNOD_TESTING_BUGS
   // A known-wrong behaviour for the simulator's checker tests, compiled only into
   // //core:state_machine_with_bugs: a retried request is applied again.

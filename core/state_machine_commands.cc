@@ -95,8 +95,23 @@ std::string Quote(std::string_view text) {
 absl::Status CheckCommandFields(const Command& command) {
   std::vector<absl::Status> checks;
   switch (command.kind_case()) {
-    case Command::kCreateDatabase:
-      return CheckDatabaseName(command.create_database().name());
+    case Command::kCreateDatabase: {
+      const synod::CreateDatabase& create = command.create_database();
+      if (create.image_sha256().empty()) {
+        if (create.image_size_bytes() != 0) {
+          return absl::InvalidArgumentError("an image size without its sha256");
+        }
+        return CheckDatabaseName(create.name());
+      }
+      if (!create.image().empty()) {
+        return absl::InvalidArgumentError("an image is given by value or by reference, not both");
+      }
+      if (create.image_size_bytes() < kImageHeaderBytes) {
+        return absl::InvalidArgumentError("an image by reference has at least an SQLite header");
+      }
+      checks = {CheckDatabaseName(create.name()), CheckSha256(create.image_sha256())};
+      break;
+    }
     case Command::kDropDatabase:
       return CheckDatabaseName(command.drop_database().name());
     case Command::kExecute:
@@ -163,6 +178,11 @@ absl::Status PrepareUploadedImage(sqlite3* image) {
 }
 
 }  // namespace state_machine_internal
+
+absl::Status CheckAndPrepareImage(sqlite3* image) {
+  if (absl::Status checked = CheckImageContent(image); !checked.ok()) return checked;
+  return state_machine_internal::PrepareUploadedImage(image);
+}
 
 using state_machine_internal::CheckCommandFields;
 using state_machine_internal::Failure;
@@ -258,18 +278,49 @@ CommandResult StateMachine::Impl::CreateDatabase(uint64_t slot, uint64_t index,
     if (!prepared.ok()) return Failure(INVALID_ARGUMENT, prepared.message());
     image = std::move(*loaded);
   }
+  std::string staged;  // an image by reference: its checked file
+  if (!create.image_sha256().empty()) {
+    SYNOD_CHECK(options.staged_images != nullptr)
+        << "an image by reference, and no staged images: the host must stage them";
+    absl::StatusOr<std::string> taken = options.staged_images->Take(create.image_sha256());
+    if (absl::IsInvalidArgument(taken.status())) {
+      return Failure(INVALID_ARGUMENT, taken.status().message());
+    }
+    SYNOD_CHECK(taken.ok()) << "image " << create.image_sha256()
+                            << " not staged: " << taken.status();
+    staged = *std::move(taken);
+  }
   Database db{.file_id = ChooseFileId(create.name()),
               .revision = slot,
               .request_index = index,
               .generation = ++last_generation};
+  // A staged file is moved into place (a rename) where the opener keeps files; otherwise
+  // it is copied, as an image by value is.
+  bool adopted = false;
+  if (!staged.empty()) {
+    const absl::Status moved = opener->AdoptsFiles() ? opener->Adopt(db.file_id, staged)
+                                                     : absl::UnimplementedError("no files");
+    SYNOD_CHECK(!absl::IsDataLoss(moved)) << moved;
+    adopted = moved.ok();
+    if (!adopted) {
+      sqlite3* raw = nullptr;
+      const int rc = sqlite3_open_v2(staged.c_str(), &raw,
+                                     SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, nullptr);
+      image = Db(raw);
+      SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open the staged image " << staged;
+    }
+  }
   absl::StatusOr<Db> handle = OpenDatabase(db.file_id);
   SYNOD_CHECK(handle.ok()) << handle.status();
   db.handle = std::move(*handle);
-  Stmt objects = MustPrepare(db.handle.get(), "SELECT count(*) FROM sqlite_schema");
-  SYNOD_CHECK(MustStep(objects.get()));
-  SYNOD_CHECK_EQ(sqlite3_column_int64(objects.get(), 0), 0) << "file " << db.file_id << " in use";
-  objects.reset();
-  if (image != nullptr) CopyDatabase(image.get(), db.handle.get());
+  if (!adopted) {
+    Stmt objects = MustPrepare(db.handle.get(), "SELECT count(*) FROM sqlite_schema");
+    SYNOD_CHECK(MustStep(objects.get()));
+    SYNOD_CHECK_EQ(sqlite3_column_int64(objects.get(), 0), 0) << "file " << db.file_id << " in use";
+    objects.reset();
+    if (image != nullptr) CopyDatabase(image.get(), db.handle.get());
+  }
+  image.reset();  // a staged file not moved is the host's to remove
 
   CommandResult result;  // OK; RunCommand sets the revision
   MustExec(db.handle.get(), "BEGIN");

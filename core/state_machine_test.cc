@@ -153,12 +153,12 @@ class TestOpener : public DatabaseOpener {
 // One replica: its disk and the state machine on it.
 class Replica {
  public:
-  Replica() { Restart(); }
+  explicit Replica(StateMachineOptions options = {}) : options_(options) { Restart(); }
 
   // Starts a new state machine on the same databases, as after a crash.
   void Restart() {
     machine_.reset();
-    absl::StatusOr<std::unique_ptr<StateMachine>> machine = StateMachine::Open(&opener_);
+    absl::StatusOr<std::unique_ptr<StateMachine>> machine = StateMachine::Open(&opener_, options_);
     EXPECT_TRUE(machine.ok()) << machine.status();
     machine_ = std::move(*machine);
   }
@@ -215,6 +215,7 @@ class Replica {
   TestOpener& opener() { return opener_; }
 
  private:
+  StateMachineOptions options_;
   TestOpener opener_;  // outlives the machine
   std::unique_ptr<StateMachine> machine_;
 };
@@ -529,6 +530,101 @@ TEST(StateMachineTest, AnUploadedImageBecomesTheDatabase) {
 
   std::string reserved = ImageOf("CREATE TABLE _synod_sessions(x);");
   EXPECT_EQ(replica.Apply(Create("e", reserved)).code(), INVALID_ARGUMENT);
+}
+
+// Images by reference, staged by a host as files (here, by hand).
+class TestStagedImages : public StagedImages {
+ public:
+  absl::StatusOr<std::string> Take(const std::string& sha256) override {
+    auto it = staged.find(sha256);
+    if (it == staged.end()) return absl::NotFoundError("not staged");
+    absl::StatusOr<std::string> taken = std::move(it->second);
+    staged.erase(it);
+    return taken;
+  }
+  // Stages `image` under `sha256` as a host does: a private file, its header checked and
+  // normalized, then checked and prepared.
+  void Stage(const std::string& sha256, std::string image) {
+    static int files = 0;
+    const std::string path = absl::StrCat(getenv("TEST_TMPDIR"), "/staged-", ++files, ".db");
+    if (absl::Status header = CheckImageHeader(image); !header.ok()) {
+      staged[sha256] = header;
+      return;
+    }
+    NormalizeImageHeader(image.data());
+    FILE* file = fopen(path.c_str(), "wb");
+    ASSERT_NE(file, nullptr);
+    ASSERT_EQ(fwrite(image.data(), 1, image.size(), file), image.size());
+    fclose(file);
+    sqlite3* raw = nullptr;
+    ASSERT_EQ(sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE, nullptr), SQLITE_OK);
+    Db db(raw);
+    absl::Status checked = CheckAndPrepareImage(db.get());
+    db.reset();
+    if (checked.ok()) {
+      staged[sha256] = path;
+    } else {
+      staged[sha256] = checked;
+    }
+  }
+  std::map<std::string, absl::StatusOr<std::string>> staged;
+};
+
+Command CreateByReference(std::string name, const std::string& sha256, uint64_t size) {
+  Command command;
+  command.mutable_create_database()->set_name(std::move(name));
+  command.mutable_create_database()->set_image_sha256(sha256);
+  command.mutable_create_database()->set_image_size_bytes(size);
+  return command;
+}
+
+TEST(StateMachineTest, AnImageByReferenceBecomesTheDatabaseOrIsRefusedByItsVerdict) {
+  TestStagedImages staged;
+  Replica replica(StateMachineOptions{.staged_images = &staged});
+  const std::string a(64, 'a'), b(64, 'b'), c(64, 'c');
+  std::string image = ImageOf("CREATE TABLE t(x); INSERT INTO t VALUES ('by reference');");
+  image[18] = image[19] = 2;  // as if in WAL mode
+  staged.Stage(a, image);
+  ASSERT_TRUE(StateMachine::Validate(CreateByReference("d", a, image.size())).ok());
+  ASSERT_EQ(replica.Apply(CreateByReference("d", a, image.size())).code(), OK);
+  EXPECT_TRUE(staged.staged.empty());  // taken
+  EXPECT_EQ(replica.One("d", "SELECT x FROM t"), "by reference");
+  EXPECT_EQ(replica.Apply(Exec("d", "INSERT INTO t VALUES ('more')")).code(), OK);
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "2");
+
+  // A database that exists is refused before anything is taken.
+  staged.Stage(a, image);
+  EXPECT_EQ(replica.Apply(CreateByReference("d", a, image.size())).code(), ALREADY_EXISTS);
+  EXPECT_EQ(staged.staged.size(), 1u);
+
+  // Not an image, or one with a reserved table: the verdict is the result, and nothing is made.
+  staged.Stage(b, std::string(4096, 'x'));
+  CommandResult garbage = replica.Apply(CreateByReference("e", b, 4096));
+  EXPECT_EQ(garbage.code(), INVALID_ARGUMENT);
+  EXPECT_NE(garbage.message().find("not an SQLite database"), std::string::npos)
+      << garbage.message();
+  staged.Stage(c, ImageOf("CREATE TABLE _synod_sessions(x);"));
+  EXPECT_EQ(replica.Apply(CreateByReference("e", c, 8192)).code(), INVALID_ARGUMENT);
+  EXPECT_EQ(replica.machine().ListDatabases().size(), 1u);
+
+  // It survives a restart as any database does.
+  replica.Restart();
+  EXPECT_EQ(replica.One("d", "SELECT count(*) FROM t"), "2");
+}
+
+TEST(StateMachineTest, AnImageByReferenceIsCheckedBeforeItIsProposed) {
+  const std::string sha(64, 'a');
+  EXPECT_TRUE(StateMachine::Validate(CreateByReference("d", sha, 4096)).ok());
+  EXPECT_FALSE(StateMachine::Validate(CreateByReference("d", "ABC", 4096)).ok());
+  EXPECT_FALSE(StateMachine::Validate(CreateByReference("d", std::string(64, 'G'), 4096)).ok());
+  EXPECT_FALSE(StateMachine::Validate(CreateByReference("d", sha, 10)).ok());
+  EXPECT_FALSE(StateMachine::Validate(CreateByReference("bad/name", sha, 4096)).ok());
+  Command both = CreateByReference("d", sha, 4096);
+  both.mutable_create_database()->set_image(ImageOf("CREATE TABLE t(x);"));
+  EXPECT_FALSE(StateMachine::Validate(both).ok());
+  Command size_alone = Create("d");
+  size_alone.mutable_create_database()->set_image_size_bytes(4096);
+  EXPECT_FALSE(StateMachine::Validate(size_alone).ok());
 }
 
 TEST(StateMachineTest, AnUploadedTableThatCannotBeReadIsStillHashed) {
