@@ -274,4 +274,39 @@ absl::StatusOr<std::string> BlobWriter::Commit(std::string_view expected_sha256)
   return sha256;
 }
 
+absl::Status BlobStore::CopyOut(std::string_view sha256, const std::string& path) const {
+  absl::StatusOr<int> in = OpenForReading(sha256);
+  if (!in.ok()) return in.status();
+  const int out = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (out < 0) {
+    close(*in);
+    return OsError(errno, "create " + path);
+  }
+  BlobWriter::Hasher hasher;
+  absl::Status status;
+  constexpr uint64_t kPieceBytes = 1 << 20;
+  for (uint64_t offset = 0;;) {
+    absl::StatusOr<std::string> piece = ReadAt(*in, offset, kPieceBytes, PathOf(sha256));
+    if (!piece.ok()) {
+      status = piece.status();
+      break;
+    }
+    if (piece->empty()) break;
+    hasher.Update(*piece);
+    if (status = WriteAll(out, *piece, path); !status.ok()) break;
+    offset += piece->size();
+  }
+  close(*in);
+  if (close(out) != 0 && status.ok()) status = OsError(errno, "close " + path);
+  if (status.ok()) {
+    const std::string hashed = hasher.HexDigest();
+    if (hashed != sha256) {
+      status = absl::DataLossError(absl::StrCat("the stored blob ", std::string(sha256),
+                                                " hashes to ", hashed, ": it is damaged"));
+    }
+  }
+  if (!status.ok()) unlink(path.c_str());
+  return status;
+}
+
 }  // namespace synod

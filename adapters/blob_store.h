@@ -102,6 +102,12 @@ class BlobStore {
   // A writer of a new blob into DIR/tmp/.
   absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter();
 
+  // Copies the stored blob into a new file at `path` (not synced: a private copy), checking
+  // that its bytes still hash to `sha256`. NotFound when it is not stored, DataLoss when its
+  // bytes are damaged (the caller removes it and fetches it again), ResourceExhausted when
+  // the disk is full. On an error nothing is left at `path`.
+  absl::Status CopyOut(std::string_view sha256, const std::string& path) const;
+
  private:
   friend class BlobWriter;
   BlobStore(std::string dir, bool fsync) : dir_(std::move(dir)), fsync_(fsync) {}

@@ -175,5 +175,34 @@ TEST(BlobStore, CollectionRemovesOnlyOldUnpinnedBlobsThroughTheTrash) {
   EXPECT_EQ(CountFiles(dir), 0);
 }
 
+TEST(BlobStore, CopyOutCopiesAStoredBlobCheckingItsHash) {
+  const std::string dir = FreshDir("copy-out");
+  auto store = BlobStore::Open(dir, /*fsync=*/false);
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::string bytes(3 << 20, 'x');  // more than one piece
+  bytes[12345] = 'y';
+  auto writer = (*store)->NewWriter();
+  ASSERT_TRUE(writer.ok());
+  ASSERT_TRUE((*writer)->Append(bytes).ok());
+  absl::StatusOr<std::string> sha = (*writer)->Commit();
+  ASSERT_TRUE(sha.ok());
+  const std::string copy = std::string(std::getenv("TEST_TMPDIR")) + "/copy";
+  ASSERT_TRUE((*store)->CopyOut(*sha, copy).ok());
+  std::string command = "cmp -s '" + copy + "' '" + (*store)->PathOf(*sha) + "'";
+  EXPECT_EQ(std::system(command.c_str()), 0);
+
+  EXPECT_TRUE(absl::IsNotFound((*store)->CopyOut(kHelloWorld, copy + "2")));
+  EXPECT_NE(access((copy + "2").c_str(), F_OK), 0);
+
+  // Damaged on disk: refused, and no copy left behind.
+  const int fd = open((*store)->PathOf(*sha).c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pwrite(fd, "z", 1, 2 << 20), 1);
+  close(fd);
+  absl::Status damaged = (*store)->CopyOut(*sha, copy + "3");
+  EXPECT_TRUE(absl::IsDataLoss(damaged)) << damaged;
+  EXPECT_NE(access((copy + "3").c_str(), F_OK), 0);
+}
+
 }  // namespace
 }  // namespace synod

@@ -143,7 +143,8 @@ class StagedImages {
   // move (DatabaseOpener::Adopt) or copy, holding an image that passed the checks; or
   // InvalidArgument with the reason it failed (the same verdict on every replica: the same
   // bytes, checked the same way). Any other error is the host's bug: it must stage every
-  // image an entry names before the entry is applied.
+  // image an entry names before the entry is applied. Each request naming an image takes
+  // one, whatever its result; a file taken and not moved into place is the host's to remove.
   virtual absl::StatusOr<std::string> Take(const std::string& sha256) = 0;
 };
 

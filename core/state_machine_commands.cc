@@ -268,27 +268,26 @@ std::string StateMachine::Impl::ChooseFileId(std::string_view name) {
 
 CommandResult StateMachine::Impl::CreateDatabase(uint64_t slot, uint64_t index,
                                                  const synod::CreateDatabase& create) {
+  // An image by reference is taken first, whatever the outcome: the host stages one for
+  // each such request, and removes what is taken and not moved into place.
+  absl::StatusOr<std::string> staged = std::string();  // an image by reference: its file
+  if (!create.image_sha256().empty()) {
+    SYNOD_CHECK(options.staged_images != nullptr)
+        << "an image by reference, and no staged images: the host must stage them";
+    staged = options.staged_images->Take(create.image_sha256());
+    SYNOD_CHECK(staged.ok() || absl::IsInvalidArgument(staged.status()))
+        << "image " << create.image_sha256() << " not staged: " << staged.status();
+  }
   if (databases.contains(create.name())) {
     return Failure(ALREADY_EXISTS, absl::StrCat("database ", create.name(), " already exists"));
   }
+  if (!staged.ok()) return Failure(INVALID_ARGUMENT, staged.status().message());
   Db image;
   if (!create.image().empty()) {
     absl::StatusOr<Db> loaded = LoadImage(create.image());
     absl::Status prepared = loaded.ok() ? PrepareUploadedImage(loaded->get()) : loaded.status();
     if (!prepared.ok()) return Failure(INVALID_ARGUMENT, prepared.message());
     image = std::move(*loaded);
-  }
-  std::string staged;  // an image by reference: its checked file
-  if (!create.image_sha256().empty()) {
-    SYNOD_CHECK(options.staged_images != nullptr)
-        << "an image by reference, and no staged images: the host must stage them";
-    absl::StatusOr<std::string> taken = options.staged_images->Take(create.image_sha256());
-    if (absl::IsInvalidArgument(taken.status())) {
-      return Failure(INVALID_ARGUMENT, taken.status().message());
-    }
-    SYNOD_CHECK(taken.ok()) << "image " << create.image_sha256()
-                            << " not staged: " << taken.status();
-    staged = *std::move(taken);
   }
   Database db{.file_id = ChooseFileId(create.name()),
               .revision = slot,
@@ -297,17 +296,17 @@ CommandResult StateMachine::Impl::CreateDatabase(uint64_t slot, uint64_t index,
   // A staged file is moved into place (a rename) where the opener keeps files; otherwise
   // it is copied, as an image by value is.
   bool adopted = false;
-  if (!staged.empty()) {
-    const absl::Status moved = opener->AdoptsFiles() ? opener->Adopt(db.file_id, staged)
+  if (!staged->empty()) {
+    const absl::Status moved = opener->AdoptsFiles() ? opener->Adopt(db.file_id, *staged)
                                                      : absl::UnimplementedError("no files");
     SYNOD_CHECK(!absl::IsDataLoss(moved)) << moved;
     adopted = moved.ok();
     if (!adopted) {
       sqlite3* raw = nullptr;
-      const int rc = sqlite3_open_v2(staged.c_str(), &raw,
+      const int rc = sqlite3_open_v2(staged->c_str(), &raw,
                                      SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, nullptr);
       image = Db(raw);
-      SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open the staged image " << staged;
+      SYNOD_CHECK_EQ(rc, SQLITE_OK) << "cannot open the staged image " << *staged;
     }
   }
   absl::StatusOr<Db> handle = OpenDatabase(db.file_id);

@@ -33,12 +33,16 @@ constexpr const char* kUsage =
   --location LABEL  a label or coordinates reported in /v1/status
   --snapshot-every N           applied entries between log compactions (default 10000)
   --checkpoint-every N         applied entries between divergence-check votes (default 1000)
-  --max-body-bytes N           largest database upload accepted (default 3145728)
+  --max-body-bytes N           largest database upload that goes through the log by value
+                               (default 3145728); larger ones stream to disk
+                               (--max-database-bytes)
   --max-json-body-bytes N      largest exec, query or d3b body accepted (default 3145728)
   --query-timeout-ms N         a query running longer is interrupted, answered 503 (default 2000)
   --http-request-timeout-ms N  time a client has to send a whole request (default 30000); a
                                media upload has this plus its size at 256 KiB/s
   --max-media-bytes N          largest media file accepted (default 4294967296)
+  --max-database-bytes N       largest database upload (PUT /v1/db/{name}) streamed to disk,
+                               for images over --max-body-bytes (default 68719476736)
   --media-gc-grace-ms N        an unreferenced media blob is removed once older than this
                                (default 3600000, at least 60000)
   --testing-media-gc-grace-ms N for tests only: the same, without the floor
@@ -182,6 +186,11 @@ int main(int argc, char** argv) {
       if (!absl::SimpleAtoi(value, &options.http_request_timeout_ms) ||
           options.http_request_timeout_ms <= 0) {
         return Fail("--http-request-timeout-ms must be a positive number");
+      }
+    } else if (arg == "--max-database-bytes") {
+      if (!absl::SimpleAtoi(value, &options.max_database_bytes) ||
+          options.max_database_bytes == 0) {
+        return Fail("--max-database-bytes must be a positive number");
       }
     } else if (arg == "--max-media-bytes") {
       if (!absl::SimpleAtoi(value, &options.max_media_bytes) || options.max_media_bytes == 0) {

@@ -176,6 +176,16 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
 
   void Write(std::string piece, std::function<void()> done) override {
     if (ended_) return done();
+    if (database_image && header.size() < kImageHeaderBytes) {
+      // A database image is refused at its first bytes when they are not an SQLite header.
+      header.append(piece.substr(0, kImageHeaderBytes - header.size()));
+      if (header.size() == kImageHeaderBytes) {
+        if (absl::Status valid = CheckImageHeader(header); !valid.ok()) {
+          Fail(valid, "invalid_argument");
+          return done();
+        }
+      }
+    }
     busy_ = true;
     auto self = shared_from_this();
     std::shared_ptr<BlobWriter> writer = this->writer;
@@ -208,6 +218,11 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
 
   void Finish() override {
     if (ended_) return;
+    if (database_image && header.size() < kImageHeaderBytes) {
+      return Fail(
+          absl::InvalidArgumentError("not an SQLite database: the SQLite header is missing"),
+          "invalid_argument");
+    }
     busy_ = true;
     auto self = shared_from_this();
     std::shared_ptr<BlobWriter> writer = this->writer;
@@ -223,6 +238,7 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
                        self->sha256 = **sha256;
                        self->stored_ns = uv_hrtime();
                        self->service_->counters_.upload_bytes += self->size;
+                       if (self->database_image) return self->service_->CheckImage(self);
                        self->service_->Replicate(self);
                      });
   }
@@ -255,6 +271,9 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
     if (released_) return;
     released_ = true;
     --service_->uploads_;
+    // A database image staged by its check and not applied: its copy goes (if the write
+    // is applied after all, the image is staged again from the blob).
+    if (image_staged && !applied) service_->host_.drop_image(sha256);
   }
 
   std::shared_ptr<HttpResponder> responder;
@@ -266,6 +285,12 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
   // d3b: the statements that apply with the metadata, and the answer in d3b's shape.
   std::optional<synod::Execute> execute;
   bool d3b = false;
+  // A database image (PUT /v1/db/{name}): the blob becomes database `database` by
+  // reference (CreateDatabase.image_sha256), not media. Its first bytes, checked early.
+  bool database_image = false;
+  std::string header;
+  bool image_staged = false;  // checked, and staged for this replica's apply
+  bool applied = false;       // its write was applied here
   // Once the body is stored: its hash and size, and where it is durable.
   std::string sha256;
   uint64_t size = 0;
@@ -333,6 +358,7 @@ struct MediaService::Pass {
   int64_t cutoff_unix_ms = 0;  // blobs last made young before this may go
   bool collect = false;
   std::map<std::string, uint64_t> referenced;
+  std::set<std::string> retained;  // named by log entries: kept, not fetched
   size_t stored = 0;
   std::vector<std::pair<std::string, uint64_t>> missing;
   uint64_t removed = 0;
@@ -452,12 +478,9 @@ uint64_t MediaService::BodyLimit(std::string_view method, std::string_view targe
 // ---------------------------------------------------------------------------------------
 // Upload.
 
-std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
-                                                        std::shared_ptr<HttpResponder> responder) {
-  std::vector<std::string> path = PathSegments(head.target);
-  SYNOD_CHECK_EQ(path.size(), 5u);
-  const std::string& database = path[2];
-  const std::string& key = path[4];
+std::shared_ptr<MediaService::Upload> MediaService::BeginUpload(
+    const HttpRequest& head, const std::string& database, std::string_view key,
+    std::shared_ptr<HttpResponder>& responder) {
   auto refuse = [&](int status, std::string_view code, std::string_view message) {
     ++counters_.uploads_refused;
     RespondError(responder, status, code, message);
@@ -469,14 +492,19 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
   if (!IsValidDatabaseName(database)) {
     return refuse(400, "invalid_argument", "a database name is 1 to 64 of A-Z a-z 0-9 _ -");
   }
-  if (!IsValidMediaKey(key)) {
-    return refuse(400, "invalid_argument",
-                  "a media key is 1 to 200 of A-Z a-z 0-9 . _ ~ - without '..'");
-  }
-  std::string content_type = Header(head, "content-type");
-  if (content_type.empty()) content_type = "application/octet-stream";
-  if (!IsValidContentType(content_type)) {
-    return refuse(400, "invalid_argument", "a content type is 1 to 255 printable ASCII characters");
+  const bool image = key.empty();
+  std::string content_type;
+  if (!image) {
+    if (!IsValidMediaKey(key)) {
+      return refuse(400, "invalid_argument",
+                    "a media key is 1 to 200 of A-Z a-z 0-9 . _ ~ - without '..'");
+    }
+    content_type = Header(head, "content-type");
+    if (content_type.empty()) content_type = "application/octet-stream";
+    if (!IsValidContentType(content_type)) {
+      return refuse(400, "invalid_argument",
+                    "a content type is 1 to 255 printable ASCII characters");
+    }
   }
   absl::StatusOr<std::string> announced = AnnouncedSha256(head);
   if (!announced.ok()) return refuse(400, "invalid_argument", S(announced.status().message()));
@@ -484,13 +512,15 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
     return refuse(503, "unavailable",
                   absl::StrCat(kMaxUploads, " uploads are under way on this replica; retry"));
   }
-  // A declared length must fit beside the reserve; a chunked body is checked as it grows.
+  // A declared length must fit beside the reserve (a database image twice: the blob, and
+  // the database made of it); a chunked body is checked as it grows.
   uint64_t declared = 0;
   if (absl::SimpleAtoi(Header(head, "content-length"), &declared)) {
+    const uint64_t needed = image ? 2 * declared : declared;
     absl::StatusOr<uint64_t> free = store_->FreeBytes();
-    if (free.ok() && *free < declared + kReserveBytes) {
+    if (free.ok() && *free < needed + kReserveBytes) {
       return refuse(507, "insufficient_storage",
-                    absl::StrCat("the media needs ", declared, " bytes and ", *free, " are free; ",
+                    absl::StrCat("the upload needs ", needed, " bytes and ", *free, " are free; ",
                                  kReserveBytes, " must stay free"));
     }
   }
@@ -499,10 +529,30 @@ std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
   auto upload = std::make_shared<Upload>(this, std::move(responder));
   upload->writer = std::move(*writer);
   upload->database = database;
-  upload->key = key;
+  upload->key = std::string(key);
   upload->content_type = std::move(content_type);
+  upload->database_image = image;
   upload->expected_sha256 = *std::move(announced);
   return upload;
+}
+
+std::shared_ptr<HttpBodySink> MediaService::StartUpload(const HttpRequest& head,
+                                                        std::shared_ptr<HttpResponder> responder) {
+  std::vector<std::string> path = PathSegments(head.target);
+  SYNOD_CHECK_EQ(path.size(), 5u);
+  return BeginUpload(head, path[2], path[4], responder);
+}
+
+std::shared_ptr<HttpBodySink> MediaService::StartDatabaseUpload(
+    const HttpRequest& head, const std::string& database,
+    std::shared_ptr<HttpResponder> responder) {
+  return BeginUpload(head, database, "", responder);
+}
+
+void MediaService::EnsureBlob(const std::string& sha256, uint64_t size_bytes,
+                              std::function<void(absl::Status)> done) {
+  if (stopped_) return done(absl::CancelledError("stopping"));
+  FetchBlob(sha256, size_bytes, std::move(done));
 }
 
 // d3b's upload: the multipart body parsed as it arrives, its `file` part streamed into an
@@ -808,7 +858,59 @@ void MediaService::ConfirmUpload(std::shared_ptr<Upload> upload) {
   }
 }
 
+void MediaService::CheckImage(std::shared_ptr<Upload> upload) {
+  // Pinned while it is checked (seconds for a large one): not collected meanwhile.
+  if (!store_->Pin(upload->sha256)) {
+    store_->Unpin(upload->sha256);
+    return upload->Fail(absl::InternalError("the stored blob vanished"));
+  }
+  host_.check_image(upload->sha256, [this, upload](absl::Status verdict) {
+    store_->Unpin(upload->sha256);
+    if (verdict.ok()) upload->image_staged = true;
+    if (stopped_ || host_.stopping()) {
+      return upload->Fail(absl::UnavailableError("the server is stopping"));
+    }
+    // An invalid image is refused here, before anything is pushed or proposed.
+    if (!verdict.ok()) return upload->Fail(verdict, "invalid_argument");
+    Replicate(upload);
+  });
+}
+
+void MediaService::ProposeDatabase(std::shared_ptr<Upload> upload) {
+  Command command;
+  synod::CreateDatabase* create = command.mutable_create_database();
+  create->set_name(upload->database);
+  create->set_image_sha256(upload->sha256);
+  create->set_image_size_bytes(upload->size);
+  // As a media upload's: pinned until answered, then young for the grace; while the log
+  // holds the entry, the collection spares it too (MediaHost::log_images).
+  std::shared_ptr<void> release(nullptr, [this, upload](void*) {
+    store_->Keep(upload->sha256);
+    store_->Unpin(upload->sha256);
+    upload->Release();
+  });
+  if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
+    return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
+  }
+  store_->Keep(upload->sha256);
+  ++counters_.database_uploads;
+  host_.propose(
+      std::move(command), upload->responder, [this, upload, release](const CommandResult& result) {
+        upload->applied = true;  // its staged image was taken, or dropped by its verdict
+        if (result.code() != OK) {
+          return RespondError(upload->responder, HttpStatusFor(result.code()),
+                              CodeName(result.code()), result.message());
+        }
+        std::string out = "{\"name\":";
+        AppendJsonString(&out, upload->database);
+        absl::StrAppend(&out, ",\"revision\":", result.revision(), ",\"size\":", upload->size,
+                        ",\"sha256\":\"", upload->sha256, "\"}");
+        Respond(upload->responder, 201, out);
+      });
+}
+
 void MediaService::ProposeUpload(std::shared_ptr<Upload> upload) {
+  if (upload->database_image) return ProposeDatabase(std::move(upload));
   Command command;
   PutMedia* put = command.mutable_put_media();
   put->set_database(upload->database);
@@ -1472,6 +1574,7 @@ void MediaService::StartPass() {
   // A replica still applying what is committed may not have seen the metadata of blobs it
   // was pushed: it only fetches until it has caught up.
   pass->collect = host_.caught_up();
+  if (host_.log_images) pass->retained = host_.log_images();
   OnPool(
       [pass] {
         // What the metadata references, as of the view's revision.
@@ -1492,7 +1595,9 @@ void MediaService::StartPass() {
         std::set<std::string> here;
         for (const BlobInfo& blob : *stored) {
           here.insert(blob.sha256);
-          if (pass->referenced.contains(blob.sha256)) continue;
+          if (pass->referenced.contains(blob.sha256) || pass->retained.contains(blob.sha256)) {
+            continue;
+          }
           const int64_t old_before = pass->cutoff_unix_ms;
           if (!pass->collect || blob.modified_unix_ms >= old_before) continue;
           // Checked again under the store's lock, which pinning and keeping take: a blob on
@@ -1541,6 +1646,9 @@ void MediaService::AppendMetrics(MetricsText* out) const {
                counters_.uploads);
   out->Counter("synod_media_upload_bytes_total", "Bytes of media uploads stored here.",
                counters_.upload_bytes);
+  out->Counter("synod_database_uploads_total",
+               "Streamed database uploads (PUT /v1/db/{name}) proposed by reference.",
+               counters_.database_uploads);
   out->Counter("synod_media_uploads_refused_total",
                "Uploads answered with an error (limits, disk, digest, no majority).",
                counters_.uploads_refused);

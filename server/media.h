@@ -96,6 +96,16 @@ struct MediaHost {
   std::function<absl::StatusOr<Command>(std::string_view json, const std::string& file_id)>
       d3b_command;
   std::function<std::string(const CommandResult&)> d3b_rows;
+  // The blobs that the log entries this replica still holds name as database images:
+  // collection spares them, so that a replica applying such an entry late can fetch its
+  // image (a snapshot replaces the entries once compacted).
+  std::function<std::set<std::string>()> log_images;
+  // A database image upload, stored here: checked before it is pushed (`done` gets the
+  // verdict: OK, InvalidArgument, or another error), and staged for this replica's apply;
+  // drop_image removes that staged copy when the write is not applied.
+  std::function<void(const std::string& sha256, std::function<void(absl::Status)> done)>
+      check_image;
+  std::function<void(const std::string& sha256)> drop_image;
   StateMachine* state_machine = nullptr;
   const PeerAuthenticator* auth = nullptr;
 };
@@ -130,6 +140,18 @@ class MediaService {
   std::shared_ptr<HttpBodySink> StartD3bUpload(const HttpRequest& head,
                                                std::shared_ptr<HttpResponder> responder);
   uint64_t max_media_bytes() const { return options_.max_media_bytes; }
+  // A database image too large to go through the log by value (PUT /v1/db/{name}, decided
+  // by the node): streamed into a blob as a media upload is, pushed to a majority, then
+  // proposed as CreateDatabase by reference. The answer is a database's (201, name and
+  // revision). Its first bytes must be an SQLite header.
+  std::shared_ptr<HttpBodySink> StartDatabaseUpload(const HttpRequest& head,
+                                                    const std::string& database,
+                                                    std::shared_ptr<HttpResponder> responder);
+  // Makes sure `sha256` is stored here, fetching it from the peers if not; `done` gets OK
+  // once it is (for an image a committed entry names, staged before it is applied).
+  void EnsureBlob(const std::string& sha256, uint64_t size_bytes,
+                  std::function<void(absl::Status)> done);
+  BlobStore* store() { return store_.get(); }
   // GET (and HEAD) or DELETE /v1/db/{name}/media/{key}; GET /v1/db/{name}/media lists (key
   // empty).
   void Handle(const HttpRequest& request, const std::string& database, const std::string& key,
@@ -155,6 +177,11 @@ class MediaService {
   struct Incoming;
   struct Pass;
 
+  // An upload's checks at its headers, and its Upload: of media under `key`, or of a
+  // database image when `key` is empty. Null once answered (refused).
+  std::shared_ptr<Upload> BeginUpload(const HttpRequest& head, const std::string& database,
+                                      std::string_view key,
+                                      std::shared_ptr<HttpResponder>& responder);
   // Runs `work` on libuv's pool, then `after` on the loop.
   void OnPool(std::function<void()> work, std::function<void()> after);
   void Respond(const std::shared_ptr<HttpResponder>& responder, int status, std::string body);
@@ -167,6 +194,9 @@ class MediaService {
   // A majority reported the blob stored: asks them to keep it young, then proposes.
   void ConfirmUpload(std::shared_ptr<Upload> upload);
   void ProposeUpload(std::shared_ptr<Upload> upload);
+  void ProposeDatabase(std::shared_ptr<Upload> upload);
+  // A database image upload, stored: checked, then replicated.
+  void CheckImage(std::shared_ptr<Upload> upload);
   void RefuseUpload(Upload& upload, std::string_view why);
   void PushChunk(std::shared_ptr<Push> push);
   void OnPushReply(std::shared_ptr<Push> push, absl::StatusOr<BlobReply> reply);
@@ -258,6 +288,7 @@ class MediaService {
 
   struct Counters {
     uint64_t uploads = 0;
+    uint64_t database_uploads = 0;
     uint64_t upload_bytes = 0;
     uint64_t uploads_refused = 0;  // no majority, disk, hash, limits
     uint64_t pushes_failed = 0;

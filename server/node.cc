@@ -175,7 +175,12 @@ absl::Status Node::Start() {
             "W the machine restarted since this replica last ran: its databases may have lost "
             "their last commits, so they are rebuilt from the log (its snapshot and entries)\n");
   }
-  absl::StatusOr<std::unique_ptr<StateMachine>> sm = StateMachine::Open(opener_.get());
+  // Database images named by reference are staged here before their entries apply.
+  stager_ = std::make_unique<ImageStager>(loop_, absl::StrCat(options_.data_dir, "/staged-images"),
+                                          [this] { return media_.get(); });
+  if (absl::Status staging = stager_->Start(); !staging.ok()) return staging;
+  absl::StatusOr<std::unique_ptr<StateMachine>> sm =
+      StateMachine::Open(opener_.get(), StateMachineOptions{.staged_images = stager_.get()});
   if (!sm.ok()) return sm.status();
   sm_ = std::move(*sm);
 
@@ -271,6 +276,12 @@ absl::Status Node::Start() {
     SendCounted(responder, std::move(response));
   };
   media_host.stopping = [this] { return stopping_; };
+  media_host.log_images = [this] { return LogImages(); };
+  media_host.check_image = [this](const std::string& sha256,
+                                  std::function<void(absl::Status)> done) {
+    stager_->Check(sha256, std::move(done));
+  };
+  media_host.drop_image = [this](const std::string& sha256) { stager_->Drop(sha256); };
   media_host.caught_up = [this] {
     ReplicaStatus s = this->replica().Status();
     return s.leader_id != 0 && sm_->revision() >= s.commit_index;
@@ -323,6 +334,9 @@ absl::Status Node::Start() {
     if (MediaService::IsUpload(head.method, head.target) || MediaService::IsD3bUpload(head)) {
       return static_cast<size_t>(std::min<uint64_t>(media_->max_media_bytes(), SIZE_MAX));
     }
+    if (StreamsDatabaseUpload(head)) {
+      return static_cast<size_t>(std::min<uint64_t>(options_.max_database_bytes, SIZE_MAX));
+    }
     return 0;
   };
   limits.request_timeout_ms = options_.http_request_timeout_ms;
@@ -337,6 +351,10 @@ absl::Status Node::Start() {
         if (stopping_) {
           RespondError(responder, 503, "unavailable", "the server is stopping");
           return std::shared_ptr<HttpBodySink>();
+        }
+        if (StreamsDatabaseUpload(head)) {
+          return media_->StartDatabaseUpload(head, PathSegments(head.target)[2],
+                                             std::move(responder));
         }
         return MediaService::IsUpload(head.method, head.target)
                    ? media_->StartUpload(head, std::move(responder))
@@ -390,6 +408,7 @@ void Node::Stop(std::function<void()> done) {
     uv_close(reinterpret_cast<uv_handle_t*>(&apply_idle_), nullptr);
   }
   if (media_) media_->Stop();
+  if (stager_) stager_->Stop();
   if (log_) log_->Close();  // the last records made durable; nothing more is sent
   if (links_) links_->Stop();
   if (http_) {
@@ -560,17 +579,33 @@ void Node::Answer(const ForwardReply& reply) {
 
 void Node::ApplyQueued(bool all) {
   const uint64_t start_ns = uv_hrtime();
+  bool waiting = false;  // for a database image to be staged
   while (!to_apply_.empty()) {
+    if (!stager_->Ready(to_apply_.front().value)) {
+      waiting = true;
+      break;
+    }
     ApplyCommitted(to_apply_.front());
     to_apply_.pop_front();
     if (!all && uv_hrtime() - start_ns >= kApplySliceMs * 1'000'000) break;
+  }
+  if (all && waiting) {
+    // The state is about to be replaced (a snapshot installed, or the replica rebuilt from
+    // its log): what waits for an image is covered by the snapshot, or handed out again.
+    fprintf(stderr,
+            "W %zu committed entries from revision %llu were not applied before the state was "
+            "replaced (a database image was still being staged)\n",
+            to_apply_.size(), static_cast<unsigned long long>(to_apply_.front().slot));
+    to_apply_.clear();
+    stager_->Clear();
   }
   ServeWaitingReads();
   // `all` runs in the middle of a Ready (before a snapshot replaces the state): a snapshot
   // of this replica's own appended now would follow the Ready's records in the log, and an
   // older image after a newer one would win at recovery. The next Drain compacts.
   if (!all) MaybeCompact();
-  if (to_apply_.empty()) {
+  if (to_apply_.empty() || waiting) {
+    // Waiting for an image: the staging's completion (or its retry timer) wakes the loop.
     uv_idle_stop(&apply_idle_);
   } else {
     uv_idle_start(&apply_idle_, [](uv_idle_t*) {});
@@ -675,6 +710,7 @@ void Node::StartStateHash(uint64_t revision) {
 void Node::ApplyCommitted(const CommittedEntry& entry) {
   uint64_t start_ns = uv_hrtime();
   std::vector<AppliedRequest> applied = sm_->Apply(entry.slot, entry.value);
+  stager_->Applied();
   applied_bytes_since_snapshot_ += entry.value.ByteSizeLong();
   if (options_.testing_kill_after_apply != 0 && entry.slot >= options_.testing_kill_after_apply) {
     fprintf(stderr, "I applied revision %llu: killing this process (--testing-kill-after-apply)\n",
@@ -830,6 +866,33 @@ size_t Node::PeerBodyLimit() const {
   // A batch carries up to one client body's worth of messages, and a catch-up answer a few
   // MiB of entries plus one entry of any size: room for both, and the framing.
   return 2 * std::max(options_.max_body_bytes, options_.max_json_body_bytes) + (8 << 20);
+}
+
+bool Node::StreamsDatabaseUpload(const HttpRequest& head) const {
+  if (head.method != "PUT") return false;
+  const std::vector<std::string> path = PathSegments(head.target);
+  if (path.size() != 3 || path[0] != "v1" || path[1] != "db") return false;
+  uint64_t declared = 0;
+  if (absl::SimpleAtoi(Header(head, "content-length"), &declared)) {
+    return declared > options_.max_body_bytes;
+  }
+  return !Header(head, "transfer-encoding").empty();  // chunked: of unknown size
+}
+
+std::set<std::string> Node::LogImages() {
+  std::set<std::string> images;
+  const Replica& r = replica();
+  for (uint64_t slot = r.snapshot_index() + 1; slot <= r.commit_index(); ++slot) {
+    const Value* value = r.ChosenValue(slot);
+    if (value == nullptr) continue;
+    for (const ClientRequest& request : value->requests()) {
+      if (request.command().has_create_database() &&
+          !request.command().create_database().image_sha256().empty()) {
+        images.insert(request.command().create_database().image_sha256());
+      }
+    }
+  }
+  return images;
 }
 
 size_t Node::BodyLimit(std::string_view method, std::string_view target) const {
@@ -1525,6 +1588,7 @@ void Node::HandleMetrics(const HttpRequest&, std::shared_ptr<HttpResponder> resp
                heard_ticks < 0 ? -1 : heard_ticks * options_.tick_ms);
   }
   media_->AppendMetrics(&out);
+  stager_->AppendMetrics(&out);
   Respond(responder, 200, out.text(), "text/plain; version=0.0.4");
 }
 

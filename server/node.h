@@ -12,6 +12,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,7 @@
 #include "core/replica.h"
 #include "core/state_machine.h"
 #include "server/http_util.h"
+#include "server/image_stager.h"
 #include "server/media.h"
 #include "server/peer_links.h"
 #include "server/pending_requests.h"
@@ -76,6 +78,8 @@ struct NodeOptions {
   // Media (server/media.h): the largest file, and the grace and period of the collection of
   // unreferenced blobs.
   uint64_t max_media_bytes = uint64_t{4} << 30;
+  // The largest database upload streamed to disk (PUT /v1/db/{name} over max_body_bytes).
+  uint64_t max_database_bytes = uint64_t{64} << 30;
   uint64_t media_gc_grace_ms = 60 * 60 * 1000;
   uint64_t media_gc_interval_ms = 60 * 1000;
   // Open HTTP connections at most; when full, the longest-idle one makes room. main() lowers
@@ -209,6 +213,11 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
                    const std::shared_ptr<HttpResponder>& responder,
                    const std::function<void(const StatementResult&)>& done);
   void InterruptOverdueQueries();
+  // Whether a PUT /v1/db/{name} is streamed into a blob and proposed by reference: its body
+  // is over max_body_bytes, or of unknown size (chunked). Smaller images go by value.
+  bool StreamsDatabaseUpload(const HttpRequest& head) const;
+  // The database images the log entries this replica holds name by reference.
+  std::set<std::string> LogImages();
   // The HTTP body limit of a request, from its method and target.
   size_t BodyLimit(std::string_view method, std::string_view target) const;
   size_t PeerBodyLimit() const;
@@ -222,6 +231,7 @@ class Node : private PeerTransport, private AppliedState, private ClientAnswers 
   std::unique_ptr<LogWriter> log_;
   std::unique_ptr<SnapshotFiles> snapshots_;  // DIR/snapshots: the images the log names
   std::unique_ptr<FileDatabaseOpener> opener_;
+  std::unique_ptr<ImageStager> stager_;  // the state machine takes images from it
   std::unique_ptr<StateMachine> sm_;
   ReplicaConfig replica_config_;
   std::unique_ptr<HostDriver> driver_;

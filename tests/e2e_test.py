@@ -261,9 +261,13 @@ class BadInput(ClusterTest):
         self.assertError(self.c.request(1, "PUT", "/v1/db/notsqlite", body=b"hello world" * 10,
                                         headers={"Content-Type": "application/vnd.sqlite3"}),
                          400)
+        # Over --max-body-bytes, an image streams to disk: this one is refused at its first
+        # bytes; one declared over --max-database-bytes, at its headers.
         self.assertError(self.c.request(1, "PUT", "/v1/db/big", body=b"x" * 100000,
                                         headers={"Content-Type": "application/vnd.sqlite3"}),
-                         413)
+                         400)
+        self.assertError(self.c.request(1, "PUT", "/v1/db/big", body=None,
+                                        headers={"Content-Length": str(65 << 30)}), 413)
         # A known path with another method: 405, saying which methods it takes; an unknown
         # path (or one segment too many): 404.
         r = self.c.request(1, "PATCH", "/v1/db/ok")
