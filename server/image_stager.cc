@@ -41,7 +41,15 @@ absl::Status CheckStagedFile(const std::string& path) {
     return absl::InvalidArgumentError(
         absl::StrCat("not a valid SQLite database: ", sqlite3_errstr(rc)));
   }
-  return CheckAndPrepareImage(db.get());
+  if (absl::Status checked = CheckAndPrepareImage(db.get()); !checked.ok()) return checked;
+  db.reset();
+  // Written back now, off the loop: the database's first sync (a checkpoint, on the loop)
+  // would otherwise flush the whole copy.
+  const int sync_fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (sync_fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("open ", path));
+  absl::Status synced = DataSync(sync_fd, path);
+  close(sync_fd);
+  return synced;
 }
 
 }  // namespace
