@@ -18,38 +18,85 @@ namespace synod::server {
 
 namespace {
 
-// Checks and prepares the image copied to `path` (the pool's part): its header, then the
-// database. Returns the verdict: OK, or InvalidArgument with the reason. Other errors are
-// the machine's (a read or write that failed).
-absl::Status CheckStagedFile(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("open ", path));
-  absl::StatusOr<std::string> header = ReadAt(fd, 0, kImageHeaderBytes, path);
-  absl::Status status = header.status();
-  if (status.ok()) status = CheckImageHeader(*header);
-  if (status.ok()) {
-    NormalizeImageHeader(header->data());
-    status = WriteAllAt(fd, *header, 0, path);
+// Whether SQLite's error `code` is this machine's (a disk, memory, descriptors, a lock),
+// not the image's: such a failure is tried again later, never taken as the verdict.
+bool IsMachineError(int code) {
+  switch (code & 0xff) {
+    case SQLITE_IOERR:
+    case SQLITE_FULL:
+    case SQLITE_NOMEM:
+    case SQLITE_CANTOPEN:
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_INTERRUPT:
+    case SQLITE_PERM:
+    case SQLITE_READONLY:
+    case SQLITE_PROTOCOL:
+    case SQLITE_ABORT:
+      return true;
+    default:
+      return false;
   }
+}
+
+}  // namespace
+
+// The pool's part of staging (see the header).
+
+absl::Status CheckStagedFile(const std::string& path, bool* verdict) {
+  *verdict = false;
+  auto machine = [&](const absl::Status& status) {
+    return absl::UnavailableError(absl::StrCat("staging ", path, ": ", status.ToString()));
+  };
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return machine(absl::ErrnoToStatus(errno, "open"));
+  absl::StatusOr<std::string> header = ReadAt(fd, 0, kImageHeaderBytes, path);
+  if (!header.ok()) {
+    close(fd);
+    return machine(header.status());
+  }
+  if (absl::Status valid = CheckImageHeader(*header); !valid.ok()) {
+    close(fd);
+    *verdict = true;
+    return valid;
+  }
+  NormalizeImageHeader(header->data());
+  absl::Status written = WriteAllAt(fd, *header, 0, path);
   close(fd);
-  if (!status.ok()) return status;
+  if (!written.ok()) return machine(written);
   sqlite3* raw = nullptr;
   const int rc =
       sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr);
   Db db(raw);
   if (rc != SQLITE_OK) {
+    if (IsMachineError(rc)) return machine(absl::InternalError(sqlite3_errstr(rc)));
+    *verdict = true;
     return absl::InvalidArgumentError(
         absl::StrCat("not a valid SQLite database: ", sqlite3_errstr(rc)));
   }
-  if (absl::Status checked = CheckAndPrepareImage(db.get()); !checked.ok()) return checked;
+  if (absl::Status checked = CheckAndPrepareImage(db.get()); !checked.ok()) {
+    if (IsMachineError(sqlite3_extended_errcode(db.get()))) return machine(checked);
+    *verdict = true;
+    return checked;
+  }
   db.reset();
   // Written back now, off the loop: the database's first sync (a checkpoint, on the loop)
   // would otherwise flush the whole copy.
   const int sync_fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (sync_fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("open ", path));
+  if (sync_fd < 0) return machine(absl::ErrnoToStatus(errno, "open"));
   absl::Status synced = DataSync(sync_fd, path);
   close(sync_fd);
-  return synced;
+  if (!synced.ok()) return machine(synced);
+  *verdict = true;
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Removes a staged file and what SQLite may have left beside it.
+void RemoveStagedFile(const std::string& path) {
+  unlink(path.c_str());
+  unlink((path + "-journal").c_str());
 }
 
 }  // namespace
@@ -63,6 +110,7 @@ struct ImageStager::Job {
   absl::Status status;   // the machine's error, if any
   bool verdict = false;  // status is the image's verdict (OK or InvalidArgument)
   JobDone done;
+  uint64_t generation = 0;  // the stager's when it started
 };
 
 ImageStager::ImageStager(uv_loop_t* loop, std::string dir, std::function<MediaService*()> media)
@@ -105,6 +153,10 @@ bool ImageStager::Ready(const Value& value) {
     if (!staging_ && !retry_pending_ && !stopped_) Stage(sha256, need.second);
     return false;
   }
+  // The entry is applied next: what it does not take (a retried request answered from its
+  // session, an entry half applied before a crash) is dropped after it (Applied).
+  needed_.clear();
+  for (const auto& [sha256, need] : needed) needed_[sha256] = need.first;
   return true;
 }
 
@@ -155,6 +207,7 @@ void ImageStager::CopyAndCheck(const std::string& sha256, JobDone done) {
   job->sha256 = sha256;
   job->path = absl::StrCat(dir_, "/", ++files_, "-", sha256.substr(0, 16), ".db");
   job->done = std::move(done);
+  job->generation = generation_;
   SYNOD_CHECK_EQ(uv_queue_work(
                      loop_, &job->request,
                      [](uv_work_t* request) {
@@ -166,14 +219,14 @@ void ImageStager::CopyAndCheck(const std::string& sha256, JobDone done) {
                          return;
                        }
                        if (!j->status.ok()) return;
-                       j->status = CheckStagedFile(j->path);
-                       j->verdict = j->status.ok() || absl::IsInvalidArgument(j->status);
-                       if (!j->status.ok()) unlink(j->path.c_str());
+                       j->status = CheckStagedFile(j->path, &j->verdict);
+                       if (!j->status.ok()) RemoveStagedFile(j->path);
                      },
                      [](uv_work_t* request, int) {
                        std::unique_ptr<Job> j(static_cast<Job*>(request->data));
-                       if (j->stager->stopped_) {
-                         if (j->status.ok()) unlink(j->path.c_str());
+                       if (j->stager->stopped_ || j->generation != j->stager->generation_) {
+                         // Stopped, or cleared meanwhile: its copy is not wanted.
+                         if (j->status.ok()) RemoveStagedFile(j->path);
                          return;
                        }
                        j->done(j->status, j->path, j->verdict);
@@ -216,6 +269,8 @@ void ImageStager::OnStaged(const std::string& sha256, absl::Status status, std::
 }
 
 void ImageStager::Clear() {
+  ++generation_;
+  needed_.clear();
   for (auto& [sha256, images] : staged_) {
     for (absl::StatusOr<std::string>& image : images) {
       if (image.ok()) RemoveOnPool(*std::move(image));
@@ -228,6 +283,15 @@ void ImageStager::Applied() {
   // A file moved into place is gone from here; one copied (or refused) is removed.
   for (std::string& path : taken_) RemoveOnPool(std::move(path));
   taken_.clear();
+  for (const auto& [sha256, left] : needed_) {
+    auto it = staged_.find(sha256);
+    for (size_t i = 0; i < left && it != staged_.end() && !it->second.empty(); ++i) {
+      if (it->second.front().ok()) RemoveOnPool(*std::move(it->second.front()));
+      it->second.pop_front();
+    }
+    if (it != staged_.end() && it->second.empty()) staged_.erase(it);
+  }
+  needed_.clear();
 }
 
 void ImageStager::RemoveOnPool(std::string path) {
@@ -240,7 +304,7 @@ void ImageStager::RemoveOnPool(std::string path) {
   SYNOD_CHECK_EQ(
       uv_queue_work(
           loop_, &removal->request,
-          [](uv_work_t* request) { unlink(static_cast<Removal*>(request->data)->path.c_str()); },
+          [](uv_work_t* request) { RemoveStagedFile(static_cast<Removal*>(request->data)->path); },
           [](uv_work_t* request, int) { delete static_cast<Removal*>(request->data); }),
       0);
 }
@@ -254,6 +318,9 @@ absl::StatusOr<std::string> ImageStager::Take(const std::string& sha256) {
   it->second.pop_front();
   if (it->second.empty()) staged_.erase(it);
   if (image.ok()) taken_.push_back(*image);
+  if (auto need = needed_.find(sha256); need != needed_.end() && --need->second == 0) {
+    needed_.erase(need);
+  }
   return image;
 }
 

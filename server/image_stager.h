@@ -32,6 +32,13 @@
 
 namespace synod::server {
 
+// Checks and prepares the image copied to `path` (the pool's part of staging): its header,
+// then the database, then makes it durable. `verdict` says whether the status is the
+// image's (OK, or InvalidArgument with the reason: the same on every replica, from the
+// same bytes) or this machine's (a read, a write, a sync, memory, SQLite's I/O errors),
+// which is tried again and never taken as the image's.
+absl::Status CheckStagedFile(const std::string& path, bool* verdict);
+
 class ImageStager : public StagedImages {
  public:
   // `media` is asked for each blob when a staging starts (it is made after the stager).
@@ -79,7 +86,10 @@ class ImageStager : public StagedImages {
   // Staged and not yet taken, by sha256: a path, or the verdict that the image is invalid.
   std::map<std::string, std::deque<absl::StatusOr<std::string>>> staged_;
   std::vector<std::string> taken_;  // by the entry being applied
-  bool staging_ = false;            // one at a time
+  // The images the entry being applied names and has not taken yet, by sha256.
+  std::map<std::string, size_t> needed_;
+  uint64_t generation_ = 0;  // Clear() drops what jobs started before it bring
+  bool staging_ = false;     // one at a time
   uint64_t files_ = 0;
   // After a failure that is not a verdict, the next try waits (doubling up to a bound).
   uv_timer_t retry_timer_;
