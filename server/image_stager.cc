@@ -150,7 +150,9 @@ bool ImageStager::Ready(const Value& value) {
   for (const auto& [sha256, need] : needed) {
     auto it = staged_.find(sha256);
     if (it != staged_.end() && it->second.size() >= need.first) continue;
-    if (!staging_ && !retry_pending_ && !stopped_) Stage(sha256, need.second);
+    if (!staging_ && !retry_pending_ && !stopped_ && !prestaging_.contains(sha256)) {
+      Stage(sha256, need.second);
+    }
     return false;
   }
   // The entry is applied next: what it does not take (a retried request answered from its
@@ -185,11 +187,49 @@ void ImageStager::Check(const std::string& sha256, std::function<void(absl::Stat
   });
 }
 
+void ImageStager::Prestage(const std::string& sha256) {
+  if (stopped_ || prestaging_.contains(sha256) || staged_.contains(sha256)) return;
+  prestaging_.insert(sha256);
+  const uint64_t generation = generation_;
+  CopyAndCheck(sha256,
+               [this, sha256, generation](absl::Status status, std::string path, bool verdict) {
+                 prestaging_.erase(sha256);
+                 if (!(verdict && status.ok())) return;  // nothing kept: staged again if it commits
+                 if (generation != generation_) return RemoveOnPool(std::move(path));
+                 ++counters_.prestaged;
+                 prestaged_ms_[path] = static_cast<int64_t>(uv_now(loop_));
+                 staged_[sha256].push_back(std::move(path));
+               });
+}
+
+void ImageStager::Expire(int64_t now_ms) {
+  if (now_ms - last_expire_ms_ < 10'000 || prestaged_ms_.empty()) return;
+  last_expire_ms_ = now_ms;
+  for (auto it = prestaged_ms_.begin(); it != prestaged_ms_.end();) {
+    if (now_ms - it->second < kPrestagedTtlMs) {
+      ++it;
+      continue;
+    }
+    for (auto& [sha256, images] : staged_) {
+      for (auto image = images.begin(); image != images.end(); ++image) {
+        if (image->ok() && **image == it->first) {
+          RemoveOnPool(**image);
+          images.erase(image);
+          break;
+        }
+      }
+    }
+    std::erase_if(staged_, [](const auto& entry) { return entry.second.empty(); });
+    it = prestaged_ms_.erase(it);
+  }
+}
+
 void ImageStager::Drop(const std::string& sha256) {
   auto it = staged_.find(sha256);
   if (it == staged_.end()) return;
   for (auto image = it->second.begin(); image != it->second.end(); ++image) {
     if (!image->ok()) continue;
+    prestaged_ms_.erase(**image);
     RemoveOnPool(**image);
     it->second.erase(image);
     break;
@@ -271,6 +311,7 @@ void ImageStager::OnStaged(const std::string& sha256, absl::Status status, std::
 void ImageStager::Clear() {
   ++generation_;
   needed_.clear();
+  prestaged_ms_.clear();
   for (auto& [sha256, images] : staged_) {
     for (absl::StatusOr<std::string>& image : images) {
       if (image.ok()) RemoveOnPool(*std::move(image));
@@ -286,7 +327,10 @@ void ImageStager::Applied() {
   for (const auto& [sha256, left] : needed_) {
     auto it = staged_.find(sha256);
     for (size_t i = 0; i < left && it != staged_.end() && !it->second.empty(); ++i) {
-      if (it->second.front().ok()) RemoveOnPool(*std::move(it->second.front()));
+      if (it->second.front().ok()) {
+        prestaged_ms_.erase(*it->second.front());
+        RemoveOnPool(*std::move(it->second.front()));
+      }
       it->second.pop_front();
     }
     if (it != staged_.end() && it->second.empty()) staged_.erase(it);
@@ -317,7 +361,10 @@ absl::StatusOr<std::string> ImageStager::Take(const std::string& sha256) {
   absl::StatusOr<std::string> image = std::move(it->second.front());
   it->second.pop_front();
   if (it->second.empty()) staged_.erase(it);
-  if (image.ok()) taken_.push_back(*image);
+  if (image.ok()) {
+    prestaged_ms_.erase(*image);
+    taken_.push_back(*image);
+  }
   if (auto need = needed_.find(sha256); need != needed_.end() && --need->second == 0) {
     needed_.erase(need);
   }
@@ -329,6 +376,10 @@ void ImageStager::AppendMetrics(MetricsText* out) const {
                "Database images by reference staged (fetched if needed, copied, checked) before "
                "their entry was applied",
                counters_.staged);
+  out->Counter("synod_database_images_prestaged_total",
+               "Database images checked and staged as soon as their push was stored here, "
+               "before their entry was proposed",
+               counters_.prestaged);
   out->Counter("synod_database_images_invalid_total",
                "Database images by reference that failed their checks (the entry's result)",
                counters_.invalid);

@@ -21,6 +21,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,13 @@ class ImageStager : public StagedImages {
   void Check(const std::string& sha256, std::function<void(absl::Status)> done);
   // Removes one staged copy of `sha256`, if any (its write was not applied).
   void Drop(const std::string& sha256);
+  // A database image pushed here whole (its upload not yet proposed): staged now, so that
+  // the entry that names it need not wait for the copy and the check. A valid copy nobody
+  // takes within kPrestagedTtlMs is removed (Expire); anything else is not kept (the entry,
+  // if it ever commits, stages again).
+  void Prestage(const std::string& sha256);
+  // Removes prestaged copies past their time; cheap when called often (every tick).
+  void Expire(int64_t now_ms);
   // The images staged and not taken are dropped (the state was replaced by a snapshot).
   void Clear();
 
@@ -89,7 +97,12 @@ class ImageStager : public StagedImages {
   // The images the entry being applied names and has not taken yet, by sha256.
   std::map<std::string, size_t> needed_;
   uint64_t generation_ = 0;  // Clear() drops what jobs started before it bring
-  bool staging_ = false;     // one at a time
+  // Prestaging under way, by sha256; and prestaged copies not yet taken, by path: when.
+  std::set<std::string> prestaging_;
+  std::map<std::string, int64_t> prestaged_ms_;
+  int64_t last_expire_ms_ = 0;
+  static constexpr int64_t kPrestagedTtlMs = 10 * 60 * 1000;
+  bool staging_ = false;  // one at a time
   uint64_t files_ = 0;
   // After a failure that is not a verdict, the next try waits (doubling up to a bound).
   uv_timer_t retry_timer_;
@@ -100,6 +113,7 @@ class ImageStager : public StagedImages {
   static constexpr uint64_t kMaxRetryMs = 30'000;
   struct Counters {
     uint64_t staged = 0;
+    uint64_t prestaged = 0;
     uint64_t invalid = 0;
     uint64_t retries = 0;
   };

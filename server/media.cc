@@ -266,6 +266,8 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
     Release();
   }
 
+  bool ended() const { return ended_; }
+
   // Gives the slot back (at once when answered, so that a client can upload again).
   void Release() {
     if (released_) return;
@@ -289,8 +291,10 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
   // reference (CreateDatabase.image_sha256), not media. Its first bytes, checked early.
   bool database_image = false;
   std::string header;
-  bool image_staged = false;  // checked, and staged for this replica's apply
-  bool applied = false;       // its write was applied here
+  bool image_staged = false;    // checked, and staged for this replica's apply
+  bool checked = false;         // this replica's check of the image is done
+  bool awaiting_check = false;  // a majority holds it: proposed once the check passes
+  bool applied = false;         // its write was applied here
   // Once the body is stored: its hash and size, and where it is durable.
   std::string sha256;
   uint64_t size = 0;
@@ -758,6 +762,7 @@ void MediaService::PushChunk(std::shared_ptr<Push> push) {
         write->set_size_bytes(push->upload->size);
         write->set_offset(push->offset);
         write->set_data(std::move(*push->chunk));
+        write->set_database_image(push->upload->database_image);
         push->chunk->clear();
         PostToPeer(push->peer, request, [this, push](absl::StatusOr<BlobReply> reply) {
           OnPushReply(push, std::move(reply));
@@ -859,24 +864,33 @@ void MediaService::ConfirmUpload(std::shared_ptr<Upload> upload) {
 }
 
 void MediaService::CheckImage(std::shared_ptr<Upload> upload) {
-  // Pinned while it is checked (seconds for a large one): not collected meanwhile.
-  if (!store_->Pin(upload->sha256)) {
-    store_->Unpin(upload->sha256);
-    return upload->Fail(absl::InternalError("the stored blob vanished"));
-  }
+  // The pushes start at once (Replicate pins the blob meanwhile), and the peers check their
+  // copies as their pushes end (BlobWrite.database_image), while this replica checks its
+  // own: the entry, once proposed, finds the image staged nearly everywhere. Nothing is
+  // proposed before this replica's check passes (ProposeDatabase waits for it).
+  Replicate(upload);
+  if (upload->ended() || upload->cancelled) return;  // refused already
   host_.check_image(upload->sha256, [this, upload](absl::Status verdict) {
-    store_->Unpin(upload->sha256);
+    upload->checked = true;
     if (verdict.ok()) upload->image_staged = true;
-    if (stopped_ || host_.stopping()) {
-      return upload->Fail(absl::UnavailableError("the server is stopping"));
+    if (upload->ended() || upload->cancelled) return;  // refused meanwhile, and answered
+    if (!verdict.ok()) {
+      // An invalid image: its pushes stop, and nothing is proposed.
+      upload->cancelled = true;
+      upload->decided = true;
+      store_->Unpin(upload->sha256);  // Replicate's pin
+      return upload->Fail(verdict, "invalid_argument");
     }
-    // An invalid image is refused here, before anything is pushed or proposed.
-    if (!verdict.ok()) return upload->Fail(verdict, "invalid_argument");
-    Replicate(upload);
+    if (upload->awaiting_check) ProposeDatabase(upload);
   });
 }
 
 void MediaService::ProposeDatabase(std::shared_ptr<Upload> upload) {
+  if (upload->cancelled || upload->ended()) return;
+  if (!upload->checked) {
+    upload->awaiting_check = true;  // proposed once the check passes (CheckImage)
+    return;
+  }
   Command command;
   synod::CreateDatabase* create = command.mutable_create_database();
   create->set_name(upload->database);
@@ -1111,6 +1125,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
         DiscardOnPool(std::move(it->second.writer));
         incoming_.erase(it);
       }
+      if (write.database_image() && host_.prestage_image) host_.prestage_image(sha256);
       return answer(BlobReply::STORED, write.size_bytes());
     }
     if (it != incoming_.end()) {
@@ -1142,6 +1157,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
   in.busy = true;
   in.last_ms = static_cast<int64_t>(uv_now(loop_));
   const bool last = write.offset() + write.data().size() == write.size_bytes();
+  const bool image = write.database_image();
   std::shared_ptr<BlobWriter> writer = in.writer;
   const uint64_t next = write.offset() + write.data().size();
   auto data = std::make_shared<std::string>(std::move(*request.mutable_write()->mutable_data()));
@@ -1151,7 +1167,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
         *status = writer->Append(*data);
         if (status->ok() && last) *status = writer->Commit(sha256).status();
       },
-      [this, id, status, last, from, responder, next] {
+      [this, id, status, last, from, responder, next, image, sha256] {
         auto found = incoming_.find(id);
         const bool known = found != incoming_.end();
         if (known) {
@@ -1167,6 +1183,7 @@ void MediaService::HandleBlobWrite(uint32_t from, BlobRequest request,
           reply.set_message(std::string((status->message())));
         } else {
           reply.set_status(last ? BlobReply::STORED : BlobReply::OK);
+          if (last && image && host_.prestage_image) host_.prestage_image(sha256);
         }
         if (known && (last || !status->ok())) {
           DiscardOnPool(std::move(found->second.writer));

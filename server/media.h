@@ -106,6 +106,8 @@ struct MediaHost {
   std::function<void(const std::string& sha256, std::function<void(absl::Status)> done)>
       check_image;
   std::function<void(const std::string& sha256)> drop_image;
+  // A database image pushed here whole: the stager checks it ahead of its entry.
+  std::function<void(const std::string& sha256)> prestage_image;
   StateMachine* state_machine = nullptr;
   const PeerAuthenticator* auth = nullptr;
 };

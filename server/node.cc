@@ -282,6 +282,7 @@ absl::Status Node::Start() {
     stager_->Check(sha256, std::move(done));
   };
   media_host.drop_image = [this](const std::string& sha256) { stager_->Drop(sha256); };
+  media_host.prestage_image = [this](const std::string& sha256) { stager_->Prestage(sha256); };
   media_host.caught_up = [this] {
     ReplicaStatus s = this->replica().Status();
     return s.leader_id != 0 && sm_->revision() >= s.commit_index;
@@ -425,6 +426,7 @@ void Node::OnTick() {
   CatchUpTicks();
   Drain();
   ExpirePending();
+  stager_->Expire(now_ms_);
 }
 
 void Node::CatchUpTicks() {

@@ -402,6 +402,9 @@ class DatabaseUploads(MediaTest):
         self.assertEqual((body["name"], body["sha256"], body["size"]), ("big", sha, len(data)))
         revision = body["revision"]
         self.assertEqual(self.count(2, "big", revision), [12, 1_200_000])
+        # Replica 2 checked its copy as the push ended, before the entry was proposed.
+        metrics = self.c.request(2, "GET", "/metrics").body.decode()
+        self.assertIn("synod_database_images_prestaged_total 1\n", metrics)
         # Past the grace, the image's blob is kept where it is: the log still names it.
         time.sleep(5)
         for i in (1, 2):
@@ -447,8 +450,9 @@ class DatabaseUploads(MediaTest):
         names = [d["name"] for d in self.c.request(2, "GET", "/v1/db").json()["databases"]]
         self.assertEqual(names, ["photos"])
         self.assertEqual(self.c.status(1)["revision"], before)
-        for i in (1, 2, 3):
-            self.assertEqual(staged_files(self.c.root, i), [], f"replica {i}")
+        # The peers' own checks of the pushed copies (begun as each push ended) keep nothing.
+        self.wait_for("no staged copy is left",
+                      lambda: all(not staged_files(self.c.root, i) for i in (1, 2, 3)))
         # Their blobs are unreferenced, and collected past the grace.
         self.wait_for("the refused images' blobs are collected",
                       lambda: all(not blob_files(self.c.root, i) for i in (1, 2, 3)))
