@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 #include <set>
@@ -105,16 +106,16 @@ struct ImageStager::Job {
   uv_work_t request;
   ImageStager* stager = nullptr;
   BlobStore* store = nullptr;
-  std::string sha256;
+  Work work;
   std::string path;
-  absl::Status status;   // the machine's error, if any
-  bool verdict = false;  // status is the image's verdict (OK or InvalidArgument)
-  JobDone done;
+  absl::Status status;
+  bool verdict = false;     // the status is the image's (OK or InvalidArgument)
   uint64_t generation = 0;  // the stager's when it started
 };
 
-ImageStager::ImageStager(uv_loop_t* loop, std::string dir, std::function<MediaService*()> media)
-    : loop_(loop), dir_(std::move(dir)), media_(std::move(media)) {}
+ImageStager::ImageStager(uv_loop_t* loop, std::string dir, std::function<MediaService*()> media,
+                         uint64_t max_bytes)
+    : loop_(loop), dir_(std::move(dir)), media_(std::move(media)), max_bytes_(max_bytes) {}
 
 ImageStager::~ImageStager() = default;
 
@@ -123,18 +124,30 @@ absl::Status ImageStager::Start() {
   std::filesystem::remove_all(dir_, error);
   if (error) return absl::InternalError(absl::StrCat("cannot empty ", dir_, ": ", error.message()));
   std::filesystem::create_directories(dir_, error);
-  if (error)
+  if (error) {
     return absl::InternalError(absl::StrCat("cannot create ", dir_, ": ", error.message()));
+  }
   return absl::OkStatus();
 }
 
 void ImageStager::Stop() {
   if (stopped_) return;
   stopped_ = true;
+  queue_.clear();
   if (timer_initialized_) {
     uv_timer_stop(&retry_timer_);
     uv_close(reinterpret_cast<uv_handle_t*>(&retry_timer_), nullptr);
   }
+}
+
+bool ImageStager::Wanted(const std::string& sha256) const {
+  if (running_.has_value() && running_->sha256 == sha256 && running_->kind != Kind::kCheck) {
+    return true;
+  }
+  for (const Work& work : queue_) {
+    if (work.sha256 == sha256 && work.kind != Kind::kCheck) return true;
+  }
+  return false;
 }
 
 bool ImageStager::Ready(const Value& value) {
@@ -150,150 +163,193 @@ bool ImageStager::Ready(const Value& value) {
   for (const auto& [sha256, need] : needed) {
     auto it = staged_.find(sha256);
     if (it != staged_.end() && it->second.size() >= need.first) continue;
-    if (!staging_ && !retry_pending_ && !stopped_ && !prestaging_.contains(sha256)) {
-      Stage(sha256, need.second);
+    // A prestage still queued becomes this entry's stage, at the front; one running
+    // counts: it brings a copy (or fails, and this asks again).
+    std::erase_if(queue_, [&](const Work& work) {
+      return work.kind == Kind::kPrestage && work.sha256 == sha256;
+    });
+    if (!retry_pending_ && !stopped_ && !Wanted(sha256)) {
+      Enqueue({.kind = Kind::kStage, .sha256 = sha256, .size_bytes = need.second, .done = {}});
     }
     return false;
   }
-  // The entry is applied next: what it does not take (a retried request answered from its
-  // session, an entry half applied before a crash) is dropped after it (Applied).
+  // The entry is applied next: what it does not take is dropped after it (Applied).
   needed_.clear();
   for (const auto& [sha256, need] : needed) needed_[sha256] = need.first;
   return true;
 }
 
-void ImageStager::Stage(const std::string& sha256, uint64_t size_bytes) {
-  MediaService* media = media_();
-  SYNOD_CHECK(media != nullptr);
-  staging_ = true;
-  media->EnsureBlob(sha256, size_bytes, [this, sha256](absl::Status fetched) {
-    if (stopped_) return;
-    if (!fetched.ok()) return OnStaged(sha256, fetched, "", /*verdict=*/false);
-    CopyAndCheck(sha256, [this, sha256](absl::Status status, std::string path, bool verdict) {
-      OnStaged(sha256, std::move(status), std::move(path), verdict);
-    });
-  });
-}
-
 void ImageStager::Check(const std::string& sha256, std::function<void(absl::Status)> done) {
   if (stopped_) return done(absl::UnavailableError("the server is stopping"));
-  CopyAndCheck(sha256, [this, sha256, done = std::move(done)](absl::Status status, std::string path,
-                                                              bool verdict) {
-    if (verdict && status.ok()) {
-      ++counters_.staged;
-      staged_[sha256].push_back(std::move(path));  // this replica's apply takes it
-    }
-    done(status);
-  });
+  Enqueue({.kind = Kind::kCheck, .sha256 = sha256, .size_bytes = 0, .done = std::move(done)});
 }
 
 void ImageStager::Prestage(const std::string& sha256) {
-  if (stopped_ || prestaging_.contains(sha256) || staged_.contains(sha256)) return;
-  prestaging_.insert(sha256);
+  if (stopped_ || staged_.contains(sha256) || Wanted(sha256) || queue_.size() >= kMaxQueued) {
+    return;
+  }
+  if (auto refused = refused_ms_.find(sha256);
+      refused != refused_ms_.end() && Now() - refused->second < kTtlMs) {
+    return;  // found invalid lately: a peer pushing it again gets no new copy
+  }
+  MediaService* media = media_();
+  std::optional<BlobInfo> blob = media->store()->Stat(sha256);
+  if (!blob.has_value() || blob->size_bytes > max_bytes_) return;
+  absl::StatusOr<uint64_t> free = media->store()->FreeBytes();
+  constexpr uint64_t kReserveBytes = uint64_t{256} << 20;
+  if (!free.ok() || *free < blob->size_bytes + kReserveBytes) return;
+  Enqueue({.kind = Kind::kPrestage, .sha256 = sha256, .size_bytes = blob->size_bytes, .done = {}});
+}
+
+void ImageStager::Enqueue(Work work) {
+  if (work.kind == Kind::kStage) {
+    queue_.push_front(std::move(work));  // an entry waits for it
+  } else {
+    queue_.push_back(std::move(work));
+  }
+  Pump();
+}
+
+void ImageStager::Pump() {
+  if (stopped_ || running_.has_value() || queue_.empty()) return;
+  // The first kCheck before any kPrestage: an upload waits for it, nobody for those.
+  auto next = queue_.begin();
+  if (next->kind == Kind::kPrestage) {
+    auto check = std::find_if(queue_.begin(), queue_.end(),
+                              [](const Work& w) { return w.kind == Kind::kCheck; });
+    if (check != queue_.end()) next = check;
+  }
+  Work work = std::move(*next);
+  queue_.erase(next);
+  running_ = Work{.kind = work.kind, .sha256 = work.sha256, .size_bytes = 0, .done = {}};
+  if (work.kind != Kind::kStage) return Run(std::move(work));
+  // A Stage fetches the blob first if this replica lacks it.
+  MediaService* media = media_();
+  SYNOD_CHECK(media != nullptr);
+  const std::string sha256 = work.sha256;
+  const uint64_t size = work.size_bytes;
+  auto held = std::make_shared<Work>(std::move(work));
   const uint64_t generation = generation_;
-  CopyAndCheck(sha256,
-               [this, sha256, generation](absl::Status status, std::string path, bool verdict) {
-                 prestaging_.erase(sha256);
-                 if (!(verdict && status.ok())) return;  // nothing kept: staged again if it commits
-                 if (generation != generation_) return RemoveOnPool(std::move(path));
-                 ++counters_.prestaged;
-                 prestaged_ms_[path] = static_cast<int64_t>(uv_now(loop_));
-                 staged_[sha256].push_back(std::move(path));
-               });
-}
-
-void ImageStager::Expire(int64_t now_ms) {
-  if (now_ms - last_expire_ms_ < 10'000 || prestaged_ms_.empty()) return;
-  last_expire_ms_ = now_ms;
-  for (auto it = prestaged_ms_.begin(); it != prestaged_ms_.end();) {
-    if (now_ms - it->second < kPrestagedTtlMs) {
-      ++it;
-      continue;
+  media->EnsureBlob(sha256, size, [this, held, generation](absl::Status fetched) {
+    if (stopped_) return;
+    if (!fetched.ok() || generation != generation_) {
+      return Finish(std::move(*held), fetched, "", /*verdict=*/false,
+                    /*stale=*/generation != generation_);
     }
-    for (auto& [sha256, images] : staged_) {
-      for (auto image = images.begin(); image != images.end(); ++image) {
-        if (image->ok() && **image == it->first) {
-          RemoveOnPool(**image);
-          images.erase(image);
-          break;
-        }
-      }
-    }
-    std::erase_if(staged_, [](const auto& entry) { return entry.second.empty(); });
-    it = prestaged_ms_.erase(it);
-  }
+    Run(std::move(*held));
+  });
 }
 
-void ImageStager::Drop(const std::string& sha256) {
-  auto it = staged_.find(sha256);
-  if (it == staged_.end()) return;
-  for (auto image = it->second.begin(); image != it->second.end(); ++image) {
-    if (!image->ok()) continue;
-    prestaged_ms_.erase(**image);
-    RemoveOnPool(**image);
-    it->second.erase(image);
-    break;
-  }
-  if (it->second.empty()) staged_.erase(it);
-}
-
-void ImageStager::CopyAndCheck(const std::string& sha256, JobDone done) {
+void ImageStager::Run(Work work) {
   MediaService* media = media_();
   SYNOD_CHECK(media != nullptr);
   auto* job = new Job();
   job->request.data = job;
   job->stager = this;
   job->store = media->store();
-  job->sha256 = sha256;
-  job->path = absl::StrCat(dir_, "/", ++files_, "-", sha256.substr(0, 16), ".db");
-  job->done = std::move(done);
+  job->path = absl::StrCat(dir_, "/", ++files_, "-", work.sha256.substr(0, 16), ".db");
+  job->work = std::move(work);
   job->generation = generation_;
   SYNOD_CHECK_EQ(uv_queue_work(
                      loop_, &job->request,
                      [](uv_work_t* request) {
                        auto* j = static_cast<Job*>(request->data);
-                       j->status = j->store->CopyOut(j->sha256, j->path);
-                       if (absl::IsDataLoss(j->status)) {
-                         // Damaged here: removed, and fetched again at the next try.
-                         (void)j->store->Remove(j->sha256);
+                       // The header first: what is not an SQLite file is refused without a copy.
+                       absl::StatusOr<int> fd = j->store->OpenForReading(j->work.sha256);
+                       if (!fd.ok()) {
+                         j->status = absl::UnavailableError(fd.status().ToString());
                          return;
                        }
-                       if (!j->status.ok()) return;
+                       absl::StatusOr<std::string> header =
+                           ReadAt(*fd, 0, kImageHeaderBytes, "a blob");
+                       close(*fd);
+                       if (!header.ok()) {
+                         j->status = absl::UnavailableError(header.status().ToString());
+                         return;
+                       }
+                       if (absl::Status valid = CheckImageHeader(*header); !valid.ok()) {
+                         j->status = valid;
+                         j->verdict = true;
+                         return;
+                       }
+                       j->status = j->store->CopyOut(j->work.sha256, j->path);
+                       if (absl::IsDataLoss(j->status)) {
+                         // Damaged here: removed, and fetched again at the next try.
+                         (void)j->store->Remove(j->work.sha256);
+                       }
+                       if (!j->status.ok()) {
+                         j->status = absl::UnavailableError(j->status.ToString());
+                         return;
+                       }
                        j->status = CheckStagedFile(j->path, &j->verdict);
                        if (!j->status.ok()) RemoveStagedFile(j->path);
                      },
                      [](uv_work_t* request, int) {
                        std::unique_ptr<Job> j(static_cast<Job*>(request->data));
-                       if (j->stager->stopped_ || j->generation != j->stager->generation_) {
-                         // Stopped, or cleared meanwhile: its copy is not wanted.
+                       ImageStager* stager = j->stager;
+                       if (stager->stopped_) {
                          if (j->status.ok()) RemoveStagedFile(j->path);
                          return;
                        }
-                       j->done(j->status, j->path, j->verdict);
+                       stager->Finish(std::move(j->work), j->status, std::move(j->path), j->verdict,
+                                      /*stale=*/j->generation != stager->generation_);
                      }),
                  0);
 }
 
-void ImageStager::OnStaged(const std::string& sha256, absl::Status status, std::string path,
-                           bool verdict) {
-  staging_ = false;
-  if (verdict) {
-    retry_delay_ms_ = 0;
-    if (status.ok()) {
-      ++counters_.staged;
-      staged_[sha256].push_back(std::move(path));
-    } else {
-      ++counters_.invalid;
-      staged_[sha256].push_back(std::move(status));
+void ImageStager::Finish(Work work, absl::Status status, std::string path, bool verdict,
+                         bool stale) {
+  running_.reset();
+  const bool valid = verdict && status.ok();
+  if (stale) {
+    // Cleared meanwhile (the state was replaced): nothing of it is kept.
+    if (valid) RemoveOnPool(std::move(path));
+    if (work.kind == Kind::kCheck) {
+      work.done(absl::UnavailableError("the replica's state was replaced meanwhile"));
     }
-    return;  // the loop wakes (this is a callback) and the node applies on
+    return Pump();
   }
+  if (verdict && !status.ok()) {
+    ++counters_.invalid;
+    refused_ms_[work.sha256] = Now();
+  }
+  switch (work.kind) {
+    case Kind::kStage:
+      if (!verdict) {
+        ScheduleRetry(work.sha256, status);
+        break;
+      }
+      retry_delay_ms_ = 0;
+      if (valid) ++counters_.staged;
+      staged_[work.sha256].push_back({.image = valid ? absl::StatusOr<std::string>(std::move(path))
+                                                     : absl::StatusOr<std::string>(status),
+                                      .staged_ms = Now()});
+      break;  // the loop wakes (this is a callback) and the node applies on
+    case Kind::kCheck:
+      if (valid) {
+        ++counters_.staged;
+        staged_[work.sha256].push_back({.image = std::move(path), .staged_ms = Now()});
+      }
+      work.done(status);
+      break;
+    case Kind::kPrestage:
+      // Only a valid copy is kept: an entry naming an invalid image stages it again.
+      if (valid) {
+        ++counters_.prestaged;
+        staged_[work.sha256].push_back({.image = std::move(path), .staged_ms = Now()});
+      }
+      break;
+  }
+  Pump();
+}
+
+void ImageStager::ScheduleRetry(const std::string& sha256, const absl::Status& why) {
   ++counters_.retries;
   retry_delay_ms_ =
       retry_delay_ms_ == 0 ? kFirstRetryMs : std::min(2 * retry_delay_ms_, kMaxRetryMs);
   fprintf(stderr,
           "W cannot stage database image %s yet (%s): applying waits; next try in %llu ms\n",
-          sha256.c_str(), std::string(status.message()).c_str(),
+          sha256.c_str(), std::string(why.message()).c_str(),
           static_cast<unsigned long long>(retry_delay_ms_));
   retry_pending_ = true;
   if (!timer_initialized_) {
@@ -308,16 +364,45 @@ void ImageStager::OnStaged(const std::string& sha256, absl::Status status, std::
       retry_delay_ms_, 0);
 }
 
+void ImageStager::Drop(const std::string& sha256) {
+  auto it = staged_.find(sha256);
+  if (it == staged_.end()) return;
+  for (auto copy = it->second.begin(); copy != it->second.end(); ++copy) {
+    if (!copy->image.ok()) continue;
+    RemoveOnPool(*std::move(copy->image));
+    it->second.erase(copy);
+    break;
+  }
+  if (it->second.empty()) staged_.erase(it);
+}
+
+void ImageStager::Expire(int64_t now_ms) {
+  if (now_ms - last_expire_ms_ < kExpireEveryMs) return;
+  last_expire_ms_ = now_ms;
+  for (auto it = staged_.begin(); it != staged_.end();) {
+    std::deque<Copy>& copies = it->second;
+    while (!copies.empty() && now_ms - copies.front().staged_ms >= kTtlMs) {
+      ++counters_.expired;
+      if (copies.front().image.ok()) RemoveOnPool(*std::move(copies.front().image));
+      copies.pop_front();
+    }
+    it = copies.empty() ? staged_.erase(it) : std::next(it);
+  }
+  std::erase_if(refused_ms_, [&](const auto& entry) { return now_ms - entry.second >= kTtlMs; });
+}
+
 void ImageStager::Clear() {
   ++generation_;
   needed_.clear();
-  prestaged_ms_.clear();
-  for (auto& [sha256, images] : staged_) {
-    for (absl::StatusOr<std::string>& image : images) {
-      if (image.ok()) RemoveOnPool(*std::move(image));
+  for (auto& [sha256, copies] : staged_) {
+    for (Copy& copy : copies) {
+      if (copy.image.ok()) RemoveOnPool(*std::move(copy.image));
     }
   }
   staged_.clear();
+  // Stages and prestages waiting are not wanted now (an entry asks again); checks are
+  // uploads', and run.
+  std::erase_if(queue_, [](const Work& work) { return work.kind != Kind::kCheck; });
 }
 
 void ImageStager::Applied() {
@@ -327,10 +412,7 @@ void ImageStager::Applied() {
   for (const auto& [sha256, left] : needed_) {
     auto it = staged_.find(sha256);
     for (size_t i = 0; i < left && it != staged_.end() && !it->second.empty(); ++i) {
-      if (it->second.front().ok()) {
-        prestaged_ms_.erase(*it->second.front());
-        RemoveOnPool(*std::move(it->second.front()));
-      }
+      if (it->second.front().image.ok()) RemoveOnPool(*std::move(it->second.front().image));
       it->second.pop_front();
     }
     if (it != staged_.end() && it->second.empty()) staged_.erase(it);
@@ -358,13 +440,10 @@ absl::StatusOr<std::string> ImageStager::Take(const std::string& sha256) {
   if (it == staged_.end() || it->second.empty()) {
     return absl::NotFoundError(absl::StrCat("database image ", sha256, " is not staged"));
   }
-  absl::StatusOr<std::string> image = std::move(it->second.front());
+  absl::StatusOr<std::string> image = std::move(it->second.front().image);
   it->second.pop_front();
   if (it->second.empty()) staged_.erase(it);
-  if (image.ok()) {
-    prestaged_ms_.erase(*image);
-    taken_.push_back(*image);
-  }
+  if (image.ok()) taken_.push_back(*image);
   if (auto need = needed_.find(sha256); need != needed_.end() && --need->second == 0) {
     needed_.erase(need);
   }
@@ -374,19 +453,20 @@ absl::StatusOr<std::string> ImageStager::Take(const std::string& sha256) {
 void ImageStager::AppendMetrics(MetricsText* out) const {
   out->Counter("synod_database_images_staged_total",
                "Database images by reference staged (fetched if needed, copied, checked) before "
-               "their entry was applied",
+               "their entry was applied, or checked by the uploading replica",
                counters_.staged);
   out->Counter("synod_database_images_prestaged_total",
                "Database images checked and staged as soon as their push was stored here, "
                "before their entry was proposed",
                counters_.prestaged);
   out->Counter("synod_database_images_invalid_total",
-               "Database images by reference that failed their checks (the entry's result)",
-               counters_.invalid);
+               "Database images found invalid by their checks", counters_.invalid);
   out->Counter("synod_database_image_staging_retries_total",
                "Stagings that failed for a reason other than the image (no peer held it yet, "
                "disk) and were tried again later",
                counters_.retries);
+  out->Counter("synod_database_images_expired_total",
+               "Staged copies nobody took within 10 minutes, removed", counters_.expired);
 }
 
 }  // namespace synod::server

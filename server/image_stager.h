@@ -21,6 +21,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -42,8 +43,10 @@ absl::Status CheckStagedFile(const std::string& path, bool* verdict);
 
 class ImageStager : public StagedImages {
  public:
-  // `media` is asked for each blob when a staging starts (it is made after the stager).
-  ImageStager(uv_loop_t* loop, std::string dir, std::function<MediaService*()> media);
+  // `media` is asked for the blob store and for fetches (it is made after the stager).
+  // Images over `max_bytes` (--max-database-bytes) are never staged ahead.
+  ImageStager(uv_loop_t* loop, std::string dir, std::function<MediaService*()> media,
+              uint64_t max_bytes);
   ~ImageStager() override;
   ImageStager(const ImageStager&) = delete;
   ImageStager& operator=(const ImageStager&) = delete;
@@ -53,58 +56,82 @@ class ImageStager : public StagedImages {
   void Stop();
 
   // Whether every image `value` names by reference is staged (true for most entries, which
-  // name none). If not, starts staging the next one; the loop wakes when it is done.
+  // name none). If not, has the next one staged; the loop wakes when it is done.
   bool Ready(const Value& value);
   // Checks the image `sha256` (stored here) as it would be staged, for an upload before it
-  // is proposed: `done` gets the verdict (OK, InvalidArgument) or the machine's error. A
-  // valid image stays staged for this replica's own apply (Drop it if the write fails).
+  // is proposed: `done` gets the verdict (OK, InvalidArgument) or an error of this machine
+  // (Unavailable). A valid image stays staged for this replica's own apply.
   void Check(const std::string& sha256, std::function<void(absl::Status)> done);
   // Removes one staged copy of `sha256`, if any (its write was not applied).
   void Drop(const std::string& sha256);
-  // A database image pushed here whole (its upload not yet proposed): staged now, so that
-  // the entry that names it need not wait for the copy and the check. A valid copy nobody
-  // takes within kPrestagedTtlMs is removed (Expire); anything else is not kept (the entry,
-  // if it ever commits, stages again).
+  // A database image pushed here whole (its upload not yet proposed): staged ahead, so that
+  // the entry that names it need not wait for the copy and the check. Skipped when a copy
+  // is here or on its way, when it is too large or the disk too full for a copy, when the
+  // same image was found invalid lately, or when kMaxQueued jobs wait already.
   void Prestage(const std::string& sha256);
-  // Removes prestaged copies past their time; cheap when called often (every tick).
+  // Every kExpireEveryMs: removes copies nobody took within kTtlMs (an upload refused after
+  // its push, a push that came after its entry was applied); an entry that needs one later
+  // has it staged again. Cheap when called often (every tick).
   void Expire(int64_t now_ms);
-  // The images staged and not taken are dropped (the state was replaced by a snapshot).
+  // Every staged copy is dropped (the state was replaced by a snapshot); jobs under way
+  // finish, and what they bring is dropped too.
   void Clear();
 
   absl::StatusOr<std::string> Take(const std::string& sha256) override;
-  // After an entry is applied: what it took and did not move into place is removed.
+  // After an entry is applied: what it took and did not move into place is removed, and so
+  // is what it named and did not take (a retried request answered from its session).
   void Applied();
 
   void AppendMetrics(MetricsText* out) const;
 
+  static constexpr int64_t kTtlMs = 10 * 60 * 1000;
+  static constexpr int64_t kExpireEveryMs = 10'000;
+  static constexpr size_t kMaxQueued = 8;
+
  private:
+  // Jobs run one at a time, in this order of priority: an entry waits for a Stage; an
+  // upload for a Check; nobody for a Prestage.
+  enum class Kind { kStage, kCheck, kPrestage };
+  struct Work {
+    Kind kind;
+    std::string sha256;
+    uint64_t size_bytes = 0;
+    std::function<void(absl::Status)> done;  // kCheck
+  };
   struct Job;
-  // The pool's part: copies the blob into a new file under DIR (checking its hash), checks
-  // and prepares it. `verdict`: the status is the image's (OK or InvalidArgument).
-  using JobDone = std::function<void(absl::Status status, std::string path, bool verdict)>;
-  void CopyAndCheck(const std::string& sha256, JobDone done);
-  void Stage(const std::string& sha256, uint64_t size_bytes);
-  void OnStaged(const std::string& sha256, absl::Status status, std::string path, bool verdict);
+  struct Copy {
+    absl::StatusOr<std::string> image;  // a path, or the verdict that the image is invalid
+    int64_t staged_ms = 0;
+  };
+  void Enqueue(Work work);
+  void Pump();
+  // The pool's part of a job, after the blob is here: the header read from the blob, then
+  // the copy (its hash checked) and CheckStagedFile. Then Finish on the loop.
+  void Run(Work work);
+  void Finish(Work work, absl::Status status, std::string path, bool verdict, bool stale);
+  void ScheduleRetry(const std::string& sha256, const absl::Status& why);
+  bool Wanted(const std::string& sha256) const;  // a job for it is queued or running
   void RemoveOnPool(std::string path);
+  int64_t Now() const { return static_cast<int64_t>(uv_now(loop_)); }
 
   uv_loop_t* const loop_;
   const std::string dir_;
   const std::function<MediaService*()> media_;
+  const uint64_t max_bytes_;
   bool stopped_ = false;
-  // Staged and not yet taken, by sha256: a path, or the verdict that the image is invalid.
-  std::map<std::string, std::deque<absl::StatusOr<std::string>>> staged_;
+  // Staged and not yet taken, by sha256.
+  std::map<std::string, std::deque<Copy>> staged_;
   std::vector<std::string> taken_;  // by the entry being applied
   // The images the entry being applied names and has not taken yet, by sha256.
   std::map<std::string, size_t> needed_;
   uint64_t generation_ = 0;  // Clear() drops what jobs started before it bring
-  // Prestaging under way, by sha256; and prestaged copies not yet taken, by path: when.
-  std::set<std::string> prestaging_;
-  std::map<std::string, int64_t> prestaged_ms_;
+  std::deque<Work> queue_;
+  std::optional<Work> running_;  // its kind and sha256 (the work itself is with the job)
+  std::map<std::string, int64_t> refused_ms_;  // images found invalid lately: when
   int64_t last_expire_ms_ = 0;
-  static constexpr int64_t kPrestagedTtlMs = 10 * 60 * 1000;
-  bool staging_ = false;  // one at a time
   uint64_t files_ = 0;
-  // After a failure that is not a verdict, the next try waits (doubling up to a bound).
+  // After a Stage fails for a reason that is not a verdict, the next try waits (doubling
+  // up to a bound).
   uv_timer_t retry_timer_;
   bool timer_initialized_ = false;
   bool retry_pending_ = false;
@@ -116,6 +143,7 @@ class ImageStager : public StagedImages {
     uint64_t prestaged = 0;
     uint64_t invalid = 0;
     uint64_t retries = 0;
+    uint64_t expired = 0;
   };
   Counters counters_;
 };

@@ -257,6 +257,8 @@ class MediaService::Upload : public HttpBodySink, public std::enable_shared_from
     ++service_->counters_.uploads_refused;
     if (absl::IsResourceExhausted(why)) {
       service_->RespondError(responder, 507, "insufficient_storage", S(why.message()));
+    } else if (absl::IsUnavailable(why)) {
+      service_->RespondError(responder, 503, "unavailable", S(why.message()));
     } else if (absl::IsInvalidArgument(why)) {
       service_->RespondError(responder, 400, invalid_code, S(why.message()));
     } else {
@@ -873,9 +875,19 @@ void MediaService::CheckImage(std::shared_ptr<Upload> upload) {
   host_.check_image(upload->sha256, [this, upload](absl::Status verdict) {
     upload->checked = true;
     if (verdict.ok()) upload->image_staged = true;
-    if (upload->ended() || upload->cancelled) return;  // refused meanwhile, and answered
+    if (upload->ended() || upload->cancelled) {
+      // Refused meanwhile (no majority), and answered: its checked copy is not wanted.
+      if (verdict.ok()) host_.drop_image(upload->sha256);
+      return;
+    }
+    if (verdict.ok() && (stopped_ || host_.stopping())) {
+      verdict = absl::UnavailableError("the server is stopping");
+      host_.drop_image(upload->sha256);
+      upload->image_staged = false;
+    }
     if (!verdict.ok()) {
-      // An invalid image: its pushes stop, and nothing is proposed.
+      // An invalid image (400), or a check this replica could not make (503): its pushes
+      // stop, and nothing is proposed.
       upload->cancelled = true;
       upload->decided = true;
       store_->Unpin(upload->sha256);  // Replicate's pin

@@ -176,8 +176,9 @@ absl::Status Node::Start() {
             "their last commits, so they are rebuilt from the log (its snapshot and entries)\n");
   }
   // Database images named by reference are staged here before their entries apply.
-  stager_ = std::make_unique<ImageStager>(loop_, absl::StrCat(options_.data_dir, "/staged-images"),
-                                          [this] { return media_.get(); });
+  stager_ = std::make_unique<ImageStager>(
+      loop_, absl::StrCat(options_.data_dir, "/staged-images"), [this] { return media_.get(); },
+      options_.max_database_bytes);
   if (absl::Status staging = stager_->Start(); !staging.ok()) return staging;
   absl::StatusOr<std::unique_ptr<StateMachine>> sm =
       StateMachine::Open(opener_.get(), StateMachineOptions{.staged_images = stager_.get()});

@@ -402,9 +402,10 @@ class DatabaseUploads(MediaTest):
         self.assertEqual((body["name"], body["sha256"], body["size"]), ("big", sha, len(data)))
         revision = body["revision"]
         self.assertEqual(self.count(2, "big", revision), [12, 1_200_000])
-        # Replica 2 checked its copy as the push ended, before the entry was proposed.
+        # Replica 2 checked its copy as the push ended, and applied the entry with it.
         metrics = self.c.request(2, "GET", "/metrics").body.decode()
         self.assertIn("synod_database_images_prestaged_total 1\n", metrics)
+        self.assertIn("synod_database_images_staged_total 0\n", metrics)
         # Past the grace, the image's blob is kept where it is: the log still names it.
         time.sleep(5)
         for i in (1, 2):
@@ -450,9 +451,13 @@ class DatabaseUploads(MediaTest):
         names = [d["name"] for d in self.c.request(2, "GET", "/v1/db").json()["databases"]]
         self.assertEqual(names, ["photos"])
         self.assertEqual(self.c.status(1)["revision"], before)
+        self.assertEqual(staged_files(self.c.root, 1), [])
         # The peers' own checks of the pushed copies (begun as each push ended) keep nothing.
         self.wait_for("no staged copy is left",
                       lambda: all(not staged_files(self.c.root, i) for i in (1, 2, 3)))
+        for i in (2, 3):
+            metrics = self.c.request(i, "GET", "/metrics").body.decode()
+            self.assertIn("synod_database_images_prestaged_total 0\n", metrics)
         # Their blobs are unreferenced, and collected past the grace.
         self.wait_for("the refused images' blobs are collected",
                       lambda: all(not blob_files(self.c.root, i) for i in (1, 2, 3)))
