@@ -141,8 +141,10 @@ void ImageStager::Stop() {
 }
 
 bool ImageStager::Wanted(const std::string& sha256) const {
-  if (running_.has_value() && running_->sha256 == sha256 && running_->kind != Kind::kCheck) {
-    return true;
+  for (const std::optional<Work>* running : {&running_stage_, &running_other_}) {
+    if (running->has_value() && (*running)->sha256 == sha256 && (*running)->kind != Kind::kCheck) {
+      return true;
+    }
   }
   for (const Work& work : queue_) {
     if (work.sha256 == sha256 && work.kind != Kind::kCheck) return true;
@@ -211,18 +213,29 @@ void ImageStager::Enqueue(Work work) {
 }
 
 void ImageStager::Pump() {
-  if (stopped_ || running_.has_value() || queue_.empty()) return;
-  // The first kCheck before any kPrestage: an upload waits for it, nobody for those.
-  auto next = queue_.begin();
-  if (next->kind == Kind::kPrestage) {
-    auto check = std::find_if(queue_.begin(), queue_.end(),
-                              [](const Work& w) { return w.kind == Kind::kCheck; });
-    if (check != queue_.end()) next = check;
+  if (stopped_) return;
+  if (!running_other_.has_value()) {
+    // The first Check before any Prestage: an upload waits for it, nobody for those.
+    auto next = std::find_if(queue_.begin(), queue_.end(),
+                             [](const Work& w) { return w.kind == Kind::kCheck; });
+    if (next == queue_.end()) {
+      next = std::find_if(queue_.begin(), queue_.end(),
+                          [](const Work& w) { return w.kind == Kind::kPrestage; });
+    }
+    if (next != queue_.end()) {
+      Work work = std::move(*next);
+      queue_.erase(next);
+      running_other_ = Work{.kind = work.kind, .sha256 = work.sha256, .size_bytes = 0, .done = {}};
+      Run(std::move(work));
+    }
   }
+  if (running_stage_.has_value()) return;
+  auto next = std::find_if(queue_.begin(), queue_.end(),
+                           [](const Work& w) { return w.kind == Kind::kStage; });
+  if (next == queue_.end()) return;
   Work work = std::move(*next);
   queue_.erase(next);
-  running_ = Work{.kind = work.kind, .sha256 = work.sha256, .size_bytes = 0, .done = {}};
-  if (work.kind != Kind::kStage) return Run(std::move(work));
+  running_stage_ = Work{.kind = work.kind, .sha256 = work.sha256, .size_bytes = 0, .done = {}};
   // A Stage fetches the blob first if this replica lacks it.
   MediaService* media = media_();
   SYNOD_CHECK(media != nullptr);
@@ -240,6 +253,43 @@ void ImageStager::Pump() {
   });
 }
 
+void ImageStager::RunOnPool(Job* j) {
+  if (j->work.kind == Kind::kPrestage) {
+    // Staged ahead only if the copy fits (jobs queued meanwhile used the disk), and only
+    // what starts as an SQLite file. Nothing found here is a verdict: the blob's hash is
+    // not checked yet, and an entry naming it stages it again, checking the hash first.
+    absl::StatusOr<uint64_t> free = j->store->FreeBytes();
+    constexpr uint64_t kReserveBytes = uint64_t{256} << 20;
+    if (!free.ok() || *free < j->work.size_bytes + kReserveBytes) {
+      j->status = absl::ResourceExhaustedError("no room to stage ahead");
+      return;
+    }
+    absl::StatusOr<int> fd = j->store->OpenForReading(j->work.sha256);
+    if (!fd.ok()) {
+      j->status = fd.status();
+      return;
+    }
+    absl::StatusOr<std::string> header = ReadAt(*fd, 0, kImageHeaderBytes, "a blob");
+    close(*fd);
+    if (!header.ok() || !CheckImageHeader(*header).ok()) {
+      j->status = absl::FailedPreconditionError("not staged ahead: no SQLite header");
+      return;
+    }
+  }
+  // The copy checks the blob's hash: a verdict is only ever given on the right bytes.
+  j->status = j->store->CopyOut(j->work.sha256, j->path);
+  if (absl::IsDataLoss(j->status)) {
+    // Damaged here: removed, and fetched again at the next try.
+    (void)j->store->Remove(j->work.sha256);
+  }
+  if (!j->status.ok()) {
+    j->status = absl::UnavailableError(j->status.ToString());
+    return;
+  }
+  j->status = CheckStagedFile(j->path, &j->verdict);
+  if (!j->status.ok()) RemoveStagedFile(j->path);
+}
+
 void ImageStager::Run(Work work) {
   MediaService* media = media_();
   SYNOD_CHECK(media != nullptr);
@@ -252,38 +302,7 @@ void ImageStager::Run(Work work) {
   job->generation = generation_;
   SYNOD_CHECK_EQ(uv_queue_work(
                      loop_, &job->request,
-                     [](uv_work_t* request) {
-                       auto* j = static_cast<Job*>(request->data);
-                       // The header first: what is not an SQLite file is refused without a copy.
-                       absl::StatusOr<int> fd = j->store->OpenForReading(j->work.sha256);
-                       if (!fd.ok()) {
-                         j->status = absl::UnavailableError(fd.status().ToString());
-                         return;
-                       }
-                       absl::StatusOr<std::string> header =
-                           ReadAt(*fd, 0, kImageHeaderBytes, "a blob");
-                       close(*fd);
-                       if (!header.ok()) {
-                         j->status = absl::UnavailableError(header.status().ToString());
-                         return;
-                       }
-                       if (absl::Status valid = CheckImageHeader(*header); !valid.ok()) {
-                         j->status = valid;
-                         j->verdict = true;
-                         return;
-                       }
-                       j->status = j->store->CopyOut(j->work.sha256, j->path);
-                       if (absl::IsDataLoss(j->status)) {
-                         // Damaged here: removed, and fetched again at the next try.
-                         (void)j->store->Remove(j->work.sha256);
-                       }
-                       if (!j->status.ok()) {
-                         j->status = absl::UnavailableError(j->status.ToString());
-                         return;
-                       }
-                       j->status = CheckStagedFile(j->path, &j->verdict);
-                       if (!j->status.ok()) RemoveStagedFile(j->path);
-                     },
+                     [](uv_work_t* request) { RunOnPool(static_cast<Job*>(request->data)); },
                      [](uv_work_t* request, int) {
                        std::unique_ptr<Job> j(static_cast<Job*>(request->data));
                        ImageStager* stager = j->stager;
@@ -299,14 +318,13 @@ void ImageStager::Run(Work work) {
 
 void ImageStager::Finish(Work work, absl::Status status, std::string path, bool verdict,
                          bool stale) {
-  running_.reset();
+  (work.kind == Kind::kStage ? running_stage_ : running_other_).reset();
   const bool valid = verdict && status.ok();
+  // A Check's verdict and copy hold whatever the state: only stagings are cleared.
+  if (work.kind == Kind::kCheck) stale = false;
   if (stale) {
     // Cleared meanwhile (the state was replaced): nothing of it is kept.
     if (valid) RemoveOnPool(std::move(path));
-    if (work.kind == Kind::kCheck) {
-      work.done(absl::UnavailableError("the replica's state was replaced meanwhile"));
-    }
     return Pump();
   }
   if (verdict && !status.ok()) {
@@ -393,6 +411,7 @@ void ImageStager::Expire(int64_t now_ms) {
 
 void ImageStager::Clear() {
   ++generation_;
+  retry_delay_ms_ = 0;
   needed_.clear();
   for (auto& [sha256, copies] : staged_) {
     for (Copy& copy : copies) {

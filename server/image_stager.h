@@ -89,8 +89,8 @@ class ImageStager : public StagedImages {
   static constexpr size_t kMaxQueued = 8;
 
  private:
-  // Jobs run one at a time, in this order of priority: an entry waits for a Stage; an
-  // upload for a Check; nobody for a Prestage.
+  // Jobs run one at a time in each of two lanes: Stages (an entry waits for one), and the
+  // rest, Checks (an upload waits for one) before Prestages (nobody waits).
   enum class Kind { kStage, kCheck, kPrestage };
   struct Work {
     Kind kind;
@@ -108,6 +108,7 @@ class ImageStager : public StagedImages {
   // The pool's part of a job, after the blob is here: the header read from the blob, then
   // the copy (its hash checked) and CheckStagedFile. Then Finish on the loop.
   void Run(Work work);
+  static void RunOnPool(Job* job);
   void Finish(Work work, absl::Status status, std::string path, bool verdict, bool stale);
   void ScheduleRetry(const std::string& sha256, const absl::Status& why);
   bool Wanted(const std::string& sha256) const;  // a job for it is queued or running
@@ -126,7 +127,10 @@ class ImageStager : public StagedImages {
   std::map<std::string, size_t> needed_;
   uint64_t generation_ = 0;  // Clear() drops what jobs started before it bring
   std::deque<Work> queue_;
-  std::optional<Work> running_;  // its kind and sha256 (the work itself is with the job)
+  // Two lanes, each running one job at a time: an entry's Stage never waits behind a long
+  // Check or Prestage. Their kind and sha256 (the work itself is with the job).
+  std::optional<Work> running_stage_;
+  std::optional<Work> running_other_;
   std::map<std::string, int64_t> refused_ms_;  // images found invalid lately: when
   int64_t last_expire_ms_ = 0;
   uint64_t files_ = 0;
