@@ -412,6 +412,10 @@ void ImageStager::Expire(int64_t now_ms) {
 void ImageStager::Clear() {
   ++generation_;
   retry_delay_ms_ = 0;
+  if (retry_pending_) {  // an entry of the new state need not wait out the old delay
+    uv_timer_stop(&retry_timer_);
+    retry_pending_ = false;
+  }
   needed_.clear();
   for (auto& [sha256, copies] : staged_) {
     for (Copy& copy : copies) {

@@ -105,8 +105,9 @@ class ImageStager : public StagedImages {
   };
   void Enqueue(Work work);
   void Pump();
-  // The pool's part of a job, after the blob is here: the header read from the blob, then
-  // the copy (its hash checked) and CheckStagedFile. Then Finish on the loop.
+  // The pool's part of a job, after the blob is here: the copy (its hash checked), then
+  // CheckStagedFile on the copy; a Prestage first checks the free disk and reads the blob's
+  // header to skip what is no SQLite file. Then Finish on the loop.
   void Run(Work work);
   static void RunOnPool(Job* job);
   void Finish(Work work, absl::Status status, std::string path, bool verdict, bool stale);
