@@ -197,9 +197,7 @@ void ImageStager::Prestage(const std::string& sha256) {
   MediaService* media = media_();
   std::optional<BlobInfo> blob = media->store()->Stat(sha256);
   if (!blob.has_value() || blob->size_bytes > max_bytes_) return;
-  absl::StatusOr<uint64_t> free = media->store()->FreeBytes();
-  constexpr uint64_t kReserveBytes = uint64_t{256} << 20;
-  if (!free.ok() || *free < blob->size_bytes + kReserveBytes) return;
+  // The free disk is checked on the pool, just before the copy (RunOnPool).
   Enqueue({.kind = Kind::kPrestage, .sha256 = sha256, .size_bytes = blob->size_bytes, .done = {}});
 }
 

@@ -869,7 +869,7 @@ void MediaService::CheckImage(std::shared_ptr<Upload> upload) {
   // The pushes start at once (Replicate pins the blob meanwhile), and the peers check their
   // copies as their pushes end (BlobWrite.database_image), while this replica checks its
   // own: the entry, once proposed, finds the image staged nearly everywhere. Nothing is
-  // proposed before this replica's check passes (ProposeDatabase waits for it).
+  // proposed before this replica's check passes (ProposeUpload waits for it).
   Replicate(upload);
   if (upload->ended() || upload->cancelled) return;  // refused already
   host_.check_image(upload->sha256, [this, upload](absl::Status verdict) {
@@ -893,77 +893,60 @@ void MediaService::CheckImage(std::shared_ptr<Upload> upload) {
       store_->Unpin(upload->sha256);  // Replicate's pin
       return upload->Fail(verdict, "invalid_argument");
     }
-    if (upload->awaiting_check) ProposeDatabase(upload);
+    if (upload->awaiting_check) ProposeUpload(upload);
   });
-}
-
-void MediaService::ProposeDatabase(std::shared_ptr<Upload> upload) {
-  if (upload->cancelled || upload->ended()) return;
-  if (!upload->checked) {
-    upload->awaiting_check = true;  // proposed once the check passes (CheckImage)
-    return;
-  }
-  Command command;
-  synod::CreateDatabase* create = command.mutable_create_database();
-  create->set_name(upload->database);
-  create->set_image_sha256(upload->sha256);
-  create->set_image_size_bytes(upload->size);
-  // As a media upload's: pinned until answered, then young for the grace; while the log
-  // holds the entry, the collection spares it too (MediaHost::log_images).
-  std::shared_ptr<void> release(nullptr, [this, upload](void*) {
-    store_->Keep(upload->sha256);
-    store_->Unpin(upload->sha256);
-    upload->Release();
-  });
-  if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
-    return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
-  }
-  store_->Keep(upload->sha256);
-  ++counters_.database_uploads;
-  host_.propose(
-      std::move(command), upload->responder, [this, upload, release](const CommandResult& result) {
-        upload->applied = true;  // its staged image was taken, or dropped by its verdict
-        if (result.code() != OK) {
-          return RespondError(upload->responder, HttpStatusFor(result.code()),
-                              CodeName(result.code()), result.message());
-        }
-        std::string out = "{\"name\":";
-        AppendJsonString(&out, upload->database);
-        absl::StrAppend(&out, ",\"revision\":", result.revision(), ",\"size\":", upload->size,
-                        ",\"sha256\":\"", upload->sha256, "\"}");
-        Respond(upload->responder, 201, out);
-      });
 }
 
 void MediaService::ProposeUpload(std::shared_ptr<Upload> upload) {
-  if (upload->database_image) return ProposeDatabase(std::move(upload));
   Command command;
-  PutMedia* put = command.mutable_put_media();
-  put->set_database(upload->database);
-  put->set_key(upload->key);
-  put->set_sha256(upload->sha256);
-  put->set_size_bytes(upload->size);
-  put->set_content_type(upload->content_type);
+  if (upload->database_image) {
+    // Proposed once this replica's check has passed too (CheckImage).
+    if (upload->cancelled || upload->ended()) return;
+    if (!upload->checked) {
+      upload->awaiting_check = true;
+      return;
+    }
+    synod::CreateDatabase* create = command.mutable_create_database();
+    create->set_name(upload->database);
+    create->set_image_sha256(upload->sha256);
+    create->set_image_size_bytes(upload->size);
+  } else {
+    PutMedia* put = command.mutable_put_media();
+    put->set_database(upload->database);
+    put->set_key(upload->key);
+    put->set_sha256(upload->sha256);
+    put->set_size_bytes(upload->size);
+    put->set_content_type(upload->content_type);
+    if (upload->execute) *put->mutable_execute() = *upload->execute;
+  }
   // Unpinned, and the slot given back, once the write is answered whichever way (applied,
-  // refused, or timed out: the node drops the callback then, and this with it).
+  // refused, or timed out: the node drops the callback then, and this with it). Young
+  // again as it is unpinned: a write that timed out may still commit later (a new leader
+  // may choose it), and its blob must outlive that by the grace. (A database image's blob
+  // is also spared while the log names it: MediaHost::log_images.)
   std::shared_ptr<void> release(nullptr, [this, upload](void*) {
-    // Young again as it is unpinned: a write that timed out may still commit later (a new
-    // leader may choose it), and its blob must outlive that by the grace.
     store_->Keep(upload->sha256);
     store_->Unpin(upload->sha256);
     upload->Release();
   });
-  if (upload->execute) *put->mutable_execute() = *upload->execute;
   if (absl::Status valid = StateMachine::Validate(command); !valid.ok()) {
     return RespondError(upload->responder, 400, "invalid_argument", S(valid.message()));
   }
   store_->Keep(upload->sha256);  // this replica's copy, young as the peers' are
-  ++counters_.uploads;
+  ++(upload->database_image ? counters_.database_uploads : counters_.uploads);
   host_.propose(
       std::move(command), upload->responder, [this, upload, release](const CommandResult& result) {
+        upload->applied = true;  // a database image's staged copy was taken
         if (result.code() != OK) {
           return RespondError(upload->responder, HttpStatusFor(result.code()),
                               CodeName(result.code()), result.message());
+        }
+        if (upload->database_image) {
+          std::string out = "{\"name\":";
+          AppendJsonString(&out, upload->database);
+          absl::StrAppend(&out, ",\"revision\":", result.revision(), ",\"size\":", upload->size,
+                          ",\"sha256\":\"", upload->sha256, "\"}");
+          return Respond(upload->responder, 201, out);
         }
         if (upload->d3b) {
           std::string out = "{\"file_id\":";

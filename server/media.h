@@ -195,8 +195,9 @@ class MediaService {
   void Replicate(std::shared_ptr<Upload> upload);
   // A majority reported the blob stored: asks them to keep it young, then proposes.
   void ConfirmUpload(std::shared_ptr<Upload> upload);
+  // Proposes the upload's metadata (PutMedia), or a database image's CreateDatabase by
+  // reference once this replica's check has passed too.
   void ProposeUpload(std::shared_ptr<Upload> upload);
-  void ProposeDatabase(std::shared_ptr<Upload> upload);
   // A database image upload, stored: checked, then replicated.
   void CheckImage(std::shared_ptr<Upload> upload);
   void RefuseUpload(Upload& upload, std::string_view why);
